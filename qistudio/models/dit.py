@@ -1,0 +1,224 @@
+"""The Qwen-Image MMDiT: dual-stream (image, text) transformer blocks with joint attention.
+
+Module names follow the official diffusers checkpoint (`transformer_blocks.N.attn.to_q`, `img_mod.1`, ...), so
+that layout loads by identity. The forward is a visible loop over blocks with one hook point after each block
+(ControlNet residuals). The model takes tokens, not latents: patchify, RoPE tables and feature assembly happen
+outside (ops/, conditioning/), so one forward serves text-to-image, edit and every control variant.
+
+Shapes: B batch, N image tokens (target first, then any condition groups), L text tokens (right-padded),
+D = heads * head_dim model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.attention import attention
+from ..ops.rope import Rotary, apply_rope
+from .layers import FeedForward, RMSNorm, TimeTextEmbed
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    num_layers: int = 60
+    num_heads: int = 24
+    head_dim: int = 128
+    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    out_channels: int = 64
+    text_dim: int = 3584  # Qwen2.5-VL-7B hidden size
+    mlp_ratio: float = 4.0
+    axes_dim: tuple[int, int, int] = (16, 56, 56)
+    eps: float = 1e-6
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+
+class JointAttention(nn.Module):
+    """Attention over [image, text] with separate projections per stream and RMSNorm on q and k per head."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
+        heads = (-1, self.head_dim)
+        img_query = apply_rope(self.norm_q(self.to_q(img).unflatten(-1, heads)), rotary.image_cos, rotary.image_sin)
+        img_key = apply_rope(self.norm_k(self.to_k(img).unflatten(-1, heads)), rotary.image_cos, rotary.image_sin)
+        img_value = self.to_v(img).unflatten(-1, heads)
+        txt_query = apply_rope(self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)), rotary.text_cos, rotary.text_sin)
+        txt_key = apply_rope(self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)), rotary.text_cos, rotary.text_sin)
+        txt_value = self.add_v_proj(txt).unflatten(-1, heads)
+
+        out = attention(
+            torch.cat([img_query, txt_query], dim=1),
+            torch.cat([img_key, txt_key], dim=1),
+            torch.cat([img_value, txt_value], dim=1),
+            key_lengths=key_lengths,
+            mask=mask,
+        ).flatten(2)  # (B, N + L, D)
+        num_img = img.shape[1]
+        return self.to_out[0](out[:, :num_img]), self.to_add_out(out[:, num_img:])
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = JointAttention(dim, cfg.num_heads, cfg.head_dim, cfg.eps)
+        self.img_mlp = FeedForward(dim, cfg.mlp_hidden)
+        self.txt_mlp = FeedForward(dim, cfg.mlp_hidden)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def forward(self, img, txt, img_temb, txt_temb, rotary: Rotary, key_lengths=None, mask=None):
+        """img (B, N, D), txt (B, L, D); img_temb (B, 1|N, D) (per token for zero-cond-t), txt_temb (B, 1, D)."""
+        # Each modulation vector is [shift, scale, gate] for attention, then the same for the MLP.
+        img_mod = self.img_mod(img_temb).chunk(6, dim=-1)
+        txt_mod = self.txt_mod(txt_temb).chunk(6, dim=-1)
+
+        img_attn, txt_attn = self.attn(
+            _modulate(self._norm(img), img_mod[0], img_mod[1]),
+            _modulate(self._norm(txt), txt_mod[0], txt_mod[1]),
+            rotary,
+            key_lengths,
+            mask,
+        )
+        img = img + img_mod[2] * img_attn
+        txt = txt + txt_mod[2] * txt_attn
+        img = img + img_mod[5] * self.img_mlp(_modulate(self._norm(img), img_mod[3], img_mod[4]))
+        txt = txt + txt_mod[5] * self.txt_mlp(_modulate(self._norm(txt), txt_mod[3], txt_mod[4]))
+        return img, txt
+
+
+class AdaNormOut(nn.Module):
+    """Final adaptive LayerNorm; its linear emits (scale, shift) in that order."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        return _modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale)
+
+
+# Called after each block with (block index, image tokens); returns the image tokens to continue with.
+BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class QwenImageDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig = DiTConfig()):
+        super().__init__()
+        self.config = cfg
+        self.time_text_embed = TimeTextEmbed(cfg.dim)
+        self.txt_norm = RMSNorm(cfg.text_dim, cfg.eps)
+        self.img_in = nn.Linear(cfg.in_channels, cfg.dim)
+        self.txt_in = nn.Linear(cfg.text_dim, cfg.dim)
+        self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = AdaNormOut(cfg.dim, cfg.eps)
+        self.proj_out = nn.Linear(cfg.dim, cfg.out_channels)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        timestep: torch.Tensor,
+        rotary: Rotary,
+        text_lengths: list[int] | None = None,
+        num_target_tokens: int | None = None,
+        condition_token_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        block_hook: BlockHook | None = None,
+    ) -> torch.Tensor:
+        """Velocity of the target image tokens.
+
+        image_tokens (B, N, in_channels): target tokens first, then condition groups (edit, context).
+        text_states (B, L, text_dim): text encoder states, right-padded; text_lengths[i] valid tokens of row i.
+        timestep (B,): sigma in [0, 1].
+        condition_token_mask (N,) bool: tokens modulated with the t=0 embedding (Edit-2511 zero_cond_t).
+        attention_mask (B, 1, N+L, N+L) bool over [image, text]: structured attention (EliGen); else None.
+        Returns (B, num_target_tokens, out_channels).
+        """
+        num_img = image_tokens.shape[1]
+        num_target = num_img if num_target_tokens is None else num_target_tokens
+        # Norm weights are never stored in FP8, so they carry the compute dtype.
+        dtype = self.txt_norm.weight.dtype
+        img = self.img_in(image_tokens.to(dtype))
+        txt = self.txt_in(self.txt_norm(text_states.to(dtype)))
+
+        temb = self.time_text_embed(timestep, img.dtype)  # (B, D)
+        txt_temb = temb[:, None]
+        if condition_token_mask is None:
+            img_temb = txt_temb
+        else:
+            zero_temb = self.time_text_embed(torch.zeros_like(timestep), img.dtype)
+            img_temb = torch.where(condition_token_mask[None, :, None], zero_temb[:, None], temb[:, None])
+
+        key_lengths = None
+        if text_lengths is not None:
+            key_lengths = [num_img + n for n in text_lengths]
+
+        for index, block in enumerate(self.transformer_blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                img, txt = torch.utils.checkpoint.checkpoint(
+                    block, img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask, use_reentrant=False
+                )
+            else:
+                img, txt = block(img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask)
+            if block_hook is not None:
+                img = block_hook(index, img)
+
+        img = self.norm_out(img[:, :num_target], txt_temb)
+        return self.proj_out(img)
+
+
+def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
+    """Infer the DiT's size from its tensor shapes; a diffusers config.json, when given, supplies the RoPE axes."""
+    num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+    dim, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    mlp_hidden = shapes["transformer_blocks.0.img_mlp.net.0.proj.weight"][0]
+    axes_dim = DiTConfig.axes_dim
+    if config_json and "axes_dims_rope" in config_json:
+        axes_dim = tuple(config_json["axes_dims_rope"])
+    elif head_dim != 128:
+        # Scale the real (16, 56, 56) split to the head size, keeping each axis even.
+        frame = max(2, (head_dim * 16 // 128) // 2 * 2)
+        axes_dim = (frame, (head_dim - frame) // 2, (head_dim - frame) // 2)
+    return DiTConfig(
+        num_layers=num_layers,
+        num_heads=dim // head_dim,
+        head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=shapes["proj_out.weight"][0],
+        text_dim=shapes["txt_in.weight"][1],
+        mlp_ratio=mlp_hidden / dim,
+        axes_dim=axes_dim,
+    )

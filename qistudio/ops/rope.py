@@ -1,0 +1,114 @@
+"""3-axis rotary position tables (frame, height, width) for image grids and text, as Qwen-Image builds them.
+
+Each token carries a 3-D position. Image tokens of group `frame` on an h x w patch grid get height positions
+-(h - h//2) .. h//2 - 1 (centred, "scale_rope") and the same for width. Text tokens sit on the diagonal
+(p, p, p) starting just past the largest image half-extent, so text never collides with image positions.
+Angles are computed directly from positions in float32 (no precomputed table, hence no length limit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AXES_DIM = (16, 56, 56)
+THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """One group of image tokens: its RoPE frame index and its patch-grid size (latent size / 2)."""
+
+    frame: int
+    height: int
+    width: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.width
+
+
+def _centred(n: int, device=None) -> torch.Tensor:
+    # -(n - n//2) .. -1 followed by 0 .. n//2 - 1, in that order (the reference concatenates negative then positive)
+    return torch.cat([torch.arange(-(n - n // 2), 0, device=device), torch.arange(0, n // 2, device=device)])
+
+
+def image_positions(grid: ImageGrid, device=None) -> torch.Tensor:
+    """(h*w, 3) float positions of one image group, row-major over the patch grid."""
+    rows = _centred(grid.height, device).float()
+    cols = _centred(grid.width, device).float()
+    frame = torch.full((grid.height, grid.width), float(grid.frame), device=device)
+    return torch.stack(
+        [frame, rows[:, None].expand(-1, grid.width), cols[None, :].expand(grid.height, -1)], dim=-1
+    ).reshape(-1, 3)
+
+
+def resampled_image_positions(grid: ImageGrid, target: ImageGrid, device=None) -> torch.Tensor:
+    """Positions of an image group whose spatial phases are sampled from the target grid (Lowres-Fix).
+
+    A low-resolution edit image then spans the same spatial extent as the target; its frame stays its own.
+    """
+    rows = _centred(target.height, device)[torch.linspace(0, target.height - 1, grid.height).long()].float()
+    cols = _centred(target.width, device)[torch.linspace(0, target.width - 1, grid.width).long()].float()
+    frame = torch.full((grid.height, grid.width), float(grid.frame), device=device)
+    return torch.stack(
+        [frame, rows[:, None].expand(-1, grid.width), cols[None, :].expand(grid.height, -1)], dim=-1
+    ).reshape(-1, 3)
+
+
+def text_offset(grids: list[ImageGrid]) -> int:
+    """First text position: the largest half-extent over all image groups."""
+    return max(max(g.height // 2, g.width // 2) for g in grids)
+
+
+def text_positions(offset: int, length: int, device=None) -> torch.Tensor:
+    """(length, 3) positions on the diagonal starting at `offset`."""
+    p = torch.arange(offset, offset + length, device=device).float()
+    return p[:, None].expand(-1, 3)
+
+
+def rope_tables(
+    positions: torch.Tensor, axes_dim: tuple[int, ...] = AXES_DIM, theta: float = THETA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, 3) positions -> (cos, sin), each (S, sum(axes_dim)/2) float32, one angle per interleaved pair."""
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        freqs = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+        angles.append(positions[:, axis, None].float() * freqs[None, :])
+    angle = torch.cat(angles, dim=-1)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by the angles of (S, D/2) tables; float32 math."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
+    real, imag = pairs.unbind(-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+@dataclass
+class Rotary:
+    """cos/sin tables of the image tokens (all groups, in sequence order) and of the text tokens."""
+
+    image_cos: torch.Tensor
+    image_sin: torch.Tensor
+    text_cos: torch.Tensor
+    text_sin: torch.Tensor
+
+
+def qwen_rotary(
+    grids: list[ImageGrid],
+    text_length: int,
+    device=None,
+    axes_dim: tuple[int, ...] = AXES_DIM,
+    image_positions_list: list[torch.Tensor] | None = None,
+) -> Rotary:
+    """The rotary tables of a Qwen-Image sequence: image groups in order, then `text_length` text tokens."""
+    if image_positions_list is None:
+        image_positions_list = [image_positions(g, device) for g in grids]
+    image_cos, image_sin = rope_tables(torch.cat(image_positions_list), axes_dim)
+    text_cos, text_sin = rope_tables(text_positions(text_offset(grids), text_length, device), axes_dim)
+    return Rotary(image_cos, image_sin, text_cos, text_sin)

@@ -1,0 +1,148 @@
+"""Checkpoint files -> a ready module: recognise, build on the meta device, check every tensor, assign.
+
+Nothing is allocated until the checkpoint has been matched against the model in full: a missing tensor, a tensor
+of the wrong shape or one that belongs nowhere raises one `CheckpointError` listing them all, before any weight
+reaches the GPU. Then each tensor goes from the memory map straight to its device and dtype, one at a time, so
+peak host memory stays near one tensor rather than the model's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..models.dit import QwenImageDiT, dit_config_from_shapes
+from ..models.text_encoder import QwenImageTextEncoder, text_encoder_config_from_shapes
+from ..models.vae import QwenImageVAE, VAEConfig
+from .errors import CheckpointError
+from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
+from .safetensors_io import TensorSource
+
+_FLOAT8 = {"F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2"}
+
+
+@contextlib.contextmanager
+def empty_parameters():
+    """Create parameters on the meta device (no memory, no init); buffers stay real, so none need rebuilding."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _read_config_json(files: list[Path]) -> dict | None:
+    path = files[0].parent / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def build_empty(kind: str, shapes: dict[str, tuple[int, ...]], config_json: dict | None) -> nn.Module:
+    """The model a checkpoint describes, with meta parameters. `shapes` are in our names."""
+    with empty_parameters():
+        if kind == DIT:
+            return QwenImageDiT(dit_config_from_shapes(shapes, config_json))
+        if kind == VAE:
+            cfg = VAEConfig.from_shapes(shapes)
+            if config_json and "latents_mean" in config_json:
+                cfg = VAEConfig.from_diffusers_config(config_json)
+            return QwenImageVAE(cfg)
+        if kind == TEXT_ENCODER:
+            if config_json and "vision_config" in config_json:
+                from transformers import Qwen2_5_VLConfig
+
+                return QwenImageTextEncoder(Qwen2_5_VLConfig.from_dict(config_json))
+            return QwenImageTextEncoder(text_encoder_config_from_shapes(shapes))
+    raise CheckpointError(f"loading a {kind!r} checkpoint is not supported yet")
+
+
+@dataclass
+class Match:
+    """Our parameter name -> checkpoint tensor name, for every parameter of the model."""
+
+    sources: dict[str, str]
+    ignored: list[str]
+
+
+def match_checkpoint(model: nn.Module, source: TensorSource, layout: Layout) -> Match:
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    sources: dict[str, str] = {}
+    ignored, unexpected, mismatched = [], [], []
+    for key in source.keys():
+        ours = layout.key_map(key)
+        if ours == IGNORED:
+            ignored.append(key)
+        elif ours not in expected:
+            unexpected.append(f"{key} {list(source.shapes[key])} ({source.file_of[key].name})")
+        elif source.shapes[key] != expected[ours]:
+            mismatched.append(
+                f"{key}: file {list(source.shapes[key])} ({source.file_of[key].name}), model {list(expected[ours])}"
+            )
+        else:
+            sources[ours] = key
+    missing = sorted(set(expected) - set(sources) - {m.split(":")[0] for m in mismatched})
+    if missing or unexpected or mismatched:
+        files = ", ".join(str(f) for f in source.files)
+        lines = [f"checkpoint {files} does not fit the {layout.name} model built from it:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                lines.append(f"  {len(items)} {title}:\n    {shown}")
+        raise CheckpointError("\n".join(lines))
+    return Match(sources, ignored)
+
+
+def _read_weight(source: TensorSource, key: str, dtype: torch.dtype, device) -> torch.Tensor:
+    tensor = source.get(key)
+    if source.dtypes[key] in _FLOAT8:
+        # Float8 checkpoints: dequantise with the per-tensor scale when the file has one.
+        scale_key = fp8_scale_key(key, source)
+        tensor = tensor.to(device).float()
+        if scale_key is not None:
+            tensor = tensor * source.get(scale_key).to(device).float()
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device)
+
+
+def assign_weights(model: nn.Module, source: TensorSource, match: Match, dtype: torch.dtype, device) -> None:
+    """Replace every meta parameter by its tensor from the checkpoint, on `device` in `dtype`."""
+    for name, key in match.sources.items():
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = _read_weight(source, key, dtype, device)
+        module._parameters[param_name] = nn.Parameter(value, requires_grad=False)
+    for module in model.modules():
+        for buffer_name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[buffer_name] = buffer.to(device)
+
+
+def load_model(
+    files: list[str | Path], dtype: torch.dtype = torch.bfloat16, device="cpu", kind: str | None = None
+) -> tuple[str, nn.Module]:
+    """Load the model held by `files` (one checkpoint, possibly sharded). Returns (kind, module in eval mode)."""
+    source = TensorSource(files)
+    layout = detect_layout(source.keys())
+    if kind is not None and layout.kind != kind:
+        raise CheckpointError(f"{', '.join(map(str, source.files))} holds a {layout.name}, not a {kind}")
+    our_shapes = {layout.key_map(k): s for k, s in source.shapes.items() if layout.key_map(k) != IGNORED}
+    model = build_empty(layout.kind, our_shapes, _read_config_json(source.files))
+    match = match_checkpoint(model, source, layout)
+    assign_weights(model, source, match, dtype, device)
+    source.close()
+    return layout.kind, model.eval()
+
+
+__all__ = ["load_model", "build_empty", "match_checkpoint", "empty_parameters", "CONTROLNET"]

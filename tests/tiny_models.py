@@ -1,0 +1,64 @@
+"""Tiny reference models (diffusers, transformers) with random weights, saved in the real on-disk layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 64  # tiny text encoder width = the DiT's joint_attention_dim
+AXES = (8, 12, 12)  # RoPE split for head_dim 32
+
+
+def _perturb(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere, so zero-inits (gates, norms at 1) do not hide mistakes."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def reference_dit(num_layers: int = 2):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=num_layers, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=AXES,
+    )
+    return _perturb(model)
+
+
+def reference_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    return _perturb(AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                           attn_scales=[], temperal_downsample=[False, True, True]), 0.02)
+
+
+def reference_text_encoder(vocab_size: int = 151936):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=TEXT_DIM, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+            max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=TEXT_DIM, patch_size=14,
+            temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
+        ),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+    )
+    config._attn_implementation = "sdpa"
+    return _perturb(Qwen2_5_VLForConditionalGeneration(config), 0.02)
+
+
+def save(model, folder: Path, **kwargs) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder
