@@ -25,3 +25,28 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    """A tiny random Qwen-Image repository in the real on-disk layout (built once per test session)."""
+    from tiny_models import write_tiny_qwen_image
+
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("Qwen-Image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_repo):
+    """Our pipeline loaded from the tiny repository in float32 on the CPU, as the seed's quick start loads it."""
+    from qistudio import ModelConfig, QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32,
+        device="cpu",
+        model_configs=[
+            ModelConfig(path=sorted(str(p) for p in (tiny_repo / "transformer").glob("*.safetensors"))),
+            ModelConfig(path=str(tiny_repo / "text_encoder")),
+            ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")),
+        ],
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+    )

@@ -62,3 +62,40 @@ def save(model, folder: Path, **kwargs) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder
+
+
+QWEN_IMAGE_SCHEDULER = dict(
+    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+    shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True,
+)
+
+
+def write_tiny_qwen_image(folder: Path) -> Path:
+    """A tiny random Qwen-Image repository in the real layout, written by the reference classes."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qistudio.tokenizer_build import write_qwen25_tokenizer
+
+    save(reference_dit(), folder / "transformer", max_shard_size="300KB")
+    save(reference_text_encoder(), folder / "text_encoder")
+    vae = reference_vae()
+    save(vae, folder / "vae")
+    write_qwen25_tokenizer(folder / "tokenizer")
+    FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def reference_pipeline(folder: Path, img2img: bool = False):
+    """diffusers' pipeline over the tiny repository's components."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageImg2ImgPipeline,
+                           QwenImagePipeline, QwenImageTransformer2DModel)
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    cls = QwenImageImg2ImgPipeline if img2img else QwenImagePipeline
+    return cls(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=AutoencoderKLQwenImage.from_pretrained(folder / "vae").eval(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        transformer=QwenImageTransformer2DModel.from_pretrained(folder / "transformer").eval(),
+    )

@@ -1,0 +1,88 @@
+"""The loaded models of a pipeline, and how a list of ModelConfigs becomes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .models.dit import QwenImageDiT
+from .models.text_encoder import QwenImageTextEncoder
+from .models.vae import QwenImageVAE
+from .weights.build import load_model
+from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE
+from .weights.hub import resolve_files
+from .weights.model_config import ModelConfig
+
+_ATTRIBUTE = {DIT: "dit", VAE: "vae", TEXT_ENCODER: "text_encoder"}
+
+
+@dataclass
+class Components:
+    dit: QwenImageDiT | None = None
+    vae: QwenImageVAE | None = None
+    text_encoder: QwenImageTextEncoder | None = None
+    tokenizer: Any = None
+    processor: Any = None
+    controlnets: list = field(default_factory=list)
+    # Where each model came from, for PNG metadata and error messages.
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            hint = {
+                "dit": "transformer/diffusion_pytorch_model*.safetensors",
+                "vae": "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder": "text_encoder/model*.safetensors",
+                "tokenizer": "tokenizer/ (tokenizer_config=...)",
+                "processor": "processor/ (processor_config=...)",
+            }
+            needed = "; ".join(f"{n}: {hint.get(n, n)}" for n in missing)
+            raise ValueError(f"the pipeline has no {', '.join(missing)} loaded; add a ModelConfig for {needed}")
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    folder = resolve_files(config)[0]
+    folder = folder if folder.is_dir() else folder.parent
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_processor(config: ModelConfig):
+    from transformers import AutoProcessor
+
+    folder = resolve_files(config)[0]
+    folder = folder if folder.is_dir() else folder.parent
+    return AutoProcessor.from_pretrained(str(folder))
+
+
+def load_components(
+    model_configs: list[ModelConfig],
+    tokenizer_config: ModelConfig | None,
+    processor_config: ModelConfig | None,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> Components:
+    components = Components()
+    # Resolve (download) every file first: a missing file fails before any weight is read.
+    resolved = [(config, resolve_files(config)) for config in model_configs]
+    for config, files in resolved:
+        kind, model = load_model(files, dtype=dtype, device=device)
+        if kind == CONTROLNET:
+            components.controlnets.append(model)
+            continue
+        attribute = _ATTRIBUTE[kind]
+        if getattr(components, attribute) is not None:
+            raise ValueError(
+                f"two ModelConfigs hold a {attribute}: {components.sources[attribute]} and {config.description}"
+            )
+        setattr(components, attribute, model)
+        components.sources[attribute] = config.model_id or str(files[0].parent)
+    if tokenizer_config is not None:
+        components.tokenizer = load_tokenizer(tokenizer_config)
+    if processor_config is not None:
+        components.processor = load_processor(processor_config)
+    return components

@@ -1,0 +1,205 @@
+"""The pipeline: encode -> assemble -> sample -> decode. `QwenImagePipeline` is the seed's front door over it."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from .components import Components, load_components
+from .conditioning.prompt import concat_text_states, encode_prompts
+from .imageio import image_to_tensor, tensor_to_images
+from .models.text_encoder import TextStates
+from .ops.packing import patchify, unpatchify
+from .ops.rope import ImageGrid, qwen_rotary
+from .request import GenerationRequest, build_request
+from .sampling.guidance import guide
+from .sampling.sampler import sample_euler
+from .sampling.schedule import custom_sigmas, flow_sigmas
+from .weights.model_config import ModelConfig
+
+
+def _initial_noise(request: GenerationRequest, dtype, device) -> torch.Tensor:
+    if request.noise is not None:
+        return request.noise.to(device=device, dtype=dtype)
+    # Drawn on rand_device in the compute dtype, as DiffSynth-Studio does: one seed gives one image on any GPU.
+    generator = torch.Generator(request.rand_device).manual_seed(request.seed)
+    shape = (request.batch_size, 16, *request.latent_size)
+    return torch.randn(shape, generator=generator, device=request.rand_device, dtype=dtype).to(device)
+
+
+def _sigmas(request: GenerationRequest) -> torch.Tensor:
+    if request.sigmas is not None:
+        return custom_sigmas(request.sigmas)
+    h, w = request.latent_size
+    return flow_sigmas(
+        request.num_inference_steps, (h // 2) * (w // 2), request.denoising_strength, request.exponential_shift_mu
+    )
+
+
+def encode_text(components: Components, request: GenerationRequest, device, dtype) -> tuple[TextStates, TextStates | None]:
+    """Positive states for every image of the batch, and negative ones when guidance is on."""
+    components.require("text_encoder", "tokenizer")
+    prompts = [p for p in request.prompts for _ in range(request.num_images)]
+    positive = encode_prompts(components.text_encoder, components.tokenizer, prompts, device, dtype)
+    negative = None
+    if request.use_cfg:
+        negative = encode_prompts(
+            components.text_encoder, components.tokenizer, [request.negative_prompt] * len(prompts), device, dtype
+        )
+    return positive, negative
+
+
+def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative):
+    """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in."""
+    dit = components.dit
+    h, w = request.latent_size
+    grid = ImageGrid(0, h // 2, w // 2)
+    batched = negative is not None and request.cfg_batch
+    if batched:
+        both = concat_text_states([positive, negative])
+        rotary = qwen_rotary([grid], both.states.shape[1], device=both.states.device, axes_dim=dit.config.axes_dim)
+    else:
+        rotary_pos = qwen_rotary([grid], positive.states.shape[1], positive.states.device, dit.config.axes_dim)
+        rotary_neg = None
+        if negative is not None:
+            rotary_neg = qwen_rotary([grid], negative.states.shape[1], negative.states.device, dit.config.axes_dim)
+
+    def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        tokens = patchify(x)  # (B, N, 64)
+        timestep = torch.full((tokens.shape[0],), sigma, device=x.device, dtype=torch.float32)
+        with torch.no_grad():
+            if batched:
+                out = dit(torch.cat([tokens, tokens]), both.states, timestep.repeat(2), rotary, both.lengths)
+                cond, uncond = out.chunk(2)
+            else:
+                cond = dit(tokens, positive.states, timestep, rotary_pos, positive.lengths)
+                uncond = None
+                if negative is not None:
+                    uncond = dit(tokens, negative.states, timestep, rotary_neg, negative.lengths)
+        if uncond is not None:
+            cond = guide(cond, uncond, request.cfg_scale, request.cfg_norm_rescale)
+        return unpatchify(cond, h // 2, w // 2)
+
+    return velocity
+
+
+def generate_latents(components: Components, request: GenerationRequest, device, dtype) -> torch.Tensor:
+    """The denoised latents (B, 16, h, w) of a request."""
+    components.require("dit")
+    sigmas = _sigmas(request)
+    noise = _initial_noise(request, dtype, device)
+    positive, negative = encode_text(components, request, device, dtype)
+    if request.input_image is not None:
+        components.require("vae")
+        image = request.input_image.resize((request.width, request.height))
+        with torch.no_grad():
+            input_latents = components.vae.encode(
+                image_to_tensor(image, device, dtype), request.tiled, request.tile_size, request.tile_stride
+            ).to(dtype)
+        sigma0 = float(sigmas[0])
+        latents = (1 - sigma0) * input_latents + sigma0 * noise
+    else:
+        latents = noise
+    velocity = make_velocity_fn(components, request, positive, negative)
+    callback = None
+    if request.callback is not None:
+        callback = lambda i, sigma, x: request.callback(i, sigma, x)  # noqa: E731
+    return sample_euler(velocity, latents, sigmas, callback=callback, progress=request.progress_bar_cmd)
+
+
+def decode(components: Components, request: GenerationRequest, latents: torch.Tensor):
+    components.require("vae")
+    with torch.no_grad():
+        images = components.vae.decode(latents, request.tiled, request.tile_size, request.tile_stride)
+    return tensor_to_images(images)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class QwenImagePipeline:
+    """Seed-compatible front door: `from_pretrained(...)` loads, `pipe(prompt, ...)` generates. No logic of its own."""
+
+    def __init__(self, components: Components, device, torch_dtype: torch.dtype):
+        self.components = components
+        self.device = torch.device(device)
+        self.torch_dtype = torch_dtype
+        self.last_request: GenerationRequest | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        model_configs: list[ModelConfig] = (),
+        tokenizer_config: ModelConfig | None = None,
+        processor_config: ModelConfig | None = None,
+    ) -> "QwenImagePipeline":
+        device = device or default_device()
+        if tokenizer_config is None:
+            tokenizer_config = ModelConfig(model_id="Qwen/Qwen-Image", origin_file_pattern="tokenizer/")
+        components = load_components(list(model_configs), tokenizer_config, processor_config, torch_dtype, device)
+        return cls(components, device, torch_dtype)
+
+    @property
+    def dit(self):
+        return self.components.dit
+
+    @property
+    def vae(self):
+        return self.components.vae
+
+    @property
+    def text_encoder(self):
+        return self.components.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.components.tokenizer
+
+    @property
+    def last_seed(self) -> int | None:
+        return None if self.last_request is None else self.last_request.seed
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str = "",
+        cfg_scale: float = 4.0,
+        input_image=None,
+        denoising_strength: float = 1.0,
+        height: int = 1328,
+        width: int = 1328,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int = 30,
+        exponential_shift_mu: float | None = None,
+        tiled: bool = False,
+        tile_size: int | tuple = 128,
+        tile_stride: int | tuple = 64,
+        progress_bar_cmd=tqdm,
+        noise: torch.Tensor | None = None,
+        num_images: int = 1,
+        cfg_norm_rescale: bool = True,
+        sigmas: list[float] | None = None,
+        callback=None,
+        cfg_batch: bool = True,
+        output_type: str = "pil",
+    ):
+        """Generate; returns a PIL image (a list when several images are made; latents with output_type="latent")."""
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        request = build_request(
+            prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, cfg_norm_rescale=cfg_norm_rescale,
+            num_inference_steps=num_inference_steps, height=height, width=width, num_images=num_images, seed=seed,
+            rand_device=rand_device, noise=noise, input_image=input_image, denoising_strength=denoising_strength,
+            sigmas=sigmas, exponential_shift_mu=exponential_shift_mu, tiled=tiled, tile_size=tile_size,
+            tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
+        )
+        self.last_request = request
+        latents = generate_latents(self.components, request, self.device, self.torch_dtype)
+        if output_type == "latent":
+            return latents
+        images = decode(self.components, request, latents)
+        return images[0] if len(images) == 1 else images
