@@ -59,11 +59,11 @@ class JointAttention(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
         heads = (-1, self.head_dim)
-        img_query = apply_rope(self.norm_q(self.to_q(img).unflatten(-1, heads)), rotary.image_cos, rotary.image_sin)
-        img_key = apply_rope(self.norm_k(self.to_k(img).unflatten(-1, heads)), rotary.image_cos, rotary.image_sin)
+        img_query = apply_rope(self.norm_q(self.to_q(img).unflatten(-1, heads)), rotary.image)
+        img_key = apply_rope(self.norm_k(self.to_k(img).unflatten(-1, heads)), rotary.image)
         img_value = self.to_v(img).unflatten(-1, heads)
-        txt_query = apply_rope(self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)), rotary.text_cos, rotary.text_sin)
-        txt_key = apply_rope(self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)), rotary.text_cos, rotary.text_sin)
+        txt_query = apply_rope(self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)), rotary.text)
+        txt_key = apply_rope(self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)), rotary.text)
         txt_value = self.add_v_proj(txt).unflatten(-1, heads)
 
         out = attention(

@@ -1,0 +1,137 @@
+"""GPU benchmark: the full-size Qwen-Image DiT forward, qistudio against diffusers, one process, one card.
+
+Random weights (real config, 20.4B parameters, bf16) are built once by diffusers' class on the GPU and shared by
+assignment with our module (same tensor names), so both run on identical weights with one copy in memory.
+Timings: CUDA events, median of N after warm-ups. Writes a Markdown table to $OUT/dit_forward.md (or stdout).
+
+    python bench/dit_forward.py [--sizes 1328 1024] [--batches 1 2] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
+from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
+from qistudio.weights.build import empty_parameters  # noqa: E402
+
+TEXT_LEN = 128
+
+
+def cuda_time(fn, warmup=2, iters=5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def matmul_ceiling() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, warmup=3, iters=10)
+    return 2 * 8192**3 / t / 1e12
+
+
+def dit_flops(tokens: int, text: int, batch: int, layers=60, dim=3072, mlp=12288) -> float:
+    per_token_linear = 2 * (4 * dim * dim + 2 * dim * mlp)  # q, k, v, out + MLP in and out, per stream
+    linear = per_token_linear * (tokens + text)
+    attention = 2 * 2 * (tokens + text) ** 2 * dim  # QK^T and PV
+    return batch * layers * (linear + attention)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1328, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--compile", action="store_true", help="also time regional torch.compile of both")
+    args = parser.parse_args()
+
+    import diffusers
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    t0 = time.time()
+    with torch.device("cuda"):
+        ref = QwenImageTransformer2DModel(num_layers=60).eval()
+    torch.set_default_dtype(torch.float32)
+    print(f"built reference DiT in {time.time() - t0:.0f}s", flush=True)
+    with empty_parameters():
+        ours = QwenImageDiT(DiTConfig())
+    ours.load_state_dict(ref.state_dict(), assign=True, strict=True)
+    ours.eval().requires_grad_(False)
+    ref.requires_grad_(False)
+
+    if args.compile:
+        # Regional compile of the repeated block, diffusers' best configuration; ours the same way.
+        ref.compile_repeated_blocks(fullgraph=True)
+        for block in ours.transformer_blocks:
+            block.compile(fullgraph=True)
+
+    ceiling = matmul_ceiling()
+    device_name = torch.cuda.get_device_name()
+    rows = []
+    for size in args.sizes:
+        h = w = size // 16
+        for batch in args.batches:
+            tokens = torch.randn(batch, h * w, 64, device="cuda", dtype=torch.bfloat16)
+            text = torch.randn(batch, TEXT_LEN, 3584, device="cuda", dtype=torch.bfloat16)
+            sigma = torch.full((batch,), 0.5, device="cuda")
+            rotary = qwen_rotary([ImageGrid(0, h, w)], TEXT_LEN, device="cuda")
+            flops = dit_flops(h * w, TEXT_LEN, batch)
+
+            def run_ref():
+                with torch.no_grad():
+                    return ref(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma,
+                               img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0]
+
+            def run_ours():
+                with torch.no_grad():
+                    return ours(tokens, text, sigma, rotary)
+
+            err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()
+            variants = [("diffusers eager (mask=None)", run_ref), ("qistudio eager", run_ours)]
+            if args.compile:
+                variants = [("diffusers regional compile", run_ref), ("qistudio regional compile", run_ours)]
+            for name, fn in variants:
+                t = cuda_time(fn)
+                rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err if "qistudio" in name else None))
+                print(rows[-1], flush=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    lines = [
+        f"Card: {device_name}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
+        f"date {time.strftime('%Y-%m-%d')}; bf16 matmul ceiling measured {ceiling:.0f} TFLOP/s; text {TEXT_LEN} tokens; "
+        f"peak {peak:.1f} GiB (shared weights)",
+        "",
+        "| case | implementation | forward | TFLOP/s | % of ceiling | rel. err vs diffusers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, name, t, tf, err in rows:
+        lines.append(f"| {case} | {name} | {t:.3f} s | {tf:.0f} | {100 * tf / ceiling:.0f}% | "
+                     f"{'' if err is None else f'{err:.2e}'} |")
+    table = "\n".join(lines)
+    print(table)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "dit_forward.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
