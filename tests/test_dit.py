@@ -97,3 +97,29 @@ def test_float8_checkpoint_with_per_tensor_scales(tmp_path):
     for name, p in ours.named_parameters():
         assert torch.allclose(p, expected[name], rtol=0, atol=1e-7), name
     assert rel_err(ours.transformer_blocks[0].attn.to_q.weight, ref.transformer_blocks[0].attn.to_q.weight) < 0.05
+
+
+def test_condition_groups_and_zero_cond_t_match_diffusers():
+    """Edit-style sequences: a target group then a condition group of another size at frame 1, with the condition
+    tokens modulated by the t=0 embedding (Edit-2511's zero_cond_t)."""
+    from qistudio.models.dit import DiTConfig, QwenImageDiT
+    from qistudio.weights.build import empty_parameters
+
+    ref, ref_zero = reference_dit(), reference_dit(zero_cond_t=True)  # same seed: same weights
+    assert ref_zero.transformer_blocks[0].zero_cond_t
+    with empty_parameters():
+        ours = QwenImageDiT(DiTConfig(num_layers=2, num_heads=2, head_dim=32, text_dim=TEXT_DIM, axes_dim=AXES))
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    target, cond = ImageGrid(0, 4, 6), ImageGrid(1, 6, 4)
+    tokens = torch.randn(2, target.num_tokens + cond.num_tokens, 64)
+    text = torch.randn(2, 5, TEXT_DIM)
+    sigma = torch.tensor([0.9, 0.4])
+    rotary = qwen_rotary([target, cond], 5, axes_dim=AXES)
+    is_condition = torch.arange(tokens.shape[1]) >= target.num_tokens
+    shapes = [[(1, 4, 6), (1, 6, 4)]] * 2
+    with torch.no_grad():
+        for reference, mask in ((ref, None), (ref_zero, is_condition)):
+            expected = reference(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma, img_shapes=shapes,
+                                 return_dict=False)[0][:, : target.num_tokens]
+            got = ours(tokens, text, sigma, rotary, num_target_tokens=target.num_tokens, condition_token_mask=mask)
+            assert rel_err(got, expected) <= 1e-4

@@ -19,13 +19,13 @@ def _perturb(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     return model.eval()
 
 
-def reference_dit(num_layers: int = 2):
+def reference_dit(num_layers: int = 2, zero_cond_t: bool = False):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
     model = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=num_layers, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=AXES,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=AXES, zero_cond_t=zero_cond_t,
     )
     return _perturb(model)
 
