@@ -282,3 +282,30 @@ def test_local_missing_names_the_path_and_suggests(folder):
         resolve_files(ModelConfig(path=missing))
     message = str(caught.value)
     assert missing in message and f"did you mean {folder / 'a.safetensors'}" in message and "model_id=" in message
+
+
+def test_offline_with_files_already_downloaded_uses_them(tmp_path):
+    """An earlier download is usable offline: the listing fails, the local copy is taken with a warning."""
+    import pytest as _pytest
+
+    from qistudio.weights.hub import DownloadError, resolve_files as _resolve
+    from qistudio.weights.model_config import ModelConfig as _Config
+
+    class Offline:
+        name = "ModelScope"
+
+        def list_files(self, model_id):
+            raise ConnectionError("no network")
+
+        def open_range(self, model_id, path, start):
+            raise AssertionError("no byte request expected")
+
+    root = tmp_path / "Org" / "Model" / "vae"
+    root.mkdir(parents=True)
+    (root / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    config = _Config(model_id="Org/Model", origin_file_pattern="vae/*.safetensors", local_model_path=str(tmp_path))
+    with _pytest.warns(UserWarning, match="unreachable; using the files"):
+        assert _resolve(config, client=Offline()) == [root / "diffusion_pytorch_model.safetensors"]
+    missing = _Config(model_id="Org/Model", origin_file_pattern="transformer/*", local_model_path=str(tmp_path))
+    with _pytest.raises(DownloadError, match="Org/Model"):
+        _resolve(missing, client=Offline())

@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import glob
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,24 @@ def resolve_files(config: ModelConfig, *, client: HubClient | None = None) -> li
     if config.skip_download:
         return _select_local(root, patterns)
     client = client or client_for(config)
-    remote = _call(client.list_files, config, root, config.model_id)
+    try:
+        remote = _call(client.list_files, config, root, config.model_id)
+    except DownloadError:
+        # Offline, but the files may already be here from an earlier download: use them rather than fail.
+        try:
+            local = _select_local(root, patterns)
+        except FileNotFoundError:
+            raise_network_error = True
+        else:
+            raise_network_error = False
+        if raise_network_error:
+            raise
+        warnings.warn(
+            f"{client.name} is unreachable; using the files of {config.model_id!r} already under {root} "
+            "(they could not be checked against the hub)",
+            stacklevel=2,
+        )
+        return local
     wanted = sorted((file for file in remote if _matches(file.path, patterns)), key=lambda file: file.path)
     if not wanted:
         near = difflib.get_close_matches(patterns[0], [file.path for file in remote], n=5, cutoff=0.3)

@@ -1,0 +1,265 @@
+"""`qistudio generate`: turn command-line flags into one pipeline call and a PNG that records them.
+
+Settings come from three layers, later ones winning: built-in defaults (smaller for --demo), the parameters
+stored in a PNG given with --from-png, and the flags given explicitly. Every flag defaults to None so that
+"given" can be told from "defaulted". All checks run before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..demo import default_demo_dir, is_complete_demo, write_demo_model
+from ..imageio import load_image, read_png_parameters, round_size, save_png
+from ..pipeline import QwenImagePipeline, default_device
+from ..weights.errors import CheckpointError
+from ..weights.hub import DownloadError
+from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
+
+HUB_MODEL = "Qwen/Qwen-Image"
+SUBFOLDERS = ("transformer", "text_encoder", "vae", "tokenizer")
+# The seed's file patterns inside the hub repository, in the order of its quick start.
+HUB_PATTERNS = (
+    "transformer/diffusion_pytorch_model*.safetensors",
+    "text_encoder/model*.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULTS = dict(negative="", cfg=4.0, tiled=False, demo=False)
+DEMO_SIZE, DEMO_STEPS = (256, 256), 8
+FULL_SIZE, FULL_STEPS = (1328, 1328), 30
+IMG2IMG_STRENGTH = 0.7
+LAYOUT_HINT = (
+    "Point at weights on disk with --model /path/to/Qwen-Image (a folder laid out like the hub repository: "
+    "transformer/ text_encoder/ vae/ tokenizer/), or with --model-dir DIR --skip-download where "
+    "DIR/Qwen/Qwen-Image holds files already downloaded."
+)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
+def strength_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = ignore the input image), got {value}")
+    return value
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (or 'N' for a square) -> (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1328x1328, got {text!r}")
+    width, height = int(match[1]), int(match[2] or match[1])
+    if not (16 <= width <= 16384 and 16 <= height <= 16384):
+        raise argparse.ArgumentTypeError(f"width and height must be in [16, 16384], got {width}x{height}")
+    return width, height
+
+
+# What a PNG stores, and how each stored value is read back (the same checks as the flags).
+STORED = {
+    "prompt": str, "negative": str, "seed": seed_int, "steps": positive_int, "cfg": float, "size": parse_size,
+    "model": str, "demo": bool, "input_image": str, "strength": strength_float, "dtype": str, "tiled": bool,
+}  # fmt: skip
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="make an image from a prompt", description="Make an image from a prompt (text-to-image), "
+        "or from a prompt and an input image (image-to-image). The PNG carries the parameters that made it.",
+    )  # fmt: skip
+    p.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
+    p.add_argument("-o", "--output", default="image.png", help="PNG to write (default: image.png)")
+    p.add_argument("--model", help=f"hub id or local folder (default: {HUB_MODEL})")
+    p.add_argument("--demo", action="store_true", default=None,
+                   help="use a tiny random model (built offline in seconds, cached in ~/.cache/qistudio/demo)")
+    p.add_argument("--negative", help="negative prompt (default: empty)")
+    p.add_argument("--steps", type=positive_int,
+                   help=f"denoising steps (default: {FULL_STEPS}; {DEMO_STEPS} with --demo)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 4.0; 1 turns it off)")
+    p.add_argument("--seed", type=seed_int, help="random seed (default: random; printed and stored in the PNG)")
+    p.add_argument("--size", type=parse_size, metavar="WxH",
+                   help="image size (default: 1328x1328; the input image's size with --input-image; "
+                   "256x256 with --demo)")
+    p.add_argument("--input-image", metavar="PATH", help="start from this image (image-to-image)")
+    p.add_argument("--strength", type=strength_float,
+                   help=f"how much of the input image to repaint, in (0, 1] (default: {IMG2IMG_STRENGTH})")
+    p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--tiled", action="store_true", default=None,
+                   help="encode and decode the VAE in tiles (less memory)")
+    p.add_argument("--download-source", choices=DOWNLOAD_SOURCES,
+                   help="hub to download from (default: $QISTUDIO_DOWNLOAD_SOURCE or modelscope)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="where downloads go (default: $QISTUDIO_MODEL_BASE_PATH or ./models)")
+    p.add_argument("--skip-download", action="store_true", default=None,
+                   help="use the files under --model-dir as they are; never contact the hub")
+    p.add_argument("--from-png", metavar="PNG", help="reuse the parameters stored in a PNG made by qistudio; "
+                   "flags given explicitly override them")  # fmt: skip
+    p.set_defaults(run=run, parser=p)
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """The full set of generation settings: defaults < --from-png < explicit flags. Errors via parser.error."""
+    error = args.parser.error
+    stored = {}
+    if args.from_png:
+        try:
+            raw = read_png_parameters(args.from_png)
+            stored = {key: STORED[key](value) for key, value in raw.items() if key in STORED and value is not None}
+        except (OSError, ValueError, argparse.ArgumentTypeError) as e:
+            error(f"--from-png {args.from_png}: {e}")
+    explicit = {key: getattr(args, key) for key in STORED if getattr(args, key, None) is not None}
+    if explicit.get("demo") and "model" in explicit:
+        error("give --demo or --model, not both")
+    if "model" in explicit:
+        stored.pop("demo", None)  # an explicit model replaces a stored demo
+    if "demo" in explicit:
+        stored.pop("model", None)
+    settings = {**DEFAULTS, **stored, **explicit}
+    if not settings.get("prompt"):
+        error("a prompt is needed: qistudio generate \"a cat on a sofa\" (or --from-png old.png)")
+    if settings.get("input_image"):
+        try:
+            settings["image"] = load_image(settings["input_image"])
+        except ValueError as e:
+            error(f"input image: {e}")
+        settings["input_image"] = str(Path(settings["input_image"]).expanduser().resolve())
+        settings.setdefault("strength", IMG2IMG_STRENGTH)
+    elif settings.get("strength", 1.0) != 1.0:
+        error("--strength needs --input-image (image-to-image)")
+    demo = settings["demo"]
+    image_size = settings["image"].size if "image" in settings else FULL_SIZE
+    settings.setdefault("size", DEMO_SIZE if demo else image_size)
+    settings.setdefault("steps", DEMO_STEPS if demo else FULL_STEPS)
+    settings.setdefault("strength", 1.0)
+    settings.setdefault("model", None if demo else HUB_MODEL)
+    settings["size"] = _rounded(*settings["size"])
+    _resolve_device(settings, args.device, error)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        error(f"-o {args.output}: the output must be a .png (it carries the generation parameters)")
+    if not output.absolute().parent.is_dir():
+        error(f"-o {args.output}: the folder {output.absolute().parent} does not exist")
+    if settings.get("seed") is None:
+        settings["seed"] = random.randrange(2**31)
+    return settings
+
+
+def _rounded(width: int, height: int) -> tuple[int, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        height16, width16 = round_size(height, width)
+    if (width16, height16) != (width, height):
+        print(f"note: size {width}x{height} is not a multiple of 16; using {width16}x{height16}", file=sys.stderr)
+    return width16, height16
+
+
+def _resolve_device(settings: dict, device: str | None, error) -> None:
+    try:
+        settings["device"] = str(torch.device(device or default_device()))
+    except RuntimeError as e:
+        error(f"--device {device}: {e}")
+    if settings["device"].startswith("cuda") and not torch.cuda.is_available():
+        error(f"--device {device}: no CUDA device is available here; use --device cpu")
+    settings.setdefault("dtype", "bfloat16" if settings["device"].startswith("cuda") else "float32")
+    if settings["dtype"] not in DTYPES:
+        error(f"dtype {settings['dtype']!r} is not one of {', '.join(sorted(DTYPES))}")
+
+
+def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelConfig], ModelConfig]:
+    """The three ModelConfigs and the tokenizer's, for the demo, a local folder or a hub id."""
+    if settings["demo"]:
+        return _folder_configs(write_demo_model(default_demo_dir()))
+    model = settings["model"]
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        missing = [name + "/" for name in SUBFOLDERS if not (folder / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"--model {model}: the folder has no {', '.join(missing)}")
+        return _folder_configs(folder.resolve())
+    if folder.exists() or model.startswith((".", "~", "/")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise FileNotFoundError(f"--model {model}: no such model folder, and not a hub id like {HUB_MODEL}")
+    hub = dict(model_id=model, download_source=args.download_source, local_model_path=args.model_dir,
+               skip_download=args.skip_download)  # fmt: skip
+    configs = [ModelConfig(origin_file_pattern=pattern, **hub) for pattern in HUB_PATTERNS]
+    return configs, ModelConfig(origin_file_pattern="tokenizer/", **hub)
+
+
+def _folder_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig]:
+    configs = [ModelConfig(path=str(folder / name)) for name in SUBFOLDERS[:3]]
+    return configs, ModelConfig(path=str(folder / "tokenizer"))
+
+
+def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline | None:
+    """The pipeline, or None after printing one message saying what failed and where weights could come from."""
+    what = "the demo model" if settings["demo"] else f"the model {settings['model']!r}"
+    print(f"loading {what} on {settings['device']} ({settings['dtype']})", file=sys.stderr)
+    try:
+        configs, tokenizer_config = model_configs(settings, args)
+        return QwenImagePipeline.from_pretrained(
+            torch_dtype=DTYPES[settings["dtype"]], device=settings["device"],
+            model_configs=configs, tokenizer_config=tokenizer_config,
+        )  # fmt: skip
+    except (DownloadError, CheckpointError, OSError, ModuleNotFoundError) as e:
+        reason = str(e).splitlines()[0] if isinstance(e, DownloadError) else str(e)
+        hint = f"\n{LAYOUT_HINT}"
+        if settings["demo"]:
+            hint = f"\nDelete {default_demo_dir()} to rebuild it." if is_complete_demo(default_demo_dir()) else ""
+        print(f"qistudio generate: could not load {what}: {reason}{hint}", file=sys.stderr)
+        return None
+
+
+def png_parameters(settings: dict) -> dict:
+    width, height = settings["size"]
+    stored = {key: settings.get(key) for key in STORED}
+    return {**stored, "size": f"{width}x{height}", "device": settings["device"], "qistudio": __version__}
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    print(f"seed: {settings['seed']}")
+    pipe = load_pipeline(settings, args)
+    if pipe is None:
+        return 1
+    width, height = settings["size"]
+    image = pipe(
+        settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
+        input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
+        seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
+        progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"),
+    )  # fmt: skip
+    path = save_png(image, args.output, png_parameters(settings))
+    print(f"saved {path} ({image.width}x{image.height}, seed {settings['seed']})")
+    return 0

@@ -1,0 +1,180 @@
+"""`qistudio generate` end to end on tiny models: demo, reproduction from a PNG, local folders, clear failures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from qistudio.cli.main import main
+from qistudio.demo import MARKER, default_demo_dir, write_demo_model
+from qistudio.imageio import read_png_parameters
+from qistudio.weights.hub import HuggingFaceClient, ModelScopeClient
+
+
+def cli(*args: str) -> int:
+    """main(args) as the console script sees it: argparse's own errors exit through SystemExit."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory):
+    """An XDG cache folder whose qistudio/demo is built once for the module."""
+    home = tmp_path_factory.mktemp("cache")
+    write_demo_model(home / "qistudio" / "demo")
+    return home
+
+
+@pytest.fixture
+def demo_env(cache_home, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    return cache_home
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_demo_is_cached_and_loads_under_real_names(cache_home, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    folder = default_demo_dir()
+    marker = (folder / MARKER).stat().st_mtime_ns
+    assert write_demo_model(folder) == folder and (folder / MARKER).stat().st_mtime_ns == marker  # reused
+    index = json.loads((folder / "text_encoder" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.embed_tokens.weight" in index and any(k.startswith("visual.") for k in index)
+    assert json.loads((folder / "transformer" / "config.json").read_text())["axes_dims_rope"] == [8, 12, 12]
+    assert not list(folder.parent.glob(".demo.*.tmp"))  # the staging folder is gone
+
+
+def test_demo_writes_png_with_parameters(demo_env, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert cli("generate", "a red fox", "--demo", "--seed", 7, "-o", out) == 0
+    assert "seed: 7" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (256, 256)
+    params = read_png_parameters(out)
+    assert params["prompt"] == "a red fox" and params["seed"] == 7 and params["steps"] == 8
+    assert params["size"] == "256x256" and params["demo"] is True and params["dtype"] == "float32"
+    assert params["cfg"] == 4.0 and params["strength"] == 1.0
+
+
+def test_from_png_reproduces_and_flags_override(demo_env, tmp_path, capsys):
+    first, again, changed = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "changed.png"
+    assert cli("generate", "a lighthouse", "--demo", "--size", "128x64", "--steps", 3, "-o", first) == 0
+    seed = read_png_parameters(first)["seed"]  # drawn at random and stored
+    assert f"seed: {seed}" in capsys.readouterr().out
+    assert cli("generate", "--from-png", first, "-o", again) == 0
+    assert np.array_equal(pixels(first), pixels(again))
+    assert read_png_parameters(again) == read_png_parameters(first)
+    assert cli("generate", "--from-png", first, "--steps", 2, "--negative", "fog", "-o", changed) == 0
+    params = read_png_parameters(changed)
+    assert params["steps"] == 2 and params["negative"] == "fog" and params["seed"] == seed
+    assert params["size"] == "128x64" and pixels(changed).shape == (64, 128, 3)
+    assert not np.array_equal(pixels(first), pixels(changed))
+
+
+def test_local_folder_matches_the_pipeline(tiny_repo, tiny_pipe, tmp_path):
+    out = tmp_path / "local.png"
+    assert cli("generate", "a small boat", "--model", tiny_repo, "--size", "64x48", "--steps", 2,
+               "--seed", 3, "--negative", "blur", "-o", out) == 0
+    expected = tiny_pipe("a small boat", negative_prompt="blur", seed=3, num_inference_steps=2, height=48, width=64)
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    assert read_png_parameters(out)["model"] == str(tiny_repo.resolve())
+
+
+def test_image_to_image_matches_the_pipeline(tiny_repo, tiny_pipe, tmp_path):
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(source)
+    out = tmp_path / "img2img.png"
+    assert cli("generate", "a boat", "--model", tiny_repo, "--input-image", source, "--strength", 0.5,
+               "--steps", 4, "--seed", 5, "-o", out) == 0
+    expected = tiny_pipe("a boat", input_image=Image.open(source), denoising_strength=0.5, seed=5,
+                         num_inference_steps=4, height=48, width=64)  # size defaults to the input image's
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    params = read_png_parameters(out)
+    assert params["strength"] == 0.5 and params["input_image"] == str(source.resolve())
+
+
+def test_missing_local_folder(tmp_path, capsys):
+    assert cli("generate", "x", "--model", tmp_path / "nowhere" / "Qwen-Image", "-o", tmp_path / "o.png") == 1
+    err = capsys.readouterr().err
+    assert "no such model folder" in err and "transformer/ text_encoder/ vae/ tokenizer/" in err
+    assert "Traceback" not in err
+    partial = tmp_path / "partial"
+    (partial / "transformer").mkdir(parents=True)
+    assert cli("generate", "x", "--model", partial, "-o", tmp_path / "o.png") == 1
+    assert "has no text_encoder/, vae/, tokenizer/" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def _offline(*args, **kwargs):
+    raise ConnectionError("network is unreachable")
+
+
+@pytest.mark.parametrize("source", ["modelscope", "huggingface"])
+def test_offline_hub_says_how_to_use_local_files(source, tmp_path, monkeypatch, capsys):
+    for client in (ModelScopeClient, HuggingFaceClient):  # stub only the network
+        monkeypatch.setattr(client, "list_files", _offline)
+        monkeypatch.setattr(client, "open_range", _offline)
+    code = cli("generate", "x", "--download-source", source, "--model-dir", tmp_path / "models",
+               "-o", tmp_path / "o.png")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "could not load the model 'Qwen/Qwen-Image'" in err and "network is unreachable" in err
+    assert "--model /path/to/Qwen-Image" in err and "transformer/ text_encoder/ vae/ tokenizer/" in err
+
+
+def test_skip_download_with_nothing_downloaded(tmp_path, capsys):
+    code = cli("generate", "x", "--skip-download", "--model-dir", tmp_path / "models", "-o", tmp_path / "o.png")
+    err = capsys.readouterr().err
+    assert code == 1 and "no file under" in err and "--model /path/to/Qwen-Image" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "12x"], "expected WIDTHxHEIGHT"),
+    (["--size", "0x64"], "must be in [16, 16384]"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--steps", "two"], "expected a whole number"),
+    (["--strength", "1.5"], "must be in (0, 1]"),
+    (["--strength", "0.5"], "--strength needs --input-image"),
+    (["--input-image", "missing.png"], "cannot read image"),
+    (["--dtype", "float64"], "invalid choice"),
+    (["--demo"], "give --demo or --model, not both"),
+    (["-o", "out.jpg"], "must be a .png"),
+    (["--from-png", "missing.png"], "--from-png missing.png"),
+])  # fmt: skip
+def test_bad_arguments_fail_before_loading(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # A model folder that does not exist: had loading started, its error would show instead.
+    code = cli("generate", "x", "--model", tmp_path / "absent", *args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "absent" not in err.split("error:")[-1]
+
+
+def test_no_prompt_and_no_command(tmp_path, capsys):
+    assert cli("generate", "-o", tmp_path / "o.png") == 2
+    assert "a prompt is needed" in capsys.readouterr().err
+    assert cli() == 2 and "generate" in capsys.readouterr().err
+
+
+def test_module_entry_point(cache_home, tmp_path):
+    out = tmp_path / "cli.png"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "qistudio.cli.main", "generate", "a kite", "--demo", "--size", "64x64",
+         "--steps", "2", "--seed", "1", "-o", str(out)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "seed: 1" in result.stdout and "denoising" in result.stderr  # the progress bar
+    assert read_png_parameters(out)["size"] == "64x64"
+    assert torch.tensor(pixels(out)).shape == (64, 64, 3)
