@@ -101,10 +101,7 @@ def generate_latents(components: Components, request: GenerationRequest, device,
     else:
         latents = noise
     velocity = make_velocity_fn(components, request, positive, negative)
-    callback = None
-    if request.callback is not None:
-        callback = lambda i, sigma, x: request.callback(i, sigma, x)  # noqa: E731
-    return sample_euler(velocity, latents, sigmas, callback=callback, progress=request.progress_bar_cmd)
+    return sample_euler(velocity, latents, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
 
 
 def decode(components: Components, request: GenerationRequest, latents: torch.Tensor):

@@ -20,7 +20,7 @@ from ..models.dit import QwenImageDiT, dit_config_from_shapes
 from ..models.text_encoder import QwenImageTextEncoder, text_encoder_config_from_shapes
 from ..models.vae import QwenImageVAE, VAEConfig
 from .errors import CheckpointError
-from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
+from .formats import DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
 from .safetensors_io import TensorSource
 
 _FLOAT8 = {"F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2"}
@@ -144,5 +144,3 @@ def load_model(
     source.close()
     return layout.kind, model.eval()
 
-
-__all__ = ["load_model", "build_empty", "match_checkpoint", "empty_parameters", "CONTROLNET"]
