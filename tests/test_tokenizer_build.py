@@ -7,6 +7,7 @@ import unicodedata
 
 import pytest
 
+from qistudio.models.text_encoder import EDIT_TEMPLATE, T2I_TEMPLATE, template_prefix_length
 from qistudio.tokenizer_build import (
     ADDED_TOKENS,
     QWEN2_REGEX,
@@ -17,18 +18,6 @@ from qistudio.tokenizer_build import (
 tiktoken = pytest.importorskip("tiktoken")
 transformers = pytest.importorskip("transformers")
 
-T2I_TEMPLATE = (
-    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
-EDIT_TEMPLATE = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
-    "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
 EXPECTED_ADDED = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
     "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649, "<|quad_start|>": 151650,
@@ -158,7 +147,7 @@ def test_added_tokens_have_qwen25_ids_and_are_not_split(tokenizer):
 )
 def test_template_prefix_lengths(tokenizer, template, prefix, length):
     prefix_ids = tokenizer(prefix)["input_ids"]
-    assert len(prefix_ids) == length
+    assert len(prefix_ids) == length == template_prefix_length(tokenizer, template)  # computed, never hard-coded
     full_ids = tokenizer(template.format("a red fox in the snow"))["input_ids"]
     assert full_ids[:length] == prefix_ids  # the prompt never merges with the prefix
 
