@@ -39,21 +39,14 @@ def reference_vae():
 
 
 def reference_text_encoder(vocab_size: int = 151936):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    """transformers' Qwen2.5-VL at the demo model's tiny size (one config for both), with random weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qistudio.demo import demo_text_encoder_config
 
     torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=TEXT_DIM, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-            max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=TEXT_DIM, patch_size=14,
-            temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
-        ),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-    )
+    config = demo_text_encoder_config()
+    config.text_config.vocab_size = vocab_size
     config._attn_implementation = "sdpa"
     return _perturb(Qwen2_5_VLForConditionalGeneration(config), 0.02)
 
