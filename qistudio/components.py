@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import warnings
+
 import torch
 
 from .models.dit import QwenImageDiT
 from .models.text_encoder import QwenImageTextEncoder
 from .models.vae import QwenImageVAE
+from .tokenizer_build import QWEN25_IMAGE_PROCESSOR
 from .weights.build import load_model
 from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE
 from .weights.hub import resolve_files
@@ -41,6 +44,30 @@ class Components:
             }
             needed = "; ".join(f"{n}: {hint.get(n, n)}" for n in missing)
             raise ValueError(f"the pipeline has no {', '.join(missing)} loaded; add a ModelConfig for {needed}")
+
+
+    def edit_processor(self):
+        """The Qwen2.5-VL processor for edit images: the loaded one, else one built from the tokenizer.
+
+        The built one uses Qwen2.5-VL's image settings, which Qwen/Qwen-Image-Edit's `processor/` folder holds,
+        so an Edit model loaded without `processor_config` still edits as the reference does (said once).
+        """
+        if self.processor is None:
+            self.require("tokenizer")
+            warnings.warn("no processor_config was given; edit images use Qwen2.5-VL's image processor settings "
+                          "with the loaded tokenizer (as in Qwen/Qwen-Image-Edit's processor/)", stacklevel=3)
+            self.processor = default_processor(self.tokenizer)
+        return self.processor
+
+
+def default_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    settings = {k: v for k, v in QWEN25_IMAGE_PROCESSOR.items() if k not in ("image_processor_type", "processor_class")}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**settings), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()
+    )
 
 
 def load_tokenizer(config: ModelConfig):

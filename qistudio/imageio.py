@@ -37,7 +37,9 @@ def load_image(image) -> Image.Image:
         raise ValueError(f"expected a PIL image or a path, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image has zero size ({image.width}x{image.height})")
-    if image.mode in ("RGBA", "LA", "P"):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # The models were trained on opaque RGB; white is what a viewer shows behind a transparent PNG.
+        warnings.warn("image has an alpha channel; it is flattened on white", stacklevel=2)
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)

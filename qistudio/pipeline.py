@@ -6,11 +6,13 @@ import torch
 from tqdm import tqdm
 
 from .components import Components, load_components
+from .conditioning.edit import encode_edit_prompts
 from .conditioning.prompt import concat_text_states, encode_prompts
+from .conditioning.sequence import DiTSequence, build_sequence
 from .imageio import image_to_tensor, tensor_to_images
 from .models.text_encoder import TextStates
 from .ops.packing import patchify, unpatchify
-from .ops.rope import ImageGrid, qwen_rotary
+from .ops.rope import ImageGrid
 from .request import GenerationRequest, build_request
 from .sampling.guidance import guide
 from .sampling.sampler import sample_euler
@@ -36,46 +38,79 @@ def _sigmas(request: GenerationRequest) -> torch.Tensor:
     )
 
 
+def _repeat_rows(states: TextStates, times: int) -> TextStates:
+    if times == 1:
+        return states
+    return TextStates(states.states.repeat_interleave(times, dim=0), [n for n in states.lengths for _ in range(times)])
+
+
 def encode_text(components: Components, request: GenerationRequest, device, dtype) -> tuple[TextStates, TextStates | None]:
-    """Positive states for every image of the batch, and negative ones when guidance is on."""
-    components.require("text_encoder", "tokenizer")
-    prompts = [p for p in request.prompts for _ in range(request.num_images)]
-    positive = encode_prompts(components.text_encoder, components.tokenizer, prompts, device, dtype)
+    """Positive states for every image of the batch, and negative ones when guidance is on.
+
+    With edit images, each prompt is read together with its row's images; the negative prompt too.
+    """
+    def encode(prompts: list[str]) -> TextStates:
+        if request.edit_rows is not None:
+            return encode_edit_prompts(components.text_encoder, components.edit_processor(), prompts, request.edit_rows,
+                                       request.edit_image_auto_resize, device, dtype)
+        return encode_prompts(components.text_encoder, components.tokenizer, prompts, device, dtype)
+
+    positive = _repeat_rows(encode(request.prompts), request.num_images)
     negative = None
     if request.use_cfg:
-        negative = encode_prompts(
-            components.text_encoder, components.tokenizer, [request.negative_prompt] * len(prompts), device, dtype
-        )
+        negative = _repeat_rows(encode([request.negative_prompt] * len(request.prompts)), request.num_images)
     return positive, negative
 
 
-def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative):
+def encode_edit_latents(components: Components, request: GenerationRequest, device, dtype) -> list[list[torch.Tensor]]:
+    """Per batch row, the VAE latents (16, h, w) of its edit images; empty lists without edit images."""
+    if request.edit_rows is None:
+        return [[] for _ in range(request.batch_size)]
+    per_prompt = []
+    with torch.no_grad():
+        for row in request.edit_rows:
+            images = row.latent_images(request.edit_image_auto_resize)
+            per_prompt.append([
+                components.vae.encode(image_to_tensor(im, device, dtype), request.tiled, request.tile_size,
+                                      request.tile_stride)[0].to(dtype)
+                for im in images
+            ])
+    return [latents for latents in per_prompt for _ in range(request.num_images)]
+
+
+def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative, conditions):
     """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in."""
     dit = components.dit
     h, w = request.latent_size
-    grid = ImageGrid(0, h // 2, w // 2)
+    target = ImageGrid(0, h // 2, w // 2)
+    zero_cond_t = dit.config.zero_cond_t if request.zero_cond_t is None else request.zero_cond_t
+
+    def sequence(text: TextStates, rows: list[list[torch.Tensor]]) -> DiTSequence:
+        return build_sequence(target, rows, text, dit.config.axes_dim, request.edit_rope_interpolation, zero_cond_t)
+
     batched = negative is not None and request.cfg_batch
     if batched:
-        both = concat_text_states([positive, negative])
-        rotary = qwen_rotary([grid], both.states.shape[1], device=both.states.device, axes_dim=dit.config.axes_dim)
+        both = sequence(concat_text_states([positive, negative]), conditions + conditions)
     else:
-        rotary_pos = qwen_rotary([grid], positive.states.shape[1], positive.states.device, dit.config.axes_dim)
-        rotary_neg = None
-        if negative is not None:
-            rotary_neg = qwen_rotary([grid], negative.states.shape[1], negative.states.device, dit.config.axes_dim)
+        cond_seq = sequence(positive, conditions)
+        uncond_seq = None if negative is None else sequence(negative, conditions)
+
+    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if seq.condition_tokens is not None:
+            tokens = torch.cat([tokens, seq.condition_tokens.to(tokens.dtype)], dim=1)
+        return dit(tokens, seq.text.states, timestep, seq.rotary, seq.text_lengths,
+                   num_target_tokens=seq.num_target_tokens, condition_token_mask=seq.condition_token_mask,
+                   attention_mask=seq.attention_mask)
 
     def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         tokens = patchify(x)  # (B, N, 64)
         timestep = torch.full((tokens.shape[0],), sigma, device=x.device, dtype=torch.float32)
         with torch.no_grad():
             if batched:
-                out = dit(torch.cat([tokens, tokens]), both.states, timestep.repeat(2), rotary, both.lengths)
-                cond, uncond = out.chunk(2)
+                cond, uncond = run(both, torch.cat([tokens, tokens]), timestep.repeat(2)).chunk(2)
             else:
-                cond = dit(tokens, positive.states, timestep, rotary_pos, positive.lengths)
-                uncond = None
-                if negative is not None:
-                    uncond = dit(tokens, negative.states, timestep, rotary_neg, negative.lengths)
+                cond = run(cond_seq, tokens, timestep)
+                uncond = None if uncond_seq is None else run(uncond_seq, tokens, timestep)
         if uncond is not None:
             cond = guide(cond, uncond, request.cfg_scale, request.cfg_norm_rescale)
         return unpatchify(cond, h // 2, w // 2)
@@ -83,14 +118,24 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
     return velocity
 
 
+def require_components(components: Components, request: GenerationRequest) -> None:
+    """Fail before any model runs when the request needs a model that was not loaded."""
+    needed = ["dit", "text_encoder"]
+    if request.input_image is not None or request.edit_rows is not None:
+        needed.append("vae")
+    if request.edit_rows is None or components.processor is None:
+        needed.append("tokenizer")  # edit images without a processor: one is built from the tokenizer
+    components.require(*needed)
+
+
 def generate_latents(components: Components, request: GenerationRequest, device, dtype) -> torch.Tensor:
     """The denoised latents (B, 16, h, w) of a request."""
-    components.require("dit")
+    require_components(components, request)
     sigmas = _sigmas(request)
     noise = _initial_noise(request, dtype, device)
     positive, negative = encode_text(components, request, device, dtype)
+    conditions = encode_edit_latents(components, request, device, dtype)
     if request.input_image is not None:
-        components.require("vae")
         image = request.input_image.resize((request.width, request.height))
         with torch.no_grad():
             input_latents = components.vae.encode(
@@ -100,7 +145,7 @@ def generate_latents(components: Components, request: GenerationRequest, device,
         latents = (1 - sigma0) * input_latents + sigma0 * noise
     else:
         latents = noise
-    velocity = make_velocity_fn(components, request, positive, negative)
+    velocity = make_velocity_fn(components, request, positive, negative, conditions)
     return sample_euler(velocity, latents, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
 
 
@@ -166,12 +211,16 @@ class QwenImagePipeline:
         cfg_scale: float = 4.0,
         input_image=None,
         denoising_strength: float = 1.0,
-        height: int = 1328,
-        width: int = 1328,
+        height: int | None = None,
+        width: int | None = None,
         seed: int | None = None,
         rand_device: str = "cpu",
         num_inference_steps: int = 30,
         exponential_shift_mu: float | None = None,
+        edit_image=None,
+        edit_image_auto_resize: bool = True,
+        edit_rope_interpolation: bool = False,
+        zero_cond_t: bool | None = None,
         tiled: bool = False,
         tile_size: int | tuple = 128,
         tile_stride: int | tuple = 64,
@@ -191,7 +240,9 @@ class QwenImagePipeline:
             prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, cfg_norm_rescale=cfg_norm_rescale,
             num_inference_steps=num_inference_steps, height=height, width=width, num_images=num_images, seed=seed,
             rand_device=rand_device, noise=noise, input_image=input_image, denoising_strength=denoising_strength,
-            sigmas=sigmas, exponential_shift_mu=exponential_shift_mu, tiled=tiled, tile_size=tile_size,
+            sigmas=sigmas, exponential_shift_mu=exponential_shift_mu, edit_image=edit_image,
+            edit_image_auto_resize=edit_image_auto_resize, edit_rope_interpolation=edit_rope_interpolation,
+            zero_cond_t=zero_cond_t, tiled=tiled, tile_size=tile_size,
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
         )
         self.last_request = request

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 
+from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
 from .imageio import load_image, round_size
+
+DEFAULT_SIZE = 1328  # Qwen-Image's native square size, when neither the caller nor an edit image sets one
 
 
 @dataclass
@@ -19,8 +23,8 @@ class GenerationRequest:
     cfg_scale: float = 4.0
     cfg_norm_rescale: bool = True
     num_inference_steps: int = 30
-    height: int = 1328
-    width: int = 1328
+    height: int | None = None  # None: from the edit image (see output_size_for_edit), else DEFAULT_SIZE
+    width: int | None = None
     num_images: int = 1  # per prompt
     seed: int | None = None
     rand_device: str = "cpu"
@@ -29,6 +33,10 @@ class GenerationRequest:
     denoising_strength: float = 1.0
     sigmas: list[float] | None = None
     exponential_shift_mu: float | None = None
+    edit_rows: list[EditRow] | None = None  # one per prompt
+    edit_image_auto_resize: bool = True
+    edit_rope_interpolation: bool = False
+    zero_cond_t: bool | None = None  # None: the DiT's own default (its config.json)
     tiled: bool = False
     tile_size: int | tuple = 128
     tile_stride: int | tuple = 64
@@ -50,12 +58,54 @@ class GenerationRequest:
         return self.height // 8, self.width // 8
 
 
-def build_request(prompt, **kwargs) -> GenerationRequest:
+def _is_image_list(value) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def edit_rows_from(edit_image, num_prompts: int) -> list[EditRow]:
+    """One EditRow per prompt from the caller's `edit_image`.
+
+    - an image (PIL or path): every prompt edits it, with the original Edit template;
+    - a list of images, one prompt: that prompt reads them all ("Picture 1: ...", Edit-2509/2511);
+    - a list with one entry per prompt (several prompts, or a list of lists): entry k belongs to prompt k and is
+      an image (original template) or a list of images (multi-image template).
+    """
+    nested = [_is_image_list(e) for e in edit_image] if _is_image_list(edit_image) else []
+    if not _is_image_list(edit_image):
+        entries = [edit_image] * num_prompts
+    elif num_prompts == 1 and not any(nested):
+        entries = [list(edit_image)]
+    elif len(edit_image) == num_prompts and (num_prompts > 1 or all(nested)):
+        entries = list(edit_image)
+    else:
+        raise ValueError(
+            f"edit_image has {len(edit_image)} entries for {num_prompts} prompt(s); give one image for all "
+            "prompts, a list of images for one prompt, or one entry (an image or a list of images) per prompt, "
+            "e.g. [[a, b]] * len(prompts) to share a list"
+        )
+    rows = []
+    for k, entry in enumerate(entries):
+        multi = _is_image_list(entry)
+        images = list(entry) if multi else [entry]
+        if not images:
+            raise ValueError(f"edit_image entry {k} is an empty list; give at least one image")
+        if len(images) > TRAINED_MAX_EDIT_IMAGES:
+            warnings.warn(
+                f"{len(images)} edit images for one prompt; Edit-2509/2511 were trained with 1 to "
+                f"{TRAINED_MAX_EDIT_IMAGES}, so results may degrade", stacklevel=4,
+            )
+        rows.append(EditRow([load_image(im) for im in images], multi))
+    return rows
+
+
+def build_request(prompt, edit_image=None, **kwargs) -> GenerationRequest:
     """Normalise and check the caller's arguments; every error a caller can cause is raised here."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     request = GenerationRequest(prompts=prompts, **kwargs)
+    if edit_image is not None:
+        request.edit_rows = edit_rows_from(edit_image, len(prompts))
     if not isinstance(request.num_inference_steps, int) or request.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {request.num_inference_steps!r}")
     if request.num_images < 1:
@@ -66,6 +116,12 @@ def build_request(prompt, **kwargs) -> GenerationRequest:
         raise ValueError(
             f"denoising_strength={request.denoising_strength} needs input_image (image-to-image); "
             "without one, use denoising_strength=1"
+        )
+    if (request.height is None) != (request.width is None):
+        raise ValueError(f"give both height and width, or neither; got height={request.height}, width={request.width}")
+    if request.height is None:
+        request.height, request.width = (
+            output_size_for_edit(request.edit_rows) if request.edit_rows else (DEFAULT_SIZE, DEFAULT_SIZE)
         )
     request.height, request.width = round_size(request.height, request.width)
     if request.input_image is not None:

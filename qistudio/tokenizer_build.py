@@ -129,3 +129,37 @@ def write_qwen25_tokenizer(folder: str | os.PathLike) -> pathlib.Path:
     config_text = json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
     _write_atomic(folder / "tokenizer_config.json", config_text)
     return folder
+
+
+# Qwen2.5-VL's image processor settings, as in Qwen/Qwen-Image-Edit's `processor/preprocessor_config.json`.
+QWEN25_IMAGE_PROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "rescale_factor": 0.00392156862745098,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+}
+
+
+def write_qwen25_processor(folder: str | os.PathLike, **overrides) -> pathlib.Path:
+    """Write a Qwen2.5-VL processor folder (tokenizer + preprocessor_config.json) into `folder`; return it.
+
+    Load it with `transformers.AutoProcessor.from_pretrained(folder)` (class `Qwen2_5_VLProcessor`).
+    `overrides` replace image processor settings (e.g. a smaller `max_pixels` for tiny test models).
+    """
+    unknown = set(overrides) - set(QWEN25_IMAGE_PROCESSOR)
+    if unknown:
+        raise ValueError(f"unknown image processor settings {sorted(unknown)}; known: {sorted(QWEN25_IMAGE_PROCESSOR)}")
+    folder = write_qwen25_tokenizer(folder)
+    config = {**QWEN25_IMAGE_PROCESSOR, **overrides}
+    _write_atomic(folder / "preprocessor_config.json", json.dumps(config, indent=2) + "\n")
+    return folder

@@ -58,7 +58,7 @@ def test_several_prompts_equal_each_prompt_alone(tiny_pipe):
 def test_image_to_image_matches_diffusers_with_its_sigmas(tiny_repo, tiny_pipe):
     from PIL import Image
 
-    ref = reference_pipeline(tiny_repo, img2img=True)
+    ref = reference_pipeline(tiny_repo, "img2img")
     # diffusers samples the VAE posterior; make it deterministic (tiny variance) so both use the mean.
     with torch.no_grad():
         ref.vae.quant_conv.bias[16:] = -60.0

@@ -67,28 +67,34 @@ def write_tiny_qwen_image(folder: Path) -> Path:
     """A tiny random Qwen-Image repository in the real layout, written by the reference classes."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from qistudio.tokenizer_build import write_qwen25_tokenizer
+    from qistudio.tokenizer_build import write_qwen25_processor, write_qwen25_tokenizer
 
     save(reference_dit(), folder / "transformer", max_shard_size="300KB")
     save(reference_text_encoder(), folder / "text_encoder")
     vae = reference_vae()
     save(vae, folder / "vae")
     write_qwen25_tokenizer(folder / "tokenizer")
+    write_qwen25_processor(folder / "processor")  # as Qwen/Qwen-Image-Edit ships it
     FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER).save_pretrained(folder / "scheduler")
     return folder
 
 
-def reference_pipeline(folder: Path, img2img: bool = False):
-    """diffusers' pipeline over the tiny repository's components."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageImg2ImgPipeline,
-                           QwenImagePipeline, QwenImageTransformer2DModel)
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+def reference_pipeline(folder: Path, kind: str = "text", transformer=None):
+    """diffusers' pipeline over the tiny repository's components.
 
-    cls = QwenImageImg2ImgPipeline if img2img else QwenImagePipeline
+    kind: "text" (QwenImagePipeline), "img2img", "edit" (QwenImageEditPipeline) or "edit_plus" (Edit-2509/2511).
+    """
+    import diffusers
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    cls = {"text": diffusers.QwenImagePipeline, "img2img": diffusers.QwenImageImg2ImgPipeline,
+           "edit": diffusers.QwenImageEditPipeline, "edit_plus": diffusers.QwenImageEditPlusPipeline}[kind]
+    extra = {"processor": AutoProcessor.from_pretrained(folder / "processor")} if kind.startswith("edit") else {}
     return cls(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
-        vae=AutoencoderKLQwenImage.from_pretrained(folder / "vae").eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(folder / "vae").eval(),
         text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder").eval(),
         tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        transformer=QwenImageTransformer2DModel.from_pretrained(folder / "transformer").eval(),
+        transformer=transformer or diffusers.QwenImageTransformer2DModel.from_pretrained(folder / "transformer").eval(),
+        **extra,
     )

@@ -38,13 +38,17 @@ def encode_prompts(
     attention_mask = tokens["attention_mask"].to(device)
     with torch.no_grad():
         hidden = text_encoder(input_ids, attention_mask)  # (B, S, D)
-    lengths = [int(n) - drop for n in attention_mask.sum(dim=1).tolist()]
-    # Right padding: row i's valid tokens are hidden[i, :n]; keep those after the prefix.
-    rows = [hidden[i, drop : drop + n] for i, n in enumerate(lengths)]
-    states = hidden.new_zeros(len(rows), max(lengths), hidden.shape[-1])
+    return trim_template(hidden, attention_mask, drop, dtype)
+
+
+def trim_template(hidden: torch.Tensor, attention_mask: torch.Tensor, drop: int, dtype: torch.dtype) -> TextStates:
+    """Keep each row's valid tokens after the template prefix, right-padded with zeros: (B, L, D)."""
+    # Select by the mask, so a tokenizer that pads on the left works too.
+    rows = [hidden[i][attention_mask[i].bool()][drop:] for i in range(hidden.shape[0])]
+    states = hidden.new_zeros(len(rows), max(r.shape[0] for r in rows), hidden.shape[-1])
     for i, row in enumerate(rows):
         states[i, : row.shape[0]] = row
-    return TextStates(states.to(dtype), lengths)
+    return TextStates(states.to(dtype), [r.shape[0] for r in rows])
 
 
 def concat_text_states(parts: list[TextStates]) -> TextStates:

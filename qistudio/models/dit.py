@@ -34,6 +34,9 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     axes_dim: tuple[int, int, int] = (16, 56, 56)
     eps: float = 1e-6
+    # Edit-2511: condition tokens are modulated with the t=0 embedding. A default for the pipeline, which may
+    # override it per call; the weights are the same either way.
+    zero_cond_t: bool = False
 
     @property
     def dim(self) -> int:
@@ -221,4 +224,5 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict
         text_dim=shapes["txt_in.weight"][1],
         mlp_ratio=mlp_hidden / dim,
         axes_dim=axes_dim,
+        zero_cond_t=bool((config_json or {}).get("zero_cond_t", False)),
     )

@@ -81,17 +81,22 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by unit phasors (S, D/2); float32 math.
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by unit phasors; float32 math.
 
+    phasors: (S, D/2) shared by the batch, or (B, S, D/2) when rows have different layouts (batched edits).
     One complex multiply: as cheap in memory traffic as RoPE gets without a fused kernel.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2)
-    return torch.view_as_real(pairs * phasors[None, :, None, :]).flatten(-2).to(x.dtype)
+    phasors = phasors[None] if phasors.dim() == 2 else phasors
+    return torch.view_as_real(pairs * phasors[:, :, None, :]).flatten(-2).to(x.dtype)
 
 
 @dataclass
 class Rotary:
-    """Phasors of the image tokens (all groups, in sequence order) and of the text tokens."""
+    """Phasors of the image tokens (all groups, in sequence order) and of the text tokens.
+
+    Each is (S, D/2) for a batch that shares one layout, or (B, S, D/2) with one table per row.
+    """
 
     image: torch.Tensor
     text: torch.Tensor
