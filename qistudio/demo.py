@@ -4,7 +4,9 @@ Design note. The folder looks like `Qwen/Qwen-Image` on the hub, only tiny: `tra
 names, two shards with an index and a diffusers config.json), `text_encoder/` (transformers' Qwen2.5-VL under
 the released checkpoint's transformers-4 names `model.*` / `visual.*`, two shards, config.json), `vae/`
 (diffusers names and config.json with the latent statistics), `tokenizer/` (the real Qwen2.5 tokenizer, built
-offline, so the text encoder keeps the real vocabulary of 151,936), `scheduler/` and `model_index.json`. Weights
+offline, so the text encoder keeps the real vocabulary of 151,936), `processor/` (that tokenizer with
+Qwen2.5-VL's image processor settings, as Qwen/Qwen-Image-Edit ships it, so the demo edits too), `scheduler/`
+and `model_index.json`. Weights
 are the modules' own initialisation plus small seeded normal noise, so no gate or norm sits at an exact 0 or 1;
 they are stored in bfloat16 like the released files. No diffusers import: the runtime does not depend on it.
 
@@ -25,9 +27,9 @@ from safetensors.torch import save_file
 
 from .models.dit import DiTConfig, QwenImageDiT
 from .models.vae import QwenImageVAE, VAEConfig
-from .tokenizer_build import write_qwen25_tokenizer
+from .tokenizer_build import write_qwen25_processor, write_qwen25_tokenizer
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: processor/ (Qwen2.5-VL image processor) for edits
 MARKER = ".qistudio-demo.json"
 SEED = 0
 TEXT_DIM = 64  # tiny text encoder width = the DiT's joint_attention_dim
@@ -150,6 +152,7 @@ def _build(folder: Path) -> None:
         _write_vae(folder / "vae", generator)
         _write_text_encoder(folder / "text_encoder", generator)
     write_qwen25_tokenizer(folder / "tokenizer")
+    write_qwen25_processor(folder / "processor")
     _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER)
     _write_json(folder / "model_index.json", {
         "_class_name": "QwenImagePipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

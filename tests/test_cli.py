@@ -178,3 +178,49 @@ def test_module_entry_point(cache_home, tmp_path):
     assert "seed: 1" in result.stdout and "denoising" in result.stderr  # the progress bar
     assert read_png_parameters(out)["size"] == "64x64"
     assert torch.tensor(pixels(out)).shape == (64, 64, 3)
+
+
+def _random_png(path, width, height, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_edit_matches_the_pipeline(tiny_repo, tmp_path, monkeypatch):
+    import qistudio.conditioning.edit as edit
+
+    monkeypatch.setattr(edit, "EDIT_LATENT_AREA", 128 * 128)  # a tiny model needs no 1024x1024 working area
+    from qistudio import ModelConfig, QwenImagePipeline
+
+    source = _random_png(tmp_path / "photo.png", 96, 64)
+    out = tmp_path / "edited.png"
+    assert cli("generate", "make it night", "--model", tiny_repo, "--edit-image", source, "--steps", 2,
+               "--seed", 4, "-o", out) == 0
+    pipe = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(path=str(tiny_repo / name)) for name in ("transformer", "text_encoder", "vae")],
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+        processor_config=ModelConfig(path=str(tiny_repo / "processor")),
+    )  # fmt: skip
+    expected = pipe("make it night", edit_image=Image.open(source), seed=4, num_inference_steps=2)
+    assert expected.size == edit.size_at_area(128 * 128, 96 / 64)  # the edit image's aspect, no --size
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    params = read_png_parameters(out)
+    assert params["edit_images"] == [str(source.resolve())] and params["size"] == "160x96"
+    # Two images: the "Picture k" template, and the output takes the last image's aspect.
+    two = tmp_path / "two.png"
+    second = _random_png(tmp_path / "second.png", 64, 96, seed=1)
+    assert cli("generate", "combine them", "--model", tiny_repo, "--edit-image", source, "--edit-image", second,
+               "--steps", 2, "--seed", 4, "--size", "64x64", "-o", two) == 0
+    expected = pipe("combine them", edit_image=[Image.open(source), Image.open(second)], seed=4,
+                    num_inference_steps=2, height=64, width=64)
+    assert np.array_equal(pixels(two), np.asarray(expected))
+
+
+def test_demo_edit_and_bad_edit_image(demo_env, tmp_path, capsys):
+    source = _random_png(tmp_path / "wide.png", 128, 64)
+    out = tmp_path / "demo-edit.png"
+    assert cli("generate", "add snow", "--demo", "--edit-image", source, "--steps", 1, "-o", out) == 0
+    with Image.open(out) as image:
+        assert image.size == (352, 192)  # 256x256 area at the edit image's 2:1 aspect, sides multiples of 32
+    assert cli("generate", "x", "--demo", "--edit-image", tmp_path / "missing.png", "-o", out) == 2
+    assert "edit image: cannot read image" in capsys.readouterr().err

@@ -84,3 +84,13 @@ def test_image_to_image_accepts_any_input_size(tiny_pipe):
     image = Image.new("RGB", (100, 37), (200, 30, 30))
     out = tiny_pipe("a cat", input_image=image, denoising_strength=0.5, **FAST)
     assert out.size == (48, 32)
+
+
+def test_one_step_schedule_is_finite(tiny_pipe):
+    """With one step the terminal stretch would divide 0 by 0 (the references sample NaN); we skip it."""
+    from qistudio.sampling.schedule import flow_sigmas
+
+    assert flow_sigmas(1, 4096).tolist() == [1.0, 0.0]
+    latents = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent",
+                        progress_bar_cmd=lambda x: x)
+    assert torch.isfinite(latents).all()

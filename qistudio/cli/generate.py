@@ -8,6 +8,7 @@ stored in a PNG given with --from-png, and the flags given explicitly. Every fla
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import sys
@@ -18,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
+from ..conditioning.edit import EditRow, size_at_area
 from ..demo import default_demo_dir, is_complete_demo, write_demo_model
 from ..imageio import load_image, read_png_parameters, round_size, save_png
 from ..pipeline import QwenImagePipeline, default_device
@@ -26,6 +28,10 @@ from ..weights.hub import DownloadError
 from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
 
 HUB_MODEL = "Qwen/Qwen-Image"
+HUB_EDIT_MODEL = "Qwen/Qwen-Image-Edit"
+# Edit models that read every edit image through the "Picture k:" template, even a single one.
+PICTURE_TEMPLATE_MODELS = {"Qwen/Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2511"}
+PICTURE_TEMPLATE_PIPELINES = {"QwenImageEditPlusPipeline"}  # model_index.json's _class_name in such a folder
 SUBFOLDERS = ("transformer", "text_encoder", "vae", "tokenizer")
 # The seed's file patterns inside the hub repository, in the order of its quick start.
 HUB_PATTERNS = (
@@ -90,6 +96,7 @@ def parse_size(text: str) -> tuple[int, int]:
 STORED = {
     "prompt": str, "negative": str, "seed": seed_int, "steps": positive_int, "cfg": float, "size": parse_size,
     "model": str, "demo": bool, "input_image": str, "strength": strength_float, "dtype": str, "tiled": bool,
+    "edit_images": lambda paths: [str(p) for p in paths],
 }  # fmt: skip
 
 
@@ -112,6 +119,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="image size (default: 1328x1328; the input image's size with --input-image; "
                    "256x256 with --demo)")
     p.add_argument("--input-image", metavar="PATH", help="start from this image (image-to-image)")
+    p.add_argument("--edit-image", metavar="PATH", action="append", dest="edit_images",
+                   help="edit this image (repeat for several: Edit-2509/2511); the output keeps the last image's "
+                   f"aspect ratio unless --size is given (default model: {HUB_EDIT_MODEL})")
     p.add_argument("--strength", type=strength_float,
                    help=f"how much of the input image to repaint, in (0, 1] (default: {IMG2IMG_STRENGTH})")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available, else cpu)")
@@ -160,12 +170,22 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     elif settings.get("strength", 1.0) != 1.0:
         error("--strength needs --input-image (image-to-image)")
     demo = settings["demo"]
+    if settings.get("edit_images"):
+        try:
+            settings["edit"] = [load_image(path) for path in settings["edit_images"]]
+        except ValueError as e:
+            error(f"edit image: {e}")
+        settings["edit_images"] = [str(Path(path).expanduser().resolve()) for path in settings["edit_images"]]
+        if demo and "size" not in settings:  # the demo's small working area, with the edit image's aspect
+            settings["size"] = size_at_area(DEMO_SIZE[0] * DEMO_SIZE[1], EditRow(settings["edit"], False).aspect)
     image_size = settings["image"].size if "image" in settings else FULL_SIZE
-    settings.setdefault("size", DEMO_SIZE if demo else image_size)
+    if "edit" not in settings:
+        settings.setdefault("size", DEMO_SIZE if demo else image_size)
     settings.setdefault("steps", DEMO_STEPS if demo else FULL_STEPS)
     settings.setdefault("strength", 1.0)
-    settings.setdefault("model", None if demo else HUB_MODEL)
-    settings["size"] = _rounded(*settings["size"])
+    settings.setdefault("model", None if demo else HUB_EDIT_MODEL if "edit" in settings else HUB_MODEL)
+    if settings.get("size") is not None:
+        settings["size"] = _rounded(*settings["size"])
     _resolve_device(settings, args.device, error)
     output = Path(args.output)
     if output.suffix.lower() != ".png":
@@ -198,8 +218,8 @@ def _resolve_device(settings: dict, device: str | None, error) -> None:
         error(f"dtype {settings['dtype']!r} is not one of {', '.join(sorted(DTYPES))}")
 
 
-def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelConfig], ModelConfig]:
-    """The three ModelConfigs and the tokenizer's, for the demo, a local folder or a hub id."""
+def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelConfig], ModelConfig, ModelConfig | None]:
+    """The three ModelConfigs, the tokenizer's and the processor's (edits only), for the demo, a folder or a hub id."""
     if settings["demo"]:
         return _folder_configs(write_demo_model(default_demo_dir()))
     model = settings["model"]
@@ -214,12 +234,29 @@ def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelC
     hub = dict(model_id=model, download_source=args.download_source, local_model_path=args.model_dir,
                skip_download=args.skip_download)  # fmt: skip
     configs = [ModelConfig(origin_file_pattern=pattern, **hub) for pattern in HUB_PATTERNS]
-    return configs, ModelConfig(origin_file_pattern="tokenizer/", **hub)
+    processor = ModelConfig(origin_file_pattern="processor/", **hub) if settings.get("edit") else None
+    return configs, ModelConfig(origin_file_pattern="tokenizer/", **hub), processor
 
 
-def _folder_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig]:
+def _folder_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig, ModelConfig | None]:
     configs = [ModelConfig(path=str(folder / name)) for name in SUBFOLDERS[:3]]
-    return configs, ModelConfig(path=str(folder / "tokenizer"))
+    # Without processor/ the pipeline builds Qwen2.5-VL's processor from the tokenizer.
+    processor = ModelConfig(path=str(folder / "processor")) if (folder / "processor").is_dir() else None
+    return configs, ModelConfig(path=str(folder / "tokenizer")), processor
+
+
+def uses_picture_template(settings: dict) -> bool:
+    """Whether the model reads edit images as "Picture k: ..." (Edit-2509/2511), so a single one goes in a list."""
+    if len(settings["edit"]) > 1:
+        return True
+    model = settings.get("model")
+    if model in PICTURE_TEMPLATE_MODELS:
+        return True
+    index = Path(model).expanduser() / "model_index.json" if model else None
+    try:
+        return json.loads(index.read_text()).get("_class_name") in PICTURE_TEMPLATE_PIPELINES
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline | None:
@@ -227,10 +264,10 @@ def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline
     what = "the demo model" if settings["demo"] else f"the model {settings['model']!r}"
     print(f"loading {what} on {settings['device']} ({settings['dtype']})", file=sys.stderr)
     try:
-        configs, tokenizer_config = model_configs(settings, args)
+        configs, tokenizer_config, processor_config = model_configs(settings, args)
         return QwenImagePipeline.from_pretrained(
             torch_dtype=DTYPES[settings["dtype"]], device=settings["device"],
-            model_configs=configs, tokenizer_config=tokenizer_config,
+            model_configs=configs, tokenizer_config=tokenizer_config, processor_config=processor_config,
         )  # fmt: skip
     except (DownloadError, CheckpointError, OSError, ModuleNotFoundError) as e:
         reason = str(e).splitlines()[0] if isinstance(e, DownloadError) else str(e)
@@ -241,8 +278,8 @@ def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline
         return None
 
 
-def png_parameters(settings: dict) -> dict:
-    width, height = settings["size"]
+def png_parameters(settings: dict, image) -> dict:
+    width, height = image.size
     stored = {key: settings.get(key) for key in STORED}
     return {**stored, "size": f"{width}x{height}", "device": settings["device"], "qistudio": __version__}
 
@@ -253,13 +290,17 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(settings, args)
     if pipe is None:
         return 1
-    width, height = settings["size"]
+    width, height = settings.get("size") or (None, None)  # None: the pipeline sizes an edit by its image
+    edit_image = None
+    if settings.get("edit"):
+        edit_image = settings["edit"] if uses_picture_template(settings) else settings["edit"][0]
     image = pipe(
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
+        edit_image=edit_image,
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
         progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"),
     )  # fmt: skip
-    path = save_png(image, args.output, png_parameters(settings))
+    path = save_png(image, args.output, png_parameters(settings, image))
     print(f"saved {path} ({image.width}x{image.height}, seed {settings['seed']})")
     return 0

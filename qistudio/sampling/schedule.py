@@ -28,6 +28,10 @@ def exponential_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
 
 def stretch_to_terminal(sigmas: torch.Tensor, terminal: float = SHIFT_TERMINAL) -> torch.Tensor:
     one_minus = 1 - sigmas
+    if one_minus[-1] == 0:
+        # A one-step full-strength schedule is just [1]: nothing to stretch. (diffusers and DiffSynth-Studio
+        # divide 0 by 0 here and sample NaN.)
+        return sigmas
     return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
