@@ -46,6 +46,13 @@ class Components:
             raise ValueError(f"the pipeline has no {', '.join(missing)} loaded; add a ModelConfig for {needed}")
 
 
+    def prompt_tokenizer(self):
+        """The tokenizer for text prompts: the loaded one, else the processor's (the same Qwen2.5 tokenizer)."""
+        if self.tokenizer is None and self.processor is not None:
+            return self.processor.tokenizer
+        self.require("tokenizer")
+        return self.tokenizer
+
     def edit_processor(self):
         """The Qwen2.5-VL processor for edit images: the loaded one, else one built from the tokenizer.
 

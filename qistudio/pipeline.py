@@ -53,7 +53,7 @@ def encode_text(components: Components, request: GenerationRequest, device, dtyp
         if request.edit_rows is not None:
             return encode_edit_prompts(components.text_encoder, components.edit_processor(), prompts, request.edit_rows,
                                        request.edit_image_auto_resize, device, dtype)
-        return encode_prompts(components.text_encoder, components.tokenizer, prompts, device, dtype)
+        return encode_prompts(components.text_encoder, components.prompt_tokenizer(), prompts, device, dtype)
 
     positive = _repeat_rows(encode(request.prompts), request.num_images)
     negative = None
@@ -123,8 +123,8 @@ def require_components(components: Components, request: GenerationRequest) -> No
     needed = ["dit", "text_encoder"]
     if request.input_image is not None or request.edit_rows is not None:
         needed.append("vae")
-    if request.edit_rows is None or components.processor is None:
-        needed.append("tokenizer")  # edit images without a processor: one is built from the tokenizer
+    if components.processor is None:
+        needed.append("tokenizer")  # text prompts, and the processor built for edit images, need it
     components.require(*needed)
 
 
@@ -160,6 +160,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The seed's default. None loads no tokenizer: the processor's (Edit models) then serves text prompts too.
+DEFAULT_TOKENIZER_CONFIG = ModelConfig(model_id="Qwen/Qwen-Image", origin_file_pattern="tokenizer/")
+
+
 class QwenImagePipeline:
     """Seed-compatible front door: `from_pretrained(...)` loads, `pipe(prompt, ...)` generates. No logic of its own."""
 
@@ -175,12 +179,10 @@ class QwenImagePipeline:
         torch_dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device | None = None,
         model_configs: list[ModelConfig] = (),
-        tokenizer_config: ModelConfig | None = None,
+        tokenizer_config: ModelConfig | None = DEFAULT_TOKENIZER_CONFIG,
         processor_config: ModelConfig | None = None,
     ) -> "QwenImagePipeline":
         device = device or default_device()
-        if tokenizer_config is None:
-            tokenizer_config = ModelConfig(model_id="Qwen/Qwen-Image", origin_file_pattern="tokenizer/")
         components = load_components(list(model_configs), tokenizer_config, processor_config, torch_dtype, device)
         return cls(components, device, torch_dtype)
 
@@ -199,6 +201,10 @@ class QwenImagePipeline:
     @property
     def tokenizer(self):
         return self.components.tokenizer
+
+    @property
+    def processor(self):
+        return self.components.processor
 
     @property
     def last_seed(self) -> int | None:

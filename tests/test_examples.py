@@ -2,24 +2,45 @@
 
 import runpy
 
+import pytest
 from PIL import Image
 
+import qistudio.conditioning.edit as edit
 from conftest import ROOT
 
 EXAMPLES = ROOT / "examples"
 
 
-def test_qwen_image_quick_start(tiny_repo, tmp_path, monkeypatch):
+@pytest.fixture
+def hub_on_disk(tiny_repo, tmp_path, monkeypatch):
+    """models/Qwen/<repo> -> the tiny repository for every repository the examples name; the hub is never contacted."""
     models = tmp_path / "models"
     (models / "Qwen").mkdir(parents=True)
-    (models / "Qwen" / "Qwen-Image").symlink_to(tiny_repo, target_is_directory=True)
+    for name in ("Qwen-Image", "Qwen-Image-Edit", "Qwen-Image-Edit-2509"):
+        (models / "Qwen" / name).symlink_to(tiny_repo, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QISTUDIO_MODEL_BASE_PATH", str(models))
-    monkeypatch.setenv("QISTUDIO_SKIP_DOWNLOAD", "1")  # the hub is never contacted
+    monkeypatch.setenv("QISTUDIO_SKIP_DOWNLOAD", "1")
     monkeypatch.setenv("QISTUDIO_EXAMPLE_DEVICE", "cpu")
     monkeypatch.setenv("QISTUDIO_EXAMPLE_STEPS", "2")
     monkeypatch.setenv("QISTUDIO_EXAMPLE_SIZE", "64")
-    namespace = runpy.run_path(str(EXAMPLES / "model_inference" / "Qwen-Image.py"), run_name="__main__")
-    with Image.open(tmp_path / "image.jpg") as image:
+    monkeypatch.setattr(edit, "EDIT_LATENT_AREA", 128 * 128)  # a tiny model needs no 1024x1024 working area
+    return tmp_path
+
+
+def run_example(name: str) -> dict:
+    return runpy.run_path(str(EXAMPLES / "model_inference" / name), run_name="__main__")
+
+
+def test_qwen_image_quick_start(hub_on_disk):
+    namespace = run_example("Qwen-Image.py")
+    with Image.open(hub_on_disk / "image.jpg") as image:
         assert image.format == "JPEG" and image.size == (64, 64)
     assert namespace["pipe"].last_seed == 0
+
+
+def test_qwen_image_edit(hub_on_disk):
+    run_example("Qwen-Image-Edit.py")
+    with Image.open(hub_on_disk / "image1.jpg") as source, Image.open(hub_on_disk / "image2.jpg") as edited:
+        assert source.size == (48, 64)
+        assert edited.size == edit.size_at_area(128 * 128, 48 / 64)  # the edit image's aspect
