@@ -1,7 +1,8 @@
 """qistudio: generate, edit and train the Qwen-Image family of diffusion models."""
 
 from .pipeline import QwenImagePipeline
+from .sampling.schedule import FlowMatchScheduler
 from .weights.model_config import ModelConfig
 
-__all__ = ["QwenImagePipeline", "ModelConfig"]
+__all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler"]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from . import lora
 from .components import Components, load_components
 from .conditioning.edit import encode_edit_prompts
 from .conditioning.prompt import concat_text_states, encode_prompts
@@ -16,7 +17,7 @@ from .ops.rope import ImageGrid
 from .request import GenerationRequest, build_request
 from .sampling.guidance import guide
 from .sampling.sampler import sample_euler
-from .sampling.schedule import custom_sigmas, flow_sigmas
+from .sampling.schedule import FlowMatchScheduler, custom_sigmas
 from .weights.model_config import ModelConfig
 
 
@@ -29,11 +30,11 @@ def _initial_noise(request: GenerationRequest, dtype, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=request.rand_device, dtype=dtype).to(device)
 
 
-def _sigmas(request: GenerationRequest) -> torch.Tensor:
+def _sigmas(request: GenerationRequest, scheduler: FlowMatchScheduler) -> torch.Tensor:
     if request.sigmas is not None:
         return custom_sigmas(request.sigmas)
     h, w = request.latent_size
-    return flow_sigmas(
+    return scheduler.sigmas(
         request.num_inference_steps, (h // 2) * (w // 2), request.denoising_strength, request.exponential_shift_mu
     )
 
@@ -128,10 +129,12 @@ def require_components(components: Components, request: GenerationRequest) -> No
     components.require(*needed)
 
 
-def generate_latents(components: Components, request: GenerationRequest, device, dtype) -> torch.Tensor:
+def generate_latents(
+    components: Components, request: GenerationRequest, device, dtype, scheduler: FlowMatchScheduler | None = None
+) -> torch.Tensor:
     """The denoised latents (B, 16, h, w) of a request."""
     require_components(components, request)
-    sigmas = _sigmas(request)
+    sigmas = _sigmas(request, scheduler or FlowMatchScheduler())
     noise = _initial_noise(request, dtype, device)
     positive, negative = encode_text(components, request, device, dtype)
     conditions = encode_edit_latents(components, request, device, dtype)
@@ -172,6 +175,7 @@ class QwenImagePipeline:
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         self.last_request: GenerationRequest | None = None
+        self.scheduler = FlowMatchScheduler("Qwen-Image")  # replaceable, as in the seed: FlowMatchScheduler(...)
 
     @classmethod
     def from_pretrained(
@@ -209,6 +213,36 @@ class QwenImagePipeline:
     @property
     def last_seed(self) -> int | None:
         return None if self.last_request is None else self.last_request.seed
+
+    # LoRA: thin wrappers over qistudio.lora, with the seed's names. A LoRA's registry lives on the module it
+    # was loaded into (normally the DiT); text-encoder layers in the same file follow it.
+    def load_lora(self, module, lora_config=None, alpha: float = 1.0, hotload: bool | None = None,
+                  state_dict=None, name: str | None = None, fuse: bool = False) -> str:
+        """Attach a LoRA (path, ModelConfig or state dict) to `module`, usually `pipe.dit`; returns its name.
+
+        Unfused by default: switching scales or unloading never touches the base weights. `fuse=True` (or the
+        seed's `hotload=False`) bakes it in for speed; `pipe.unload_lora` restores the weights exactly.
+        """
+        if (lora_config is None) == (state_dict is None):
+            raise ValueError("give a LoRA as lora_config (a path or ModelConfig) or as state_dict, not both or neither")
+        fuse = fuse or hotload is False
+        text_encoder = self.text_encoder if module is self.dit else None
+        return lora.load_lora(module, lora_config if state_dict is None else state_dict, alpha, name, fuse,
+                         text_encoder=text_encoder)
+
+    def set_lora_scale(self, name: str, scale: float, module=None) -> None:
+        lora.set_lora_scale(module if module is not None else self.dit, name, scale)
+
+    def unload_lora(self, name: str | None = None, module=None) -> None:
+        """Remove one LoRA (or all) and restore the exact base weights; the base model is never reloaded."""
+        lora.unload_lora(module if module is not None else self.dit, name)
+
+    def clear_lora(self) -> None:
+        """The seed's name for removing every LoRA."""
+        self.unload_lora()
+
+    def list_loras(self, module=None):
+        return lora.list_loras(module if module is not None else self.dit)
 
     def __call__(
         self,
@@ -252,7 +286,7 @@ class QwenImagePipeline:
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
         )
         self.last_request = request
-        latents = generate_latents(self.components, request, self.device, self.torch_dtype)
+        latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler)
         if output_type == "latent":
             return latents
         images = decode(self.components, request, latents)

@@ -15,6 +15,8 @@ FORBIDDEN = {
                "qistudio.components", "qistudio.cli"),
     "sampling": ("qistudio.models", "qistudio.weights", "qistudio.conditioning", "qistudio.pipeline",
                  "qistudio.components", "qistudio.cli"),
+    "lora": ("qistudio.sampling", "qistudio.conditioning", "qistudio.pipeline", "qistudio.components",
+             "qistudio.cli"),
     "weights": ("qistudio.sampling", "qistudio.conditioning", "qistudio.pipeline", "qistudio.components",
                 "qistudio.cli"),
 }

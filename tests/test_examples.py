@@ -4,9 +4,12 @@ import runpy
 
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 import qistudio.conditioning.edit as edit
 from conftest import ROOT
+from lora_files import peft_layout, random_pairs
+from tiny_models import reference_dit
 
 EXAMPLES = ROOT / "examples"
 
@@ -18,6 +21,13 @@ def hub_on_disk(tiny_repo, tmp_path, monkeypatch):
     (models / "Qwen").mkdir(parents=True)
     for name in ("Qwen-Image", "Qwen-Image-Edit", "Qwen-Image-Edit-2509"):
         (models / "Qwen" / name).symlink_to(tiny_repo, target_is_directory=True)
+    studio = models / "DiffSynth-Studio"
+    studio.mkdir()
+    (studio / "Qwen-Image-Distill-Full").symlink_to(tiny_repo / "transformer", target_is_directory=True)
+    for seed, name in enumerate(("Qwen-Image-Distill-LoRA", "Qwen-Image-Edit-Lowres-Fix")):
+        (studio / name).mkdir()  # DiffSynth-Studio's own LoRA layout: <module>.lora_A.default.weight
+        pairs = random_pairs(reference_dit(), seed=seed)
+        save_file(peft_layout(pairs, adapter="default", alpha=None), str(studio / name / "model.safetensors"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QISTUDIO_MODEL_BASE_PATH", str(models))
     monkeypatch.setenv("QISTUDIO_SKIP_DOWNLOAD", "1")
@@ -44,3 +54,18 @@ def test_qwen_image_edit(hub_on_disk):
     with Image.open(hub_on_disk / "image1.jpg") as source, Image.open(hub_on_disk / "image2.jpg") as edited:
         assert source.size == (48, 64)
         assert edited.size == edit.size_at_area(128 * 128, 48 / 64)  # the edit image's aspect
+
+
+def test_qwen_image_edit_lowres_fix(hub_on_disk):
+    namespace = run_example("Qwen-Image-Edit-Lowres-Fix.py")
+    assert [info.name for info in namespace["pipe"].list_loras()] == ["model"]
+    with Image.open(hub_on_disk / "image_lowres.jpg") as low, Image.open(hub_on_disk / "image_highres.jpg") as high:
+        assert low.size == (32, 16) and high.size == (64, 48)  # 512x384 -> 1024x768, scaled by 1/16
+
+
+@pytest.mark.parametrize("name", ["Qwen-Image-Distill-Full.py", "Qwen-Image-Distill-LoRA.py"])
+def test_qwen_image_distill(hub_on_disk, name):
+    namespace = run_example(name)
+    with Image.open(hub_on_disk / "image.jpg") as image:
+        assert image.size == (64, 64)
+    assert len(namespace["pipe"].list_loras()) == (1 if "LoRA" in name else 0)

@@ -62,3 +62,36 @@ def custom_sigmas(sigmas) -> torch.Tensor:
     if not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] <= s[:-1]).all()):
         raise ValueError(f"sigmas must decrease within [0, 1], got {s.tolist()}")
     return s if s[-1] == 0 else torch.cat([s, s.new_zeros(1)])
+
+
+LIGHTNING_MU = math.log(3.0)  # lightx2v's Lightning LoRAs were distilled at a fixed shift of 3
+
+
+class FlowMatchScheduler:
+    """The seed's (DiffSynth-Studio 2.x) scheduler object: which sigma grid a pipeline samples on.
+
+    "Qwen-Image": resolution-dependent exponential shift, last sigma stretched to 0.02 (the default).
+    "Qwen-Image-Lightning": fixed mu = ln 3 and no terminal stretch, for the 4- and 8-step Lightning LoRAs
+    (4 steps: 1.0, 0.9, 0.75, 0.5). Use it as `pipe.scheduler = FlowMatchScheduler("Qwen-Image-Lightning")`.
+    """
+
+    TEMPLATES = {
+        "Qwen-Image": dict(mu=None, shift_terminal=SHIFT_TERMINAL),
+        "Qwen-Image-Lightning": dict(mu=LIGHTNING_MU, shift_terminal=None),
+    }
+
+    def __init__(self, template: str = "Qwen-Image"):
+        if template not in self.TEMPLATES:
+            raise ValueError(f"unknown scheduler template {template!r}; choose one of {sorted(self.TEMPLATES)}")
+        self.template = template
+        self.mu = self.TEMPLATES[template]["mu"]
+        self.shift_terminal = self.TEMPLATES[template]["shift_terminal"]
+
+    def __repr__(self) -> str:
+        return f"FlowMatchScheduler({self.template!r})"
+
+    def sigmas(self, num_steps: int, num_image_tokens: int, denoising_strength: float = 1.0,
+               mu: float | None = None) -> torch.Tensor:
+        """(num_steps + 1,) sigmas ending in 0; an explicit `mu` (exponential_shift_mu) overrides the template's."""
+        mu = mu if mu is not None else self.mu
+        return flow_sigmas(num_steps, num_image_tokens, denoising_strength, mu, self.shift_terminal)
