@@ -224,3 +224,27 @@ def test_demo_edit_and_bad_edit_image(demo_env, tmp_path, capsys):
         assert image.size == (352, 192)  # 256x256 area at the edit image's 2:1 aspect, sides multiples of 32
     assert cli("generate", "x", "--demo", "--edit-image", tmp_path / "missing.png", "-o", out) == 2
     assert "edit image: cannot read image" in capsys.readouterr().err
+
+
+def test_lora_and_lightning_scheduler_match_the_pipeline(tiny_repo, tiny_pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_files import down_up_layout, random_pairs
+    from qistudio import FlowMatchScheduler
+
+    lora = tmp_path / "lightning.safetensors"
+    save_file(down_up_layout(random_pairs(tiny_pipe.dit, seed=5)), str(lora))
+    out = tmp_path / "lora.png"
+    assert cli("generate", "a kite", "--model", tiny_repo, "--size", "64x48", "--steps", 4, "--cfg", 1, "--seed", 2,
+               "--lora", f"{lora}:0.7", "--scheduler", "Qwen-Image-Lightning", "-o", out) == 0
+    tiny_pipe.load_lora(tiny_pipe.dit, str(lora), alpha=0.7)
+    tiny_pipe.scheduler = FlowMatchScheduler("Qwen-Image-Lightning")
+    try:
+        expected = tiny_pipe("a kite", seed=2, num_inference_steps=4, cfg_scale=1.0, height=48, width=64)
+    finally:
+        tiny_pipe.clear_lora()
+        tiny_pipe.scheduler = FlowMatchScheduler()
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    params = read_png_parameters(out)
+    assert params["loras"] == [f"{lora.resolve()}:0.7"] and params["scheduler"] == "Qwen-Image-Lightning"
+    assert cli("generate", "x", "--model", tiny_repo, "--lora", tmp_path / "none.safetensors", "-o", out) == 2

@@ -23,6 +23,7 @@ from ..conditioning.edit import EditRow, size_at_area
 from ..demo import default_demo_dir, is_complete_demo, write_demo_model
 from ..imageio import load_image, read_png_parameters, round_size, save_png
 from ..pipeline import QwenImagePipeline, default_device
+from ..sampling.schedule import FlowMatchScheduler
 from ..weights.errors import CheckpointError
 from ..weights.hub import DownloadError
 from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
@@ -81,6 +82,18 @@ def strength_float(text: str) -> float:
     return value
 
 
+def lora_spec(text) -> str:
+    """'PATH' or 'PATH:SCALE' (a number after the last colon); returned normalised as 'PATH:SCALE'."""
+    path, _, scale = str(text).rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        path, value = str(text), 1.0
+    if not path:
+        raise argparse.ArgumentTypeError(f"expected PATH or PATH:SCALE, got {text!r}")
+    return f"{path}:{value:g}"
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' (or 'N' for a square) -> (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(text))
@@ -96,8 +109,10 @@ def parse_size(text: str) -> tuple[int, int]:
 STORED = {
     "prompt": str, "negative": str, "seed": seed_int, "steps": positive_int, "cfg": float, "size": parse_size,
     "model": str, "demo": bool, "input_image": str, "strength": strength_float, "dtype": str, "tiled": bool,
-    "edit_images": lambda paths: [str(p) for p in paths],
+    "edit_images": lambda paths: [str(p) for p in paths], "loras": lambda specs: [lora_spec(s) for s in specs],
+    "scheduler": str,
 }  # fmt: skip
+SCHEDULERS = tuple(FlowMatchScheduler.TEMPLATES)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -122,6 +137,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--edit-image", metavar="PATH", action="append", dest="edit_images",
                    help="edit this image (repeat for several: Edit-2509/2511); the output keeps the last image's "
                    f"aspect ratio unless --size is given (default model: {HUB_EDIT_MODEL})")
+    p.add_argument("--lora", metavar="PATH[:SCALE]", action="append", dest="loras", type=lora_spec,
+                   help="apply a LoRA (any common format; repeat to stack them), at SCALE (default 1)")
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="sigma schedule: Qwen-Image (default) or Qwen-Image-Lightning (for the 4/8-step Lightning "
+                   "LoRAs, with --steps 4 or 8 --cfg 1)")
     p.add_argument("--strength", type=strength_float,
                    help=f"how much of the input image to repaint, in (0, 1] (default: {IMG2IMG_STRENGTH})")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available, else cpu)")
@@ -170,6 +190,12 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     elif settings.get("strength", 1.0) != 1.0:
         error("--strength needs --input-image (image-to-image)")
     demo = settings["demo"]
+    for spec in settings.get("loras") or []:
+        path = Path(spec.rpartition(":")[0]).expanduser()
+        if not path.exists():
+            error(f"--lora {spec}: no such file or folder {path}")
+    settings["loras"] = [f"{Path(s.rpartition(':')[0]).expanduser().resolve()}:{s.rpartition(':')[2]}"
+                         for s in settings.get("loras") or []] or None
     if settings.get("edit_images"):
         try:
             settings["edit"] = [load_image(path) for path in settings["edit_images"]]
@@ -294,6 +320,15 @@ def run(args: argparse.Namespace) -> int:
     edit_image = None
     if settings.get("edit"):
         edit_image = settings["edit"] if uses_picture_template(settings) else settings["edit"][0]
+    try:
+        for spec in settings.get("loras") or []:
+            path, _, scale = spec.rpartition(":")
+            pipe.load_lora(pipe.dit, path, alpha=float(scale))
+    except (ValueError, OSError) as e:
+        print(f"qistudio generate: could not apply LoRA: {e}", file=sys.stderr)
+        return 1
+    if settings.get("scheduler"):
+        pipe.scheduler = FlowMatchScheduler(settings["scheduler"])
     image = pipe(
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
