@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import generate
+from . import convert_lora, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qistudio {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_parser(subparsers)
+    convert_lora.add_parser(subparsers)
     return parser
 
 
