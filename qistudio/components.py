@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 
@@ -31,6 +32,17 @@ class Components:
     controlnets: list = field(default_factory=list)
     # Where each model came from, for PNG metadata and error messages.
     sources: dict[str, str] = field(default_factory=dict)
+    # Per model, where its ModelConfig says the weights rest between uses, and in which dtype.
+    offload: dict[str, tuple[str | None, torch.dtype | None]] = field(default_factory=dict)
+    memory: Any = None  # a memory.manager.MemoryManager once VRAM management is on
+
+    def phase(self, phase: str, model_name: str):
+        """Context in which `model_name` is on the device (a no-op without VRAM management)."""
+        return self.memory.phase(phase, model_name) if self.memory is not None else nullcontext()
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self, n) for n in ("text_encoder", "dit", "vae") if getattr(self, n) is not None}
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None]
@@ -104,7 +116,8 @@ def load_components(
     # Resolve (download) every file first: a missing file fails before any weight is read.
     resolved = [(config, resolve_files(config)) for config in model_configs]
     for config, files in resolved:
-        kind, model = load_model(files, dtype=dtype, device=device)
+        # A model that rests off the device is built in host memory; the memory manager moves it.
+        kind, model = load_model(files, dtype=dtype, device="cpu" if config.offload_device else device)
         if kind == CONTROLNET:
             components.controlnets.append(model)
             continue
@@ -115,6 +128,7 @@ def load_components(
             )
         setattr(components, attribute, model)
         components.sources[attribute] = config.model_id or str(files[0].parent)
+        components.offload[attribute] = (config.offload_device, config.offload_dtype)
     if tokenizer_config is not None:
         components.tokenizer = load_tokenizer(tokenizer_config)
     if processor_config is not None:

@@ -12,6 +12,9 @@ from .conditioning.prompt import concat_text_states, encode_prompts
 from .conditioning.sequence import DiTSequence, build_sequence
 from .imageio import image_to_tensor, tensor_to_images
 from .models.text_encoder import TextStates
+from .memory.manager import MemoryManager
+from .memory.setup import memory_plan_for
+from .memory.plan import MemoryPlan
 from .ops.packing import patchify, unpatchify
 from .ops.rope import ImageGrid
 from .request import GenerationRequest, build_request
@@ -72,8 +75,7 @@ def encode_edit_latents(components: Components, request: GenerationRequest, devi
         for row in request.edit_rows:
             images = row.latent_images(request.edit_image_auto_resize)
             per_prompt.append([
-                components.vae.encode(image_to_tensor(im, device, dtype), request.tiled, request.tile_size,
-                                      request.tile_stride)[0].to(dtype)
+                components.vae.encode(image_to_tensor(im, device, dtype), *_vae_tiling(components, request))[0].to(dtype)
                 for im in images
             ])
     return [latents for latents in per_prompt for _ in range(request.num_images)]
@@ -136,26 +138,40 @@ def generate_latents(
     require_components(components, request)
     sigmas = _sigmas(request, scheduler or FlowMatchScheduler())
     noise = _initial_noise(request, dtype, device)
-    positive, negative = encode_text(components, request, device, dtype)
-    conditions = encode_edit_latents(components, request, device, dtype)
-    if request.input_image is not None:
-        image = request.input_image.resize((request.width, request.height))
-        with torch.no_grad():
-            input_latents = components.vae.encode(
-                image_to_tensor(image, device, dtype), request.tiled, request.tile_size, request.tile_stride
-            ).to(dtype)
-        sigma0 = float(sigmas[0])
-        latents = (1 - sigma0) * input_latents + sigma0 * noise
+    with components.phase("text encoding", "text_encoder"):
+        positive, negative = encode_text(components, request, device, dtype)
+    latents = noise
+    if request.edit_rows is not None or request.input_image is not None:
+        with components.phase("image encoding", "vae"):
+            conditions = encode_edit_latents(components, request, device, dtype)
+            if request.input_image is not None:
+                latents = _noised_input(components, request, noise, float(sigmas[0]), device, dtype)
     else:
-        latents = noise
-    velocity = make_velocity_fn(components, request, positive, negative, conditions)
-    return sample_euler(velocity, latents, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
+        conditions = [[] for _ in range(request.batch_size)]
+    with components.phase("denoising", "dit"):
+        velocity = make_velocity_fn(components, request, positive, negative, conditions)
+        return sample_euler(velocity, latents, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
+
+
+def _noised_input(components: Components, request: GenerationRequest, noise, sigma0: float, device, dtype):
+    """Image-to-image start: the input image's latents noised to the first sigma."""
+    image = request.input_image.resize((request.width, request.height))
+    with torch.no_grad():
+        input_latents = components.vae.encode(
+            image_to_tensor(image, device, dtype), *_vae_tiling(components, request)
+        ).to(dtype)
+    return (1 - sigma0) * input_latents + sigma0 * noise
+
+
+def _vae_tiling(components: Components, request: GenerationRequest) -> tuple:
+    tiled = request.tiled or (components.memory is not None and components.memory.tiled_vae)
+    return tiled, request.tile_size, request.tile_stride
 
 
 def decode(components: Components, request: GenerationRequest, latents: torch.Tensor):
     components.require("vae")
-    with torch.no_grad():
-        images = components.vae.decode(latents, request.tiled, request.tile_size, request.tile_stride)
+    with components.phase("decoding", "vae"), torch.no_grad():
+        images = components.vae.decode(latents, *_vae_tiling(components, request))
     return tensor_to_images(images)
 
 
@@ -185,10 +201,50 @@ class QwenImagePipeline:
         model_configs: list[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = DEFAULT_TOKENIZER_CONFIG,
         processor_config: ModelConfig | None = None,
+        vram_limit: float | None = None,
     ) -> "QwenImagePipeline":
+        """Load the models. With `vram_limit` (GiB) or any ModelConfig's `offload_device`, VRAM management is on."""
         device = device or default_device()
         components = load_components(list(model_configs), tokenizer_config, processor_config, torch_dtype, device)
-        return cls(components, device, torch_dtype)
+        pipe = cls(components, device, torch_dtype)
+        if vram_limit is not None or any(c.offload_device for c in model_configs):
+            pipe.enable_vram_management(vram_limit=vram_limit)
+        return pipe
+
+    def enable_vram_management(self, vram_limit: float | None = None, vram_buffer: float = 0.5,
+                               num_persistent_param_in_dit: int | None = None,
+                               enable_dit_fp8_computation: bool = False) -> MemoryPlan:
+        """Fit the pipeline into `vram_limit` GiB of device memory (None: the free memory less `vram_buffer`;
+        0: the smallest footprint). Returns the plan; `pipe.memory_report` gives each phase's peak after a call.
+
+        Models whose ModelConfig had `offload_dtype=torch.float8_e4m3fn` are stored in FP8 (per-channel scales).
+        `num_persistent_param_in_dit` (the seed's knob) caps how many DiT parameters stay on the device.
+        """
+        plan = memory_plan_for(self.components, self.device, vram_limit, vram_buffer, num_persistent_param_in_dit,
+                               enable_dit_fp8_computation)
+        if self.components.memory is not None:
+            self.disable_vram_management()
+        self.components.memory = MemoryManager(self.components.models, self.device, plan)
+        return plan
+
+    def disable_vram_management(self) -> None:
+        """Every model back on the device (when it fits), hooks removed."""
+        memory = self.components.memory
+        if memory is None:
+            return
+        for offload in memory.offloads.values():
+            offload.onload()
+        for streamers in memory.streamers.values():
+            for streamer in streamers:
+                streamer.detach()
+        self.components.memory = None
+        for model in self.components.models.values():
+            model.to(self.device)
+
+    @property
+    def memory_report(self) -> dict[str, int]:
+        """Peak device memory (bytes) per phase of the calls so far, with VRAM management on a GPU."""
+        return {} if self.components.memory is None else dict(self.components.memory.report)
 
     @property
     def dit(self):
@@ -286,8 +342,12 @@ class QwenImagePipeline:
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
         )
         self.last_request = request
-        latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler)
-        if output_type == "latent":
-            return latents
-        images = decode(self.components, request, latents)
+        try:
+            latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler)
+            if output_type == "latent":
+                return latents
+            images = decode(self.components, request, latents)
+        finally:
+            if self.components.memory is not None:
+                self.components.memory.release()
         return images[0] if len(images) == 1 else images

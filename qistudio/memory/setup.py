@@ -1,0 +1,62 @@
+"""Turn the seed's VRAM controls (vram_limit, vram_buffer, num_persistent_param_in_dit, per-model offload dtype)
+into a memory plan for a pipeline's loaded models."""
+
+from __future__ import annotations
+
+import torch
+
+from .manager import VAE_TILED_ACTIVATION, model_size, streamable_blocks
+from .plan import GiB, MemoryPlan, ModelPlan, plan_memory
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def store_fp8(components) -> None:
+    """Quantise the linears of every model whose ModelConfig asked for float8 storage (per-channel scales)."""
+    requested = {name: dtype for name, (_, dtype) in components.offload.items() if dtype is not None}
+    if not requested:
+        return
+    from .fp8_linear import dit_fp8_predicate, quantize_linears, text_encoder_fp8_predicate
+
+    predicates = {"dit": dit_fp8_predicate, "text_encoder": text_encoder_fp8_predicate}
+    for name, dtype in requested.items():
+        if dtype not in FP8_DTYPES or name not in predicates:
+            raise ValueError(f"offload_dtype={dtype} for the {name}: FP8 storage (torch.float8_e4m3fn) is "
+                             "supported for the DiT and the text encoder")
+        quantize_linears(getattr(components, name), predicates[name])
+
+
+def device_budget(device: torch.device, vram_limit: float | None, vram_buffer: float) -> int | None:
+    """Bytes to plan for: the limit, else the device's free memory less the buffer (None on the CPU: no limit)."""
+    if vram_limit is not None:
+        if vram_limit < 0:
+            raise ValueError(f"vram_limit must be >= 0 GiB (0: the smallest footprint), got {vram_limit}")
+        return int(vram_limit * GiB)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, int(free - vram_buffer * GiB))
+
+
+def memory_plan_for(components, device, vram_limit, vram_buffer, num_persistent_param_in_dit,
+                    enable_dit_fp8_computation) -> MemoryPlan:
+    if enable_dit_fp8_computation:
+        raise NotImplementedError("FP8 computation is not available yet; FP8 storage is: "
+                                  "ModelConfig(..., offload_dtype=torch.float8_e4m3fn)")
+    device = torch.device(device)
+    store_fp8(components)
+    models = components.models
+    sizes = {name: model_size(name, model) for name, model in models.items()}
+    budget = device_budget(device, vram_limit, vram_buffer)
+    if budget is None:
+        plan = MemoryPlan(0, {name: ModelPlan("resident") for name in models})
+    else:
+        plan = plan_memory(budget, sizes, VAE_TILED_ACTIVATION)
+    if num_persistent_param_in_dit is not None and "dit" in models:
+        blocks = streamable_blocks("dit", models["dit"])[0]
+        block_params = sum(p.numel() for p in blocks[0].parameters())
+        other_params = sum(p.numel() for p in models["dit"].parameters()) - block_params * len(blocks)
+        resident = max(0, min(len(blocks), (num_persistent_param_in_dit - other_params) // block_params))
+        plan.models["dit"] = (ModelPlan("resident") if resident == len(blocks) and budget is None
+                              else ModelPlan("stream", resident_blocks=int(resident), num_blocks=len(blocks)))
+    return plan
