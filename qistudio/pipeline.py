@@ -192,6 +192,7 @@ class QwenImagePipeline:
         self.torch_dtype = torch_dtype
         self.last_request: GenerationRequest | None = None
         self.scheduler = FlowMatchScheduler("Qwen-Image")  # replaceable, as in the seed: FlowMatchScheduler(...)
+        self._plan_on_first_call = False
 
     @classmethod
     def from_pretrained(
@@ -207,8 +208,11 @@ class QwenImagePipeline:
         device = device or default_device()
         components = load_components(list(model_configs), tokenizer_config, processor_config, torch_dtype, device)
         pipe = cls(components, device, torch_dtype)
-        if vram_limit is not None or any(c.offload_device for c in model_configs):
+        if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit)
+        # Models given an offload_device were loaded into host memory; unless the caller plans memory first
+        # (the seed's `pipe.enable_vram_management(...)`), the first call does it with the defaults.
+        pipe._plan_on_first_call = any(c.offload_device for c in model_configs) and vram_limit is None
         return pipe
 
     def enable_vram_management(self, vram_limit: float | None = None, vram_buffer: float = 0.5,
@@ -223,8 +227,9 @@ class QwenImagePipeline:
         plan = memory_plan_for(self.components, self.device, vram_limit, vram_buffer, num_persistent_param_in_dit,
                                enable_dit_fp8_computation)
         if self.components.memory is not None:
-            self.disable_vram_management()
+            self.components.memory.teardown()  # weights back to host memory, then re-planned from there
         self.components.memory = MemoryManager(self.components.models, self.device, plan)
+        self._plan_on_first_call = False
         return plan
 
     def disable_vram_management(self) -> None:
@@ -232,11 +237,7 @@ class QwenImagePipeline:
         memory = self.components.memory
         if memory is None:
             return
-        for offload in memory.offloads.values():
-            offload.onload()
-        for streamers in memory.streamers.values():
-            for streamer in streamers:
-                streamer.detach()
+        memory.teardown()
         self.components.memory = None
         for model in self.components.models.values():
             model.to(self.device)
@@ -342,6 +343,8 @@ class QwenImagePipeline:
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
         )
         self.last_request = request
+        if self._plan_on_first_call:
+            self.enable_vram_management()
         try:
             latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler)
             if output_type == "latent":

@@ -38,8 +38,8 @@ def hub_on_disk(tiny_repo, tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_example(name: str) -> dict:
-    return runpy.run_path(str(EXAMPLES / "model_inference" / name), run_name="__main__")
+def run_example(name: str, folder: str = "model_inference") -> dict:
+    return runpy.run_path(str(EXAMPLES / folder / name), run_name="__main__")
 
 
 def test_qwen_image_quick_start(hub_on_disk):
@@ -69,3 +69,21 @@ def test_qwen_image_distill(hub_on_disk, name):
     with Image.open(hub_on_disk / "image.jpg") as image:
         assert image.size == (64, 64)
     assert len(namespace["pipe"].list_loras()) == (1 if "LoRA" in name else 0)
+
+
+def test_low_vram_examples(hub_on_disk, monkeypatch):
+    """The low-VRAM scripts run (FP8 storage, planned memory) and stay close to the plain examples' images."""
+    import numpy as np
+
+    namespace = run_example("Qwen-Image.py", "model_inference_low_vram")
+    pipe = namespace["pipe"]
+    assert pipe.components.memory is not None and type(pipe.dit.transformer_blocks[0].attn.to_q).__name__ == "FP8Linear"
+    with Image.open(hub_on_disk / "image.jpg") as image:
+        low = np.asarray(image, dtype=np.float32)
+    run_example("Qwen-Image.py")
+    with Image.open(hub_on_disk / "image.jpg") as image:
+        plain = np.asarray(image, dtype=np.float32)
+    assert np.abs(low - plain).mean() < 8  # FP8 weights: the same picture within a few grey levels
+    run_example("Qwen-Image-Edit.py", "model_inference_low_vram")
+    with Image.open(hub_on_disk / "image2.jpg") as edited:
+        assert edited.size == edit.size_at_area(128 * 128, 48 / 64)

@@ -95,6 +95,13 @@ class MemoryManager:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.report[phase] = max(self.report.get(phase, 0), peak)
 
+    def teardown(self) -> None:
+        """Undo the plan: hooks removed, every managed weight in host memory (the caller re-plans or moves them)."""
+        for streamers in self.streamers.values():
+            for streamer in streamers:
+                streamer.detach()
+        self.release()
+
     def release(self) -> None:
         """Send every offloaded model back to host memory (the end of a call)."""
         for offload in self.offloads.values():

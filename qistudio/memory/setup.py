@@ -13,17 +13,15 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 
 def store_fp8(components) -> None:
     """Quantise the linears of every model whose ModelConfig asked for float8 storage (per-channel scales)."""
-    requested = {name: dtype for name, (_, dtype) in components.offload.items() if dtype is not None}
+    requested = {name: dtype for name, (_, dtype) in components.offload.items() if dtype in FP8_DTYPES}
     if not requested:
-        return
+        return  # other offload dtypes: the weights rest in the pipeline's dtype
     from .fp8_linear import dit_fp8_predicate, quantize_linears, text_encoder_fp8_predicate
 
     predicates = {"dit": dit_fp8_predicate, "text_encoder": text_encoder_fp8_predicate}
     for name, dtype in requested.items():
-        if dtype not in FP8_DTYPES or name not in predicates:
-            raise ValueError(f"offload_dtype={dtype} for the {name}: FP8 storage (torch.float8_e4m3fn) is "
-                             "supported for the DiT and the text encoder")
-        quantize_linears(getattr(components, name), predicates[name])
+        if name in predicates:  # the VAE (0.25 GB of convolutions) keeps its dtype: FP8 would only cost quality
+            quantize_linears(getattr(components, name), predicates[name])
 
 
 def device_budget(device: torch.device, vram_limit: float | None, vram_buffer: float) -> int | None:
