@@ -50,3 +50,19 @@ def tiny_pipe(tiny_repo):
         ],
         tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
     )
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """diffusers' tiny QwenImageTransformer2DModel with random weights (the DiT the LoRA and FP8 tests modify)."""
+    from tiny_models import reference_dit
+
+    return reference_dit()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """One fixed tiny DiT call (lora_files.Inputs)."""
+    from lora_files import Inputs
+
+    return Inputs()

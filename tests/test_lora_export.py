@@ -13,16 +13,6 @@ from qistudio.lora import FORMATS, LoRAError, convert_lora_file, convert_lora_st
 from tiny_models import reference_dit
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return reference_dit()
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return Inputs()
-
-
 def _diffusers_output(path, inputs, scale=1.0):
     """diffusers' QwenImagePipeline.load_lora_weights on a fresh reference transformer, then one call."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline

@@ -35,7 +35,7 @@ import torch.nn as nn
 from .errors import LoRAError
 from .files import read_lora
 from .names import TEXT_ENCODER, looks_like_text_encoder, make_target
-from .plan import check_fits, is_linear, place
+from .plan import check_fits, check_fusable, is_linear, place
 from .updates import Update
 
 logger = logging.getLogger(__name__)
@@ -304,11 +304,12 @@ def set_lora_scale(module: nn.Module, name: str, scale: float) -> None:
 
 def fuse_lora(module: nn.Module, name: str | None = None) -> None:
     """Bake one LoRA (or all, name=None) into the weights at its current scale."""
-    for lora in _selected(module, name):
-        if not lora.fused:
-            for _, layer_module in lora.layers:
-                _fuse_layer(layer_module, lora)
-            lora.fused = True
+    selected = [lora for lora in _selected(module, name) if not lora.fused]
+    check_fusable([layer for lora in selected for layer in lora.layers])  # FP8 weights: unfused only
+    for lora in selected:
+        for _, layer_module in lora.layers:
+            _fuse_layer(layer_module, lora)
+        lora.fused = True
 
 
 def _unfuse(lora: LoadedLoRA) -> None:

@@ -62,6 +62,23 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.ndim == 2 and hasattr(module, "in_features")
 
 
+def _fuse_problem(module: nn.Module) -> str | None:
+    """Why a LoRA cannot be fused into this layer (an 8-bit float weight), or None."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.element_size() == 1:
+        return (f"{type(module).__name__} stores its weight in {weight.dtype}: unfused LoRAs work on FP8 weights, "
+                "but fusing would round the LoRA into 8 bits and lose its precision; load it with fuse=False")
+    return None
+
+
+def check_fusable(layers: list[tuple[str, nn.Module]]) -> None:
+    """Every layer can take a fused delta; else one error listing those that cannot, before anything is fused."""
+    problems = [f"{label}: {problem}" for label, module in layers if (problem := _fuse_problem(module))]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise LoRAError(f"cannot fuse into {len(problems)} layers:\n  {shown}")
+
+
 def _mismatch(update: Update, module: nn.Module) -> str | None:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(update, LowRank) and update.up.shape[1] != update.down.shape[0]:
@@ -95,3 +112,5 @@ def check_fits(placement: Placement, fuse: bool) -> None:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise LoRAError(f"the LoRA does not fit the model ({len(problems)} layers; a LoRA for another model?):\n  "
                         f"{shown}")
+    if fuse:
+        check_fusable([(layer.label, layer.module) for layer in placement.layers])

@@ -110,7 +110,10 @@ def _read_weight(source: TensorSource, key: str, dtype: torch.dtype, device) -> 
         scale_key = fp8_scale_key(key, source)
         tensor = tensor.to(device).float()
         if scale_key is not None:
-            tensor = tensor * source.get(scale_key).to(device).float()
+            scale = source.get(scale_key).to(device).float()
+            if scale.dim() == 1 and scale.numel() == tensor.shape[0] and tensor.dim() == 2:
+                scale = scale[:, None]  # per-output-channel scales (ours, and other tools' row-wise ones)
+            tensor = tensor * scale
     if tensor.is_floating_point():
         return tensor.to(device=device, dtype=dtype)
     return tensor.to(device)
