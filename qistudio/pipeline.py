@@ -285,7 +285,7 @@ class QwenImagePipeline:
         fuse = fuse or hotload is False
         text_encoder = self.text_encoder if module is self.dit else None
         return lora.load_lora(module, lora_config if state_dict is None else state_dict, alpha, name, fuse,
-                         text_encoder=text_encoder)
+                              text_encoder=text_encoder, device=self.device)
 
     def set_lora_scale(self, name: str, scale: float, module=None) -> None:
         lora.set_lora_scale(module if module is not None else self.dit, name, scale)

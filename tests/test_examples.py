@@ -87,3 +87,13 @@ def test_low_vram_examples(hub_on_disk, monkeypatch):
     run_example("Qwen-Image-Edit.py", "model_inference_low_vram")
     with Image.open(hub_on_disk / "image2.jpg") as edited:
         assert edited.size == edit.size_at_area(128 * 128, 48 / 64)
+
+
+@pytest.mark.parametrize("name, output", [("Qwen-Image-Distill-Full.py", "image.jpg"),
+                                          ("Qwen-Image-Distill-LoRA.py", "image.jpg"),
+                                          ("Qwen-Image-Edit-Lowres-Fix.py", "image_highres.jpg")])
+def test_other_low_vram_examples(hub_on_disk, name, output):
+    namespace = run_example(name, "model_inference_low_vram")
+    assert namespace["pipe"].components.memory is not None
+    with Image.open(hub_on_disk / output) as image:
+        assert image.size[0] >= 48

@@ -145,3 +145,26 @@ def test_model_size_counts_blocks(tiny_pipe):
     assert size.num_blocks == len(blocks) and size.block_bytes * len(blocks) < size.total_bytes
     assert rel_err(torch.tensor(float(size.total_bytes)),
                    torch.tensor(float(sum(p.numel() * 4 for p in tiny_pipe.dit.parameters())))) < 1e-6
+
+
+def test_lora_with_streaming_and_fuse_into_host_weights(tiny_pipe, tmp_path):
+    """Outside a call managed weights are their host copies: a LoRA fused then lands in what streams."""
+    from safetensors.torch import save_file
+
+    from lora_files import down_up_layout, random_pairs
+
+    path = tmp_path / "style.safetensors"
+    save_file(down_up_layout(random_pairs(tiny_pipe.dit, seed=4)), str(path))
+    kwargs = dict(seed=5, **QUIET)
+    tiny_pipe.load_lora(tiny_pipe.dit, str(path))
+    try:
+        expected = tiny_pipe("a kite", **kwargs)
+        plan = MemoryPlan(1, _plans()["minimal"])
+        tiny_pipe.components.memory = MemoryManager(tiny_pipe.components.models, "cpu", plan)
+        assert torch.equal(tiny_pipe("a kite", **kwargs), expected)  # unfused LoRA on streamed blocks
+        tiny_pipe.clear_lora()
+        tiny_pipe.load_lora(tiny_pipe.dit, str(path), fuse=True)
+        assert rel_err(tiny_pipe("a kite", **kwargs), expected) < 1e-5  # fused into the host copies
+    finally:
+        tiny_pipe.disable_vram_management()
+        tiny_pipe.clear_lora()

@@ -52,6 +52,7 @@ class LoadedLoRA:
     scale: float
     layers: list[tuple[str, nn.Module]]  # (label for messages, module)
     fused: bool = False
+    device: torch.device | None = None  # where its tensors live (None: beside each layer's weight)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ def load_lora(
     fuse: bool = False,
     *,
     text_encoder: nn.Module | None = None,
+    device: torch.device | str | None = None,
 ) -> str:
     """Attach a LoRA to `module` (usually the DiT) and return its name.
 
@@ -247,6 +249,7 @@ def load_lora(
     recognise (names.py, keys.py). alpha: the LoRA's scale (the seed's name; 1 applies it as trained).
     text_encoder: where the file's text-encoder layers go; without it they are left out with a warning.
     fuse: bake it into the weights (faster; `unfuse_lora` restores them exactly).
+    device: where the LoRA's tensors live (the compute device when the weights rest in host memory).
     """
     scale = _check_scale(alpha)
     registry = _registry(module)
@@ -267,7 +270,8 @@ def load_lora(
             raise LoRAError(f"{layer.label} already carries a LoRA named {name!r} (loaded through another module); "
                             "choose another name")
 
-    lora = LoadedLoRA(name, lora_file.description, scale, [(layer.label, layer.module) for layer in placement.layers])
+    lora = LoadedLoRA(name, lora_file.description, scale, [(layer.label, layer.module) for layer in placement.layers],
+                      device=None if device is None else torch.device(device))
     for layer in placement.layers:
         _attach(lora, layer.module, layer.updates)
     registry[name] = lora
@@ -283,9 +287,12 @@ def _attach(lora: LoadedLoRA, module: nn.Module, updates: list[Update]) -> None:
         setattr(module, _LAYER, layer)
     weight = getattr(module, "weight", None)
     weight = weight if isinstance(weight, torch.Tensor) else module.bias  # a diff_b-only layer
-    # Kept in the layer's dtype, so the unfused forward casts nothing; FP8 layers keep the file's dtype.
-    dtype = weight.dtype if weight.dtype in _COMPUTE_DTYPES else None
-    layer.attached[lora.name] = (lora, [update.to(weight.device, dtype) for update in updates])
+    # Kept in the layer's compute dtype on the compute device, so the unfused forward moves and casts nothing:
+    # an FP8 layer computes in its `compute_dtype`; an offloaded layer's weights rest in host memory but the
+    # LoRA (small) stays where the layer runs.
+    dtype = weight.dtype if weight.dtype in _COMPUTE_DTYPES else getattr(module, "compute_dtype", None)
+    device = lora.device if lora.device is not None else weight.device
+    layer.attached[lora.name] = (lora, [update.to(device, dtype) for update in updates])
     if layer.hook is None and is_linear(module):
         layer.hook = module.register_forward_hook(_add_lora_outputs, with_kwargs=True)
 

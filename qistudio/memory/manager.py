@@ -106,5 +106,8 @@ class MemoryManager:
         """Send every offloaded model back to host memory (the end of a call)."""
         for offload in self.offloads.values():
             offload.offload()
+        for streamers in self.streamers.values():
+            for streamer in streamers:
+                streamer.forget_prefetch()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

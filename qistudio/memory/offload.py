@@ -160,6 +160,10 @@ class BlockStreamer:
         for weights in self.weights.values():
             weights.point_to(weights.host)
 
+    def forget_prefetch(self) -> None:
+        """Drop copies made ahead (the end of a call): the weights may change before the next one (a fused LoRA)."""
+        self.pending.clear()
+
     def _launch(self, rank: int) -> None:
         """Copy streamed block `rank` into its slot, after the slot's previous occupant is done."""
         if rank in self.pending:
@@ -197,6 +201,9 @@ class BlockStreamer:
     def _make_post_hook(self, index: int):
         def post_hook(module, args, output):
             rank = self.rank[index]
+            # Between uses a block's parameters are its host copy again (kernels already queued keep their
+            # pointers), so code outside a forward (fusing a LoRA, reading weights) sees the weights that stream.
+            self.weights[index].point_to(self.weights[index].host)
             if self.copy_stream is not None:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.device))
