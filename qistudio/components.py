@@ -14,7 +14,8 @@ from .models.dit import QwenImageDiT
 from .models.text_encoder import QwenImageTextEncoder
 from .models.vae import QwenImageVAE
 from .tokenizer_build import QWEN25_IMAGE_PROCESSOR
-from .weights.build import load_model
+from .memory.disk import DiskSource
+from .weights.build import load_model, load_model_deferred
 from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE
 from .weights.hub import resolve_files
 from .weights.model_config import ModelConfig
@@ -35,6 +36,8 @@ class Components:
     # Per model, where its ModelConfig says the weights rest between uses, and in which dtype.
     offload: dict[str, tuple[str | None, torch.dtype | None]] = field(default_factory=dict)
     memory: Any = None  # a memory.manager.MemoryManager once VRAM management is on
+    # Models loaded with offload_device="disk": their block weights stay in the files (memory.disk.DiskSource).
+    disk_sources: dict[str, Any] = field(default_factory=dict)
 
     def phase(self, phase: str, model_name: str):
         """Context in which `model_name` is on the device (a no-op without VRAM management)."""
@@ -105,6 +108,14 @@ def load_processor(config: ModelConfig):
     return AutoProcessor.from_pretrained(str(folder))
 
 
+# Parameter-name prefixes of the blocks that stream from disk (the memory manager's streamable lists).
+DISK_STREAMED_PREFIXES = ("transformer_blocks.", "model.language_model.layers.", "model.visual.blocks.")
+
+
+def _streamed_from_disk(name: str) -> bool:
+    return name.startswith(DISK_STREAMED_PREFIXES)
+
+
 def load_components(
     model_configs: list[ModelConfig],
     tokenizer_config: ModelConfig | None,
@@ -116,8 +127,17 @@ def load_components(
     # Resolve (download) every file first: a missing file fails before any weight is read.
     resolved = [(config, resolve_files(config)) for config in model_configs]
     for config, files in resolved:
-        # A model that rests off the device is built in host memory; the memory manager moves it.
-        kind, model = load_model(files, dtype=dtype, device="cpu" if config.offload_device else device)
+        # A model that rests off the device is built in host memory; the memory manager moves it. With
+        # offload_device="disk" its repeated blocks are not even read: they stream from the files.
+        device_here = "cpu" if config.offload_device else device
+        if str(config.offload_device) == "disk":
+            kind, model, deferred, source = load_model_deferred(files, dtype, device_here, defer=_streamed_from_disk)
+            if deferred:
+                components.disk_sources[_ATTRIBUTE[kind]] = DiskSource(source, deferred, dtype)
+            else:
+                source.close()
+        else:
+            kind, model = load_model(files, dtype=dtype, device=device_here)
         if kind == CONTROLNET:
             components.controlnets.append(model)
             continue

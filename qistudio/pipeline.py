@@ -228,7 +228,8 @@ class QwenImagePipeline:
                                enable_dit_fp8_computation)
         if self.components.memory is not None:
             self.components.memory.teardown()  # weights back to host memory, then re-planned from there
-        self.components.memory = MemoryManager(self.components.models, self.device, plan)
+        self.components.memory = MemoryManager(self.components.models, self.device, plan,
+                                               self.components.disk_sources)
         self._plan_on_first_call = False
         return plan
 

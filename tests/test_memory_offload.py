@@ -168,3 +168,26 @@ def test_lora_with_streaming_and_fuse_into_host_weights(tiny_pipe, tmp_path):
     finally:
         tiny_pipe.disable_vram_management()
         tiny_pipe.clear_lora()
+
+
+def test_disk_offload_streams_blocks_from_the_files(tiny_repo, tiny_pipe):
+    """offload_device="disk": the blocks are never held in memory; each use reads them from the checkpoint."""
+    from qistudio import ModelConfig, QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[
+            ModelConfig(path=str(tiny_repo / "transformer"), offload_device="disk"),
+            ModelConfig(path=str(tiny_repo / "text_encoder"), offload_device="disk"),
+            ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"), offload_device="cpu"),
+        ],
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+    )  # fmt: skip
+    block_params = list(pipe.dit.transformer_blocks.parameters())
+    assert all(p.numel() == 0 for p in block_params)  # placeholders: nothing read yet
+    kwargs = dict(negative_prompt="fog", cfg_scale=2.0, seed=6, **QUIET)
+    assert torch.equal(pipe("a harbour", **kwargs), tiny_pipe("a harbour", **kwargs))
+    assert pipe.components.memory.plan.models["dit"].mode == "stream"
+    assert all(p.numel() == 0 for p in block_params)  # and nothing kept after the call
+    text_layers = pipe.text_encoder.model.language_model.layers.parameters()
+    assert all(p.numel() == 0 for p in text_layers)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .disk import DiskBlockWeights, DiskSource
 from .offload import BlockStreamer, ModelOffload, spread
 from .plan import NUM_SLOTS, GiB, MemoryPlan, ModelSize
 
@@ -49,8 +50,14 @@ def model_size(name: str, model: nn.Module) -> ModelSize:
     )  # fmt: skip
 
 
+def _disk_weights(model: nn.Module, blocks: nn.ModuleList, streamed: list[int], disk: DiskSource) -> dict:
+    names = {id(m): n for n, m in model.named_modules()}
+    return {i: DiskBlockWeights(blocks[i], names[id(blocks[i])] + ".", disk) for i in streamed}
+
+
 class MemoryManager:
-    def __init__(self, models: dict[str, nn.Module], device, plan: MemoryPlan):
+    def __init__(self, models: dict[str, nn.Module], device, plan: MemoryPlan,
+                 disk_sources: dict[str, DiskSource] | None = None):
         self.device = torch.device(device)
         self.plan = plan
         self.offloads: dict[str, ModelOffload] = {}
@@ -64,12 +71,15 @@ class MemoryManager:
             exclude: list[nn.Module] = []
             if model_plan.mode == "stream":
                 self.streamers[name] = []
+                disk = (disk_sources or {}).get(name)
                 for k, blocks in enumerate(streamable_blocks(name, model)):
-                    # The main list keeps the planned number resident; further lists (small) stream whole.
-                    count = model_plan.streamed_blocks if k == 0 else len(blocks)
+                    # The main list keeps the planned number resident; further lists (small) stream whole, and
+                    # blocks left in their files always stream.
+                    count = model_plan.streamed_blocks if k == 0 and disk is None else len(blocks)
                     streamed = spread(len(blocks), count)
                     exclude += [blocks[i] for i in streamed]
-                    self.streamers[name].append(BlockStreamer(blocks, self.device, streamed).attach())
+                    weights = None if disk is None else _disk_weights(model, blocks, streamed, disk)
+                    self.streamers[name].append(BlockStreamer(blocks, self.device, streamed, weights=weights).attach())
             self.offloads[name] = ModelOffload(model, self.device, exclude=tuple(exclude))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ synchronously.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -126,13 +127,15 @@ class BlockStreamer:
     the hooks; `detach()` removes them and leaves the streamed blocks in host memory.
     """
 
-    def __init__(self, blocks: nn.ModuleList, device, streamed: list[int], num_slots: int = 2):
+    def __init__(self, blocks: nn.ModuleList, device, streamed: list[int], num_slots: int = 2, weights=None):
         self.device = torch.device(device)
         self.blocks = blocks
         self.streamed = list(streamed)
         self.num_slots = max(1, min(num_slots, len(self.streamed)))
         use_streams = self.device.type == "cuda"
-        self.weights = {i: FlatWeights(blocks[i], pin=use_streams) for i in self.streamed}
+        # Per streamed block: its pinned host copy (FlatWeights), or a reader of its checkpoint (disk.py).
+        self.weights = weights if weights is not None else {i: FlatWeights(blocks[i], pin=use_streams)
+                                                            for i in self.streamed}
         # Blocks of different layouts still share slots: each uses the front of one.
         self.slot_bytes = max((w.nbytes for w in self.weights.values()), default=0)
         self.slots = [_device_buffer(self.slot_bytes, self.device) for _ in range(self.num_slots)]
@@ -142,6 +145,14 @@ class BlockStreamer:
         self.slot_free = [None] * self.num_slots  # per slot: event when its last occupant finished computing
         self.pending: set[int] = set()  # ranks whose copy was launched and not yet consumed
         self.handles = []
+        self.from_disk = any(w.host is None for w in self.weights.values())
+        if self.from_disk and use_streams:
+            # Disk reads land in pinned staging buffers on a worker thread, one block ahead of the compute.
+            self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+                            for _ in range(self.num_slots)]
+            self.staging_done = [None] * self.num_slots
+            self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qistudio-disk")
+            self.reads: dict[int, Future] = {}
 
     @property
     def streamed_bytes(self) -> int:
@@ -162,6 +173,10 @@ class BlockStreamer:
 
     def forget_prefetch(self) -> None:
         """Drop copies made ahead (the end of a call): the weights may change before the next one (a fused LoRA)."""
+        for read in getattr(self, "reads", {}).values():
+            read.result()
+        if self.from_disk and self.copy_stream is not None:
+            self.reads.clear()
         self.pending.clear()
 
     def _launch(self, rank: int) -> None:
@@ -172,7 +187,9 @@ class BlockStreamer:
         weights = self.weights[self.streamed[rank]]
         target = self.slots[slot][: weights.nbytes]
         if self.copy_stream is None:
-            weights.copy_to(target, non_blocking=False)
+            weights.fill(target) if weights.host is None else weights.copy_to(target, non_blocking=False)
+        elif weights.host is None:
+            self.reads[rank] = self.reader.submit(self._read_and_copy, rank, slot, weights, target)
         else:
             with torch.cuda.stream(self.copy_stream):
                 if self.slot_free[slot] is not None:
@@ -183,10 +200,27 @@ class BlockStreamer:
                 self.copied[rank] = event
         self.pending.add(rank)
 
+    def _read_and_copy(self, rank: int, slot: int, weights, target: torch.Tensor) -> None:
+        """Worker thread: read a block from disk into staging, then queue its copy to the device slot."""
+        staging = self.staging[slot][: weights.nbytes]
+        if self.staging_done[slot] is not None:
+            self.staging_done[slot].synchronize()  # the previous copy out of this staging buffer has finished
+        weights.fill(staging)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+            if self.slot_free[slot] is not None:
+                self.copy_stream.wait_event(self.slot_free[slot])
+            target.copy_(staging, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.copied[rank] = event
+        self.staging_done[slot] = event
+
     def _make_pre_hook(self, index: int):
         def pre_hook(module, args):
             rank = self.rank[index]
             self._launch(rank)  # no-op when prefetched
+            if self.from_disk and self.copy_stream is not None:
+                self.reads.pop(rank).result()
             if self.copy_stream is not None:
                 torch.cuda.current_stream(self.device).wait_event(self.copied[rank])
             self.pending.discard(rank)

@@ -13,7 +13,8 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 
 def store_fp8(components) -> None:
     """Quantise the linears of every model whose ModelConfig asked for float8 storage (per-channel scales)."""
-    requested = {name: dtype for name, (_, dtype) in components.offload.items() if dtype in FP8_DTYPES}
+    requested = {name: dtype for name, (_, dtype) in components.offload.items()
+                 if dtype in FP8_DTYPES and name not in components.disk_sources}  # disk blocks stay as stored
     if not requested:
         return  # other offload dtypes: the weights rest in the pipeline's dtype
     from .fp8_linear import dit_fp8_predicate, quantize_linears, text_encoder_fp8_predicate
@@ -50,7 +51,10 @@ def memory_plan_for(components, device, vram_limit, vram_buffer, num_persistent_
         plan = MemoryPlan(0, {name: ModelPlan("resident") for name in models})
     else:
         plan = plan_memory(budget, sizes, VAE_TILED_ACTIVATION)
-    if num_persistent_param_in_dit is not None and "dit" in models:
+    for name in components.disk_sources:  # left in their files: the blocks stream, whatever the budget
+        blocks = streamable_blocks(name, models[name])[0]
+        plan.models[name] = ModelPlan("stream", resident_blocks=0, num_blocks=len(blocks))
+    if num_persistent_param_in_dit is not None and "dit" in models and "dit" not in components.disk_sources:
         blocks = streamable_blocks("dit", models["dit"])[0]
         block_params = sum(p.numel() for p in blocks[0].parameters())
         other_params = sum(p.numel() for p in models["dit"].parameters()) - block_params * len(blocks)

@@ -119,23 +119,47 @@ def _read_weight(source: TensorSource, key: str, dtype: torch.dtype, device) -> 
     return tensor.to(device)
 
 
-def assign_weights(model: nn.Module, source: TensorSource, match: Match, dtype: torch.dtype, device) -> None:
-    """Replace every meta parameter by its tensor from the checkpoint, on `device` in `dtype`."""
+def read_weight(source: TensorSource, key: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """One checkpoint tensor as the model holds it (FP8 files dequantised), on `device` in `dtype`."""
+    return _read_weight(source, key, dtype, device)
+
+
+def assign_weights(model: nn.Module, source: TensorSource, match: Match, dtype: torch.dtype, device,
+                   defer=None) -> dict[str, tuple[str, torch.Size]]:
+    """Replace every meta parameter by its tensor from the checkpoint, on `device` in `dtype`.
+
+    Parameters for which `defer(name)` is true are not read: they get an empty placeholder, and the returned
+    {name: (checkpoint key, shape)} says where to read them later (weights streamed from disk).
+    """
+    deferred = {}
     for name, key in match.sources.items():
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
-        value = _read_weight(source, key, dtype, device)
+        if defer is not None and defer(name):
+            deferred[name] = (key, module._parameters[param_name].shape)
+            value = torch.empty(0, dtype=dtype)
+        else:
+            value = _read_weight(source, key, dtype, device)
         module._parameters[param_name] = nn.Parameter(value, requires_grad=False)
     for module in model.modules():
         for buffer_name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[buffer_name] = buffer.to(device)
+    return deferred
 
 
 def load_model(
     files: list[str | Path], dtype: torch.dtype = torch.bfloat16, device="cpu", kind: str | None = None
 ) -> tuple[str, nn.Module]:
     """Load the model held by `files` (one checkpoint, possibly sharded). Returns (kind, module in eval mode)."""
+    kind, model, _, source = load_model_deferred(files, dtype, device, kind)
+    source.close()
+    return kind, model
+
+
+def load_model_deferred(files, dtype: torch.dtype = torch.bfloat16, device="cpu", kind: str | None = None,
+                        defer=None) -> tuple[str, nn.Module, dict, TensorSource]:
+    """As `load_model`, leaving the parameters `defer(name)` selects unread; returns them and the open source."""
     source = TensorSource(files)
     layout = detect_layout(source.keys())
     if kind is not None and layout.kind != kind:
@@ -143,7 +167,6 @@ def load_model(
     our_shapes = {layout.key_map(k): s for k, s in source.shapes.items() if layout.key_map(k) != IGNORED}
     model = build_empty(layout.kind, our_shapes, _read_config_json(source.files))
     match = match_checkpoint(model, source, layout)
-    assign_weights(model, source, match, dtype, device)
-    source.close()
-    return layout.kind, model.eval()
+    deferred = assign_weights(model, source, match, dtype, device, defer)
+    return layout.kind, model.eval(), deferred, source
 
