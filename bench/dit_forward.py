@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
+from qistudio.ops.attention import set_attention_backend  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 from qistudio.weights.build import empty_parameters  # noqa: E402
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1328, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--compile", action="store_true", help="also time regional torch.compile of both")
+    parser.add_argument("--fp8", action="store_true", help="then time ours with FP8 (W8A8) block linears")
     args = parser.parse_args()
 
     import diffusers
@@ -79,6 +81,9 @@ def main() -> None:
     ref.requires_grad_(False)
 
     if args.compile:
+        # Each (size, batch, bf16/FP8) case is its own graph: allow more than dynamo's default 8 per code object.
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.cache_size_limit = 64
         # Regional compile of the repeated block, diffusers' best configuration; ours the same way.
         ref.compile_repeated_blocks(fullgraph=True)
         for block in ours.transformer_blocks:
@@ -105,13 +110,47 @@ def main() -> None:
                 with torch.no_grad():
                     return ours(tokens, text, sigma, rotary)
 
+            def ours_with(backend):
+                def run():
+                    set_attention_backend(backend)
+                    return run_ours()
+                return run
+
             err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()
-            variants = [("diffusers eager (mask=None)", run_ref), ("qistudio eager", run_ours)]
-            if args.compile:
-                variants = [("diffusers regional compile", run_ref), ("qistudio regional compile", run_ours)]
+            mode = "regional compile" if args.compile else "eager"
+            variants = [(f"diffusers {mode}" + ("" if args.compile else " (mask=None)"), run_ref),
+                        (f"qistudio {mode}", ours_with(None))]
             for name, fn in variants:
                 t = cuda_time(fn)
                 rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err if "qistudio" in name else None))
+                print(rows[-1], flush=True)
+    if args.fp8:
+        from qistudio.memory.fp8_linear import quantize_linears, set_fp8_compute
+
+        quantize_linears(ours)  # our block linears get FP8 copies; diffusers' model keeps the bf16 weights
+        set_fp8_compute(ours, True)
+        set_attention_backend(None)
+        for size in args.sizes:
+            h = w = size // 16
+            for batch in args.batches:
+                g = torch.Generator("cuda").manual_seed(size * 10 + batch)
+                tokens = torch.randn(batch, h * w, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+                text = torch.randn(batch, TEXT_LEN, 3584, device="cuda", dtype=torch.bfloat16, generator=g)
+                sigma = torch.full((batch,), 0.5, device="cuda")
+                rotary = qwen_rotary([ImageGrid(0, h, w)], TEXT_LEN, device="cuda")
+                with torch.no_grad():
+                    ref_out = ref(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma,
+                                  img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0].float()
+
+                def run_fp8():
+                    with torch.no_grad():
+                        return ours(tokens, text, sigma, rotary)
+
+                err = ((run_fp8().float() - ref_out).norm() / ref_out.norm()).item()
+                t = cuda_time(run_fp8)
+                mode = "regional compile" if args.compile else "eager"
+                rows.append((f"{size}² b={batch}", f"qistudio {mode}, FP8 W8A8 block linears", t,
+                             dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
                 print(rows[-1], flush=True)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -120,7 +159,7 @@ def main() -> None:
         f"date {time.strftime('%Y-%m-%d')}; bf16 matmul ceiling measured {ceiling:.0f} TFLOP/s; text {TEXT_LEN} tokens; "
         f"peak {peak:.1f} GiB (shared weights)",
         "",
-        "| case | implementation | forward | TFLOP/s | % of ceiling | rel. err vs diffusers |",
+        "| case | implementation | forward | TFLOP/s | % of ceiling | rel. err vs diffusers (bf16) |",
         "|---|---|---|---|---|---|",
     ]
     for case, name, t, tf, err in rows:

@@ -279,3 +279,15 @@ def test_a_saved_fp8_dit_loads_dequantised(tmp_path):
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp_path / "fp8.safetensors"))
     _, loaded = load_model([tmp_path / "fp8.safetensors"], dtype=torch.float32)
     assert torch.equal(Inputs().ours(loaded), Inputs().ours(dit))
+
+
+def test_fp8_compute_switch_falls_back_off_the_gpu(reference, inputs):
+    """W8A8 runs through torch._scaled_mm on a GPU only; elsewhere the switch leaves the dequantised path."""
+    from qistudio.memory.fp8_linear import set_fp8_compute
+
+    dit = our_dit(reference)
+    quantize_linears(dit)
+    before = inputs.ours(dit)
+    assert set_fp8_compute(dit, True) == NUM_BLOCK_LINEARS
+    assert torch.equal(inputs.ours(dit), before)
+    assert set_fp8_compute(dit, False) == NUM_BLOCK_LINEARS

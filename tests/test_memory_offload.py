@@ -191,3 +191,19 @@ def test_disk_offload_streams_blocks_from_the_files(tiny_repo, tiny_pipe):
     assert all(p.numel() == 0 for p in block_params)  # and nothing kept after the call
     text_layers = pipe.text_encoder.model.language_model.layers.parameters()
     assert all(p.numel() == 0 for p in text_layers)
+
+
+def test_enable_dit_fp8_computation_quantises_the_blocks(tiny_repo, tiny_pipe):
+    from qistudio import ModelConfig, QwenImagePipeline
+    from qistudio.memory.fp8_linear import FP8Linear
+
+    pipe = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(path=str(tiny_repo / name)) for name in ("transformer", "text_encoder", "vae")],
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+    )  # fmt: skip
+    pipe.enable_vram_management(enable_dit_fp8_computation=True)
+    layer = pipe.dit.transformer_blocks[0].img_mlp.net[2]
+    assert isinstance(layer, FP8Linear) and layer.fp8_compute
+    kwargs = dict(seed=7, **QUIET)
+    assert rel_err(pipe("a tower", **kwargs), tiny_pipe("a tower", **kwargs)) < 0.05  # FP8 rounding only

@@ -78,6 +78,16 @@ def _dequantize_fused(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 _dequantize_compiled = torch.compile(_dequantize_fused, dynamic=False)
 
 
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, K) activations -> float8_e4m3fn and (T, 1) float32 per-token scales (absmax / 448)."""
+    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).to(FP8_DTYPE), scale
+
+
+# One fused pass (abs-max, scale, cast) per call; token counts vary, so the shape is dynamic.
+_quantize_rows_compiled = torch.compile(_quantize_rows, dynamic=True)
+
+
 # --- the layer ----------------------------------------------------------------------------------------------------
 
 
@@ -127,12 +137,26 @@ class FP8Linear(nn.Module):
         """The weight the forward multiplies by, (out, in) in `dtype` (default: the compute dtype)."""
         return dequantize_weight(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
+    # W8A8 (issue 7, `enable_dit_fp8_computation`): activations quantised per token, one FP8 matmul with both
+    # scales applied in its epilogue. Off by default: it adds the activations' rounding to the weights'.
+    fp8_compute = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        # Inside a compiled region (regional compile of the DiT block) the plain functions are traced and fused
+        # with their neighbours; outside, their own compiled versions give one fused pass each.
+        compiling = torch.compiler.is_compiling()
+        if self.fp8_compute and x.is_cuda and x.shape[:-1].numel() >= 16:
+            quantize = _quantize_rows if compiling else _quantize_rows_compiled
+            rows, scale = quantize(x.reshape(-1, self.in_features))
+            out = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale[None, :],
+                                   bias=bias, out_dtype=x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         if x.is_cuda:
-            weight = _dequantize_compiled(self.weight, self.weight_scale, x.dtype)
+            dequantize = _dequantize_fused if compiling else _dequantize_compiled
+            weight = dequantize(self.weight, self.weight_scale, x.dtype)
         else:
             weight = self.dequantized_weight(x.dtype)
         return F.linear(x, weight, bias)
@@ -173,6 +197,14 @@ _LANGUAGE_LAYER = re.compile(r"(^|\.)language_model\.layers\.\d+\.")
 def text_encoder_fp8_predicate(name: str, module: nn.Linear) -> bool:
     """Qwen2.5-VL's decoder-layer linears (`*.language_model.layers.N.*`); the vision tower and embeddings stay."""
     return _LANGUAGE_LAYER.search(name) is not None
+
+
+def set_fp8_compute(model: nn.Module, enabled: bool = True) -> int:
+    """Switch W8A8 compute on (or off) for every FP8Linear of `model`; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for layer in layers:
+        layer.fp8_compute = enabled
+    return len(layers)
 
 
 def quantize_linears(model: nn.Module, predicate: Predicate | None = None,

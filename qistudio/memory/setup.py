@@ -25,6 +25,17 @@ def store_fp8(components) -> None:
             quantize_linears(getattr(components, name), predicates[name])
 
 
+def enable_fp8_compute(components) -> None:
+    """W8A8 for the DiT's block linears (quantised to FP8 storage first if they are not yet)."""
+    from .fp8_linear import dit_fp8_predicate, quantize_linears, set_fp8_compute
+
+    if "dit" in components.disk_sources:
+        raise ValueError("FP8 computation needs the DiT's weights in memory; it cannot combine with "
+                         "offload_device='disk' for the DiT")
+    quantize_linears(components.dit, dit_fp8_predicate)
+    set_fp8_compute(components.dit, True)
+
+
 def device_budget(device: torch.device, vram_limit: float | None, vram_buffer: float) -> int | None:
     """Bytes to plan for: the limit, else the device's free memory less the buffer (None on the CPU: no limit)."""
     if vram_limit is not None:
@@ -39,11 +50,10 @@ def device_budget(device: torch.device, vram_limit: float | None, vram_buffer: f
 
 def memory_plan_for(components, device, vram_limit, vram_buffer, num_persistent_param_in_dit,
                     enable_dit_fp8_computation) -> MemoryPlan:
-    if enable_dit_fp8_computation:
-        raise NotImplementedError("FP8 computation is not available yet; FP8 storage is: "
-                                  "ModelConfig(..., offload_dtype=torch.float8_e4m3fn)")
     device = torch.device(device)
     store_fp8(components)
+    if enable_dit_fp8_computation:
+        enable_fp8_compute(components)
     models = components.models
     sizes = {name: model_size(name, model) for name, model in models.items()}
     budget = device_budget(device, vram_limit, vram_buffer)

@@ -1,0 +1,93 @@
+"""GPU micro-benchmark: joint attention of the 1328x1328 DiT (S = 6889 image + 128 text tokens, 24 heads x 128) in
+each SDPA backend, and an FP8 (W8A8) linear against bf16, to choose the fast paths. Writes $OUT/attention.md.
+
+    python bench/attention.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.dit_forward import cuda_time  # noqa: E402
+
+
+def attention_rows(batch: int, seq: int, heads=24, dim=128):
+    q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * batch * heads * seq * seq * dim
+    reference = None
+    rows = []
+    for name, backend in [("default dispatch", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v)
+                t = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), warmup=3, iters=10)
+        except RuntimeError as e:
+            rows.append((f"sdpa {name} b={batch}", float("nan"), 0.0, str(e).splitlines()[0][:60]))
+            continue
+        reference = out if reference is None else reference
+        err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+        rows.append((f"sdpa {name} b={batch}", t, flops / t / 1e12, f"{err:.1e}"))
+    return rows
+
+
+def fp8_rows(tokens=14034, shapes=((3072, 3072), (12288, 3072), (3072, 12288))):
+    rows = []
+    for out_f, in_f in shapes:
+        x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
+        flops = 2 * tokens * in_f * out_f
+        t_bf16 = cuda_time(lambda: F.linear(x, w), warmup=3, iters=10)
+        w_scale = w.float().abs().amax(dim=1, keepdim=True) / 448
+        w8 = (w.float() / w_scale).to(torch.float8_e4m3fn)
+
+        def quant_x():
+            scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448
+            return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+        quant = torch.compile(quant_x)
+        x8, x_scale = quant()
+
+        def mm():
+            return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+
+        def full():
+            a, s = quant()
+            return torch._scaled_mm(a, w8.t(), scale_a=s, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+
+        t_mm = cuda_time(mm, warmup=3, iters=10)
+        t_full = cuda_time(full, warmup=3, iters=10)
+        ref = F.linear(x, w).float()
+        err = ((full().float() - ref).norm() / ref.norm()).item()
+        rows.append((f"linear {out_f}x{in_f} bf16", t_bf16, flops / t_bf16 / 1e12, ""))
+        rows.append((f"linear {out_f}x{in_f} fp8 matmul only", t_mm, flops / t_mm / 1e12, ""))
+        rows.append((f"linear {out_f}x{in_f} fp8 with act. quant", t_full, flops / t_full / 1e12, f"{err:.1e}"))
+    return rows
+
+
+def main() -> None:
+    rows = []
+    for batch in (1, 2):
+        rows += attention_rows(batch, 6889 + 128)
+    rows += fp8_rows()
+    lines = [f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}", "",
+             "| case | time | TFLOP/s | rel. err / note |", "|---|---|---|---|"]
+    lines += [f"| {n} | {t * 1e3:.2f} ms | {tf:.0f} | {note} |" for n, t, tf, note in rows]
+    table = "\n".join(lines)
+    print(table)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "attention.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
