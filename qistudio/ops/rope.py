@@ -86,9 +86,21 @@ def apply_rope(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
     phasors: (S, D/2) shared by the batch, or (B, S, D/2) when rows have different layouts (batched edits).
     One complex multiply: as cheap in memory traffic as RoPE gets without a fused kernel.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2)
     phasors = phasors[None] if phasors.dim() == 2 else phasors
+    if torch.compiler.is_compiling():
+        return _apply_rope_real(x, phasors)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2)
     return torch.view_as_real(pairs * phasors[:, :, None, :]).flatten(-2).to(x.dtype)
+
+
+def _apply_rope_real(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
+    """The same rotation in real arithmetic. The compiler cannot fuse complex tensors, so under torch.compile this
+    form lets the rotation fuse with the q/k norm before it (one kernel instead of three on an H100 profile)."""
+    rotation = torch.view_as_real(phasors)[:, :, None]  # (B, S, 1, D/2, 2)
+    cos, sin = rotation[..., 0], rotation[..., 1]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 @dataclass

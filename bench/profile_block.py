@@ -1,0 +1,66 @@
+"""GPU profile of one full-size DiT block (1328x1328, batch 2, regional compile): where the time goes, by kernel.
+
+    python bench/profile_block.py [--fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qistudio.models.dit import DiTBlock, DiTConfig  # noqa: E402
+from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
+    args = parser.parse_args()
+    cfg = DiTConfig()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        block = DiTBlock(cfg).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    if args.fp8:
+        from qistudio.memory.fp8_linear import quantize_linears, set_fp8_compute
+
+        quantize_linears(block, lambda name, module: True)
+        set_fp8_compute(block, True)
+    h = w = 1328 // 16
+    batch, text = 2, 128
+    img = torch.randn(batch, h * w, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    txt = torch.randn(batch, text, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    temb = torch.randn(batch, 1, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    rotary = qwen_rotary([ImageGrid(0, h, w)], text, device="cuda")
+    compiled = torch.compile(block, fullgraph=True, mode=None if args.mode == "default" else args.mode)
+
+    def run():
+        with torch.no_grad():
+            return compiled(img, txt, temb, temb, rotary)
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"block: {start.elapsed_time(end) / 10:.3f} ms (x60 = {start.elapsed_time(end) * 6 / 1000:.3f} s)")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
