@@ -8,6 +8,7 @@ from tqdm import tqdm
 from . import lora
 from .components import Components, load_components
 from .conditioning.edit import encode_edit_prompts
+from .conditioning.eligen import entity_text
 from .conditioning.prompt import concat_text_states, encode_prompts
 from .conditioning.sequence import DiTSequence, build_sequence
 from .imageio import image_to_tensor, tensor_to_images
@@ -63,6 +64,13 @@ def encode_text(components: Components, request: GenerationRequest, device, dtyp
     negative = None
     if request.use_cfg:
         negative = _repeat_rows(encode([request.negative_prompt] * len(request.prompts)), request.num_images)
+    entities = request.entities
+    if entities is not None:
+        # Each entity prompt encoded on its own (one batch), then packed before each row's global prompt.
+        positive = entity_text(encode(entities.prompts), positive)
+        if negative is not None and entities.on_negative:
+            # The negative prompt stands in for every entity, under the same regions (DiffSynth-Studio's rule).
+            negative = entity_text(encode([request.negative_prompt] * len(entities.prompts)), negative)
     return positive, negative
 
 
@@ -89,7 +97,9 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
     zero_cond_t = dit.config.zero_cond_t if request.zero_cond_t is None else request.zero_cond_t
 
     def sequence(text: TextStates, rows: list[list[torch.Tensor]]) -> DiTSequence:
-        return build_sequence(target, rows, text, dit.config.axes_dim, request.edit_rope_interpolation, zero_cond_t)
+        masks = None if request.entities is None else request.entities.token_masks
+        return build_sequence(target, rows, text, dit.config.axes_dim, request.edit_rope_interpolation, zero_cond_t,
+                              masks)
 
     batched = negative is not None and request.cfg_batch
     if batched:
@@ -319,6 +329,9 @@ class QwenImagePipeline:
         edit_image_auto_resize: bool = True,
         edit_rope_interpolation: bool = False,
         zero_cond_t: bool | None = None,
+        eligen_entity_prompts: list[str] | None = None,
+        eligen_entity_masks: list | None = None,
+        eligen_enable_on_negative: bool = False,
         tiled: bool = False,
         tile_size: int | tuple = 128,
         tile_stride: int | tuple = 64,
@@ -340,7 +353,8 @@ class QwenImagePipeline:
             rand_device=rand_device, noise=noise, input_image=input_image, denoising_strength=denoising_strength,
             sigmas=sigmas, exponential_shift_mu=exponential_shift_mu, edit_image=edit_image,
             edit_image_auto_resize=edit_image_auto_resize, edit_rope_interpolation=edit_rope_interpolation,
-            zero_cond_t=zero_cond_t, tiled=tiled, tile_size=tile_size,
+            zero_cond_t=zero_cond_t, eligen_entity_prompts=eligen_entity_prompts,
+            eligen_entity_masks=eligen_entity_masks, eligen_enable_on_negative=eligen_enable_on_negative, tiled=tiled, tile_size=tile_size,
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
         )
         self.last_request = request

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from .conditioning.eligen import EntityControl, entity_control
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
 from .imageio import load_image, round_size
 
@@ -37,6 +38,7 @@ class GenerationRequest:
     edit_image_auto_resize: bool = True
     edit_rope_interpolation: bool = False
     zero_cond_t: bool | None = None  # None: the DiT's own default (its config.json)
+    entities: EntityControl | None = None  # EliGen
     tiled: bool = False
     tile_size: int | tuple = 128
     tile_stride: int | tuple = 64
@@ -98,7 +100,8 @@ def edit_rows_from(edit_image, num_prompts: int) -> list[EditRow]:
     return rows
 
 
-def build_request(prompt, edit_image=None, **kwargs) -> GenerationRequest:
+def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_entity_masks=None,
+                  eligen_enable_on_negative: bool = False, **kwargs) -> GenerationRequest:
     """Normalise and check the caller's arguments; every error a caller can cause is raised here."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -124,6 +127,11 @@ def build_request(prompt, edit_image=None, **kwargs) -> GenerationRequest:
             output_size_for_edit(request.edit_rows) if request.edit_rows else (DEFAULT_SIZE, DEFAULT_SIZE)
         )
     request.height, request.width = round_size(request.height, request.width)
+    if eligen_entity_prompts is not None or eligen_entity_masks is not None:
+        if request.edit_rows is not None:
+            raise ValueError("EliGen entities with edit images are not supported; use one or the other")
+        request.entities = entity_control(eligen_entity_prompts, eligen_entity_masks, eligen_enable_on_negative,
+                                          *request.latent_size)
     if request.input_image is not None:
         request.input_image = load_image(request.input_image)
     if request.seed is None:

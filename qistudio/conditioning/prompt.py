@@ -55,4 +55,7 @@ def concat_text_states(parts: list[TextStates]) -> TextStates:
     """Stack several batches of states along the batch axis, padding to the longest."""
     width = max(p.states.shape[1] for p in parts)
     padded = [torch.nn.functional.pad(p.states, (0, 0, 0, width - p.states.shape[1])) for p in parts]
-    return TextStates(torch.cat(padded), [n for p in parts for n in p.lengths])
+    segments = None
+    if any(p.segments is not None for p in parts):
+        segments = [row for p in parts for row in p.row_segments()]
+    return TextStates(torch.cat(padded), [n for p in parts for n in p.lengths], segments)

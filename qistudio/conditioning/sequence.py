@@ -17,6 +17,7 @@ import torch
 from ..models.text_encoder import TextStates
 from ..ops.packing import patchify
 from ..ops.rope import ImageGrid, Rotary, image_positions, resampled_image_positions, rope_tables, text_offset, text_positions
+from .eligen import entity_attention_mask
 
 
 @dataclass
@@ -34,6 +35,15 @@ class DiTSequence:
     def text_lengths(self) -> list[int] | None:
         # With a key mask the text padding is masked too; otherwise the attention slices it away.
         return None if self.attention_mask is not None else self.text.lengths
+
+
+def _segment_positions(offset: int, segments: list[int], length: int, device) -> torch.Tensor:
+    """(length, 3) text positions where every segment restarts at `offset` (EliGen); padding continues the last."""
+    parts = [text_positions(offset, n, device) for n in segments]
+    used = sum(segments)
+    if used < length:
+        parts.append(text_positions(offset + (segments[-1] if segments else 0), length - used, device))
+    return torch.cat(parts)
 
 
 def _row_positions(target: ImageGrid, grids: list[ImageGrid], rope_interpolation: bool, device) -> torch.Tensor:
@@ -54,11 +64,14 @@ def build_sequence(
     axes_dim: tuple[int, ...],
     rope_interpolation: bool = False,
     zero_cond_t: bool = False,
+    entity_token_masks: torch.Tensor | None = None,
 ) -> DiTSequence:
     """Lay out a batch: `conditions[r]` are row r's condition latents, each (16, h, w), given frames 1, 2, ...
 
     rope_interpolation: condition groups whose size differs from the target take their spatial positions from
     the target grid (Edit-Lowres-Fix), so a small edit image spans the whole output.
+    entity_token_masks (N, target tokens): EliGen regions of the entity segments in `text.segments`; rows with
+    segments get a structured attention mask and text positions that restart at the offset for each segment.
     """
     device = text.states.device
     batch, text_length = text.states.shape[:2]
@@ -72,17 +85,26 @@ def build_sequence(
 
     rows_positions = [_row_positions(target, grids, rope_interpolation, device) for grids in row_grids]
     offsets = [text_offset([target, *grids]) for grids in row_grids]
+    eligen = text.segments is not None
+    if eligen:
+        text_tables = torch.stack([
+            rope_tables(_segment_positions(offset, segs, text_length, device), axes_dim)
+            for offset, segs in zip(offsets, text.row_segments())
+        ])  # fmt: skip
     if shared:
         rotary = Rotary(
-            rope_tables(rows_positions[0], axes_dim), rope_tables(text_positions(offsets[0], text_length, device), axes_dim)
+            rope_tables(rows_positions[0], axes_dim),
+            text_tables if eligen else rope_tables(text_positions(offsets[0], text_length, device), axes_dim),
         )
     else:
         width = max(p.shape[0] for p in rows_positions)
         padded = [torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[0])) for p in rows_positions]
         rotary = Rotary(
             torch.stack([rope_tables(p, axes_dim) for p in padded]),
-            torch.stack([rope_tables(text_positions(o, text_length, device), axes_dim) for o in offsets]),
-        )
+            text_tables if eligen else torch.stack([
+                rope_tables(text_positions(o, text_length, device), axes_dim) for o in offsets
+            ]),
+        )  # fmt: skip
 
     num_target = target.num_tokens
     condition_tokens = None
@@ -95,7 +117,14 @@ def build_sequence(
                 condition_tokens[r, : tokens.shape[0]] = tokens.to(condition_tokens.dtype)
 
     attention_mask = None
-    if not shared:
+    if eligen:
+        num_image = num_target + max(counts)
+        attention_mask = torch.stack([
+            entity_attention_mask(num_image, num_target, text_length, segs, entity_token_masks, num_target + count,
+                                  device)
+            for segs, count in zip(text.row_segments(), counts)
+        ])[:, None]  # (B, 1, S, S)
+    elif not shared:
         image_valid = torch.arange(num_target + max(counts), device=device)[None] < (
             num_target + torch.tensor(counts, device=device)[:, None]
         )

@@ -42,6 +42,11 @@ class TextStates:
 
     states: torch.Tensor
     lengths: list[int]
+    # EliGen: per row, the lengths of its packed text segments ([entity_1, ..., entity_N, global]); None = one each.
+    segments: list[list[int]] | None = None
+
+    def row_segments(self) -> list[list[int]]:
+        return self.segments if self.segments is not None else [[n] for n in self.lengths]
 
     @property
     def mask(self) -> torch.Tensor:
