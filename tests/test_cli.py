@@ -248,3 +248,24 @@ def test_lora_and_lightning_scheduler_match_the_pipeline(tiny_repo, tiny_pipe, t
     params = read_png_parameters(out)
     assert params["loras"] == [f"{lora.resolve()}:0.7"] and params["scheduler"] == "Qwen-Image-Lightning"
     assert cli("generate", "x", "--model", tiny_repo, "--lora", tmp_path / "none.safetensors", "-o", out) == 2
+
+
+def test_entities_match_the_pipeline(tiny_repo, tiny_pipe, tmp_path, capsys):
+    left, right = Image.new("RGB", (64, 48)), Image.new("RGB", (32, 32))
+    left.paste((255, 255, 255), (0, 0, 32, 48))
+    right.paste((255, 255, 255), (16, 0, 32, 32))
+    left.save(tmp_path / "left.png"), right.save(tmp_path / "right.png")
+    out = tmp_path / "eligen.png"
+    assert cli("generate", "a park", "--model", tiny_repo, "--size", "64x48", "--steps", 2, "--seed", 8,
+               "--entity", "a dog", "--entity-mask", tmp_path / "left.png",
+               "--entity", "a red bench", "--entity-mask", tmp_path / "right.png", "-o", out) == 0
+    expected = tiny_pipe("a park", seed=8, num_inference_steps=2, height=48, width=64,
+                         eligen_entity_prompts=["a dog", "a red bench"], eligen_entity_masks=[left, right])
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    assert read_png_parameters(out)["entities"] == ["a dog", "a red bench"]
+    assert cli("generate", "x", "--model", tiny_repo, "--entity", "a", "-o", out) == 2
+    assert "1 --entity prompts but 0 --entity-mask" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(tmp_path / "black.png")
+    assert cli("generate", "x", "--model", tiny_repo, "--entity", "a", "--entity-mask", tmp_path / "black.png",
+               "-o", out) == 2
+    assert "is empty" in capsys.readouterr().err

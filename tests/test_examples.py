@@ -24,7 +24,8 @@ def hub_on_disk(tiny_repo, tmp_path, monkeypatch):
     studio = models / "DiffSynth-Studio"
     studio.mkdir()
     (studio / "Qwen-Image-Distill-Full").symlink_to(tiny_repo / "transformer", target_is_directory=True)
-    for seed, name in enumerate(("Qwen-Image-Distill-LoRA", "Qwen-Image-Edit-Lowres-Fix")):
+    loras = ("Qwen-Image-Distill-LoRA", "Qwen-Image-Edit-Lowres-Fix", "Qwen-Image-EliGen", "Qwen-Image-EliGen-V2")
+    for seed, name in enumerate(loras):
         (studio / name).mkdir()  # DiffSynth-Studio's own LoRA layout: <module>.lora_A.default.weight
         pairs = random_pairs(reference_dit(), seed=seed)
         save_file(peft_layout(pairs, adapter="default", alpha=None), str(studio / name / "model.safetensors"))
@@ -97,3 +98,12 @@ def test_other_low_vram_examples(hub_on_disk, name, output):
     assert namespace["pipe"].components.memory is not None
     with Image.open(hub_on_disk / output) as image:
         assert image.size[0] >= 48
+
+
+@pytest.mark.parametrize("folder", ["model_inference", "model_inference_low_vram"])
+@pytest.mark.parametrize("name", ["Qwen-Image-EliGen.py", "Qwen-Image-EliGen-V2.py"])
+def test_eligen_examples(hub_on_disk, folder, name):
+    namespace = run_example(name, folder)
+    assert namespace["pipe"].last_request.entities.token_masks.shape == (3, 16)  # 3 entities on a 4x4 patch grid
+    with Image.open(hub_on_disk / "image.jpg") as image:
+        assert image.size == (64, 64)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..conditioning.edit import EditRow, size_at_area
+from ..conditioning.eligen import entity_control
 from ..demo import default_demo_dir, is_complete_demo, write_demo_model
 from ..imageio import load_image, read_png_parameters, round_size, save_png
 from ..pipeline import QwenImagePipeline, default_device
@@ -110,7 +111,8 @@ STORED = {
     "prompt": str, "negative": str, "seed": seed_int, "steps": positive_int, "cfg": float, "size": parse_size,
     "model": str, "demo": bool, "input_image": str, "strength": strength_float, "dtype": str, "tiled": bool,
     "edit_images": lambda paths: [str(p) for p in paths], "loras": lambda specs: [lora_spec(s) for s in specs],
-    "scheduler": str,
+    "scheduler": str, "entities": lambda items: [str(e) for e in items],
+    "entity_masks": lambda paths: [str(p) for p in paths],
 }  # fmt: skip
 SCHEDULERS = tuple(FlowMatchScheduler.TEMPLATES)
 
@@ -142,6 +144,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULERS,
                    help="sigma schedule: Qwen-Image (default) or Qwen-Image-Lightning (for the 4/8-step Lightning "
                    "LoRAs, with --steps 4 or 8 --cfg 1)")
+    p.add_argument("--entity", metavar="PROMPT", action="append", dest="entities",
+                   help="EliGen: a prompt for one region (repeat; pair each with --entity-mask, in order)")
+    p.add_argument("--entity-mask", metavar="PATH", action="append", dest="entity_masks",
+                   help="EliGen: the region of the matching --entity (white = inside; any size)")
     p.add_argument("--strength", type=strength_float,
                    help=f"how much of the input image to repaint, in (0, 1] (default: {IMG2IMG_STRENGTH})")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available, else cpu)")
@@ -196,6 +202,17 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             error(f"--lora {spec}: no such file or folder {path}")
     settings["loras"] = [f"{Path(s.rpartition(':')[0]).expanduser().resolve()}:{s.rpartition(':')[2]}"
                          for s in settings.get("loras") or []] or None
+    entities, masks = settings.get("entities") or [], settings.get("entity_masks") or []
+    if len(entities) != len(masks):
+        error(f"{len(entities)} --entity prompts but {len(masks)} --entity-mask files; give one mask per entity")
+    if masks:
+        try:
+            settings["entity_images"] = [load_image(path) for path in masks]
+        except ValueError as e:
+            error(f"entity mask: {e}")
+        settings["entity_masks"] = [str(Path(path).expanduser().resolve()) for path in masks]
+        if settings.get("edit_images"):
+            error("--entity cannot be combined with --edit-image")
     if settings.get("edit_images"):
         try:
             settings["edit"] = [load_image(path) for path in settings["edit_images"]]
@@ -212,6 +229,12 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     settings.setdefault("model", None if demo else HUB_EDIT_MODEL if "edit" in settings else HUB_MODEL)
     if settings.get("size") is not None:
         settings["size"] = _rounded(*settings["size"])
+    if settings.get("entity_images"):
+        width, height = settings["size"]
+        try:  # the same checks the pipeline makes (an empty region, too many), before any model loads
+            entity_control(settings["entities"], settings["entity_images"], False, height // 8, width // 8)
+        except ValueError as e:
+            error(str(e))
     _resolve_device(settings, args.device, error)
     output = Path(args.output)
     if output.suffix.lower() != ".png":
@@ -332,7 +355,8 @@ def run(args: argparse.Namespace) -> int:
     image = pipe(
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
-        edit_image=edit_image,
+        edit_image=edit_image, eligen_entity_prompts=settings.get("entities") or None,
+        eligen_entity_masks=settings.get("entity_images"),
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
         progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"),
     )  # fmt: skip
