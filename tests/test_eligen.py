@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 
 from conftest import rel_err
-from qistudio.conditioning.eligen import MAX_ENTITIES, entity_attention_mask, mask_to_tokens
+from qistudio.conditioning.eligen import MAX_ENTITIES, entity_mask_parts, mask_to_tokens
+from qistudio.ops.attention import attention
+from qistudio.ops.split_attention import SplitMask
 from qistudio.conditioning.sequence import build_sequence
 from qistudio.models.text_encoder import TextStates
 from qistudio.ops.rope import ImageGrid, rope_tables, text_positions
@@ -30,8 +32,9 @@ def test_mask_to_tokens_marks_any_covered_patch():
 def test_attention_structure():
     """Entity text <-> its region only; segments blind to each other; global sees all; padding seen by none."""
     regions = torch.tensor([[True, True, False, False], [False, True, True, False]])
-    mask = entity_attention_mask(num_image=4, num_target=4, text_length=7, segments=[2, 1, 3], token_masks=regions,
-                                 valid_image=4, device="cpu")  # fmt: skip
+    parts = entity_mask_parts(num_image=4, num_target=4, text_length=7, segments=[2, 1, 3], token_masks=regions,
+                              device="cpu")  # fmt: skip
+    mask = SplitMask(4, parts[0][None], parts[1][None]).dense()[0, 0]
     image, e1, e2, glob, pad = slice(0, 4), slice(4, 6), slice(6, 7), slice(7, 10), slice(10, 11)
     assert mask[image, image].all()
     assert torch.equal(mask[e1, image], regions[0].expand(2, 4)) and torch.equal(mask[image, e1], regions[0][:, None].expand(4, 2))
@@ -47,7 +50,21 @@ def test_entity_text_restarts_positions_at_the_offset():
     seq = build_sequence(target, [[]], text, (8, 12, 12), entity_token_masks=torch.ones(1, 24, dtype=torch.bool))
     expected = torch.cat([text_positions(3, 3), text_positions(3, 4), text_positions(7, 1)])
     assert torch.allclose(seq.rotary.text[0], rope_tables(expected, (8, 12, 12)))
-    assert seq.attention_mask.shape == (1, 1, 32, 32) and seq.text_lengths is None
+    assert seq.attention_mask.dense().shape == (1, 1, 32, 32) and seq.text_lengths is None
+
+
+def test_split_attention_equals_dense_masked_attention():
+    """The split (image block through the fused kernel, text merged by log-sum-exp) is dense masked attention."""
+    g = torch.Generator().manual_seed(0)
+    regions = torch.rand(3, 20, generator=g) > 0.5
+    rows = [entity_mask_parts(20, 20, 9, segs, regions, "cpu") for segs in ([2, 3, 1, 2], [3, 3, 1, 1])]
+    mask = SplitMask(20, torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+    q, k, v = (torch.randn(2, 29, 2, 16, generator=g) for _ in range(3))
+    dense = attention(q, k, v, mask=mask.dense())
+    split = attention(q, k, v, mask=mask)
+    valid = torch.ones(2, 29, dtype=torch.bool)
+    valid[:, 28] = False  # the padding query of both rows (8 of 9 text tokens used): never read
+    assert rel_err(split[valid], dense[valid]) <= 1e-6
 
 
 def test_bad_entities_fail_before_any_model_runs():

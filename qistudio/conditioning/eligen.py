@@ -11,6 +11,7 @@ pixels is inside the mask (masks are resized to the latent grid with nearest-nei
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +41,28 @@ def mask_to_tokens(mask: Image.Image, latent_height: int, latent_width: int) -> 
     return patches.reshape(-1)
 
 
-def entity_control(prompts, masks, on_negative: bool, latent_height: int, latent_width: int) -> EntityControl:
-    """Check the caller's entity prompts and masks (before any model runs) and turn masks into token masks."""
+def load_mask(mask) -> Image.Image:
+    """A mask (PIL image or path) as RGB, any alpha channel dropped rather than flattened on white.
+
+    DiffSynth-Studio's EliGen examples read masks with `.convert("RGB")` (and its unit, given RGBA, averages the
+    alpha in): a white entity on a transparent black background stays white on black. Flattening on white, right
+    for pictures (imageio.load_image), would turn that whole mask white: the entity would cover the image.
+    """
     from ..imageio import load_image
 
+    if isinstance(mask, (str, os.PathLike)):
+        try:
+            with Image.open(mask) as f:
+                mask = f.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {str(mask)!r}: {e}") from None
+    elif isinstance(mask, Image.Image):
+        mask = mask.convert("RGB")
+    return load_image(mask)  # its checks (a PIL image or a path, not zero-sized)
+
+
+def entity_control(prompts, masks, on_negative: bool, latent_height: int, latent_width: int) -> EntityControl:
+    """Check the caller's entity prompts and masks (before any model runs) and turn masks into token masks."""
     prompts, masks = list(prompts or []), list(masks or [])
     if len(prompts) != len(masks):
         raise ValueError(f"eligen_entity_prompts has {len(prompts)} prompts but eligen_entity_masks has "
@@ -56,7 +75,7 @@ def entity_control(prompts, masks, on_negative: bool, latent_height: int, latent
         raise ValueError(f"every entity prompt must be a non-empty string, got {prompts!r}")
     token_masks = []
     for k, mask in enumerate(masks):
-        tokens = mask_to_tokens(load_image(mask), latent_height, latent_width)
+        tokens = mask_to_tokens(load_mask(mask), latent_height, latent_width)
         if not tokens.any():
             raise ValueError(f"entity mask {k} ({prompts[k]!r}) is empty at this size: it covers no image token "
                              "(white marks the entity's region)")
@@ -82,29 +101,23 @@ def entity_text(entities: TextStates, global_states: TextStates) -> TextStates:
     return TextStates(states, [r.shape[0] for r in rows], segments)
 
 
-def entity_attention_mask(num_image: int, num_target: int, text_length: int, segments: list[int],
-                          token_masks: torch.Tensor | None, valid_image: int, device) -> torch.Tensor:
-    """(S, S) bool for one row over [image (num_image) | text (text_length)], True = may attend.
+def entity_mask_parts(num_image: int, num_target: int, text_length: int, segments: list[int],
+                      token_masks: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one row: (L, num_image) text<->image and (L, L) text<->text booleans, True = may attend.
 
     segments: the row's text segment lengths, [entities..., global] (a plain row: [its length]).
     token_masks: (N, num_target) for the entity segments; the global segment sees every image token.
-    Condition image tokens (beyond the target) are seen by the global prompt only.
+    Image tokens always see each other (ops.split_attention.SplitMask); padding sees and is seen by nobody.
     """
-    size = num_image + text_length
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    mask[:valid_image, :valid_image] = True
-    lengths = segments
-    start = num_image
-    for k, length in enumerate(lengths):
+    text_to_image = torch.zeros(text_length, num_image, dtype=torch.bool, device=device)
+    text_to_text = torch.zeros(text_length, text_length, dtype=torch.bool, device=device)
+    start = 0
+    for k, length in enumerate(segments):
         end = start + length
-        mask[start:end, start:end] = True
-        if k < len(lengths) - 1:  # an entity: its region of the target only
-            region = torch.zeros(num_image, dtype=torch.bool, device=device)
-            region[:num_target] = token_masks[k].to(device)
-            mask[start:end, :num_image] = region
-            mask[:num_image, start:end] = region[:, None]
-        else:  # the global prompt: every valid image token
-            mask[start:end, :valid_image] = True
-            mask[:valid_image, start:end] = True
+        text_to_text[start:end, start:end] = True
+        if k < len(segments) - 1:  # an entity: its region of the target only
+            text_to_image[start:end, :num_target] = token_masks[k].to(device)
+        else:  # the global prompt: every image token
+            text_to_image[start:end] = True
         start = end
-    return mask
+    return text_to_image, text_to_text

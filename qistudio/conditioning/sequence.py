@@ -17,7 +17,8 @@ import torch
 from ..models.text_encoder import TextStates
 from ..ops.packing import patchify
 from ..ops.rope import ImageGrid, Rotary, image_positions, resampled_image_positions, rope_tables, text_offset, text_positions
-from .eligen import entity_attention_mask
+from ..ops.split_attention import SplitMask
+from .eligen import entity_mask_parts
 
 
 @dataclass
@@ -28,7 +29,8 @@ class DiTSequence:
     condition_tokens: torch.Tensor | None  # (B, Nc, 64) patchified condition latents, zero-padded per row
     text: TextStates  # (B, L, D)
     rotary: Rotary
-    attention_mask: torch.Tensor | None  # (B, 1, 1, N + L) bool key mask, only when rows differ in layout
+    # (B, 1, 1, N + L) bool key mask when rows differ in layout; a SplitMask for EliGen's structure; else None.
+    attention_mask: torch.Tensor | SplitMask | None
     condition_token_mask: torch.Tensor | None  # (N,) True on condition tokens, for zero_cond_t
 
     @property
@@ -118,12 +120,11 @@ def build_sequence(
 
     attention_mask = None
     if eligen:
-        num_image = num_target + max(counts)
-        attention_mask = torch.stack([
-            entity_attention_mask(num_image, num_target, text_length, segs, entity_token_masks, num_target + count,
-                                  device)
-            for segs, count in zip(text.row_segments(), counts)
-        ])[:, None]  # (B, 1, S, S)
+        if max(counts) > 0:
+            raise ValueError("EliGen entities with condition images (edit, context) are not supported")
+        parts = [entity_mask_parts(num_target, num_target, text_length, segs, entity_token_masks, device)
+                 for segs in text.row_segments()]
+        attention_mask = SplitMask(num_target, torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
     elif not shared:
         image_valid = torch.arange(num_target + max(counts), device=device)[None] < (
             num_target + torch.tensor(counts, device=device)[:, None]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .split_attention import SplitMask, split_attention
+
 # Only PyTorch's SDPA for now: its dispatcher already picks cuDNN's fused attention for this model's shapes on
 # Hopper (about 630 TFLOP/s on an H200 at head_dim 128, ~7k tokens, against 370 for the flash kernel;
 # bench/attention.py). Faster kernels (FlashAttention 3, SageAttention) plug in here as further names.
@@ -44,9 +46,12 @@ def attention(
     """Softmax attention, (B, S, H, D) in and out.
 
     key_lengths: per sample, how many leading keys are valid (the rest is padding); None means all.
-    mask: an explicit boolean mask (B, 1|H, S_q, S_k), True = may attend; for features that need structure.
+    mask: an explicit boolean mask (B, 1|H, S_q, S_k), True = may attend; or a SplitMask (EliGen's structure,
+    computed without a dense mask).
     """
     seq_k = key.shape[1]
+    if isinstance(mask, SplitMask):
+        return split_attention(query, key, value, mask)
     if mask is not None:
         return _sdpa(query, key, value, mask)
     kernel = _sdpa
