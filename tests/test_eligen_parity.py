@@ -1,8 +1,10 @@
 """EliGen parity with DiffSynth-Studio 2.1.12: one DiT call with entity prompts and masks, the same velocity.
 
-Both DiTs are tiny (2 layers, 2 heads x 32, text width 64, RoPE axes 8/12/12), hold the same random weights and
-the same random rank-4 LoRA on the EliGen LoRA's training targets, a file in DiffSynth's own layout that each
-tool loads with its own loader (DiffSynth fuses it; ours runs it beside the weights).
+Both DiTs are tiny (2 layers, 2 heads x 32, text width 64, RoPE axes 8/12/12) and hold the same random weights;
+then also the same random rank-4 LoRA on the EliGen LoRA's training targets, a file in DiffSynth's own layout
+that each tool loads with its own loader (DiffSynth fuses it; ours runs it beside the weights). Masks are PIL
+images read by each tool's own code: boxes off the patch grid, overlapping; scattered pixels at another size;
+white boxes on a transparent background (RGBA).
 
 The one known difference is not EliGen's: DiffSynth's MLP activation is x * sigmoid(1.702 x), where the
 official (diffusers) model and ours use tanh-GELU. The test switches DiffSynth's to tanh-GELU on its model's
@@ -57,24 +59,28 @@ def weights():
     return {k: v.clone() for k, v in dit.state_dict().items()}, _lora(dit)
 
 
-def _diffsynth_dit(weights, tanh_gelu: bool = True):
+def _diffsynth_dit(weights, with_lora: bool = True, tanh_gelu: bool = True):
     from diffsynth.utils.lora.general import GeneralLoRALoader
 
     state, lora = weights
     dit = reference.tiny_dit(CONFIG.num_layers, CONFIG.num_heads, CONFIG.head_dim, TEXT_DIM, AXES)
     dit.load_state_dict(state, strict=True)  # the same tensor names (facts 1.2)
-    GeneralLoRALoader(device="cpu", torch_dtype=torch.float32).fuse_lora_to_base_model(dit, lora)
+    if with_lora:
+        GeneralLoRALoader(device="cpu", torch_dtype=torch.float32).fuse_lora_to_base_model(dit, lora)
     if tanh_gelu:
         assert reference.use_tanh_gelu(dit) == 2 * CONFIG.num_layers
     return dit
 
 
-@pytest.fixture(scope="module")
-def dits(weights):
+@pytest.fixture(scope="module", params=["base", "lora"])
+def dits(weights, request):
+    """(ours, DiffSynth's): the base weights alone, then with the LoRA."""
+    with_lora = request.param == "lora"
     ours = QwenImageDiT(CONFIG)
     ours.load_state_dict(weights[0], strict=True)
-    load_lora(ours, weights[1])
-    return ours.eval(), _diffsynth_dit(weights)
+    if with_lora:
+        load_lora(ours, weights[1])
+    return ours.eval(), _diffsynth_dit(weights, with_lora)
 
 
 def box_mask(box, size=(8 * LATENT_W, 8 * LATENT_H), mode="RGB") -> Image.Image:
@@ -160,14 +166,16 @@ def test_guidance_batch_matches_diffsynth(dits, inputs, on_negative):
     assert rel_err(ours[1:], theirs_negative) <= TOLERANCE
 
 
-def test_the_comparison_can_fail(weights, dits, inputs):
+def test_the_comparison_can_fail(weights, inputs):
     """The tolerance separates real differences: the entities change DiffSynth's velocity, and so does its
-    own activation (so the switch to tanh-GELU is in effect)."""
-    ours_dit, their_dit = dits
+    own activation (so the switch to tanh-GELU is in effect). Base weights, no LoRA."""
+    ours_dit = QwenImageDiT(CONFIG)
+    ours_dit.load_state_dict(weights[0], strict=True)
     masks = inputs["boxes"]
     text = entity_text(_states(inputs["entities"]), _states([inputs["prompt"]]))
-    ours = _ours(ours_dit, inputs["latents"], text, masks)
-    without_entities = _theirs(their_dit, inputs, masks)
-    sigmoid_gelu = _theirs(_diffsynth_dit(weights, tanh_gelu=False), inputs, masks, entities=inputs["entities"])
+    ours = _ours(ours_dit.eval(), inputs["latents"], text, masks)
+    without_entities = _theirs(_diffsynth_dit(weights, with_lora=False), inputs, masks)
+    sigmoid_gelu = _theirs(_diffsynth_dit(weights, with_lora=False, tanh_gelu=False), inputs, masks,
+                           entities=inputs["entities"])
     assert rel_err(ours, without_entities) > 100 * TOLERANCE
     assert rel_err(ours, sigmoid_gelu) > 10 * TOLERANCE
