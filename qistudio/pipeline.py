@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from tqdm import tqdm
 
 from . import lora
 from .components import Components, load_components
+from .conditioning.control import blacked_out, blurred_mask, control_tokens, fit_image, mask_tensor
 from .conditioning.edit import encode_edit_prompts
 from .conditioning.eligen import entity_text
 from .conditioning.prompt import concat_text_states, encode_prompts
@@ -89,9 +92,13 @@ def encode_edit_latents(components: Components, request: GenerationRequest, devi
     return [latents for latents in per_prompt for _ in range(request.num_images)]
 
 
-def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative, conditions):
-    """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in."""
+def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative, conditions,
+                     controls=(), num_steps: int = 1):
+    """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in and ControlNets injected."""
     dit = components.dit
+    with torch.no_grad():  # each control map is projected once per call
+        projected = [(control, components.controlnets[control.controlnet_id], components.controlnets[
+            control.controlnet_id].project(tokens)) for control, tokens in controls]
     h, w = request.latent_size
     target = ImageGrid(0, h // 2, w // 2)
     zero_cond_t = dit.config.zero_cond_t if request.zero_cond_t is None else request.zero_cond_t
@@ -108,22 +115,36 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
         cond_seq = sequence(positive, conditions)
         uncond_seq = None if negative is None else sequence(negative, conditions)
 
-    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def controlnet_hook(step: int):
+        active = [(c, net, proj) for c, net, proj in projected if c.active(step, num_steps)]
+        if not active:
+            return None
+        n = target.num_tokens
+
+        def hook(index: int, image: torch.Tensor) -> torch.Tensor:
+            own = image[:, :n]
+            residual = sum(c.scale * net.residual(index, own, proj.expand(own.shape[0], -1, -1))
+                           for c, net, proj in active)
+            return torch.cat([own + residual, image[:, n:]], dim=1) if image.shape[1] > n else own + residual
+
+        return hook
+
+    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor, step: int) -> torch.Tensor:
         if seq.condition_tokens is not None:
             tokens = torch.cat([tokens, seq.condition_tokens.to(tokens.dtype)], dim=1)
         return dit(tokens, seq.text.states, timestep, seq.rotary, seq.text_lengths,
                    num_target_tokens=seq.num_target_tokens, condition_token_mask=seq.condition_token_mask,
-                   attention_mask=seq.attention_mask)
+                   attention_mask=seq.attention_mask, block_hook=controlnet_hook(step))
 
     def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         tokens = patchify(x)  # (B, N, 64)
         timestep = torch.full((tokens.shape[0],), sigma, device=x.device, dtype=torch.float32)
         with torch.no_grad():
             if batched:
-                cond, uncond = run(both, torch.cat([tokens, tokens]), timestep.repeat(2)).chunk(2)
+                cond, uncond = run(both, torch.cat([tokens, tokens]), timestep.repeat(2), step).chunk(2)
             else:
-                cond = run(cond_seq, tokens, timestep)
-                uncond = None if uncond_seq is None else run(uncond_seq, tokens, timestep)
+                cond = run(cond_seq, tokens, timestep, step)
+                uncond = None if uncond_seq is None else run(uncond_seq, tokens, timestep, step)
         if uncond is not None:
             cond = guide(cond, uncond, request.cfg_scale, request.cfg_norm_rescale)
         return unpatchify(cond, h // 2, w // 2)
@@ -134,11 +155,64 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
 def require_components(components: Components, request: GenerationRequest) -> None:
     """Fail before any model runs when the request needs a model that was not loaded."""
     needed = ["dit", "text_encoder"]
-    if request.input_image is not None or request.edit_rows is not None:
+    images = (request.input_image, request.edit_rows, request.context_image, request.controlnet_inputs or None)
+    if any(i is not None for i in images):
         needed.append("vae")
+    for control in request.controlnet_inputs:
+        if not 0 <= control.controlnet_id < len(components.controlnets):
+            raise ValueError(
+                f"ControlNetInput(controlnet_id={control.controlnet_id}) but {len(components.controlnets)} Blockwise "
+                "ControlNet(s) are loaded (ids follow the order of their ModelConfigs); load one with "
+                "ModelConfig(model_id='DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny', "
+                "origin_file_pattern='model.safetensors')"
+            )
+        if components.controlnets[control.controlnet_id].config.additional_in_channels and control.inpaint_mask is None:
+            raise ValueError(f"ControlNet {control.controlnet_id} is an Inpaint ControlNet: give its ControlNetInput "
+                             "an inpaint_mask (white = repaint)")
     if components.processor is None:
         needed.append("tokenizer")  # text prompts, and the processor built for edit images, need it
     components.require(*needed)
+
+
+@dataclass
+class ImageInputs:
+    """What the VAE phase makes of a request's images."""
+
+    conditions: list[list[torch.Tensor]]  # per row, latents (16, h, w) appended after the target (context, edits)
+    start: torch.Tensor  # the latents sampling starts from (noise, or the noised input image)
+    input_latents: torch.Tensor | None = None  # (1, 16, h, w) of input_image, for inpainting
+    inpaint_mask: torch.Tensor | None = None  # (1, 1, h, w) in [0, 1], 1 = repaint
+    controls: list = field(default_factory=list)  # (ControlNetInput, patchified control features (1, N, 64|68))
+
+
+def _encode(components: Components, request: GenerationRequest, image, device, dtype) -> torch.Tensor:
+    with torch.no_grad():
+        return components.vae.encode(image_to_tensor(image, device, dtype), *_vae_tiling(components, request)).to(dtype)
+
+
+def encode_images(components: Components, request: GenerationRequest, noise, sigma0: float, device, dtype):
+    """The VAE phase: edit and context latents, the image-to-image start, inpainting and control inputs."""
+    inputs = ImageInputs(encode_edit_latents(components, request, device, dtype), noise)
+    h, w = request.latent_size
+    if request.context_image is not None:
+        context = _encode(components, request, request.context_image, device, dtype)[0]
+        inputs.conditions = [[context, *row] for row in inputs.conditions]  # frame 1, before any edit image
+    if request.input_image is not None:
+        inputs.input_latents = _encode(components, request, request.input_image.resize((request.width, request.height)),
+                                       device, dtype)
+        inputs.start = (1 - sigma0) * inputs.input_latents + sigma0 * noise
+    if request.inpaint_mask is not None:
+        mask = mask_tensor(request.inpaint_mask, h, w, device)
+        inputs.inpaint_mask = blurred_mask(mask, request.inpaint_blur_size, request.inpaint_blur_sigma).to(dtype)
+    for control in request.controlnet_inputs:
+        controlnet = components.controlnets[control.controlnet_id]
+        image = fit_image(control.image, request.width, request.height, "a ControlNet image")
+        mask = None
+        if controlnet.config.additional_in_channels:
+            image = blacked_out(image, control.inpaint_mask)
+            mask = mask_tensor(control.inpaint_mask, h, w, device)
+        inputs.controls.append((control, control_tokens(_encode(components, request, image, device, dtype), mask)))
+    return inputs
 
 
 def generate_latents(
@@ -150,27 +224,26 @@ def generate_latents(
     noise = _initial_noise(request, dtype, device)
     with components.phase("text encoding", "text_encoder"):
         positive, negative = encode_text(components, request, device, dtype)
-    latents = noise
-    if request.edit_rows is not None or request.input_image is not None:
-        with components.phase("image encoding", "vae"):
-            conditions = encode_edit_latents(components, request, device, dtype)
-            if request.input_image is not None:
-                latents = _noised_input(components, request, noise, float(sigmas[0]), device, dtype)
-    else:
-        conditions = [[] for _ in range(request.batch_size)]
+    with components.phase("image encoding", "vae"):
+        images = encode_images(components, request, noise, float(sigmas[0]), device, dtype)
     with components.phase("denoising", "dit"):
-        velocity = make_velocity_fn(components, request, positive, negative, conditions)
-        return sample_euler(velocity, latents, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
+        velocity = make_velocity_fn(components, request, positive, negative, images.conditions, images.controls,
+                                    len(sigmas) - 1)
+        step_fn = None
+        if images.inpaint_mask is not None:
+            step_fn = _inpaint_step(images.input_latents, images.inpaint_mask, sigmas)
+        return sample_euler(velocity, images.start, sigmas, callback=request.callback,
+                            progress=request.progress_bar_cmd, step_fn=step_fn)
 
 
-def _noised_input(components: Components, request: GenerationRequest, noise, sigma0: float, device, dtype):
-    """Image-to-image start: the input image's latents noised to the first sigma."""
-    image = request.input_image.resize((request.width, request.height))
-    with torch.no_grad():
-        input_latents = components.vae.encode(
-            image_to_tensor(image, device, dtype), *_vae_tiling(components, request)
-        ).to(dtype)
-    return (1 - sigma0) * input_latents + sigma0 * noise
+def _inpaint_step(input_latents: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor):
+    """Keep the unmasked region on the straight path back to the input: v = v_to_input (1 - m) + v_model m."""
+
+    def step(x: torch.Tensor, velocity: torch.Tensor, i: int) -> torch.Tensor:
+        expected = (x.float() - input_latents.float()) / float(sigmas[i])
+        return (expected * (1 - mask.float()) + velocity.float() * mask.float()).to(velocity.dtype)
+
+    return step
 
 
 def _vae_tiling(components: Components, request: GenerationRequest) -> tuple:
@@ -275,6 +348,10 @@ class QwenImagePipeline:
         return self.components.tokenizer
 
     @property
+    def controlnets(self):
+        return self.components.controlnets
+
+    @property
     def processor(self):
         return self.components.processor
 
@@ -332,6 +409,11 @@ class QwenImagePipeline:
         eligen_entity_prompts: list[str] | None = None,
         eligen_entity_masks: list | None = None,
         eligen_enable_on_negative: bool = False,
+        blockwise_controlnet_inputs: list | None = None,
+        inpaint_mask=None,
+        inpaint_blur_size: int | None = None,
+        inpaint_blur_sigma: float | None = None,
+        context_image=None,
         tiled: bool = False,
         tile_size: int | tuple = 128,
         tile_stride: int | tuple = 64,
@@ -354,7 +436,10 @@ class QwenImagePipeline:
             sigmas=sigmas, exponential_shift_mu=exponential_shift_mu, edit_image=edit_image,
             edit_image_auto_resize=edit_image_auto_resize, edit_rope_interpolation=edit_rope_interpolation,
             zero_cond_t=zero_cond_t, eligen_entity_prompts=eligen_entity_prompts,
-            eligen_entity_masks=eligen_entity_masks, eligen_enable_on_negative=eligen_enable_on_negative, tiled=tiled, tile_size=tile_size,
+            eligen_entity_masks=eligen_entity_masks, eligen_enable_on_negative=eligen_enable_on_negative,
+            blockwise_controlnet_inputs=blockwise_controlnet_inputs, inpaint_mask=inpaint_mask,
+            inpaint_blur_size=inpaint_blur_size, inpaint_blur_sigma=inpaint_blur_sigma, context_image=context_image,
+            tiled=tiled, tile_size=tile_size,
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
         )
         self.last_request = request

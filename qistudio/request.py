@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from .conditioning.control import ControlNetInput, fit_image, with_context_trigger
 from .conditioning.eligen import EntityControl, entity_control
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
 from .imageio import load_image, round_size
@@ -39,6 +41,11 @@ class GenerationRequest:
     edit_rope_interpolation: bool = False
     zero_cond_t: bool | None = None  # None: the DiT's own default (its config.json)
     entities: EntityControl | None = None  # EliGen
+    controlnet_inputs: list[ControlNetInput] = field(default_factory=list)  # Blockwise ControlNet maps
+    inpaint_mask: Image.Image | None = None  # with input_image: white = repaint, the rest is kept
+    inpaint_blur_size: int | None = None
+    inpaint_blur_sigma: float | None = None
+    context_image: Image.Image | None = None  # In-Context control map, at the output size
     tiled: bool = False
     tile_size: int | tuple = 128
     tile_stride: int | tuple = 64
@@ -100,8 +107,25 @@ def edit_rows_from(edit_image, num_prompts: int) -> list[EditRow]:
     return rows
 
 
+def _control_inputs(inputs) -> list[ControlNetInput]:
+    checked = []
+    for k, control in enumerate(inputs or []):
+        if not isinstance(control, ControlNetInput):
+            raise ValueError(f"blockwise_controlnet_inputs[{k}] must be a ControlNetInput, got {type(control).__name__}")
+        image = control.image if control.image is not None else control.inpaint_image
+        if image is None:
+            raise ValueError(f"blockwise_controlnet_inputs[{k}] has no image (the control map)")
+        if not 0 <= control.end <= control.start <= 1:
+            raise ValueError(f"blockwise_controlnet_inputs[{k}]: need 0 <= end <= start <= 1, got start={control.start}, "
+                             f"end={control.end}")
+        mask = None if control.inpaint_mask is None else load_image(control.inpaint_mask)
+        checked.append(dataclasses.replace(control, image=load_image(image), inpaint_mask=mask))
+    return checked
+
+
 def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_entity_masks=None,
-                  eligen_enable_on_negative: bool = False, **kwargs) -> GenerationRequest:
+                  eligen_enable_on_negative: bool = False, blockwise_controlnet_inputs=None, context_image=None,
+                  **kwargs) -> GenerationRequest:
     """Normalise and check the caller's arguments; every error a caller can cause is raised here."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -134,6 +158,14 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
                                           *request.latent_size)
     if request.input_image is not None:
         request.input_image = load_image(request.input_image)
+    if request.inpaint_mask is not None:
+        if request.input_image is None:
+            raise ValueError("inpaint_mask needs input_image: the image whose unmasked region is kept")
+        request.inpaint_mask = load_image(request.inpaint_mask)
+    request.controlnet_inputs = _control_inputs(blockwise_controlnet_inputs)
+    if context_image is not None:
+        request.context_image = fit_image(load_image(context_image), request.width, request.height, "context_image")
+        request.prompts = with_context_trigger(request.prompts)
     if request.seed is None:
         request.seed = random.randrange(2**31)
     if request.noise is not None:

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..models.controlnet import QwenImageBlockwiseControlNet, controlnet_config_from_shapes
 from ..models.dit import QwenImageDiT, dit_config_from_shapes
 from ..models.text_encoder import QwenImageTextEncoder, text_encoder_config_from_shapes
 from ..models.vae import QwenImageVAE, VAEConfig
 from .errors import CheckpointError
-from .formats import DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
+from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
 from .safetensors_io import TensorSource
 
 _FLOAT8 = {"F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2"}
@@ -64,6 +65,8 @@ def build_empty(kind: str, shapes: dict[str, tuple[int, ...]], config_json: dict
 
                 return QwenImageTextEncoder(Qwen2_5_VLConfig.from_dict(config_json))
             return QwenImageTextEncoder(text_encoder_config_from_shapes(shapes))
+        if kind == CONTROLNET:
+            return QwenImageBlockwiseControlNet(controlnet_config_from_shapes(shapes))
     raise CheckpointError(f"loading a {kind!r} checkpoint is not supported yet")
 
 
