@@ -16,7 +16,7 @@ from .models.vae import QwenImageVAE
 from .tokenizer_build import QWEN25_IMAGE_PROCESSOR
 from .memory.disk import DiskSource
 from .weights.build import load_model, load_model_deferred
-from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE
+from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE, detect_layout
 from .weights.hub import resolve_files
 from .weights.model_config import ModelConfig
 
@@ -116,6 +116,16 @@ def _streamed_from_disk(name: str) -> bool:
     return name.startswith(DISK_STREAMED_PREFIXES)
 
 
+def detect_kind(files) -> str:
+    from .weights.safetensors_io import TensorSource
+
+    source = TensorSource(files)
+    try:
+        return detect_layout(source.keys()).kind
+    finally:
+        source.close()
+
+
 def load_components(
     model_configs: list[ModelConfig],
     tokenizer_config: ModelConfig | None,
@@ -130,6 +140,8 @@ def load_components(
         # A model that rests off the device is built in host memory; the memory manager moves it. With
         # offload_device="disk" its repeated blocks are not even read: they stream from the files.
         device_here = "cpu" if config.offload_device else device
+        if detect_kind(files) == CONTROLNET:
+            device_here = device  # 1.1 B parameters, needed at every step: not offloaded (yet)
         if str(config.offload_device) == "disk":
             kind, model, deferred, source = load_model_deferred(files, dtype, device_here, defer=_streamed_from_disk)
             if deferred:

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import qistudio.conditioning.edit as edit
 from conftest import ROOT
 from lora_files import peft_layout, random_pairs
+from test_control import write_controlnet
 from tiny_models import reference_dit
 
 EXAMPLES = ROOT / "examples"
@@ -24,7 +25,8 @@ def hub_on_disk(tiny_repo, tmp_path, monkeypatch):
     studio = models / "DiffSynth-Studio"
     studio.mkdir()
     (studio / "Qwen-Image-Distill-Full").symlink_to(tiny_repo / "transformer", target_is_directory=True)
-    loras = ("Qwen-Image-Distill-LoRA", "Qwen-Image-Edit-Lowres-Fix", "Qwen-Image-EliGen", "Qwen-Image-EliGen-V2")
+    loras = ("Qwen-Image-Distill-LoRA", "Qwen-Image-Edit-Lowres-Fix", "Qwen-Image-EliGen", "Qwen-Image-EliGen-V2",
+             "Qwen-Image-In-Context-Control-Union")
     for seed, name in enumerate(loras):
         (studio / name).mkdir()  # DiffSynth-Studio's own LoRA layout: <module>.lora_A.default.weight
         pairs = random_pairs(reference_dit(), seed=seed)
@@ -35,6 +37,10 @@ def hub_on_disk(tiny_repo, tmp_path, monkeypatch):
     monkeypatch.setenv("QISTUDIO_EXAMPLE_DEVICE", "cpu")
     monkeypatch.setenv("QISTUDIO_EXAMPLE_STEPS", "2")
     monkeypatch.setenv("QISTUDIO_EXAMPLE_SIZE", "64")
+    for kind in ("Canny", "Depth", "Inpaint"):  # tiny Blockwise ControlNets in the released layout
+        (studio / f"Qwen-Image-Blockwise-ControlNet-{kind}").mkdir()
+        write_controlnet(studio / f"Qwen-Image-Blockwise-ControlNet-{kind}" / "model.safetensors",
+                         inpaint=kind == "Inpaint")
     monkeypatch.setattr(edit, "EDIT_LATENT_AREA", 128 * 128)  # a tiny model needs no 1024x1024 working area
     return tmp_path
 
@@ -105,5 +111,17 @@ def test_other_low_vram_examples(hub_on_disk, name, output):
 def test_eligen_examples(hub_on_disk, folder, name):
     namespace = run_example(name, folder)
     assert namespace["pipe"].last_request.entities.token_masks.shape == (3, 16)  # 3 entities on a 4x4 patch grid
+    with Image.open(hub_on_disk / "image.jpg") as image:
+        assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("folder", ["model_inference", "model_inference_low_vram"])
+@pytest.mark.parametrize("name", ["Qwen-Image-Blockwise-ControlNet-Canny.py", "Qwen-Image-Blockwise-ControlNet-Depth.py",
+                                  "Qwen-Image-Blockwise-ControlNet-Inpaint.py",
+                                  "Qwen-Image-In-Context-Control-Union.py"])
+def test_control_examples(hub_on_disk, folder, name):
+    namespace = run_example(name, folder)
+    request = namespace["pipe"].last_request
+    assert request.controlnet_inputs or request.context_image is not None
     with Image.open(hub_on_disk / "image.jpg") as image:
         assert image.size == (64, 64)
