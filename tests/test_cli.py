@@ -269,3 +269,42 @@ def test_entities_match_the_pipeline(tiny_repo, tiny_pipe, tmp_path, capsys):
     assert cli("generate", "x", "--model", tiny_repo, "--entity", "a", "--entity-mask", tmp_path / "black.png",
                "-o", out) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_controls_inpaint_and_context_match_the_pipeline(tiny_repo, tmp_path, capsys):
+    from qistudio import ControlNetInput, ModelConfig, QwenImagePipeline
+    from qistudio.annotators import canny
+    from test_control import write_controlnet
+
+    photo = _random_png(tmp_path / "photo.png", 64, 48, seed=3)
+    mask = Image.new("RGB", (64, 48))
+    mask.paste((255, 255, 255), (0, 0, 32, 48))
+    mask.save(tmp_path / "mask.png")
+    canny_net = write_controlnet(tmp_path / "canny.safetensors")
+    inpaint_net = write_controlnet(tmp_path / "inpaint.safetensors", inpaint=True, seed=1)
+    out = tmp_path / "control.png"
+    assert cli("generate", "a street", "--model", tiny_repo, "--size", "64x48", "--steps", 2, "--seed", 9,
+               "--control", f"canny:{photo}:0.8", "--control", f"inpaint:{photo}", "--inpaint-mask", tmp_path / "mask.png",
+               "--input-image", photo, "--strength", 1, "--controlnet", f"canny={canny_net}",
+               "--controlnet", f"inpaint={inpaint_net}", "-o", out) == 0
+    pipe = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[*(ModelConfig(path=str(tiny_repo / n)) for n in ("transformer", "text_encoder", "vae")),
+                       ModelConfig(path=str(canny_net)), ModelConfig(path=str(inpaint_net))],
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+    )  # fmt: skip
+    source, mask_image = Image.open(photo).convert("RGB"), Image.open(tmp_path / "mask.png").convert("RGB")
+    expected = pipe("a street", seed=9, num_inference_steps=2, height=48, width=64, input_image=source,
+                    inpaint_mask=mask_image, blockwise_controlnet_inputs=[
+                        ControlNetInput(image=canny(source), scale=0.8, controlnet_id=0),
+                        ControlNetInput(image=source, controlnet_id=1, inpaint_mask=mask_image)])
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    params = read_png_parameters(out)
+    assert params["controls"] == [f"canny:{photo.resolve()}:0.8", f"inpaint:{photo.resolve()}:1"]
+    context = tmp_path / "context.png"
+    assert cli("generate", "a street", "--model", tiny_repo, "--size", "64x48", "--steps", 1, "--seed", 9,
+               "--context-image", photo, "-o", context) == 0
+    assert read_png_parameters(context)["context_image"] == str(photo.resolve())
+    assert cli("generate", "x", "--model", tiny_repo, "--control", f"inpaint:{photo}", "-o", out) == 2
+    assert "needs --inpaint-mask" in capsys.readouterr().err
+    assert cli("generate", "x", "--model", tiny_repo, "--control", "blur:x.png", "-o", out) == 2

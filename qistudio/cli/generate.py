@@ -95,6 +95,20 @@ def lora_spec(text) -> str:
     return f"{path}:{value:g}"
 
 
+def control_spec(text) -> str:
+    """'KIND:PATH[:SCALE]' with KIND canny (edges computed from PATH), depth (PATH is the map) or inpaint."""
+    kind, sep, rest = str(text).partition(":")
+    if not sep or kind not in CONTROL_KINDS or not rest:
+        raise argparse.ArgumentTypeError(f"expected KIND:PATH[:SCALE] with KIND one of {', '.join(CONTROL_KINDS)}, "
+                                         f"got {text!r}")
+    path, _, scale = rest.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        path, value = rest, 1.0
+    return f"{kind}:{path}:{value:g}"
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' (or 'N' for a square) -> (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(text))
@@ -112,8 +126,10 @@ STORED = {
     "model": str, "demo": bool, "input_image": str, "strength": strength_float, "dtype": str, "tiled": bool,
     "edit_images": lambda paths: [str(p) for p in paths], "loras": lambda specs: [lora_spec(s) for s in specs],
     "scheduler": str, "entities": lambda items: [str(e) for e in items],
-    "entity_masks": lambda paths: [str(p) for p in paths],
+    "entity_masks": lambda paths: [str(p) for p in paths], "controls": lambda specs: [control_spec(c) for c in specs],
+    "inpaint_mask": str, "context_image": str, "controlnets": lambda specs: [str(c) for c in specs],
 }  # fmt: skip
+CONTROL_KINDS = {"canny": "Canny", "depth": "Depth", "inpaint": "Inpaint"}  # -> DiffSynth-Studio repository suffix
 SCHEDULERS = tuple(FlowMatchScheduler.TEMPLATES)
 
 
@@ -148,6 +164,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="EliGen: a prompt for one region (repeat; pair each with --entity-mask, in order)")
     p.add_argument("--entity-mask", metavar="PATH", action="append", dest="entity_masks",
                    help="EliGen: the region of the matching --entity (white = inside; any size)")
+    p.add_argument("--control", metavar="KIND:PATH[:SCALE]", action="append", dest="controls", type=control_spec,
+                   help="Blockwise ControlNet: canny (edges computed from the image), depth (a depth map) or inpaint "
+                   "(the image; needs --inpaint-mask); repeatable")
+    p.add_argument("--controlnet", metavar="KIND=SOURCE", action="append", dest="controlnets",
+                   help="where a ControlNet's weights come from (a file, folder or hub id; default "
+                   "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-<Kind>)")
+    p.add_argument("--inpaint-mask", metavar="PATH", help="white = repaint; with --input-image the rest is kept")
+    p.add_argument("--context-image", metavar="PATH",
+                   help="In-Context control map (with the In-Context-Control-Union LoRA via --lora)")
     p.add_argument("--strength", type=strength_float,
                    help=f"how much of the input image to repaint, in (0, 1] (default: {IMG2IMG_STRENGTH})")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available, else cpu)")
@@ -213,6 +238,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         settings["entity_masks"] = [str(Path(path).expanduser().resolve()) for path in masks]
         if settings.get("edit_images"):
             error("--entity cannot be combined with --edit-image")
+    _resolve_controls(settings, error)
     if settings.get("edit_images"):
         try:
             settings["edit"] = [load_image(path) for path in settings["edit_images"]]
@@ -244,6 +270,65 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     if settings.get("seed") is None:
         settings["seed"] = random.randrange(2**31)
     return settings
+
+
+def _resolve_controls(settings: dict, error) -> None:
+    """Read the control, mask and context images (errors before loading); paths stored absolute."""
+    for key in ("inpaint_mask", "context_image"):
+        if settings.get(key):
+            try:
+                settings[key + "_data"] = load_image(settings[key])
+            except ValueError as e:
+                error(f"--{key.replace('_', '-')}: {e}")
+            settings[key] = str(Path(settings[key]).expanduser().resolve())
+    controls = []
+    for spec in settings.get("controls") or []:
+        kind, path, scale = spec.split(":")[0], ":".join(spec.split(":")[1:-1]), float(spec.split(":")[-1])
+        try:
+            image = load_image(path)
+        except ValueError as e:
+            error(f"--control {spec}: {e}")
+        if kind == "inpaint" and "inpaint_mask_data" not in settings:
+            error("--control inpaint needs --inpaint-mask (white = repaint)")
+        controls.append((kind, str(Path(path).expanduser().resolve()), scale, image))
+    settings["control_data"] = controls
+    if controls:
+        settings["controls"] = [f"{k}:{p}:{s:g}" for k, p, s, _ in controls]
+    sources = dict(item.split("=", 1) for item in settings.get("controlnets") or [] if "=" in item)
+    bad = [item for item in settings.get("controlnets") or [] if "=" not in item or item.split("=")[0] not in CONTROL_KINDS]
+    if bad:
+        error(f"--controlnet {bad[0]}: expected KIND=SOURCE with KIND one of {', '.join(CONTROL_KINDS)}")
+    settings["controlnet_sources"] = sources
+
+
+def control_inputs(settings: dict, kinds: list[str]) -> list:
+    """ControlNetInputs for the pipeline; controlnet_id = the kind's position among the loaded ControlNets."""
+    from ..annotators import canny
+    from ..conditioning.control import ControlNetInput
+
+    inputs = []
+    for kind, _, scale, image in settings.get("control_data") or []:
+        mask = settings.get("inpaint_mask_data") if kind == "inpaint" else None
+        inputs.append(ControlNetInput(image=canny(image) if kind == "canny" else image, scale=scale,
+                                      controlnet_id=kinds.index(kind), inpaint_mask=mask))
+    return inputs
+
+
+def controlnet_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelConfig], list[str]]:
+    """One ModelConfig per control kind used, in first-use order (their controlnet_ids)."""
+    kinds = list(dict.fromkeys(kind for kind, *_ in settings.get("control_data") or []))
+    configs = []
+    for kind in kinds:
+        source = settings["controlnet_sources"].get(kind)
+        if source and Path(source).expanduser().exists():
+            configs.append(ModelConfig(path=str(Path(source).expanduser().resolve())))
+        else:
+            configs.append(ModelConfig(
+                model_id=source or f"DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-{CONTROL_KINDS[kind]}",
+                origin_file_pattern="model.safetensors", download_source=args.download_source,
+                local_model_path=args.model_dir, skip_download=args.skip_download,
+            ))  # fmt: skip
+    return configs, kinds
 
 
 def _rounded(width: int, height: int) -> tuple[int, int]:
@@ -314,6 +399,7 @@ def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline
     print(f"loading {what} on {settings['device']} ({settings['dtype']})", file=sys.stderr)
     try:
         configs, tokenizer_config, processor_config = model_configs(settings, args)
+        configs = configs + controlnet_configs(settings, args)[0]
         return QwenImagePipeline.from_pretrained(
             torch_dtype=DTYPES[settings["dtype"]], device=settings["device"],
             model_configs=configs, tokenizer_config=tokenizer_config, processor_config=processor_config,
@@ -356,7 +442,9 @@ def run(args: argparse.Namespace) -> int:
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
         edit_image=edit_image, eligen_entity_prompts=settings.get("entities") or None,
-        eligen_entity_masks=settings.get("entity_images"),
+        eligen_entity_masks=settings.get("entity_images"), inpaint_mask=settings.get("inpaint_mask_data") if settings.get("image") else None,
+        context_image=settings.get("context_image_data"),
+        blockwise_controlnet_inputs=control_inputs(settings, controlnet_configs(settings, args)[1]),
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
         progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"),
     )  # fmt: skip

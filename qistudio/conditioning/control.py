@@ -39,7 +39,8 @@ class ControlNetInput:
     inpaint_image: Image.Image | str | None = None  # the seed's field; Qwen's ControlNets read `image`
 
     def active(self, step: int, num_steps: int) -> bool:
-        progress = 1.0 if num_steps <= 1 else (num_steps - 1 - step) / (num_steps - 1)
+        # DiffSynth-Studio's rule, float for float: a single step has progress 0 (the last step), not 1.
+        progress = (num_steps - 1 - step) / max(num_steps - 1, 1)
         return self.end - 1e-4 <= progress <= self.start + 1e-4
 
 
@@ -51,16 +52,35 @@ def fit_image(image: Image.Image, width: int, height: int, what: str) -> Image.I
     return image
 
 
+def _mask_values(mask: Image.Image) -> torch.Tensor:
+    """(H, W) float32 in [0, 1]: the RGB mean of a mask image (white = 1)."""
+    return torch.from_numpy(np.asarray(mask.convert("RGB"), dtype=np.float32) / 255.0).mean(dim=-1)
+
+
 def mask_tensor(mask: Image.Image, height: int, width: int, device) -> torch.Tensor:
-    """(1, 1, height, width) in [0, 1] from any mask image (RGB mean; white = 1), resized bilinearly."""
-    array = torch.from_numpy(np.asarray(mask.convert("RGB"), dtype=np.float32) / 255.0).mean(dim=-1)
-    return F.interpolate(array[None, None], size=(height, width), mode="bilinear", align_corners=False).to(device)
+    """(1, 1, height, width) in [0, 1]: the Inpaint ControlNet's mask channel before `1 - mask`.
+
+    Read at full size, then `interpolate`'s default (nearest) to the latent grid, as DiffSynth-Studio trained it.
+    """
+    return F.interpolate(_mask_values(mask)[None, None], size=(height, width)).to(device)
+
+
+def inpaint_mask_tensor(mask: Image.Image, height: int, width: int, device) -> torch.Tensor:
+    """(1, 1, height, width) in [0, 1]: the pipeline-level inpainting mask (1 = repaint).
+
+    DiffSynth-Studio's rule: the mask image is resized to the latent grid by PIL (its default, bicubic, which
+    averages each 8x8 block with soft edges), then read; a different rule from the ControlNet's `mask_tensor`.
+    """
+    return _mask_values(mask.convert("RGB").resize((width, height)))[None, None].to(device)
 
 
 def blacked_out(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """The control image with the region to repaint (mask brighter than mid-grey) set to black."""
+    """The control image with the region to repaint (mask brighter than mid-grey) set to black.
+
+    A mask of another size is resized with PIL's default (bicubic) first, as DiffSynth-Studio does.
+    """
     pixels = np.asarray(image.convert("RGB")).copy()
-    inside = np.asarray(mask.convert("RGB").resize(image.size, Image.NEAREST), dtype=np.float32).mean(axis=-1) > 127.5
+    inside = np.asarray(mask.convert("RGB").resize(image.size), dtype=np.float32).mean(axis=-1) > 127.5
     pixels[inside] = 0
     return Image.fromarray(pixels)
 
