@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from . import lora
 from .components import Components, load_components
-from .conditioning.control import blacked_out, blurred_mask, control_tokens, fit_image, mask_tensor
+from .conditioning.control import (blacked_out, blurred_mask, control_tokens, fit_image, inpaint_mask_tensor,
+                                   mask_tensor)
 from .conditioning.edit import encode_edit_prompts
 from .conditioning.eligen import entity_text
 from .conditioning.prompt import concat_text_states, encode_prompts
@@ -202,7 +203,7 @@ def encode_images(components: Components, request: GenerationRequest, noise, sig
                                        device, dtype)
         inputs.start = (1 - sigma0) * inputs.input_latents + sigma0 * noise
     if request.inpaint_mask is not None:
-        mask = mask_tensor(request.inpaint_mask, h, w, device)
+        mask = inpaint_mask_tensor(request.inpaint_mask, h, w, device)
         inputs.inpaint_mask = blurred_mask(mask, request.inpaint_blur_size, request.inpaint_blur_sigma).to(dtype)
     for control in request.controlnet_inputs:
         controlnet = components.controlnets[control.controlnet_id]

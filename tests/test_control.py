@@ -97,9 +97,10 @@ def test_inpainting_keeps_the_unmasked_region(control_pipe):
 
     with torch.no_grad():
         input_latents = control_pipe.vae.encode(image_to_tensor(source))
-    keep = (slice(None), slice(None), slice(None), slice(4, 8))  # right half of the 6x8 latent grid
+    # DiffSynth-Studio's mask rule (PIL resize to the latent grid) softens the edge by about one latent column.
+    keep = (slice(None), slice(None), slice(None), slice(5, 8))  # right of the edge, on the 6x8 latent grid
     assert torch.allclose(out[keep], input_latents[keep], atol=1e-5)
-    assert rel_err(out[..., :4], input_latents[..., :4]) > 1e-2  # the masked half was repainted
+    assert rel_err(out[..., :3], input_latents[..., :3]) > 1e-2  # the masked half was repainted
     blurred = control_pipe("a lake", input_image=source, inpaint_mask=mask, inpaint_blur_size=1, inpaint_blur_sigma=1.0,
                            seed=5, **QUIET)
     assert not torch.equal(blurred, out)
