@@ -140,9 +140,12 @@ def load_components(
         # A model that rests off the device is built in host memory; the memory manager moves it. With
         # offload_device="disk" its repeated blocks are not even read: they stream from the files.
         device_here = "cpu" if config.offload_device else device
-        if detect_kind(files) == CONTROLNET:
-            device_here = device  # 1.1 B parameters, needed at every step: not offloaded (yet)
-        if str(config.offload_device) == "disk":
+        controlnet = detect_kind(files) == CONTROLNET
+        if controlnet:
+            # Blockwise 1.1 B, InstantX Union 1.7 B parameters, needed at every step: not offloaded (yet), and
+            # InstantX's own transformer_blocks are not streamed from disk either.
+            device_here = device
+        if str(config.offload_device) == "disk" and not controlnet:
             kind, model, deferred, source = load_model_deferred(files, dtype, device_here, defer=_streamed_from_disk)
             if deferred:
                 components.disk_sources[_ATTRIBUTE[kind]] = DiskSource(source, deferred, dtype)

@@ -9,13 +9,14 @@ from tqdm import tqdm
 
 from . import lora
 from .components import Components, load_components
-from .conditioning.control import (blacked_out, blurred_mask, control_tokens, fit_image, inpaint_mask_tensor,
-                                   mask_tensor)
+from .conditioning.control import control_image_and_mask, blurred_mask, control_tokens, inpaint_mask_tensor
+from .conditioning.control_residuals import ControlResiduals
 from .conditioning.edit import encode_edit_prompts
 from .conditioning.eligen import entity_text
 from .conditioning.prompt import concat_text_states, encode_prompts
 from .conditioning.sequence import DiTSequence, build_sequence
 from .imageio import image_to_tensor, tensor_to_images
+from .models.instantx_controlnet import QwenImageInstantXControlNet
 from .models.text_encoder import TextStates
 from .memory.manager import MemoryManager
 from .memory.setup import memory_plan_for
@@ -97,15 +98,14 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
                      controls=(), num_steps: int = 1):
     """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in and ControlNets injected."""
     dit = components.dit
-    with torch.no_grad():  # each control map is projected once per call
-        projected = [(control, components.controlnets[control.controlnet_id], components.controlnets[
-            control.controlnet_id].project(tokens)) for control, tokens in controls]
     h, w = request.latent_size
     target = ImageGrid(0, h // 2, w // 2)
     zero_cond_t = dit.config.zero_cond_t if request.zero_cond_t is None else request.zero_cond_t
+    masks = None if request.entities is None else request.entities.token_masks
+    residuals = ControlResiduals(list(controls), components.controlnets, target, positive, num_steps,
+                                 dit.config.num_layers, masks)
 
     def sequence(text: TextStates, rows: list[list[torch.Tensor]]) -> DiTSequence:
-        masks = None if request.entities is None else request.entities.token_masks
         return build_sequence(target, rows, text, dit.config.axes_dim, request.edit_rope_interpolation, zero_cond_t,
                               masks)
 
@@ -116,41 +116,38 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
         cond_seq = sequence(positive, conditions)
         uncond_seq = None if negative is None else sequence(negative, conditions)
 
-    def controlnet_hook(step: int):
-        active = [(c, net, proj) for c, net, proj in projected if c.active(step, num_steps)]
-        if not active:
-            return None
-        n = target.num_tokens
-
-        def hook(index: int, image: torch.Tensor) -> torch.Tensor:
-            own = image[:, :n]
-            residual = sum(c.scale * net.residual(index, own, proj.expand(own.shape[0], -1, -1))
-                           for c, net, proj in active)
-            return torch.cat([own + residual, image[:, n:]], dim=1) if image.shape[1] > n else own + residual
-
-        return hook
-
-    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor, step: int) -> torch.Tensor:
+    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor, hook) -> torch.Tensor:
         if seq.condition_tokens is not None:
             tokens = torch.cat([tokens, seq.condition_tokens.to(tokens.dtype)], dim=1)
         return dit(tokens, seq.text.states, timestep, seq.rotary, seq.text_lengths,
                    num_target_tokens=seq.num_target_tokens, condition_token_mask=seq.condition_token_mask,
-                   attention_mask=seq.attention_mask, block_hook=controlnet_hook(step))
+                   attention_mask=seq.attention_mask, block_hook=hook)
 
     def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         tokens = patchify(x)  # (B, N, 64)
         timestep = torch.full((tokens.shape[0],), sigma, device=x.device, dtype=torch.float32)
         with torch.no_grad():
+            hook = residuals.hook(step, tokens, timestep)  # InstantX ControlNets run here, once per step
             if batched:
-                cond, uncond = run(both, torch.cat([tokens, tokens]), timestep.repeat(2), step).chunk(2)
+                cond, uncond = run(both, torch.cat([tokens, tokens]), timestep.repeat(2), hook).chunk(2)
             else:
-                cond = run(cond_seq, tokens, timestep, step)
-                uncond = None if uncond_seq is None else run(uncond_seq, tokens, timestep, step)
+                cond = run(cond_seq, tokens, timestep, hook)
+                uncond = None if uncond_seq is None else run(uncond_seq, tokens, timestep, hook)
         if uncond is not None:
             cond = guide(cond, uncond, request.cfg_scale, request.cfg_norm_rescale)
         return unpatchify(cond, h // 2, w // 2)
 
     return velocity
+
+
+def loaded_controlnets(components: Components) -> str:
+    """'3 Blockwise ControlNet(s) are', '2 ControlNet(s) (1 Blockwise, 1 InstantX) are', ...: for messages."""
+    nets = components.controlnets
+    instantx = sum(isinstance(net, QwenImageInstantXControlNet) for net in nets)
+    if not nets or instantx in (0, len(nets)):
+        family = "" if not nets else "InstantX " if instantx else "Blockwise "
+        return f"{len(nets)} {family}ControlNet(s) are"
+    return f"{len(nets)} ControlNet(s) ({len(nets) - instantx} Blockwise, {instantx} InstantX) are"
 
 
 def require_components(components: Components, request: GenerationRequest) -> None:
@@ -162,10 +159,11 @@ def require_components(components: Components, request: GenerationRequest) -> No
     for control in request.controlnet_inputs:
         if not 0 <= control.controlnet_id < len(components.controlnets):
             raise ValueError(
-                f"ControlNetInput(controlnet_id={control.controlnet_id}) but {len(components.controlnets)} Blockwise "
-                "ControlNet(s) are loaded (ids follow the order of their ModelConfigs); load one with "
+                f"ControlNetInput(controlnet_id={control.controlnet_id}) but {loaded_controlnets(components)} "
+                "loaded (ids follow the order of their ModelConfigs); load one with "
                 "ModelConfig(model_id='DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny', "
-                "origin_file_pattern='model.safetensors')"
+                "origin_file_pattern='model.safetensors') or ModelConfig(model_id='InstantX/Qwen-Image-ControlNet-"
+                "Union', origin_file_pattern='diffusion_pytorch_model.safetensors')"
             )
         if components.controlnets[control.controlnet_id].config.additional_in_channels and control.inpaint_mask is None:
             raise ValueError(f"ControlNet {control.controlnet_id} is an Inpaint ControlNet: give its ControlNetInput "
@@ -206,12 +204,8 @@ def encode_images(components: Components, request: GenerationRequest, noise, sig
         mask = inpaint_mask_tensor(request.inpaint_mask, h, w, device)
         inputs.inpaint_mask = blurred_mask(mask, request.inpaint_blur_size, request.inpaint_blur_sigma).to(dtype)
     for control in request.controlnet_inputs:
-        controlnet = components.controlnets[control.controlnet_id]
-        image = fit_image(control.image, request.width, request.height, "a ControlNet image")
-        mask = None
-        if controlnet.config.additional_in_channels:
-            image = blacked_out(image, control.inpaint_mask)
-            mask = mask_tensor(control.inpaint_mask, h, w, device)
+        image, mask = control_image_and_mask(components.controlnets[control.controlnet_id], control, request.width,
+                                             request.height, device)
         inputs.controls.append((control, control_tokens(_encode(components, request, image, device, dtype), mask)))
     return inputs
 

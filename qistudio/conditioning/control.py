@@ -1,10 +1,10 @@
-"""Spatial control inputs: Blockwise ControlNet maps, the inpainting mask, the In-Context control map.
+"""Spatial control inputs: ControlNet maps (Blockwise, InstantX), the inpainting mask, the In-Context control map.
 
 A `ControlNetInput` is a value passed to the pipeline (the seed's name and fields). Its control image is VAE-encoded
-at the output size; for the Inpaint ControlNet the region to repaint is blacked out in the image and its mask is
-appended as a 17th latent channel (1 - mask), as DiffSynth-Studio trained it. The projection by the ControlNet's
-`img_in` runs once per call; after each DiT block the residuals of the inputs active at that step are added to the
-target image tokens, times their scales.
+at the output size; for an Inpaint ControlNet the region to repaint is blacked out in the image and its mask is
+appended as a 17th latent channel (1 - mask), each family by its own rule: DiffSynth-Studio's for the Blockwise
+Inpaint ControlNet, diffusers' for InstantX's Inpainting one. control_residuals.py turns the encoded inputs into
+what is added after each DiT block.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..models.instantx_controlnet import QwenImageInstantXControlNet
 from ..ops.packing import patchify
 
 CONTEXT_TRIGGER = "Context_Control. "
@@ -24,10 +25,11 @@ CONTEXT_TRIGGER = "Context_Control. "
 
 @dataclass
 class ControlNetInput:
-    """One control map for a loaded Blockwise ControlNet (`controlnet_id`: its index among the loaded ones).
+    """One control map for a loaded ControlNet (`controlnet_id`: its index among the loaded ones).
 
-    Active while the denoising progress (1 at the first step, 0 at the last) lies between `end` and `start`.
-    `inpaint_mask` (white = repaint) is for the Inpaint ControlNet.
+    Active while the denoising progress (1 at the first step, 0 at the last) lies between `end` and `start`:
+    for a Blockwise ControlNet DiffSynth-Studio's rule (`active`), for an InstantX one diffusers' (`active_span`).
+    `inpaint_mask` (white = repaint) is for the Inpaint / Inpainting ControlNets.
     """
 
     image: Image.Image | str | None = None
@@ -42,6 +44,15 @@ class ControlNetInput:
         # DiffSynth-Studio's rule, float for float: a single step has progress 0 (the last step), not 1.
         progress = (num_steps - 1 - step) / max(num_steps - 1, 1)
         return self.end - 1e-4 <= progress <= self.start + 1e-4
+
+    def active_span(self, step: int, num_steps: int) -> bool:
+        """diffusers' rule (InstantX ControlNets): step i spans the progress from 1 - i/N down to 1 - (i+1)/N and
+        is active when that whole span lies within [end, start].
+
+        This is diffusers' `control_guidance_start = 1 - start`, `control_guidance_end = 1 - end` (its keep test
+        `not (i/N < s or (i+1)/N > e)`), with 1e-4 of slack so that 1 - start rounding below s changes nothing.
+        """
+        return step / num_steps >= 1 - self.start - 1e-4 and (step + 1) / num_steps <= 1 - self.end + 1e-4
 
 
 def fit_image(image: Image.Image, width: int, height: int, what: str) -> Image.Image:
@@ -83,6 +94,35 @@ def blacked_out(image: Image.Image, mask: Image.Image) -> Image.Image:
     inside = np.asarray(mask.convert("RGB").resize(image.size), dtype=np.float32).mean(axis=-1) > 127.5
     pixels[inside] = 0
     return Image.fromarray(pixels)
+
+
+def instantx_inpaint_image(image: Image.Image, mask: Image.Image, height: int, width: int,
+                           device) -> tuple[Image.Image, torch.Tensor]:
+    """diffusers' rule for InstantX's Inpainting ControlNet: (the image with the region to repaint black,
+    (1, 1, height, width) mask channel before `1 - mask`).
+
+    The mask (at the image's size) is read as PIL grey ("L"), binarised at 0.5, the image set to black (-1 once
+    normalised) where it is 1, and the mask taken to the latent grid by `interpolate`'s default (nearest).
+    """
+    grey = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    repaint = grey >= 0.5
+    pixels = np.asarray(image.convert("RGB")).copy()
+    pixels[repaint] = 0
+    binary = torch.from_numpy(repaint.astype(np.float32))[None, None]
+    return Image.fromarray(pixels), F.interpolate(binary, size=(height, width)).to(device)
+
+
+def control_image_and_mask(controlnet, control: ControlNetInput, width: int, height: int,
+                           device) -> tuple[Image.Image, torch.Tensor | None]:
+    """The image to VAE-encode for one input, at the output size, and for an Inpaint ControlNet its mask
+    channel (1, 1, height/8, width/8) before `1 - mask`, by the rule of the ControlNet's family."""
+    image = fit_image(control.image, width, height, "a ControlNet image")
+    if not controlnet.config.additional_in_channels:
+        return image, None
+    if isinstance(controlnet, QwenImageInstantXControlNet):
+        mask = fit_image(control.inpaint_mask, width, height, "a ControlNet inpaint_mask")
+        return instantx_inpaint_image(image, mask, height // 8, width // 8, device)
+    return blacked_out(image, control.inpaint_mask), mask_tensor(control.inpaint_mask, height // 8, width // 8, device)
 
 
 def control_tokens(latents: torch.Tensor, inpaint_mask: torch.Tensor | None) -> torch.Tensor:

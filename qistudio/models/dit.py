@@ -202,19 +202,23 @@ class QwenImageDiT(nn.Module):
         return self.proj_out(img)
 
 
+def rope_axes_dim(head_dim: int, config_json: dict | None = None) -> tuple[int, int, int]:
+    """The RoPE split of a head: a diffusers config.json's `axes_dims_rope`, else the real (16, 56, 56) scaled."""
+    if config_json and "axes_dims_rope" in config_json:
+        return tuple(config_json["axes_dims_rope"])
+    if head_dim == 128:
+        return DiTConfig.axes_dim
+    # Scale the real (16, 56, 56) split to the head size, keeping each axis even.
+    frame = max(2, (head_dim * 16 // 128) // 2 * 2)
+    return (frame, (head_dim - frame) // 2, (head_dim - frame) // 2)
+
+
 def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
     """Infer the DiT's size from its tensor shapes; a diffusers config.json, when given, supplies the RoPE axes."""
     num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
     dim, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     mlp_hidden = shapes["transformer_blocks.0.img_mlp.net.0.proj.weight"][0]
-    axes_dim = DiTConfig.axes_dim
-    if config_json and "axes_dims_rope" in config_json:
-        axes_dim = tuple(config_json["axes_dims_rope"])
-    elif head_dim != 128:
-        # Scale the real (16, 56, 56) split to the head size, keeping each axis even.
-        frame = max(2, (head_dim * 16 // 128) // 2 * 2)
-        axes_dim = (frame, (head_dim - frame) // 2, (head_dim - frame) // 2)
     return DiTConfig(
         num_layers=num_layers,
         num_heads=dim // head_dim,
@@ -223,6 +227,6 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict
         out_channels=shapes["proj_out.weight"][0],
         text_dim=shapes["txt_in.weight"][1],
         mlp_ratio=mlp_hidden / dim,
-        axes_dim=axes_dim,
+        axes_dim=rope_axes_dim(head_dim, config_json),
         zero_cond_t=bool((config_json or {}).get("zero_cond_t", False)),
     )

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..models.controlnet import QwenImageBlockwiseControlNet, controlnet_config_from_shapes
 from ..models.dit import QwenImageDiT, dit_config_from_shapes
+from ..models.instantx_controlnet import QwenImageInstantXControlNet, instantx_config_from_shapes
 from ..models.text_encoder import QwenImageTextEncoder, text_encoder_config_from_shapes
 from ..models.vae import QwenImageVAE, VAEConfig
 from .errors import CheckpointError
@@ -65,6 +66,8 @@ def build_empty(kind: str, shapes: dict[str, tuple[int, ...]], config_json: dict
 
                 return QwenImageTextEncoder(Qwen2_5_VLConfig.from_dict(config_json))
             return QwenImageTextEncoder(text_encoder_config_from_shapes(shapes))
+        if kind == CONTROLNET and "controlnet_x_embedder.weight" in shapes:
+            return QwenImageInstantXControlNet(instantx_config_from_shapes(shapes, config_json))
         if kind == CONTROLNET:
             return QwenImageBlockwiseControlNet(controlnet_config_from_shapes(shapes))
     raise CheckpointError(f"loading a {kind!r} checkpoint is not supported yet")

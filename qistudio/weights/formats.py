@@ -18,6 +18,9 @@ IGNORED = "<ignored>"
 
 DIT, VAE, TEXT_ENCODER, CONTROLNET = "dit", "vae", "text_encoder", "controlnet"
 KINDS = (DIT, VAE, TEXT_ENCODER, CONTROLNET)
+# Two ControlNet layouts, one kind: both go to `components.controlnets` and are selected by `controlnet_id`.
+BLOCKWISE_CONTROLNET_LAYOUT = "Blockwise ControlNet"
+INSTANTX_CONTROLNET_LAYOUT = "InstantX ControlNet (diffusers)"
 
 # ComfyUI single files and some merges wrap the DiT in one of these.
 _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -70,12 +73,16 @@ def _legacy_text_encoder_key(key: str) -> str:
 def detect_layout(keys) -> Layout:
     """The layout of a checkpoint from its tensor names; a clear error when it holds no model we know."""
     keys = set(keys)
+    # Before the DiT: InstantX's ControlNet holds DiT blocks (`transformer_blocks.N.img_mod.1`) and, like the
+    # Blockwise one, `controlnet_blocks.N`; its control embedder is the name only it has.
+    if "controlnet_x_embedder.weight" in keys:
+        return Layout(CONTROLNET, INSTANTX_CONTROLNET_LAYOUT, lambda k: k)
     stripped = {_strip(_DIT_PREFIXES, k) for k in keys}
     if any(k.startswith("transformer_blocks.") and ".img_mod.1." in k for k in stripped):
         prefixed = next((p for p in _DIT_PREFIXES if any(k.startswith(p) for k in keys)), None)
         return Layout(DIT, f"Qwen-Image DiT ({'prefix ' + repr(prefixed) if prefixed else 'diffusers'})", _dit_key)
     if any(k.startswith("controlnet_blocks.") for k in keys):
-        return Layout(CONTROLNET, "Blockwise ControlNet", lambda k: k)
+        return Layout(CONTROLNET, BLOCKWISE_CONTROLNET_LAYOUT, lambda k: k)
     if "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
         return Layout(VAE, "Qwen-Image VAE (diffusers)", lambda k: k)
     if any(k.endswith("embed_tokens.weight") for k in keys):
@@ -85,6 +92,6 @@ def detect_layout(keys) -> Layout:
         return Layout(TEXT_ENCODER, "Qwen2.5-VL", lambda k: IGNORED if k.startswith("lm_head.") else k)
     sample = ", ".join(sorted(keys)[:8])
     raise CheckpointError(
-        f"the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise ControlNet); "
-        f"first names: {sample}"
+        "the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or InstantX "
+        f"ControlNet); first names: {sample}"
     )
