@@ -66,3 +66,12 @@ def inputs():
     from lora_files import Inputs
 
     return Inputs()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices (training tests): one thread is fastest, and immune to other processes competing for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

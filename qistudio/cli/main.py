@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert_lora, generate
+from . import convert_lora, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_parser(subparsers)
     convert_lora.add_parser(subparsers)
+    train.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""`qistudio train`: the seed's train.py arguments (same names, same meanings) -> a TrainConfig -> a Trainer.
+
+Runs as is on one device, or under `accelerate launch --module qistudio.cli.main train ...` on several. Every
+argument of the seed's parser is accepted; those this trainer does not implement yet stop with a clear message
+(status 2) before anything loads, rather than being silently ignored. Settings errors are argparse errors
+(status 2); a failure while loading or saving prints one message and gives status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..training.checkpoint import CheckpointSaveError
+from ..training.config import (DEFAULT_LORA_TARGETS, LOSS_WEIGHTINGS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS,
+                               DataConfig, LossConfig, TrainConfig)
+
+PROG = "qistudio train"
+# The seed's arguments this trainer does not implement yet: flag -> what to do instead.
+NOT_SUPPORTED = {
+    "fp8_models": "train with a bfloat16 base for now",
+    "offload_models": "two-stage split training is not supported yet",
+    "resume_from_checkpoint": "use --resume (continues a run of this trainer from output_path/checkpoints)",
+    "quant_options": "quantised bases are not supported yet",
+    "customized_optimizer": "this trainer uses torch.optim.AdamW",
+    "preset_lora_path": "differential LoRA training is not supported yet",
+    "preset_lora_model": "differential LoRA training is not supported yet",
+    "template_model_id_or_path": "template models are not supported yet",
+    "enable_lora_hot_loading": "LoRA hot loading during training is not supported yet",
+    "enable_model_cpu_offload": "model CPU offload during training is not supported yet",
+    "enable_optimizer_cpu_offload": "optimizer CPU offload is not supported yet (use DeepSpeed through accelerate)",
+    "cpu_offload_split_threshold": "model CPU offload during training is not supported yet",
+    "enable_tensorboard_log": "logging backends are not supported yet; the loss is shown in the progress bar",
+    "enable_swanlab_log": "logging backends are not supported yet",
+    "swanlab_project": "logging backends are not supported yet",
+    "enable_wandb_log": "logging backends are not supported yet",
+    "wandb_project": "logging backends are not supported yet",
+    "enable_csv_log": "logging backends are not supported yet",
+    "initialize_model_on_cpu": "ZeRO-3 initialisation is not supported yet",
+}
+FLAGS = {"enable_lora_hot_loading", "enable_model_cpu_offload", "enable_optimizer_cpu_offload",
+         "enable_tensorboard_log", "enable_swanlab_log", "enable_wandb_log", "enable_csv_log",
+         "initialize_model_on_cpu"}
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="train a LoRA on the DiT, or the whole DiT",
+        description="Train Qwen-Image's DiT (LoRA or full) with the reference's flow-matching loss. Argument names "
+        "follow DiffSynth-Studio's train.py; run under `accelerate launch --module qistudio.cli.main train` for "
+        "several GPUs.",
+    )  # fmt: skip
+    _add_data_and_model_arguments(p)
+    _add_training_arguments(p)
+    seed_only = p.add_argument_group("the seed's arguments not supported yet (accepted, refused if used)")
+    for name in NOT_SUPPORTED:
+        if name in FLAGS:
+            seed_only.add_argument(f"--{name}", action="store_true", default=None, help=argparse.SUPPRESS)
+        else:
+            seed_only.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    p.set_defaults(run=run, parser=p)
+    return p
+
+
+def _add_data_and_model_arguments(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("dataset")
+    data.add_argument("--dataset_base_path", required=True, help="folder the metadata's image paths are relative to")
+    data.add_argument("--dataset_metadata_path", help="metadata file: .csv, .json or .jsonl with image and prompt")
+    data.add_argument("--max_pixels", type=int, default=1024 * 1024,
+                      help="dynamic resolution: larger images are scaled down to this area (default 1048576)")
+    data.add_argument("--height", type=int, help="fixed height (with --width); leave both out for dynamic resolution")
+    data.add_argument("--width", type=int, help="fixed width (with --height)")
+    data.add_argument("--data_file_keys", default="image", help="metadata columns that are image paths (comma-separated)")
+    data.add_argument("--dataset_repeat", type=int, default=1, help="times the dataset is repeated per epoch")
+    data.add_argument("--dataset_num_workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--strict", action="store_true", help="stop at a missing or unreadable image instead of "
+                      "skipping it (skipped ones are listed at the end)")
+    model = p.add_argument_group("models")
+    model.add_argument("--model_paths", help="JSON list of local model files; a list inside it is one model's shards")
+    model.add_argument("--model_id_with_origin_paths",
+                       help="comma-separated MODEL_ID:PATTERN, e.g. Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors")
+    model.add_argument("--tokenizer_path", help="tokenizer folder (default: download Qwen/Qwen-Image:tokenizer/)")
+    model.add_argument("--processor_path", help="processor folder for edit images (default: Qwen/Qwen-Image-Edit:processor/)")
+    model.add_argument("--extra_inputs", help="extra model inputs from the metadata (supported: edit_image)")
+    model.add_argument("--zero_cond_t", action="store_true", default=None, help="Edit-2511's modulation of edit tokens")
+    model.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                       help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    model.add_argument("--device", help="cpu to train on the CPU (default: what accelerate chooses)")
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    train = p.add_argument_group("training")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--num_epochs", type=int, default=1)
+    train.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--trainable_models", help="train these models in full (supported: dit)")
+    train.add_argument("--find_unused_parameters", action="store_true", help="DDP: some parameters get no gradient")
+    train.add_argument("--task", default="sft", help="training task (supported: sft)")
+    train.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="reference",
+                       help="reference: ConstantLR (a third of the rate for 5 steps), as the seed; constant; cosine")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps (constant, cosine)")
+    train.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS, default="reference",
+                       help="reference: uniform over the 1000-step schedule at mu 0.8 (default); uniform; "
+                       "logit_normal; resolution_shift (the inference shift of each image's size)")
+    train.add_argument("--loss_weighting", choices=LOSS_WEIGHTINGS, default="bsmntw",
+                       help="bsmntw: the reference's bump around t=500 (default); none")
+    train.add_argument("--seed", type=int, default=0, help="data order, noise, timesteps and LoRA initialisation")
+    output = p.add_argument_group("output")
+    output.add_argument("--output_path", default="./models")
+    output.add_argument("--remove_prefix_in_ckpt", default="pipe.dit.",
+                        help="full training: prefix stripped from the saved names (default pipe.dit.: plain DiT names)")
+    output.add_argument("--save_steps", type=int, help="save every N steps (default: at the end of each epoch)")
+    output.add_argument("--lora_format", choices=LORA_FORMATS, default="diffusers",
+                        help="diffusers: transformer.* (loads in diffusers, ComfyUI and qistudio; default); "
+                        "diffsynth: the reference trainer's *.lora_A.default.weight")
+    output.add_argument("--keep_checkpoints", type=int, default=1, help="resume checkpoints kept (default 1)")
+    output.add_argument("--resume", nargs="?", const="latest",
+                        help="continue from the latest checkpoint under --output_path, or from the folder given")
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora_base_model", help="the model the LoRA is added to (supported: dit)")
+    lora.add_argument("--lora_target_modules", default=",".join(DEFAULT_LORA_TARGETS),
+                      help="comma-separated module names (default: the seed's Qwen-Image list)")
+    lora.add_argument("--lora_rank", type=int, default=32)
+    lora.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1, as the reference)")
+    lora.add_argument("--lora_checkpoint", help="continue from this LoRA file (any layout qistudio reads)")
+    memory = p.add_argument_group("memory")
+    memory.add_argument("--use_gradient_checkpointing", action="store_true")
+    memory.add_argument("--use_gradient_checkpointing_offload", action="store_true")
+    memory.add_argument("--gradient_accumulation_steps", type=int, default=1)
+
+
+def _model_paths(text: str | None, error) -> tuple:
+    if not text:
+        return ()
+    try:
+        paths = json.loads(text)
+    except json.JSONDecodeError as e:
+        error(f"--model_paths must be a JSON list of paths (a nested list for shards): {e}")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not all(isinstance(p, (str, list)) for p in paths):
+        error(f"--model_paths must be a JSON list of paths or lists of shard paths, got {text!r}")
+    for entry in paths:
+        for path in entry if isinstance(entry, list) else [entry]:
+            if not Path(path).exists():
+                error(f"--model_paths: no such file or folder {path}")
+    return tuple(tuple(e) if isinstance(e, list) else e for e in paths)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the arguments describe, or parser.error (status 2) naming what is wrong."""
+    error = args.parser.error
+    used = [name for name in NOT_SUPPORTED if getattr(args, name) not in (None, False)]
+    if used:
+        error(f"--{used[0]} is not supported yet: {NOT_SUPPORTED[used[0]]}")
+    if args.task != "sft":
+        error(f"--task {args.task} is not supported yet; this trainer runs sft (supervised fine-tuning)")
+    if not args.dataset_metadata_path:
+        error("--dataset_metadata_path is required (training from cached .pth files is not supported yet)")
+    for flag, value in (("--dataset_base_path", args.dataset_base_path),
+                        ("--dataset_metadata_path", args.dataset_metadata_path)):
+        if not Path(value).exists():
+            error(f"{flag} {value}: no such file or folder")
+    data = DataConfig(
+        base_path=args.dataset_base_path, metadata_path=args.dataset_metadata_path,
+        data_file_keys=_split(args.data_file_keys), height=args.height, width=args.width, max_pixels=args.max_pixels,
+        repeat=args.dataset_repeat, num_workers=args.dataset_num_workers, strict=args.strict,
+    )  # fmt: skip
+    config = TrainConfig(
+        data=data, output_path=args.output_path, model_paths=_model_paths(args.model_paths, error),
+        model_id_with_origin_paths=_split(args.model_id_with_origin_paths), tokenizer_path=args.tokenizer_path,
+        processor_path=args.processor_path, extra_inputs=_split(args.extra_inputs), zero_cond_t=args.zero_cond_t,
+        trainable_models=args.trainable_models, lora_base_model=args.lora_base_model,
+        lora_target_modules=_split(args.lora_target_modules), lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_checkpoint=args.lora_checkpoint, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        num_epochs=args.num_epochs, max_steps=args.max_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps, use_gradient_checkpointing=args.use_gradient_checkpointing,
+        use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
+        find_unused_parameters=args.find_unused_parameters,
+        loss=LossConfig(timestep_sampling=args.timestep_sampling, weighting=args.loss_weighting), seed=args.seed,
+        dtype=args.dtype, device=args.device, remove_prefix_in_ckpt=args.remove_prefix_in_ckpt or None,
+        save_steps=args.save_steps, lora_format=args.lora_format, keep_checkpoints=args.keep_checkpoints,
+    )  # fmt: skip
+    try:
+        config.check()
+    except ValueError as e:
+        error(str(e))
+    if args.lora_checkpoint and not Path(args.lora_checkpoint).exists():
+        error(f"--lora_checkpoint {args.lora_checkpoint}: no such file")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    from ..training.loop import Trainer  # torch, accelerate and peft load only once the arguments are good
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        trainer = Trainer(config, resume=args.resume)
+        history = trainer.run()
+    except CheckpointSaveError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, ImportError) as e:
+        print(f"{PROG}: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    if trainer.accelerator.is_main_process:
+        if history:
+            print(f"trained {trainer.progress.step} steps, last loss {history[-1].loss:.4f}; weights in "
+                  f"{config.output_path}")
+        else:
+            print(f"nothing left to train: the run had done its {trainer.progress.step} steps; weights in "
+                  f"{config.output_path}")
+    trainer.accelerator.end_training()  # ends the process group of a multi-process run
+    return 0

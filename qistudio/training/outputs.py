@@ -1,0 +1,68 @@
+"""The files a run leaves for users: trained weights as safetensors (atomic), each carrying the training config.
+
+LoRA files (`lora_format`):
+  diffusers  `transformer.<module>.lora_A.weight` / `.lora_B.weight`, alpha folded into B: what diffusers'
+             `QwenImagePipeline.load_lora_weights`, ComfyUI (which maps `transformer.` keys for Qwen-Image) and
+             our `pipe.load_lora` load as they are. The default.
+  diffsynth  `<module>.lora_A.default.weight` / `.lora_B.default.weight`: the reference trainer's own layout.
+Both go through qistudio.lora's converter, the same code `qistudio convert-lora` runs.
+
+Full DiT files hold every DiT tensor under `pipe.dit.<name>` less `remove_prefix_in_ckpt` (the seed's option; its
+default "pipe.dit." leaves the plain names `pipe.dit.load_state_dict` and our loader take).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..lora import convert_lora_state_dict
+from ..lora.files import write_safetensors
+from .adapters import lora_state_dict
+from .config import TrainConfig
+
+CONFIG_FILE = "training_config.json"
+FULL_PREFIX = "pipe.dit."  # the reference's name of the DiT inside its training module
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_config(config: TrainConfig, output_path: str | os.PathLike) -> Path:
+    return write_text_atomic(Path(output_path) / CONFIG_FILE, config.to_json() + "\n")
+
+
+def exported_state_dict(dit: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trained tensors in the file layout the config asks for."""
+    if config.is_lora:
+        return convert_lora_state_dict(lora_state_dict(dit), config.lora_format)
+    prefix = config.remove_prefix_in_ckpt or ""
+    out = {}
+    for name, tensor in dit.state_dict().items():
+        key = FULL_PREFIX + name
+        out[key[len(prefix):] if prefix and key.startswith(prefix) else key] = tensor
+    return out
+
+
+def save_weights(dit: nn.Module, config: TrainConfig, file_name: str, step: int) -> Path:
+    """Write `output_path/file_name` atomically; its metadata holds the config and the step it was saved at."""
+    metadata = {"format": "pt", "qistudio_training_config": json.dumps(config.to_dict()),
+                "qistudio_training_step": str(step)}
+    if config.is_lora:
+        metadata["qistudio_lora_format"] = config.lora_format
+    return write_safetensors(exported_state_dict(dit, config), Path(config.output_path) / file_name, metadata)

@@ -1,0 +1,97 @@
+"""`qistudio train` end to end on the tiny model, its refusals, and the example scripts run as written."""
+
+import json
+import os
+import re
+import shlex
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from qistudio.cli.main import main
+from test_training import model_paths
+from test_training_data import write_dataset
+
+EXAMPLES = ROOT / "examples" / "model_training"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def base_args(repo, data, output) -> list[str]:
+    paths = [list(p) if isinstance(p, tuple) else p for p in model_paths(repo)]
+    return ["train", "--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.csv"),
+            "--model_paths", json.dumps(paths), "--tokenizer_path", str(repo / "tokenizer"), "--device", "cpu",
+            "--output_path", str(output)]
+
+
+def test_train_a_lora_then_resume(tiny_repo, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_dataset(data)
+    args = base_args(tiny_repo, data, tmp_path / "out") + [
+        "--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--save_steps", "1",
+        "--max_steps", "2", "--height", "32", "--width", "32", "--seed", "3"]
+    assert main(args) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"step-1.safetensors", "step-2.safetensors", "training_config.json",
+                                               "checkpoints"}
+    assert all(k.startswith("transformer.") for k in load_file(out / "step-2.safetensors"))
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["seed"] == 3 and config["data"]["height"] == 32 and config["lora_format"] == "diffusers"
+    assert main(args[:-8] + ["--max_steps", "3", "--height", "32", "--width", "32", "--seed", "3", "--resume"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert (out / "step-3.safetensors").is_file() and (out / "checkpoints" / "latest").read_text() == "step-00000003\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fp8_models", "dit"], "--fp8_models is not supported yet"),
+    (["--enable_tensorboard_log"], "--enable_tensorboard_log is not supported yet"),
+    (["--resume_from_checkpoint", "x"], "use --resume"),
+    (["--extra_inputs", "context_image", "--data_file_keys", "image,context_image"],
+     r"extra_inputs \['context_image'\] are not supported yet"),
+    (["--task", "direct_distill"], "--task direct_distill is not supported yet"),
+    (["--trainable_models", "dit"], "one of the two"),
+    (["--height", "32"], "give both height and width"),
+    (["--model_paths", "[\"/nowhere.safetensors\"]"], "no such file or folder /nowhere.safetensors"),
+])  # fmt: skip
+def test_unsupported_and_wrong_arguments_stop_before_loading(tiny_repo, tmp_path, capsys, extra, message):
+    data = tmp_path / "data"
+    write_dataset(data, sizes=((32, 32),))
+    with pytest.raises(SystemExit) as exit_info:
+        main(base_args(tiny_repo, data, tmp_path / "out") + ["--lora_base_model", "dit"] + extra)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def script_arguments(path) -> list[str]:
+    """The `qistudio train` arguments of an example script (after `... qistudio.cli.main train`)."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    words = shlex.split(" ".join(line.rstrip("\\") for line in lines))
+    assert words[:4] == ["accelerate", "launch", "--module", "qistudio.cli.main"] and words[4] == "train", words[:5]
+    return words[4:]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_example_scripts_run_as_written(tiny_repo, tmp_path, monkeypatch, kind):
+    """The seed's scripts, ported: the hub files are the tiny repository on disk; one step on the CPU."""
+    models = tmp_path / "models" / "Qwen"
+    models.mkdir(parents=True)
+    (models / "Qwen-Image").symlink_to(tiny_repo, target_is_directory=True)
+    write_dataset(tmp_path / "data" / "example_image_dataset", sizes=((48, 32), (32, 48)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QISTUDIO_MODEL_BASE_PATH", str(tmp_path / "models"))
+    monkeypatch.setenv("QISTUDIO_SKIP_DOWNLOAD", "1")
+    args = script_arguments(EXAMPLES / kind / "Qwen-Image.sh")
+    workers = ["--dataset_num_workers", "2"] if "--dataset_num_workers" in args else []
+    assert main(args + ["--max_steps", "1", "--device", "cpu", *workers]) == 0
+    output = tmp_path / "models" / "train" / f"Qwen-Image_{kind}"
+    saved = load_file(output / "step-1.safetensors")
+    if kind == "lora":
+        assert len(saved) == 2 * 12 * 2 and all(k.startswith("transformer.") for k in saved)
+    else:
+        assert "transformer_blocks.0.attn.to_q.weight" in saved
+    assert sorted(os.listdir(output / "checkpoints")) == ["latest", "step-00000001"]
