@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import re
 import shlex
 
@@ -95,3 +96,11 @@ def test_example_scripts_run_as_written(tiny_repo, tmp_path, monkeypatch, kind):
     else:
         assert "transformer_blocks.0.attn.to_q.weight" in saved
     assert sorted(os.listdir(output / "checkpoints")) == ["latest", "step-00000001"]
+    # The matching validation script renders an image with the result (the seed's validate_{lora,full}).
+    monkeypatch.setenv("QISTUDIO_EXAMPLE_DEVICE", "cpu")
+    monkeypatch.setenv("QISTUDIO_EXAMPLE_STEPS", "1")
+    monkeypatch.setenv("QISTUDIO_EXAMPLE_SIZE", "32")
+    monkeypatch.setenv("QISTUDIO_EXAMPLE_CHECKPOINT", str(output / "step-1.safetensors"))
+    namespace = runpy.run_path(str(EXAMPLES / f"validate_{kind}" / "Qwen-Image.py"), run_name="__main__")
+    assert (tmp_path / "image.jpg").exists()
+    assert len(namespace["pipe"].list_loras()) == (1 if kind == "lora" else 0)
