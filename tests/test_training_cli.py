@@ -104,3 +104,10 @@ def test_example_scripts_run_as_written(tiny_repo, tmp_path, monkeypatch, kind):
     namespace = runpy.run_path(str(EXAMPLES / f"validate_{kind}" / "Qwen-Image.py"), run_name="__main__")
     assert (tmp_path / "image.jpg").exists()
     assert len(namespace["pipe"].list_loras()) == (1 if kind == "lora" else 0)
+    # `qistudio validate` tells a LoRA from a full checkpoint by itself and renders each prompt.
+    assert main(["validate", str(output / "step-1.safetensors"), "--model", str(tiny_repo), "--steps", "1",
+                 "--size", "32x32", "--prompt", "a cat", "--prompt", "a boat", "-o", str(tmp_path / "val")]) == 0
+    from qistudio.imageio import read_png_parameters
+
+    pngs = sorted((tmp_path / "val").glob("*.png"))
+    assert len(pngs) == 2 and read_png_parameters(pngs[1])["checkpoint_kind"] == kind

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert_lora, generate, train
+from . import convert_lora, generate, train, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(subparsers)
     convert_lora.add_parser(subparsers)
     train.add_parser(subparsers)
+    validate.add_parser(subparsers)
     return parser
 
 
