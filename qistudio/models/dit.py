@@ -213,20 +213,21 @@ def rope_axes_dim(head_dim: int, config_json: dict | None = None) -> tuple[int, 
     return (frame, (head_dim - frame) // 2, (head_dim - frame) // 2)
 
 
-def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
-    """Infer the DiT's size from its tensor shapes; a diffusers config.json, when given, supplies the RoPE axes."""
+def block_sizes_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> dict:
+    """The sizes any stack of DiT blocks reveals in its tensor shapes (the DiT's, an InstantX ControlNet's)."""
     num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
     dim, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     mlp_hidden = shapes["transformer_blocks.0.img_mlp.net.0.proj.weight"][0]
+    return dict(num_layers=num_layers, num_heads=dim // head_dim, head_dim=head_dim, in_channels=in_channels,
+                text_dim=shapes["txt_in.weight"][1], mlp_ratio=mlp_hidden / dim,
+                axes_dim=rope_axes_dim(head_dim, config_json))
+
+
+def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiTConfig:
+    """Infer the DiT's size from its tensor shapes; a diffusers config.json, when given, supplies the RoPE axes."""
     return DiTConfig(
-        num_layers=num_layers,
-        num_heads=dim // head_dim,
-        head_dim=head_dim,
-        in_channels=in_channels,
+        **block_sizes_from_shapes(shapes, config_json),
         out_channels=shapes["proj_out.weight"][0],
-        text_dim=shapes["txt_in.weight"][1],
-        mlp_ratio=mlp_hidden / dim,
-        axes_dim=rope_axes_dim(head_dim, config_json),
         zero_cond_t=bool((config_json or {}).get("zero_cond_t", False)),
     )

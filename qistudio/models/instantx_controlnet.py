@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .dit import DiTBlock, DiTConfig, rope_axes_dim
+from .dit import DiTBlock, DiTConfig, block_sizes_from_shapes
 from .layers import RMSNorm, TimeTextEmbed
 
 
@@ -98,17 +98,7 @@ def block_sample_index(block: int, num_dit_layers: int, num_samples: int) -> int
 
 def instantx_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None):
     """Infer the size from the tensor shapes; a diffusers config.json, when given, supplies the RoPE axes."""
-    num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
-    dim, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
-    mlp_hidden = shapes["transformer_blocks.0.img_mlp.net.0.proj.weight"][0]
+    sizes = block_sizes_from_shapes(shapes, config_json)
     return InstantXControlNetConfig(
-        num_layers=num_layers,
-        num_heads=dim // head_dim,
-        head_dim=head_dim,
-        in_channels=in_channels,
-        additional_in_channels=shapes["controlnet_x_embedder.weight"][1] - in_channels,
-        text_dim=shapes["txt_in.weight"][1],
-        mlp_ratio=mlp_hidden / dim,
-        axes_dim=rope_axes_dim(head_dim, config_json),
+        **sizes, additional_in_channels=shapes["controlnet_x_embedder.weight"][1] - sizes["in_channels"]
     )
