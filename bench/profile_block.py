@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,7 +23,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
+    parser.add_argument("--rows", type=int, default=18, help="kernels listed")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True triton.multi_kernel=1")
     args = parser.parse_args()
+    for setting in args.inductor:
+        key, value = setting.split("=")
+        owner = torch._inductor.config
+        *path, leaf = key.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, leaf, eval(value))
     cfg = DiTConfig()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -59,7 +70,11 @@ def main() -> None:
         for _ in range(5):
             run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in kernels)
+    for e in kernels[: args.rows]:
+        print(f"{e.device_time_total / 5000:7.3f} ms {100 * e.device_time_total / total:5.1f}% x{e.count // 5:<3d} {e.key[:120]}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import attention
-from ..ops.rope import Rotary, apply_rope
+from ..ops.qk_norm_rope import joint_qk_norm_rope
+from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
 
 
@@ -60,22 +61,18 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
-        heads = (-1, self.head_dim)
-        img_query = apply_rope(self.norm_q(self.to_q(img).unflatten(-1, heads)), rotary.image)
-        img_key = apply_rope(self.norm_k(self.to_k(img).unflatten(-1, heads)), rotary.image)
-        img_value = self.to_v(img).unflatten(-1, heads)
-        txt_query = apply_rope(self.norm_added_q(self.add_q_proj(txt).unflatten(-1, heads)), rotary.text)
-        txt_key = apply_rope(self.norm_added_k(self.add_k_proj(txt).unflatten(-1, heads)), rotary.text)
-        txt_value = self.add_v_proj(txt).unflatten(-1, heads)
+    def _joint_rotated(self, img_proj, txt_proj, img_norm: RMSNorm, txt_norm: RMSNorm, phasors) -> torch.Tensor:
+        # Joined before the norm (one fused pass on CUDA, ops/qk_norm_rope.py), not after RoPE: same values.
+        return joint_qk_norm_rope(img_proj, txt_proj, img_norm.weight, txt_norm.weight, img_norm.eps, phasors,
+                                  self.head_dim)
 
-        out = attention(
-            torch.cat([img_query, txt_query], dim=1),
-            torch.cat([img_key, txt_key], dim=1),
-            torch.cat([img_value, txt_value], dim=1),
-            key_lengths=key_lengths,
-            mask=mask,
-        ).flatten(2)  # (B, N + L, D)
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
+        phasors = rotary.with_joint().joint  # (N + L, head_dim / 2), or per row (B, N + L, head_dim / 2)
+        query = self._joint_rotated(self.to_q(img), self.add_q_proj(txt), self.norm_q, self.norm_added_q, phasors)
+        key = self._joint_rotated(self.to_k(img), self.add_k_proj(txt), self.norm_k, self.norm_added_k, phasors)
+        value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
+
+        out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
         return self.to_out[0](out[:, :num_img]), self.to_add_out(out[:, num_img:])
 
@@ -184,6 +181,7 @@ class QwenImageDiT(nn.Module):
             zero_temb = self.time_text_embed(torch.zeros_like(timestep), img.dtype)
             img_temb = torch.where(condition_token_mask[None, :, None], zero_temb[:, None], temb[:, None])
 
+        rotary = rotary.with_joint()  # once per forward, not per block
         key_lengths = None
         if text_lengths is not None:
             key_lengths = [num_img + n for n in text_lengths]

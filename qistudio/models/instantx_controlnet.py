@@ -84,6 +84,7 @@ class QwenImageInstantXControlNet(nn.Module):
         temb = self.time_text_embed(timestep, img.dtype)[:, None]  # (B, 1, D), for both streams
         key_lengths = None if text_lengths is None else [img.shape[1] + n for n in text_lengths]
 
+        rotary = rotary.with_joint()
         samples = []
         for block, controlnet_block in zip(self.transformer_blocks, self.controlnet_blocks):
             img, txt = block(img, txt, temb, temb, rotary, key_lengths, attention_mask)

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.norms import rms_normalize
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learnable scale; the statistic is computed in float32, the result cast back."""
@@ -18,9 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(self.weight.dtype) * self.weight
+        return rms_normalize(x, self.eps).to(self.weight.dtype) * self.weight
 
 
 class GELUProj(nn.Module):
@@ -42,7 +42,10 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        down = self.net[2]
+        if hasattr(down, "forward_after_gelu"):  # an FP8 linear: it may fuse the GELU into its input quantisation
+            return down.forward_after_gelu(self.net[0].proj(x))
+        return down(self.net[0](x))
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:

@@ -107,11 +107,22 @@ def _apply_rope_real(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
 class Rotary:
     """Phasors of the image tokens (all groups, in sequence order) and of the text tokens.
 
-    Each is (S, D/2) for a batch that shares one layout, or (B, S, D/2) with one table per row.
+    Each is (S, D/2) for a batch that shares one layout, or (B, S, D/2) with one table per row. `joint` is
+    [image; text] along the sequence, built once per forward (`with_joint`) for the blocks' joint q/k path.
     """
 
     image: torch.Tensor
     text: torch.Tensor
+    joint: torch.Tensor | None = None
+
+    def with_joint(self) -> "Rotary":
+        if self.joint is not None:
+            return self
+        image, text = self.image, self.text
+        if image.dim() != text.dim():  # one table per row on one side only (EliGen's text segments)
+            batch = image.shape[0] if image.dim() == 3 else text.shape[0]
+            image, text = (t if t.dim() == 3 else t.expand(batch, *t.shape) for t in (image, text))
+        return Rotary(self.image, self.text, torch.cat([image, text], dim=-2))
 
 
 def qwen_rotary(

@@ -1,0 +1,90 @@
+"""GPU agreement and timing of qistudio's Triton kernels against their reference forms (1328x1328, batch 2 sizes).
+
+    python bench/kernels_check.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qistudio.ops import fp8_kernels  # noqa: E402
+from qistudio.ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_reference  # noqa: E402
+from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
+
+
+def timed(fn, n=20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    h = w = 1328 // 16
+    batch, text, heads, head_dim = 2, 128, 24, 128
+    img = torch.randn(batch, h * w, heads * head_dim, device=dev, dtype=bf)
+    txt = torch.randn(batch, text, heads * head_dim, device=dev, dtype=bf)
+    w_img = (1 + 0.1 * torch.randn(head_dim, device=dev)).to(bf)
+    w_txt = (1 + 0.1 * torch.randn(head_dim, device=dev)).to(bf)
+    phasors = qwen_rotary([ImageGrid(0, h, w)], text, device=dev).with_joint().joint
+    with torch.no_grad():
+        ref = joint_qk_norm_rope_reference(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
+        out = joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
+        compiled = torch.compile(joint_qk_norm_rope_reference)
+        same = (out == ref).float().mean().item()
+        print(f"joint q/k norm+rope: equal elements {same:.6f}, max |diff| {(out.float() - ref.float()).abs().max():.3e}")
+        print(f"  fused {timed(lambda: joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms,"
+              f" compiled reference {timed(lambda: compiled(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms")
+
+        hidden = torch.randn(batch * (h * w), 12288, device=dev, dtype=bf)
+        q, s = fp8_kernels.gelu_quantize_rows(hidden)
+        rq, rs = fp8_kernels.quantize_rows_reference(F.gelu(hidden, approximate="tanh"))
+        print(f"gelu+quantize: equal fp8 {(q.float() == rq.float()).float().mean().item():.6f}, "
+              f"max scale rel diff {((s - rs).abs() / rs).max().item():.2e}, dequant rel L2 "
+              f"{((q.float() * s - rq.float() * rs).norm() / (rq.float() * rs).norm()).item():.2e}")
+        ref_fn = torch.compile(lambda x: fp8_kernels.quantize_rows_reference(F.gelu(x, approximate="tanh")))
+        print(f"  fused {timed(lambda: fp8_kernels.gelu_quantize_rows(hidden)):.3f} ms, compiled reference "
+              f"{timed(lambda: ref_fn(hidden)):.3f} ms")
+
+        x = torch.randn(batch, 3072, device=dev, dtype=bf)
+        weight = (torch.randn(18432, 3072, device=dev) * 8).to(torch.float8_e4m3fn)
+        scale = torch.full((18432,), 2.0 ** -9, device=dev)
+        bias = torch.randn(18432, device=dev, dtype=bf)
+        y = fp8_kernels.fp8_weight_gemv(x, weight, scale, bias)
+        ry = fp8_kernels.fp8_weight_gemv_reference(x.float(), weight, scale, bias.float())
+        print(f"fp8 gemv: rel L2 vs float32 {((y.float() - ry).norm() / ry.norm()).item():.2e}")
+        deq = torch.compile(fp8_kernels.fp8_weight_gemv_reference)
+        print(f"  fused {timed(lambda: fp8_kernels.fp8_weight_gemv(x, weight, scale, bias)):.3f} ms, dequantise + "
+              f"linear (compiled) {timed(lambda: deq(x, weight, scale, bias)):.3f} ms")
+
+        # Which kernels an FP8 modulation linear runs, eager and compiled (the GEMV should be the only big one).
+        from torch.profiler import ProfilerActivity, profile
+
+        from qistudio.memory.fp8_linear import FP8Linear
+        layer = FP8Linear.from_linear(torch.nn.Linear(3072, 18432, device=dev, dtype=bf)).requires_grad_(False)
+        temb = torch.randn(batch, 1, 3072, device=dev, dtype=bf)
+        for name, fn in [("eager", layer), ("compiled", torch.compile(layer, fullgraph=True))]:
+            fn(temb)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(temb)
+                torch.cuda.synchronize()
+            names = [e.key[:60] for e in prof.key_averages() if e.device_time_total > 0]
+            print(f"FP8Linear, {temb.shape[:-1].numel()} rows, {name}: {names}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The joint q/k preparation of a Qwen-Image block in one pass: [image; text] -> per-stream RMSNorm -> RoPE.
+
+Reference form (`joint_qk_norm_rope_reference`, any device, differentiable): the projections are joined along the
+sequence, normalised per head in float32, rounded to the compute dtype and scaled by the stream's norm weight (as
+RMSNorm does), then rotated in float32 and rounded again.
+
+Fused form (`_fused`, CUDA inference): one Triton program per token reads the token's projection once from the
+image or the text tensor, and writes its rotated heads straight into the joint (B, N + L, H, head_dim) tensor that
+attention reads. Measured on an H100 (1328x1328, batch 2): the compiled reference costs two kernels per tensor
+(a norm statistic, then normalise + rotate + join) at about 0.22 ms for q or k, about a third of the memory
+bandwidth; this pass reads and writes each element once. Same roundings, in the same order, as the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .norms import rms_normalize
+from .rope import apply_rope
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference form serves
+    triton = None
+
+
+def joint_qk_norm_rope_reference(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
+                                 txt_weight: torch.Tensor, eps: float, phasors: torch.Tensor,
+                                 head_dim: int) -> torch.Tensor:
+    """img_proj (B, N, D), txt_proj (B, L, D) -> (B, N + L, D / head_dim, head_dim); phasors (N + L, head_dim / 2)
+    complex, or one table per row (B, N + L, head_dim / 2)."""
+    joint = torch.cat([img_proj, txt_proj], dim=1).unflatten(-1, (-1, head_dim))
+    num_img, num_txt = img_proj.shape[1], txt_proj.shape[1]
+    weight = torch.cat([img_weight.expand(num_img, -1), txt_weight.expand(num_txt, -1)])[:, None]
+    return apply_rope(rms_normalize(joint, eps).to(weight.dtype) * weight, phasors)
+
+
+def joint_qk_norm_rope(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
+                       txt_weight: torch.Tensor, eps: float, phasors: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """As `joint_qk_norm_rope_reference`; one fused kernel on CUDA when no gradient is needed."""
+    if _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim):
+        return torch.ops.qistudio.joint_qk_norm_rope(img_proj, txt_proj, img_weight, txt_weight, eps,
+                                                     torch.view_as_real(phasors), head_dim)
+    return joint_qk_norm_rope_reference(img_proj, txt_proj, img_weight, txt_weight, eps, phasors, head_dim)
+
+
+def _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim: int) -> bool:
+    if triton is None or not img_proj.is_cuda or _disabled:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (img_proj, txt_proj, img_weight, txt_weight)):
+        return False  # training: the reference form has the backward
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half & (half - 1) == 0 and img_proj.dtype == txt_proj.dtype == img_weight.dtype
+
+
+_disabled = False
+
+
+def set_fused_qk_norm_rope(enabled: bool) -> None:
+    """Switch the fused kernel off (or back on), for comparisons."""
+    global _disabled
+    _disabled = not enabled
+
+
+if triton is not None:
+
+    @triton.jit
+    def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr,
+                                   num_img, num_txt, num_rows, rot_batch_stride, eps,
+                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        # A row is one head of one token of the joint sequence; rows follow the output's memory order.
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < num_rows
+        token = rows // HEADS
+        head = rows % HEADS
+        seq = num_img + num_txt
+        batch = token // seq
+        pos = token % seq
+        is_img = pos < num_img
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        img_src = ((batch * num_img + pos) * HEADS + head)[:, None] * HEAD_DIM
+        txt_src = ((batch * num_txt + pos - num_img) * HEADS + head)[:, None] * HEAD_DIM
+        in_img = (row_ok & is_img)[:, None]
+        in_txt = (row_ok & ~is_img)[:, None]
+        # Each element and its RoPE partner (d ^ 1): the second load hits the cache lines the first brought in.
+        x = (tl.load(img_ptr + img_src + d, mask=in_img, other=0.0).to(tl.float32)
+             + tl.load(txt_ptr + txt_src + d, mask=in_txt, other=0.0).to(tl.float32))
+        partner = (tl.load(img_ptr + img_src + (d ^ 1), mask=in_img, other=0.0).to(tl.float32)
+                   + tl.load(txt_ptr + txt_src + (d ^ 1), mask=in_txt, other=0.0).to(tl.float32))
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        dtype = out_ptr.dtype.element_ty
+        w = tl.where(is_img[:, None], tl.load(img_w_ptr + d).to(tl.float32), tl.load(txt_w_ptr + d).to(tl.float32))
+        w_partner = tl.where(is_img[:, None], tl.load(img_w_ptr + (d ^ 1)).to(tl.float32),
+                             tl.load(txt_w_ptr + (d ^ 1)).to(tl.float32))
+        # RMSNorm's roundings: normalised value to the compute dtype, times the weight, rounded again.
+        normed = ((x * inv_rms).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+        normed_partner = ((partner * inv_rms).to(dtype).to(tl.float32) * w_partner).to(dtype).to(tl.float32)
+        rot = rot_ptr + (batch * rot_batch_stride + pos * HEAD_DIM)[:, None]  # (cos, sin) of each pair
+        cos = tl.load(rot + (d & ~1), mask=row_ok[:, None], other=0.0)
+        sin = tl.load(rot + (d | 1), mask=row_ok[:, None], other=0.0)
+        # even d: x_e cos - x_o sin; odd d: x_o cos + x_e sin
+        sign = tl.where((d & 1) == 0, -1.0, 1.0)
+        out = normed * cos + sign * normed_partner * sin
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d, out.to(dtype), mask=row_ok[:, None])
+
+    @torch.library.triton_op("qistudio::joint_qk_norm_rope", mutates_args=())
+    def _fused(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor, txt_weight: torch.Tensor,
+               eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
+        batch, num_img, dim = img_proj.shape
+        num_txt = txt_proj.shape[1]
+        heads = dim // head_dim
+        out = img_proj.new_empty(batch, num_img + num_txt, heads, head_dim)
+        rotation = rotation.contiguous()  # (S, head_dim / 2, 2) or (B, S, head_dim / 2, 2) float32
+        rot_batch_stride = rotation.stride(0) if rotation.dim() == 4 else 0
+        num_rows = batch * (num_img + num_txt) * heads
+        block_rows = 16
+        torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[(triton.cdiv(num_rows, block_rows),)](
+            img_proj.contiguous(), txt_proj.contiguous(), img_weight, txt_weight, rotation, out,
+            num_img, num_txt, num_rows, rot_batch_stride, eps,
+            HEADS=heads, HEAD_DIM=head_dim, BLOCK_ROWS=block_rows, num_warps=4,
+        )
+        return out
