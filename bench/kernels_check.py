@@ -41,6 +41,14 @@ def main() -> None:
     w_img = (1 + 0.1 * torch.randn(head_dim, device=dev)).to(bf)
     w_txt = (1 + 0.1 * torch.randn(head_dim, device=dev)).to(bf)
     phasors = qwen_rotary([ImageGrid(0, h, w)], text, device=dev).with_joint().joint
+    if "--sweep" in sys.argv:
+        from qistudio.ops import qk_norm_rope as qk
+        for rows in (2, 4, 8, 16):
+            for warps in (1, 2, 4):
+                qk.QK_LAUNCH.update(BLOCK_ROWS=rows, num_warps=warps)
+                ms = timed(lambda: qk._fused(img, txt, w_img, w_txt, 1e-6, phasors, head_dim))
+                print(f"  qk sweep BLOCK_ROWS={rows} num_warps={warps}: {ms:.3f} ms")
+        return
     with torch.no_grad():
         ref = joint_qk_norm_rope_reference(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
         out = joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)

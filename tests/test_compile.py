@@ -77,10 +77,11 @@ torch.manual_seed(0)
 heads, head_dim, h, w, text = 3, 16, 4, 3, 5
 img, txt = torch.randn(2, h * w, heads * head_dim).half(), torch.randn(2, text, heads * head_dim).half()
 wi, wt = (1 + 0.1 * torch.randn(head_dim)).half(), (1 + 0.1 * torch.randn(head_dim)).half()
-rot = qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(4, 6, 6)).with_joint().joint
-for table in (rot, torch.stack([rot, rot.conj()])):  # shared, then one table per row
+rot = torch.view_as_complex(qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(4, 6, 6)).with_joint().joint)
+per_row = torch.view_as_real(torch.stack([rot, rot.conj()])).contiguous()
+for table in (torch.view_as_real(rot), per_row):  # shared, then one table per row
     ref = joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)
-    assert torch.equal(_fused(img, txt, wi, wt, 1e-6, torch.view_as_real(table), head_dim), ref)
+    assert torch.equal(_fused(img, txt, wi, wt, 1e-6, table, head_dim), ref)
 hidden = torch.randn(5, 300).half()
 q, s = K._gelu_quantize_rows(hidden)
 rq, rs = K.quantize_rows_reference(F.gelu(hidden, approximate="tanh"))

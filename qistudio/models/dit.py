@@ -61,15 +61,15 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
-    def _joint_rotated(self, img_proj, txt_proj, img_norm: RMSNorm, txt_norm: RMSNorm, phasors) -> torch.Tensor:
+    def _joint_rotated(self, img_proj, txt_proj, img_norm: RMSNorm, txt_norm: RMSNorm, rotation) -> torch.Tensor:
         # Joined before the norm (one fused pass on CUDA, ops/qk_norm_rope.py), not after RoPE: same values.
-        return joint_qk_norm_rope(img_proj, txt_proj, img_norm.weight, txt_norm.weight, img_norm.eps, phasors,
+        return joint_qk_norm_rope(img_proj, txt_proj, img_norm.weight, txt_norm.weight, img_norm.eps, rotation,
                                   self.head_dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
-        phasors = rotary.with_joint().joint  # (N + L, head_dim / 2), or per row (B, N + L, head_dim / 2)
-        query = self._joint_rotated(self.to_q(img), self.add_q_proj(txt), self.norm_q, self.norm_added_q, phasors)
-        key = self._joint_rotated(self.to_k(img), self.add_k_proj(txt), self.norm_k, self.norm_added_k, phasors)
+        rotation = rotary.with_joint().joint  # (N + L, head_dim / 2, 2), or per row (B, N + L, head_dim / 2, 2)
+        query = self._joint_rotated(self.to_q(img), self.add_q_proj(txt), self.norm_q, self.norm_added_q, rotation)
+        key = self._joint_rotated(self.to_k(img), self.add_k_proj(txt), self.norm_k, self.norm_added_k, rotation)
         value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
 
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .norms import rms_normalize
-from .rope import apply_rope
+from .rope import apply_rotation
 
 try:
     import triton
@@ -26,23 +26,23 @@ except ImportError:  # CPU-only installs: the reference form serves
 
 
 def joint_qk_norm_rope_reference(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
-                                 txt_weight: torch.Tensor, eps: float, phasors: torch.Tensor,
+                                 txt_weight: torch.Tensor, eps: float, rotation: torch.Tensor,
                                  head_dim: int) -> torch.Tensor:
-    """img_proj (B, N, D), txt_proj (B, L, D) -> (B, N + L, D / head_dim, head_dim); phasors (N + L, head_dim / 2)
-    complex, or one table per row (B, N + L, head_dim / 2)."""
+    """img_proj (B, N, D), txt_proj (B, L, D) -> (B, N + L, D / head_dim, head_dim); rotation: Rotary.joint, the
+    (cos, sin) pairs (N + L, head_dim / 2, 2), or one table per row (B, N + L, head_dim / 2, 2)."""
     joint = torch.cat([img_proj, txt_proj], dim=1).unflatten(-1, (-1, head_dim))
     num_img, num_txt = img_proj.shape[1], txt_proj.shape[1]
     weight = torch.cat([img_weight.expand(num_img, -1), txt_weight.expand(num_txt, -1)])[:, None]
-    return apply_rope(rms_normalize(joint, eps).to(weight.dtype) * weight, phasors)
+    return apply_rotation(rms_normalize(joint, eps).to(weight.dtype) * weight, rotation)
 
 
 def joint_qk_norm_rope(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
-                       txt_weight: torch.Tensor, eps: float, phasors: torch.Tensor, head_dim: int) -> torch.Tensor:
+                       txt_weight: torch.Tensor, eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
     """As `joint_qk_norm_rope_reference`; one fused kernel on CUDA when no gradient is needed."""
     if _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim):
-        return torch.ops.qistudio.joint_qk_norm_rope(img_proj, txt_proj, img_weight, txt_weight, eps,
-                                                     torch.view_as_real(phasors), head_dim)
-    return joint_qk_norm_rope_reference(img_proj, txt_proj, img_weight, txt_weight, eps, phasors, head_dim)
+        return torch.ops.qistudio.joint_qk_norm_rope(img_proj, txt_proj, img_weight, txt_weight, eps, rotation,
+                                                     head_dim)
+    return joint_qk_norm_rope_reference(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim)
 
 
 def _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim: int) -> bool:
@@ -104,6 +104,10 @@ if triton is not None:
         out = normed * cos + sign * normed_partner * sin
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d, out.to(dtype), mask=row_ok[:, None])
 
+    # Memory-bound; BLOCK_ROWS / num_warps chosen by a sweep on an H100 (bench/kernels_check.py --sweep). Not
+    # triton.autotune: inductor re-benchmarks autotuned user kernels while compiling, which failed here.
+    QK_LAUNCH = {"BLOCK_ROWS": 8, "num_warps": 2}
+
     @torch.library.triton_op("qistudio::joint_qk_norm_rope", mutates_args=())
     def _fused(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor, txt_weight: torch.Tensor,
                eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -114,10 +118,8 @@ if triton is not None:
         rotation = rotation.contiguous()  # (S, head_dim / 2, 2) or (B, S, head_dim / 2, 2) float32
         rot_batch_stride = rotation.stride(0) if rotation.dim() == 4 else 0
         num_rows = batch * (num_img + num_txt) * heads
-        block_rows = 16
-        torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[(triton.cdiv(num_rows, block_rows),)](
+        torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[(triton.cdiv(num_rows, QK_LAUNCH["BLOCK_ROWS"]),)](
             img_proj.contiguous(), txt_proj.contiguous(), img_weight, txt_weight, rotation, out,
-            num_img, num_txt, num_rows, rot_batch_stride, eps,
-            HEADS=heads, HEAD_DIM=head_dim, BLOCK_ROWS=block_rows, num_warps=4,
+            num_img, num_txt, num_rows, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, **QK_LAUNCH,
         )
         return out

@@ -96,7 +96,12 @@ def apply_rope(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
 def _apply_rope_real(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
     """The same rotation in real arithmetic. The compiler cannot fuse complex tensors, so under torch.compile this
     form lets the rotation fuse with the q/k norm before it (one kernel instead of three on an H100 profile)."""
-    rotation = torch.view_as_real(phasors)[:, :, None]  # (B, S, 1, D/2, 2)
+    return apply_rotation(x, torch.view_as_real(phasors))
+
+
+def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """apply_rope with the phasors as real (cos, sin) pairs: rotation (B, S, D/2, 2) or (S, D/2, 2), float32."""
+    rotation = (rotation[None] if rotation.dim() == 3 else rotation)[:, :, None]  # (B, S, 1, D/2, 2)
     cos, sin = rotation[..., 0], rotation[..., 1]
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
@@ -108,7 +113,9 @@ class Rotary:
     """Phasors of the image tokens (all groups, in sequence order) and of the text tokens.
 
     Each is (S, D/2) for a batch that shares one layout, or (B, S, D/2) with one table per row. `joint` is
-    [image; text] along the sequence, built once per forward (`with_joint`) for the blocks' joint q/k path.
+    [image; text] along the sequence as real (cos, sin) pairs, (S, D/2, 2) or (B, S, D/2, 2) float32, built once
+    per forward (`with_joint`) for the blocks' joint q/k path: a real tensor, because complex inputs do not pass
+    through compiled graphs into kernels intact.
     """
 
     image: torch.Tensor
@@ -122,7 +129,7 @@ class Rotary:
         if image.dim() != text.dim():  # one table per row on one side only (EliGen's text segments)
             batch = image.shape[0] if image.dim() == 3 else text.shape[0]
             image, text = (t if t.dim() == 3 else t.expand(batch, *t.shape) for t in (image, text))
-        return Rotary(self.image, self.text, torch.cat([image, text], dim=-2))
+        return Rotary(self.image, self.text, torch.view_as_real(torch.cat([image, text], dim=-2)).clone())
 
 
 def qwen_rotary(
