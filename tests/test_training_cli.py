@@ -49,10 +49,10 @@ def test_train_a_lora_then_resume(tiny_repo, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--fp8_models", "dit"], "--fp8_models is not supported yet"),
-    (["--enable_tensorboard_log"], "--enable_tensorboard_log is not supported yet"),
+    (["--enable_wandb_log"], "--enable_wandb_log is not supported yet"),
     (["--resume_from_checkpoint", "x"], "use --resume"),
-    (["--extra_inputs", "context_image", "--data_file_keys", "image,context_image"],
-     r"extra_inputs \['context_image'\] are not supported yet"),
+    (["--extra_inputs", "layer_input_image", "--data_file_keys", "image,layer_input_image"],
+     r"extra_inputs \['layer_input_image'\] are not supported yet"),
     (["--task", "direct_distill"], "--task direct_distill is not supported yet"),
     (["--trainable_models", "dit"], "one of the two"),
     (["--height", "32"], "give both height and width"),

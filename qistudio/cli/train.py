@@ -17,11 +17,12 @@ from pathlib import Path
 from ..training.checkpoint import CheckpointSaveError
 from ..training.config import (DEFAULT_LORA_TARGETS, LOSS_WEIGHTINGS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS,
                                DataConfig, LossConfig, TrainConfig)
+from .generate import parse_size
 
 PROG = "qistudio train"
 # The seed's arguments this trainer does not implement yet: flag -> what to do instead.
 NOT_SUPPORTED = {
-    "fp8_models": "train with a bfloat16 base for now",
+    "fp8_models": "use --fp8_base (the frozen DiT's block linears in FP8 under the LoRA)",
     "offload_models": "two-stage split training is not supported yet",
     "resume_from_checkpoint": "use --resume (continues a run of this trainer from output_path/checkpoints)",
     "quant_options": "quantised bases are not supported yet",
@@ -33,17 +34,14 @@ NOT_SUPPORTED = {
     "enable_model_cpu_offload": "model CPU offload during training is not supported yet",
     "enable_optimizer_cpu_offload": "optimizer CPU offload is not supported yet (use DeepSpeed through accelerate)",
     "cpu_offload_split_threshold": "model CPU offload during training is not supported yet",
-    "enable_tensorboard_log": "logging backends are not supported yet; the loss is shown in the progress bar",
     "enable_swanlab_log": "logging backends are not supported yet",
     "swanlab_project": "logging backends are not supported yet",
     "enable_wandb_log": "logging backends are not supported yet",
     "wandb_project": "logging backends are not supported yet",
-    "enable_csv_log": "logging backends are not supported yet",
-    "initialize_model_on_cpu": "ZeRO-3 initialisation is not supported yet",
 }
-FLAGS = {"enable_lora_hot_loading", "enable_model_cpu_offload", "enable_optimizer_cpu_offload",
-         "enable_tensorboard_log", "enable_swanlab_log", "enable_wandb_log", "enable_csv_log",
-         "initialize_model_on_cpu"}
+FLAGS = {"enable_lora_hot_loading", "enable_model_cpu_offload", "enable_optimizer_cpu_offload", "enable_swanlab_log",
+         "enable_wandb_log"}
+BUCKETS = {"auto": None, "on": True, "off": False}
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -59,6 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_data_and_model_arguments(p)
     _add_training_arguments(p)
+    _add_monitoring_arguments(p)
     seed_only = p.add_argument_group("the seed's arguments not supported yet (accepted, refused if used)")
     for name in NOT_SUPPORTED:
         if name in FLAGS:
@@ -88,7 +87,9 @@ def _add_data_and_model_arguments(p: argparse.ArgumentParser) -> None:
                        help="comma-separated MODEL_ID:PATTERN, e.g. Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors")
     model.add_argument("--tokenizer_path", help="tokenizer folder (default: download Qwen/Qwen-Image:tokenizer/)")
     model.add_argument("--processor_path", help="processor folder for edit images (default: Qwen/Qwen-Image-Edit:processor/)")
-    model.add_argument("--extra_inputs", help="extra model inputs from the metadata (supported: edit_image)")
+    model.add_argument("--extra_inputs", help="extra model inputs from the metadata (comma-separated): edit_image, "
+                       "context_image, blockwise_controlnet_image, blockwise_controlnet_inpaint_mask, "
+                       "eligen_entity_prompts, eligen_entity_masks")
     model.add_argument("--zero_cond_t", action="store_true", default=None, help="Edit-2511's modulation of edit tokens")
     model.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                        help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
@@ -101,7 +102,8 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--weight_decay", type=float, default=0.01)
     train.add_argument("--num_epochs", type=int, default=1)
     train.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
-    train.add_argument("--trainable_models", help="train these models in full (supported: dit)")
+    train.add_argument("--trainable_models", help="train this model in full: dit, or blockwise_controlnet (the "
+                       "ControlNet among the models, or a new zero-initialised one; the DiT stays frozen)")
     train.add_argument("--find_unused_parameters", action="store_true", help="DDP: some parameters get no gradient")
     train.add_argument("--task", default="sft", help="training task (supported: sft)")
     train.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="reference",
@@ -135,6 +137,45 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     memory.add_argument("--use_gradient_checkpointing", action="store_true")
     memory.add_argument("--use_gradient_checkpointing_offload", action="store_true")
     memory.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    memory.add_argument("--fp8_base", action="store_true",
+                        help="store the frozen DiT's block linears in FP8 (e4m3, per-channel scales; LoRA stays float32)")
+    memory.add_argument("--vram_limit", type=float, help="device memory budget in GiB for the DiT: the frozen blocks "
+                        "that do not fit stream from host memory (0: stream all; needs --use_gradient_checkpointing)")
+
+
+def _add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
+    speed = p.add_argument_group("throughput")
+    speed.add_argument("--cache", metavar="DIR", help="encode every sample once (text encoder + VAE) into DIR, then "
+                       "train the DiT from it with the encoders released; stale entries are re-encoded")
+    speed.add_argument("--buckets", choices=tuple(BUCKETS), default="auto",
+                       help="dynamic resolution: give all processes samples of one size at each step (auto: on with "
+                       "dynamic resolution and several processes)")
+    speed.add_argument("--initialize_model_on_cpu", action="store_true",
+                       help="load the models into host memory first (DeepSpeed ZeRO-3 partitions the DiT from there)")
+    watch = p.add_argument_group("validation images and logs")
+    watch.add_argument("--validation_prompts", nargs="+", metavar="PROMPT",
+                       help="prompts to render during training, or one .txt file with a prompt per line")
+    watch.add_argument("--validation_steps", type=int, help="render every N steps (default: at the last step only)")
+    watch.add_argument("--validation_size", type=parse_size, default=(1024, 1024), metavar="WxH",
+                       help="size of the validation images (default 1024x1024)")
+    watch.add_argument("--validation_cfg_scale", type=float, default=4.0, help="guidance of the validation images")
+    watch.add_argument("--validation_num_inference_steps", type=int, default=30)
+    watch.add_argument("--validation_seed", type=int, default=0)
+    watch.add_argument("--enable_tensorboard_log", action="store_true",
+                       help="TensorBoard events in output_path/tensorboard_log (needs the tensorboard package)")
+    watch.add_argument("--enable_csv_log", action="store_true", help="output_path/loss.csv: step, loss, lr, time")
+
+
+def _validation_prompts(values: list[str] | None, error) -> tuple[str, ...]:
+    """The prompts themselves, or one .txt file holding a prompt per line (blank lines skipped)."""
+    if not values:
+        return ()
+    if len(values) == 1 and values[0].endswith(".txt"):
+        path = Path(values[0])
+        if not path.is_file():
+            error(f"--validation_prompts {values[0]}: no such file (a .txt value is read as a file of prompts)")
+        return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return tuple(values)
 
 
 def _model_paths(text: str | None, error) -> tuple:
@@ -164,7 +205,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.task != "sft":
         error(f"--task {args.task} is not supported yet; this trainer runs sft (supervised fine-tuning)")
     if not args.dataset_metadata_path:
-        error("--dataset_metadata_path is required (training from cached .pth files is not supported yet)")
+        error("--dataset_metadata_path is required (the reference's cached .pth files are not read; --cache DIR "
+              "encodes the samples once and trains from its own cache)")
     for flag, value in (("--dataset_base_path", args.dataset_base_path),
                         ("--dataset_metadata_path", args.dataset_metadata_path)):
         if not Path(value).exists():
@@ -189,6 +231,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         loss=LossConfig(timestep_sampling=args.timestep_sampling, weighting=args.loss_weighting), seed=args.seed,
         dtype=args.dtype, device=args.device, remove_prefix_in_ckpt=args.remove_prefix_in_ckpt or None,
         save_steps=args.save_steps, lora_format=args.lora_format, keep_checkpoints=args.keep_checkpoints,
+        fp8_base=args.fp8_base, vram_limit=args.vram_limit,
+        cache_dir=args.cache, buckets=BUCKETS[args.buckets],
+        validation_prompts=_validation_prompts(args.validation_prompts, error), validation_steps=args.validation_steps,
+        validation_size=args.validation_size, validation_cfg_scale=args.validation_cfg_scale,
+        validation_num_inference_steps=args.validation_num_inference_steps, validation_seed=args.validation_seed,
+        enable_tensorboard_log=args.enable_tensorboard_log, enable_csv_log=args.enable_csv_log,
+        initialize_model_on_cpu=args.initialize_model_on_cpu,
     )  # fmt: skip
     try:
         config.check()
@@ -196,6 +245,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         error(str(e))
     if args.lora_checkpoint and not Path(args.lora_checkpoint).exists():
         error(f"--lora_checkpoint {args.lora_checkpoint}: no such file")
+    if args.cache and Path(args.cache).exists() and not Path(args.cache).is_dir():
+        error(f"--cache {args.cache} is a file; give a folder (created if missing)")
     return config
 
 

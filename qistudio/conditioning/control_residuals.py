@@ -29,11 +29,12 @@ class ControlResiduals:
 
     def __init__(self, controls: list[tuple[ControlNetInput, torch.Tensor]], controlnets: list, target: ImageGrid,
                  positive: TextStates, num_steps: int, num_dit_layers: int,
-                 entity_token_masks: torch.Tensor | None = None):
-        """controls: (input, patchified control features (1, N, 64|68)); positive: the prompt states (B rows)."""
+                 entity_token_masks: torch.Tensor | None = None, project_with_grad: bool = False):
+        """controls: (input, patchified control features (1, N, 64|68)); positive: the prompt states (B rows).
+        project_with_grad: the projection joins the autograd graph (training a Blockwise ControlNet)."""
         self.num_target, self.num_steps, self.num_dit_layers = target.num_tokens, num_steps, num_dit_layers
         self.blockwise, self.instantx = [], []
-        with torch.no_grad():  # each Blockwise map is projected once per call
+        with torch.set_grad_enabled(project_with_grad):  # each Blockwise map is projected once per call
             for control, features in controls:
                 net = controlnets[control.controlnet_id]
                 if isinstance(net, QwenImageInstantXControlNet):

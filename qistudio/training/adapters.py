@@ -1,4 +1,5 @@
-"""What trains: a peft LoRA on the DiT's linears, or the whole DiT; and the trained tensors taken back out.
+"""What trains: a peft LoRA on the DiT's linears, the whole DiT or a Blockwise ControlNet; and the trained tensors
+taken back out.
 
 LoRA (peft `inject_adapter_in_model`, adapter "default"; A Kaiming-uniform, B zero, so training starts from the
 base model exactly). Each targeted linear becomes a peft layer holding the original as `base_layer`, so parameter
@@ -6,8 +7,8 @@ names gain `.base_layer` and `.lora_A.default` / `.lora_B.default`; `lora_pairs`
 names. The LoRA factors are kept in float32 whatever the base dtype (the reference keeps them in bfloat16); peft
 casts the layer input to them and the sum back to the base layer's dtype.
 
-Full training trains every DiT parameter in the models' dtype (bfloat16 on a GPU, as the reference does; float32
-master weights are not kept).
+Full training trains every parameter of the DiT, or of the (first) Blockwise ControlNet with the DiT frozen, in
+the models' dtype (bfloat16 on a GPU, as the reference does; float32 master weights are not kept).
 
 `lora_checkpoint` (the seed's --lora_checkpoint) continues from a LoRA file in any layout qistudio reads; its
 alpha / rank is folded into B, so the layer computes the file's delta whatever our own alpha is.
@@ -21,6 +22,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..components import Components
 from ..lora import convert_lora_state_dict
 from ..lora.files import read_lora
 from .config import TrainConfig
@@ -110,13 +112,18 @@ def lora_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_trainable(dit: nn.Module, config: TrainConfig) -> list[str]:
-    """Set up what trains (LoRA or the whole DiT); returns a one-line description per trained group."""
+def make_trainable(components: Components, config: TrainConfig) -> tuple[nn.Module, list[str]]:
+    """Set up what trains (a LoRA on the DiT, the whole DiT or the ControlNet); returns the module whose trainable
+    tensors are saved (the DiT or the ControlNet) and a one-line description per trained group."""
+    dit = components.dit
     if config.is_lora:
         modules = add_lora(dit, config)
-        return [f"LoRA rank {config.lora_rank} on {len(modules)} layers of the DiT"]
-    dit.requires_grad_(True)
-    return [f"the whole DiT ({sum(p.numel() for p in dit.parameters()) / 1e6:.1f} M parameters)"]
+        return dit, [f"LoRA rank {config.lora_rank} on {len(modules)} layers of the DiT"]
+    dit.requires_grad_(False)
+    model = components.controlnets[0] if config.trainable_models == "blockwise_controlnet" else dit
+    model.requires_grad_(True)
+    name = "the Blockwise ControlNet (DiT frozen)" if model is not dit else "the whole DiT"
+    return model, [f"{name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)"]
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -15,8 +15,14 @@ TIMESTEP_SAMPLINGS = ("reference", "uniform", "logit_normal", "resolution_shift"
 LOSS_WEIGHTINGS = ("bsmntw", "none")
 LR_SCHEDULERS = ("reference", "constant", "cosine")
 LORA_FORMATS = ("diffusers", "diffsynth")
-EXTRA_INPUTS = ("edit_image",)  # what this trainer feeds the model besides image and prompt
-TRAINABLE_MODELS = ("dit",)
+# What this trainer feeds the model besides image and prompt (the seed's --extra_inputs names). All but the entity
+# prompts are image files, so they must be data_file_keys too.
+EXTRA_INPUTS = ("edit_image", "context_image", "blockwise_controlnet_image", "blockwise_controlnet_inpaint_mask",
+                "eligen_entity_prompts", "eligen_entity_masks")
+TEXT_INPUTS = ("eligen_entity_prompts",)
+# What --trainable_models trains in full, and its name inside the reference's training module: a saved file's
+# names start with it, less --remove_prefix_in_ckpt.
+TRAINABLE_MODELS = {"dit": "pipe.dit.", "blockwise_controlnet": "pipe.blockwise_controlnet.models.0."}
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,22 @@ class TrainConfig:
     save_steps: int | None = None  # None: save at the end of each epoch
     lora_format: str = "diffusers"
     keep_checkpoints: int = 1  # resume checkpoints kept; older ones are deleted once a newer one is complete
+    # Little device memory (training/lowmem.py): the frozen DiT's block linears stored in FP8; a budget in GiB within
+    # which the DiT's frozen blocks stream through the device (None: all resident; 0: stream every block).
+    fp8_base: bool = False
+    vram_limit: float | None = None
+    # Throughput and monitoring (training/cache.py, buckets.py, samples.py, logs.py)
+    cache_dir: str | None = None  # encode every sample once into this folder, then train without the encoders
+    buckets: bool | None = None  # one target size per step on all processes; None: with dynamic size and >1 process
+    validation_prompts: tuple[str, ...] = ()  # rendered to output_path/samples/step-N/ during training
+    validation_steps: int | None = None  # render every N steps and at the last; None: at the last step only
+    validation_size: tuple[int, int] = (1024, 1024)  # (width, height)
+    validation_cfg_scale: float = 4.0
+    validation_num_inference_steps: int = 30
+    validation_seed: int = 0
+    enable_tensorboard_log: bool = False  # output_path/tensorboard_log
+    enable_csv_log: bool = False  # output_path/loss.csv
+    initialize_model_on_cpu: bool = False  # load on the CPU; accelerate places the DiT (ZeRO-3 partitions it)
 
     @property
     def is_lora(self) -> bool:
@@ -121,17 +143,16 @@ class TrainConfig:
         if self.trainable_models is not None and self.trainable_models not in TRAINABLE_MODELS:
             raise ValueError(f"trainable_models={self.trainable_models!r} is not supported yet; this trainer trains "
                              f"{', '.join(TRAINABLE_MODELS)}")
+        if self.lora_base_model == "blockwise_controlnet":
+            raise ValueError("lora_base_model=blockwise_controlnet is not supported: the seed's Blockwise ControlNet "
+                             "LoRA scripts put the LoRA on the DiT (--lora_base_model dit, with the ControlNet among "
+                             "the models); to train the ControlNet itself use --trainable_models blockwise_controlnet")
         if self.is_lora and self.lora_base_model != "dit":
             raise ValueError(f"lora_base_model={self.lora_base_model!r} is not supported yet; use dit")
         if self.is_lora and (self.lora_rank < 1 or not self.lora_target_modules):
             raise ValueError(f"a LoRA needs rank >= 1 and target modules; got rank {self.lora_rank}, "
                              f"targets {self.lora_target_modules}")
-        unknown = [k for k in self.extra_inputs if k not in EXTRA_INPUTS]
-        if unknown:
-            raise ValueError(f"extra_inputs {unknown} are not supported yet; supported: {', '.join(EXTRA_INPUTS)}")
-        missing_keys = [k for k in self.extra_inputs if k not in self.data.data_file_keys]
-        if missing_keys:
-            raise ValueError(f"extra_inputs {missing_keys} are images: add them to data_file_keys too")
+        self._check_inputs()
         if not self.model_paths and not self.model_id_with_origin_paths:
             raise ValueError("no model to train: give model_paths or model_id_with_origin_paths")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -152,6 +173,60 @@ class TrainConfig:
                              "its own start (a third of the rate for 5 steps)")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype={self.dtype!r}; use bfloat16, float16 or float32")
+        if (self.fp8_base or self.vram_limit is not None) and self.trainable_models == "dit":
+            raise ValueError("fp8_base and vram_limit keep the DiT's base frozen; they cannot train the whole DiT "
+                             "(train a LoRA on it: --lora_base_model dit)")
+        if self.vram_limit is not None and (self.vram_limit < 0 or not self.use_gradient_checkpointing):
+            raise ValueError(f"vram_limit must be >= 0 GiB (0: stream every DiT block), with "
+                             f"--use_gradient_checkpointing (streamed blocks are read again in the backward); got "
+                             f"vram_limit={self.vram_limit}, use_gradient_checkpointing={self.use_gradient_checkpointing}")
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        """The validation-image settings."""
+        if any(not isinstance(p, str) or not p.strip() for p in self.validation_prompts):
+            raise ValueError(f"validation_prompts must be non-empty text, got {self.validation_prompts!r}")
+        if self.validation_steps is not None and not self.validation_prompts:
+            raise ValueError(f"validation_steps={self.validation_steps} renders nothing without validation_prompts")
+        if self.validation_steps is not None and self.validation_steps < 1:
+            raise ValueError(f"validation_steps must be >= 1 (or unset), got {self.validation_steps}")
+        width, height = self.validation_size
+        if width < 16 or height < 16 or width % 16 or height % 16:
+            raise ValueError(f"validation_size must be multiples of 16 and at least 16, got {width}x{height}")
+        if self.validation_num_inference_steps < 1 or self.validation_cfg_scale <= 0:
+            raise ValueError(f"need validation_num_inference_steps >= 1 and validation_cfg_scale > 0; got "
+                             f"{self.validation_num_inference_steps}, {self.validation_cfg_scale}")
+
+    def _check_inputs(self) -> None:
+        """The extra inputs against each other, the data's file keys and what trains."""
+        inputs, file_keys = self.extra_inputs, self.data.data_file_keys
+        unknown = [k for k in inputs if k not in EXTRA_INPUTS]
+        if unknown:
+            raise ValueError(f"extra_inputs {unknown} are not supported yet; supported: {', '.join(EXTRA_INPUTS)}")
+        missing_keys = [k for k in inputs if k not in file_keys and k not in TEXT_INPUTS]
+        if missing_keys:
+            raise ValueError(f"extra_inputs {missing_keys} are images: add them to data_file_keys too")
+        text_keys = [k for k in TEXT_INPUTS if k in file_keys]
+        if text_keys:
+            raise ValueError(f"{text_keys} are text, not files: leave them out of data_file_keys")
+        eligen = {"eligen_entity_prompts", "eligen_entity_masks"} & set(inputs)
+        if len(eligen) == 1:
+            raise ValueError(f"extra_inputs has {eligen.pop()} alone; EliGen needs both eligen_entity_prompts and "
+                             "eligen_entity_masks (one mask per entity prompt)")
+        if eligen and {"edit_image", "context_image"} & set(inputs):
+            raise ValueError("EliGen entities with edit or context images are not supported (the pipeline refuses "
+                             "them too); train them separately")
+        if "blockwise_controlnet_inpaint_mask" in inputs and "blockwise_controlnet_image" not in inputs:
+            raise ValueError("extra_inputs blockwise_controlnet_inpaint_mask needs blockwise_controlnet_image too (the "
+                             "image whose masked region the Inpaint ControlNet sees blacked out)")
+        if self.trainable_models == "blockwise_controlnet" and "blockwise_controlnet_image" not in inputs:
+            raise ValueError("trainable_models=blockwise_controlnet needs the control maps: add "
+                             "blockwise_controlnet_image to extra_inputs and data_file_keys")
+        prefix = TRAINABLE_MODELS.get(self.trainable_models)
+        if prefix and self.remove_prefix_in_ckpt and not prefix.startswith(self.remove_prefix_in_ckpt):
+            raise ValueError(f"remove_prefix_in_ckpt={self.remove_prefix_in_ckpt!r} is not how the trained "
+                             f"{self.trainable_models}'s names start ({prefix}...), so it would strip nothing; use "
+                             f"--remove_prefix_in_ckpt {prefix} for the released file's names")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,4 +253,4 @@ def _tuple(value):
 
 # Settings that change what a resume checkpoint means: a run may only resume from one that agrees on all of them.
 RESUME_KEYS = ("trainable_models", "lora_base_model", "lora_target_modules", "lora_rank", "lora_alpha",
-               "gradient_accumulation_steps", "seed", "lr_scheduler", "lr_warmup_steps")
+               "gradient_accumulation_steps", "seed", "lr_scheduler", "lr_warmup_steps", "buckets")

@@ -120,18 +120,23 @@ class ImageDataset(torch.utils.data.Dataset):
                               "on a side after sizing)")
         return crop_and_resize(image, height, width)
 
-    def _column(self, value):
-        if isinstance(value, list):
-            return [self._load(self.base_path / v) for v in value]
-        return self._load(self.base_path / value)
+    def _column(self, key: str, value, row_index: int):
+        """A file column's value loaded: a path, or a list of paths (several edit images, one mask per entity) loaded
+        element-wise, each sized by its own dimensions as the reference's operators do."""
+        paths = value if isinstance(value, list) else [value]
+        bad = [v for v in paths if not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"sample {row_index}: {key} must be a file path or a list of file paths, got {value!r}")
+        images = [self._load(self.base_path / v) for v in paths]
+        return images if isinstance(value, list) else images[0]
 
     def __getitem__(self, index: int):
         row_index = index % len(self.rows)
         sample = dict(self.rows[row_index])
         try:
             for key in self.config.data_file_keys:
-                if sample.get(key) not in (None, ""):
-                    sample[key] = self._column(sample[key])
+                if sample.get(key) not in (None, ""):  # an optional input (context_image) may be left out
+                    sample[key] = self._column(key, sample[key], row_index)
         except _Unreadable as e:
             if self.config.strict:
                 raise ValueError(f"sample {row_index}: cannot read {e.path} ({e.reason}) (strict mode)") from None

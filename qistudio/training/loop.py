@@ -1,15 +1,21 @@
 """The training loop: data order -> encode -> loss -> backward -> optimizer step -> outputs and checkpoints.
 
 Design note. Randomness is owned, not ambient: the data order of epoch e is a function of (seed, e) alone
-(data.epoch_order), and every noise tensor and sigma comes from the trainer's own generator (seeded per process),
-whose state goes into each checkpoint with torch's, CUDA's and Python's. A checkpoint is taken only between
+(data.epoch_order; with size buckets, buckets.bucketed_order of the same and the images' sizes), and every noise
+tensor and sigma comes from the trainer's own generator (seeded per process), whose state goes into each
+checkpoint with torch's, CUDA's and Python's. A checkpoint is taken only between
 optimizer steps, recording the epoch and how far into its order each process is, so a resumed run replays
 exactly what the killed one would have done next. With several processes (accelerate launch), process r takes
 items r, r + P, ... of the epoch's order (the tail that does not divide evenly is dropped, so all processes run
 the same number of steps) and DDP averages the gradients.
 
 Gradient accumulation is done by hand (loss / K, DDP's no_sync between boundaries) rather than by accelerate's
-counter, so its state is just the position; the last, partial group of an epoch steps too.
+counter, so its state is just the position; the last, partial group of an epoch steps too (under DeepSpeed the
+boundary is handed to it: zero.py).
+
+Around the steps: with cache_dir the samples are encoded once into a folder and the DiT trains from it with the
+text encoder and VAE released (cache.py); validation images are rendered on the main process (samples.py); each
+step's loss, rate, time and peak memory go to the progress bar and the logs (logs.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,14 +36,20 @@ from ..components import Components
 from .adapters import make_trainable, trainable_named_parameters
 from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, restore_rng,
                          rng_state)
+from .buckets import bucketed_order, buckets_on, item_sizes
+from .cache import build_cache, encoding_fingerprint, map_tensors, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
-from .encode import encode_sample
-from .loss import fixed_noise_loss, flow_matching_loss
+from .encode import EncodedSample, encode_sample
+from .logs import TrainingLog, summary_writer_class
+from .loss import Denoiser, fixed_noise_loss, flow_matching_loss
+from .lowmem import load_device, setup_low_memory
 from .models import compute_dtype, load_training_components, prepare_frozen
 from .optim import make_lr_scheduler, make_optimizer
 from .outputs import save_weights, write_config
+from .samples import render_samples
 from .timesteps import draw_sigma
+from .zero import gathered_state, holding, is_zero3, prepare_deepspeed, set_boundary
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +90,39 @@ class Trainer:
             logger.warning("%d sample(s) list images that do not exist; they will be skipped and listed at the end",
                            len(self.dataset.missing))
         resume_path = find_checkpoint(config.output_path, resume) if resume else None
+        if config.enable_tensorboard_log:
+            summary_writer_class()  # a missing package stops the run before anything loads
+        if config.validation_prompts and is_zero3(acc):
+            raise ValueError("validation_prompts under DeepSpeed ZeRO-3 are not supported: the main process alone "
+                             "cannot run a partitioned DiT; render afterwards with `qistudio validate`")
+        # Data order: same-size samples at the same step on every process (buckets.py), from the images' headers.
+        bucketed = buckets_on(config.buckets, config.data, acc.num_processes)
+        self._item_sizes = item_sizes(self.dataset) if bucketed else None
+        load_on = load_device(config, self.device, acc.num_processes)  # host memory when the DiT is placed by parts
+        if config.initialize_model_on_cpu:
+            load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
         if components is None:
             with acc.main_process_first():
-                components = load_training_components(config, self.device, self.dtype)
+                components = load_training_components(config, load_on, self.dtype)
+            if config.initialize_model_on_cpu:
+                for model in (components.text_encoder, components.vae):
+                    model.to(self.device)  # the frozen encoders are not accelerate's to place
         else:
-            prepare_frozen(components)
+            prepare_frozen(components, config)
         self.components = components
         torch.manual_seed(config.seed)  # the LoRA's initialisation
-        self.trained = make_trainable(components.dit, config)
+        # What trains and is saved (the DiT or the ControlNet); the Denoiser (DiT + ControlNets) is what runs.
+        self.trained_module, self.trained = make_trainable(components, config)
         components.dit.gradient_checkpointing = config.use_gradient_checkpointing
-        components.dit.train()
-        parameters = trainable_named_parameters(components.dit)
+        self.low_memory = setup_low_memory(components, config, self.device)  # FP8 base, streamed blocks (or None)
+        denoiser = Denoiser(components.dit, components.controlnets).train()
+        parameters = trainable_named_parameters(self.trained_module)
         self.optimizer = make_optimizer(parameters.values(), config)
         self.total_steps = self._total_steps()
         self.lr_scheduler = make_lr_scheduler(self.optimizer, config, self.total_steps)
-        self.model, self.optimizer = acc.prepare(components.dit, self.optimizer)
+        placement = None if self.low_memory is None else self.low_memory.device_placement
+        prepare_deepspeed(acc)
+        self.model, self.optimizer = acc.prepare(denoiser, self.optimizer, device_placement=placement)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + acc.process_index)
         self.progress = Progress()
         self.history: list[StepRecord] = []
@@ -100,6 +131,9 @@ class Trainer:
         self.progress_bar = progress_bar and acc.is_main_process
         self._last_good = None  # the last readable sample, which stands in for a skipped one under DDP
         self._saved_step = 0
+        self.cached = None  # with cache_dir: the CachedDataset the DiT trains from, once run() has built it
+        self.cache_report = None  # and what building it did (cache.CacheReport)
+        self.log = None  # the main process's TrainingLog during run()
         if resume_path is not None:
             self._restore(resume_path)
 
@@ -121,7 +155,10 @@ class Trainer:
 
     def _order(self, epoch: int) -> list[int]:
         acc = self.accelerator
-        order = epoch_order(len(self.dataset), self.config.seed, epoch)
+        if self._item_sizes is not None:
+            order = bucketed_order(self._item_sizes, acc.num_processes, self.config.seed, epoch)
+        else:
+            order = epoch_order(len(self.dataset), self.config.seed, epoch)
         return order[acc.process_index::acc.num_processes][: self._micro_per_epoch()]
 
     def _restore(self, path: Path) -> None:
@@ -134,7 +171,7 @@ class Trainer:
         if saved.get("dataset_length", len(self.dataset)) != len(self.dataset):
             raise ValueError(f"cannot resume from {path}: the dataset had {saved['dataset_length']} samples (with "
                              f"repeat), now {len(self.dataset)}; the data order would not continue")
-        parameters = trainable_named_parameters(self.dit)
+        parameters = trainable_named_parameters(self.trained_module)
         if set(loaded.weights) != set(parameters):
             raise ValueError(f"cannot resume from {path}: its trainable tensors do not match this run's")
         with torch.no_grad():
@@ -160,8 +197,7 @@ class Trainer:
                                    "run; fix or remove it")
             encoded, weight = self._last_good, 0.0
         else:
-            encoded = encode_sample(self.components, item, self.config.extra_inputs, self.config.zero_cond_t,
-                                    self.device, self.dtype)
+            encoded = self._encode(item)
             self._last_good, weight = encoded, 1.0
         sigma, sigma_weight = draw_sigma(self.config.loss, self.generator, encoded.num_target_tokens)
         noise = torch.randn(encoded.latents.shape, generator=self.generator).to(self.device, encoded.latents.dtype)
@@ -170,8 +206,16 @@ class Trainer:
                 stack.enter_context(self.accelerator.no_sync(self.model))
             with self._activation_storage():
                 loss = flow_matching_loss(self.model, encoded, sigma, noise, sigma_weight * weight)
+            set_boundary(self.accelerator, sync)  # DeepSpeed steps inside backward at a boundary
             self.accelerator.backward(loss * scale)
         return float(loss.detach()) if weight else None
+
+    def _encode(self, item) -> EncodedSample:
+        """A loaded sample through the frozen encoders, or one from the sample cache moved to the device."""
+        if isinstance(item, EncodedSample):
+            return map_tensors(item, lambda tensor: tensor.to(self.device))
+        return encode_sample(self.components, item, self.config.extra_inputs, self.config.zero_cond_t,
+                             self.device, self.dtype)
 
     def _activation_storage(self):
         if not self.config.use_gradient_checkpointing_offload:
@@ -192,11 +236,10 @@ class Trainer:
         """Mean unweighted loss of the given dataset items at fixed sigmas and fixed noise (a validation loss)."""
         losses = []
         for index in indices:
-            item = self.dataset[index]
+            item = (self.dataset if self.cached is None else self.cached)[index]
             if isinstance(item, Skipped):
                 continue
-            encoded = encode_sample(self.components, item, self.config.extra_inputs, self.config.zero_cond_t,
-                                    self.device, self.dtype)
+            encoded = self._encode(item)
             losses.append(fixed_noise_loss(self.model, encoded, list(sigmas), seed))
         if not losses:
             raise ValueError(f"none of the items {indices} could be read")
@@ -207,12 +250,15 @@ class Trainer:
         """The user-facing weights file, then the resume checkpoint (both atomic)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        dit = acc.unwrap_model(self.model)
-        if acc.is_main_process:
-            save_weights(dit, self.config, file_name, self.progress.step)
+        trained = self.trained_module  # the module itself, whatever wrapper accelerate put around the Denoiser
+        # ZeRO-3: every process takes part in gathering the partitioned weights; the main one writes them (zero.py).
+        gathered = gathered_state(acc, self.model, trained) if is_zero3(acc) else {}
         config = dict(self.config.to_dict(), dataset_length=len(self.dataset))
-        self.writer.save(self.progress, trainable_named_parameters(dit), self.optimizer.state_dict(),
-                         self.lr_scheduler.state_dict(), rng_state(self.generator), config)
+        with holding(trained, gathered):
+            if acc.is_main_process:
+                save_weights(trained, self.config, file_name, self.progress.step)
+            self.writer.save(self.progress, trainable_named_parameters(trained), self.optimizer.state_dict(),
+                             self.lr_scheduler.state_dict(), rng_state(self.generator), config)
         self._saved_step = self.progress.step
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -222,29 +268,49 @@ class Trainer:
             write_config(config, config.output_path)
             logger.info("training %s for %d steps on %d process(es)", "; ".join(self.trained), self.total_steps,
                         acc.num_processes)
+        if config.cache_dir is not None and self.cached is None:
+            self._build_cache()
+        self.log = TrainingLog(config, self.progress.step) if acc.is_main_process else None
         bar = tqdm(total=self.total_steps, initial=self.progress.step, disable=not self.progress_bar, unit="step",
                    desc="training")
         self._saved_step = self.progress.step
+        self._clock = time.perf_counter()
         done = self.progress.step >= self.total_steps
-        while not done and self.progress.epoch < config.num_epochs:
-            done = self._run_epoch(bar, on_step)
-            if self.progress.position >= len(self._order(self.progress.epoch)):
-                finished = self.progress.epoch
-                self.progress.epoch += 1  # before saving: a resume starts at the next epoch
-                self.progress.position = 0
-                if config.save_steps is None:
-                    self.save(f"epoch-{finished}.safetensors")
-        bar.close()
+        try:
+            while not done and self.progress.epoch < config.num_epochs:
+                done = self._run_epoch(bar, on_step)
+                if self.progress.position >= len(self._order(self.progress.epoch)):
+                    finished = self.progress.epoch
+                    self.progress.epoch += 1  # before saving: a resume starts at the next epoch
+                    self.progress.position = 0
+                    if config.save_steps is None:
+                        self.save(f"epoch-{finished}.safetensors")
+        finally:
+            bar.close()
+            if self.log is not None:
+                self.log.close()
         if self.progress.step != self._saved_step:
             self.save(f"step-{self.progress.step}.safetensors")
         if self.progress.skipped and acc.is_main_process:
             logger.warning(skip_report([Skipped(**s) for s in self.progress.skipped]))
         return self.history
 
-    def _loader(self, order: list[int]):
+    def _build_cache(self) -> None:
+        """cache_dir: encode what the folder lacks, then train from it without the text encoder and VAE (kept in
+        host memory when validation images still need them)."""
+        fingerprint = encoding_fingerprint(self.components, self.config, self.device, self.dtype)
+        self.cached, self.cache_report = build_cache(
+            self.config.cache_dir, self.dataset, fingerprint, self._encode,
+            lambda rows: self._loader(rows, self.dataset), self.accelerator, self.progress_bar)
+        release_encoders(self.components, keep_on_cpu=bool(self.config.validation_prompts))
+
+    def _loader(self, order: list[int], dataset=None):
+        """The items of `order`, from the sample cache once there is one, read ahead by DataLoader workers if any."""
+        if dataset is None:
+            dataset = self.dataset if self.cached is None else self.cached
         if self.config.data.num_workers == 0:
-            return (self.dataset[i] for i in order)
-        return iter(torch.utils.data.DataLoader(self.dataset, sampler=order, batch_size=None, collate_fn=_identity,
+            return (dataset[i] for i in order)
+        return iter(torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None, collate_fn=_identity,
                                                 num_workers=self.config.data.num_workers))
 
     def _run_epoch(self, bar, on_step) -> bool:
@@ -264,13 +330,44 @@ class Trainer:
             if not boundary:
                 continue
             self._optimizer_step(losses)
-            bar.update(1)
-            bar.set_postfix(loss=f"{self.history[-1].loss:.4f}", lr=f"{self.history[-1].lr:.2e}")
+            self._report(bar)
             losses, group = [], 0
             if config.save_steps is not None and self.progress.step % config.save_steps == 0:
                 self.save(f"step-{self.progress.step}.safetensors")
+            if self._validation_due():
+                self._render_samples()
             if on_step is not None:
                 on_step(self)
+            self._clock = time.perf_counter()  # saving and rendering are not the next step's time
             if self.progress.step >= self.total_steps:
                 return True
         return False
+
+    def _report(self, bar) -> None:
+        """The step's loss, learning rate, time and the device's peak memory to the progress bar and the logs."""
+        record = self.history[-1]
+        now = time.perf_counter()
+        seconds, self._clock = now - self._clock, now
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        shown = {"loss": f"{record.loss:.4f}", "lr": f"{record.lr:.2e}", "s/step": f"{seconds:.2f}"}
+        if peak is not None:
+            shown["peak"] = f"{peak / 2**30:.1f}GiB"
+        bar.update(1)
+        bar.set_postfix(shown)
+        if self.log is not None:
+            self.log.step(record.step, record.loss, record.lr, seconds, peak)
+
+    def _validation_due(self) -> bool:
+        every, step = self.config.validation_steps, self.progress.step
+        due = step >= self.total_steps or (every is not None and step % every == 0)
+        return bool(self.config.validation_prompts) and due
+
+    def _render_samples(self) -> None:
+        """The validation images, on the main process; the others wait for it."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            written = render_samples(self.components, acc.unwrap_model(self.model), self.config, self.progress.step,
+                                     self.device, self.dtype)
+            if self.log is not None:
+                self.log.images(self.progress.step, [image for _, image in written])
+        acc.wait_for_everyone()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..components import Components, load_components
+from ..models.controlnet import ControlNetConfig, QwenImageBlockwiseControlNet
 from ..weights.model_config import ModelConfig
 from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = ("Qwen/Qwen-Image", "tokenizer/")
 DEFAULT_PROCESSOR = ("Qwen/Qwen-Image-Edit", "processor/")
@@ -44,13 +49,56 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 def load_training_components(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Components:
     configs, tokenizer, processor = model_configs(config)
     components = load_components(configs, tokenizer, processor, dtype, device)
-    prepare_frozen(components)
+    prepare_frozen(components, config)
     return components
 
 
-def prepare_frozen(components: Components) -> None:
-    """The DiT, VAE and text encoder must all be there; the VAE and text encoder only encode, without gradients."""
+def prepare_frozen(components: Components, config: TrainConfig) -> None:
+    """The DiT, VAE and text encoder must all be there, and the ControlNet the inputs need; every model is frozen
+    (what trains is unfrozen later) and the VAE and text encoder only encode, in eval mode."""
     components.require("dit", "vae", "text_encoder")
-    for model in (components.vae, components.text_encoder):
+    if config.trainable_models == "blockwise_controlnet" and not components.controlnets:
+        components.controlnets.append(new_controlnet(components, config))
+    check_controlnets(components, config)
+    for model in (components.vae, components.text_encoder, *components.controlnets):
         model.requires_grad_(False)
         model.eval()
+
+
+def new_controlnet(components: Components, config: TrainConfig) -> QwenImageBlockwiseControlNet:
+    """A Blockwise ControlNet sized for the DiT, every output (img_in, output_proj) at zero, as the reference's
+    Initialize scripts make one: it changes nothing until it has learned something."""
+    dit = components.dit
+    inpaint = "blockwise_controlnet_inpaint_mask" in config.extra_inputs
+    cfg = ControlNetConfig(num_layers=dit.config.num_layers, dim=dit.config.dim,
+                           additional_in_channels=4 if inpaint else 0)
+    weight = dit.img_in.weight
+    with torch.random.fork_rng(devices=[]):  # input_proj's random start follows the run's seed alone
+        torch.manual_seed(config.seed)
+        net = QwenImageBlockwiseControlNet(cfg).to(device=weight.device, dtype=weight.dtype).zero_init()
+    logger.info("no ControlNet among the models: training a new %sBlockwise ControlNet from zero-initialised outputs",
+                "Inpaint " if inpaint else "")
+    return net
+
+
+def check_controlnets(components: Components, config: TrainConfig) -> None:
+    """ControlNet inputs need a Blockwise ControlNet (id 0) of the matching kind; training one needs exactly one."""
+    if not {"blockwise_controlnet_image", "blockwise_controlnet_inpaint_mask"} & set(config.extra_inputs):
+        return
+    nets = components.controlnets
+    if not nets:
+        raise ValueError("extra_inputs blockwise_controlnet_image needs a Blockwise ControlNet among the models, e.g. "
+                         "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny:model.safetensors")
+    if not isinstance(nets[0], QwenImageBlockwiseControlNet):
+        raise ValueError(f"the first ControlNet is a {type(nets[0]).__name__}; the blockwise_controlnet_* inputs "
+                         "are for a Blockwise ControlNet (DiffSynth-Studio's), list it first")
+    if config.trainable_models == "blockwise_controlnet" and len(nets) > 1:
+        raise ValueError(f"trainable_models=blockwise_controlnet trains one ControlNet, but {len(nets)} are loaded; "
+                         "give only the one to train (or none, to train a new one)")
+    inpaint_net = bool(nets[0].config.additional_in_channels)
+    inpaint_data = "blockwise_controlnet_inpaint_mask" in config.extra_inputs
+    if inpaint_net != inpaint_data:
+        raise ValueError("the ControlNet is an Inpaint ControlNet: add blockwise_controlnet_inpaint_mask to "
+                         "extra_inputs and data_file_keys" if inpaint_net else
+                         "extra_inputs has blockwise_controlnet_inpaint_mask but the ControlNet has no mask channel; "
+                         "load an Inpaint ControlNet (DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Inpaint)")

@@ -8,7 +8,9 @@ LoRA files (`lora_format`):
 Both go through qistudio.lora's converter, the same code `qistudio convert-lora` runs.
 
 Full DiT files hold every DiT tensor under `pipe.dit.<name>` less `remove_prefix_in_ckpt` (the seed's option; its
-default "pipe.dit." leaves the plain names `pipe.dit.load_state_dict` and our loader take).
+default "pipe.dit." leaves the plain names `pipe.dit.load_state_dict` and our loader take). A trained Blockwise
+ControlNet is saved under `pipe.blockwise_controlnet.models.0.<name>` less the prefix: with the seed's
+"pipe.blockwise_controlnet.models.0." the released ControlNet file's names, loadable with ModelConfig(path=...).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn as nn
 from ..lora import convert_lora_state_dict
 from ..lora.files import write_safetensors
 from .adapters import lora_state_dict
-from .config import TrainConfig
+from .config import TRAINABLE_MODELS, TrainConfig
 
 CONFIG_FILE = "training_config.json"
 FULL_PREFIX = "pipe.dit."  # the reference's name of the DiT inside its training module
@@ -53,8 +55,9 @@ def exported_state_dict(dit: nn.Module, config: TrainConfig) -> dict[str, torch.
         return convert_lora_state_dict(lora_state_dict(dit), config.lora_format)
     prefix = config.remove_prefix_in_ckpt or ""
     out = {}
+    in_module = TRAINABLE_MODELS[config.trainable_models]  # FULL_PREFIX, or the ControlNet's name there
     for name, tensor in dit.state_dict().items():
-        key = FULL_PREFIX + name
+        key = in_module + name
         out[key[len(prefix):] if prefix and key.startswith(prefix) else key] = tensor
     return out
 

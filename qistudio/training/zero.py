@@ -1,0 +1,84 @@
+"""What DeepSpeed (ZeRO, through accelerate) changes for the trainer: one sample per step, who decides when the
+optimizer steps, and saving weights that ZeRO-3 has partitioned.
+
+Design note. The trainer hands accelerate no DataLoader, so the DeepSpeed config's micro-batch size ("auto" in
+the shipped configs) is set to the trainer's one sample per process here. Gradient accumulation stays the
+trainer's own (loss / K, boundaries it chooses): under DeepSpeed the optimizer steps inside
+`accelerator.backward` whenever accelerate's sync flag is set, so `set_boundary` sets that flag per micro-batch,
+and DeepSpeed's own accumulation count must stay 1 (else it would divide the loss again).
+
+Saving under ZeRO-3: each process holds a shard of every parameter and a module's own `.data` is an empty
+placeholder. accelerate's `get_state_dict` gathers the tensors (every process must call it: a collective; the
+main process gets them in 16 bit, layer by layer into host memory, as the reference saves). The writers
+(outputs.save_weights, the resume checkpoint) read modules, so on the main process `holding` puts the gathered
+tensors in the placeholders' place while they write, and the placeholders back afterwards. Without ZeRO-3
+`get_state_dict` is the module's own state dict and nothing needs swapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def deepspeed_plugin(accelerator):
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = deepspeed_plugin(accelerator)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def prepare_deepspeed(accelerator) -> None:
+    """Before accelerator.prepare: one sample per micro-batch, no clipping and no accumulation of DeepSpeed's own."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") in ("auto", 1):
+        config["train_micro_batch_size_per_gpu"] = 1
+    else:
+        raise ValueError(f"the DeepSpeed config sets train_micro_batch_size_per_gpu to "
+                         f"{config['train_micro_batch_size_per_gpu']}; this trainer takes one sample per process and "
+                         "step (as the reference): set it to 1 or auto, and use --gradient_accumulation_steps")
+    if config.get("gradient_clipping") == "auto":
+        config["gradient_clipping"] = 0.0  # accelerate would fill in 1.0; the trainer does not clip, with or without
+    if config.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise ValueError(f"the DeepSpeed config sets gradient_accumulation_steps to "
+                         f"{config['gradient_accumulation_steps']}; set it to 1 or auto and give "
+                         "--gradient_accumulation_steps instead (the trainer accumulates by itself)")
+
+
+def set_boundary(accelerator, boundary: bool) -> None:
+    """Tell DeepSpeed whether this micro-batch ends an optimizer step (a no-op without DeepSpeed)."""
+    if deepspeed_plugin(accelerator) is not None:
+        accelerator.gradient_state._set_sync_gradients(boundary)
+
+
+def gathered_state(accelerator, model: torch.nn.Module, trained: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `trained` (a submodule of the prepared `model`, or the model itself) under its own names;
+    call on every process. Under ZeRO-3 only the main process gets them (the others get an empty dict)."""
+    state = accelerator.get_state_dict(model) or {}
+    unwrapped = accelerator.unwrap_model(model)
+    prefix = next((name for name, module in unwrapped.named_modules() if module is trained), None)
+    if prefix is None:
+        raise ValueError("the trained module is not part of the prepared model")
+    prefix = f"{prefix}." if prefix else ""
+    return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def holding(module: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """`module`'s parameters and buffers named in `state` hold those tensors for the duration."""
+    placeholders = []
+    try:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if name in state:
+                placeholders.append((tensor, tensor.data))
+                tensor.data = state[name]  # in host memory: the writers copy there anyway
+        yield
+    finally:
+        for tensor, data in placeholders:
+            tensor.data = data
