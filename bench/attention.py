@@ -38,6 +38,22 @@ def attention_rows(batch: int, seq: int, heads=24, dim=128):
         reference = out if reference is None else reference
         err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
         rows.append((f"sdpa {name} b={batch}", t, flops / t / 1e12, f"{err:.1e}"))
+    # qistudio's optional backends through its one entry point (forced; sdpa is the automatic choice).
+    from qistudio.ops.attention import attention, available_backends, set_attention_backend
+
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # (B, S, H, D)
+    for name in available_backends():
+        set_attention_backend(name)
+        try:
+            out = attention(q_, k_, v_).transpose(1, 2)
+            t = cuda_time(lambda: attention(q_, k_, v_), warmup=3, iters=10)
+        except Exception as e:  # an optional kernel failing is a row, not the end of the run
+            rows.append((f"qistudio {name} b={batch}", float("nan"), 0.0, str(e).splitlines()[0][:60]))
+            continue
+        finally:
+            set_attention_backend(None)
+        err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+        rows.append((f"qistudio {name} b={batch}", t, flops / t / 1e12, f"{err:.1e}"))
     return rows
 
 

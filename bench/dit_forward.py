@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
-from qistudio.ops.attention import set_attention_backend  # noqa: E402
+from qistudio.ops.attention import available_backends, set_attention_backend  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 from qistudio.weights.build import empty_parameters  # noqa: E402
 
@@ -146,12 +146,16 @@ def main() -> None:
                     with torch.no_grad():
                         return ours(tokens, text, sigma, rotary)
 
-                err = ((run_fp8().float() - ref_out).norm() / ref_out.norm()).item()
-                t = cuda_time(run_fp8)
                 mode = "regional compile" if args.compile else "eager"
-                rows.append((f"{size}² b={batch}", f"qistudio {mode}, FP8 W8A8 block linears", t,
-                             dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
-                print(rows[-1], flush=True)
+                for attention_backend in [None] + (["cudnn_fp8"] if "cudnn_fp8" in available_backends() else []):
+                    set_attention_backend(attention_backend)
+                    err = ((run_fp8().float() - ref_out).norm() / ref_out.norm()).item()
+                    t = cuda_time(run_fp8)
+                    label = "" if attention_backend is None else " + cuDNN FP8 attention"
+                    rows.append((f"{size}² b={batch}", f"qistudio {mode}, FP8 W8A8 block linears{label}", t,
+                                 dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
+                    print(rows[-1], flush=True)
+                set_attention_backend(None)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
     lines = [

@@ -150,11 +150,19 @@ def main() -> None:
         fn(2)  # compile and warm up
         rows.append((name, wall(lambda: fn(steps))))
         print(rows[-1], flush=True)
-    ours.enable_fp8_computation()
+    from qistudio.ops.attention import available_backends, set_fp8_attention
+
+    ours.enable_fp8_computation(attention=False)
     torch.cuda.empty_cache()
     run_ours(2)
     rows.append(("qistudio, compiled, FP8 W8A8 block linears", wall(lambda: run_ours(steps))))
     print(rows[-1], flush=True)
+    if "cudnn_fp8" in available_backends():
+        set_fp8_attention(ours.dit, True)
+        run_ours(2)
+        rows.append(("qistudio, compiled, FP8 W8A8 block linears + FP8 attention (cuDNN)",
+                     wall(lambda: run_ours(steps))))
+        print(rows[-1], flush=True)
     base = rows[0][1]
     lines = [f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
              f"{size}x{size}, {steps} steps, cfg 4 with a negative prompt, text encoding + steps + VAE decode, "

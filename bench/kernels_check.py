@@ -58,6 +58,12 @@ def main() -> None:
         print(f"  fused {timed(lambda: joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms,"
               f" compiled reference {timed(lambda: compiled(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms")
 
+        from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_fp8
+        q8, descale = joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
+        deq = q8.float() * descale.reshape(())
+        print(f"  FP8 output: rel L2 vs bf16 {((deq - ref.float()).norm() / ref.float().norm()).item():.2e}, "
+              f"{timed(lambda: joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms")
+
         hidden = torch.randn(batch * (h * w), 12288, device=dev, dtype=bf)
         q, s = fp8_kernels.gelu_quantize_rows(hidden)
         rq, rs = fp8_kernels.quantize_rows_reference(F.gelu(hidden, approximate="tanh"))

@@ -71,6 +71,7 @@ def test_compile_rejects_unknown_mode(tiny_pipe):
 _INTERPRETED = r'''
 import torch, torch.nn.functional as F
 from qistudio.ops import fp8_kernels as K
+from qistudio.ops import qk_norm_rope as K_qk
 from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference, _fused
 from qistudio.ops.rope import qwen_rotary, ImageGrid
 torch.manual_seed(0)
@@ -82,6 +83,9 @@ per_row = torch.view_as_real(torch.stack([rot, rot.conj()])).contiguous()
 for table in (torch.view_as_real(rot), per_row):  # shared, then one table per row
     ref = joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)
     assert torch.equal(_fused(img, txt, wi, wt, 1e-6, table, head_dim), ref)
+    scale = torch.tensor([448.0 / (head_dim ** 0.5 * 1.5)])
+    q8 = K_qk._fused_fp8(img, txt, wi, wt, 1e-6, table, head_dim, scale)
+    assert (q8.float() == (ref.float() * scale).to(torch.float8_e4m3fn).float()).float().mean() > 0.95
 hidden = torch.randn(5, 300).half()
 q, s = K._gelu_quantize_rows(hidden)
 rq, rs = K.quantize_rows_reference(F.gelu(hidden, approximate="tanh"))

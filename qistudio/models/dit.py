@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import attention
-from ..ops.qk_norm_rope import joint_qk_norm_rope
+from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
+from ..ops.fp8_attention import quantize_per_tensor
+from ..ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_fp8
 from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
 
@@ -51,6 +52,9 @@ class DiTConfig:
 class JointAttention(nn.Module):
     """Attention over [image, text] with separate projections per stream and RMSNorm on q and k per head."""
 
+    # FP8 attention under FP8 compute (ops.attention.set_fp8_attention); used where cuDNN's FP8 kernel runs.
+    fp8_attention = False
+
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -68,6 +72,8 @@ class JointAttention(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
         rotation = rotary.with_joint().joint  # (N + L, head_dim / 2, 2), or per row (B, N + L, head_dim / 2, 2)
+        if mask is None and fp8_attention_enabled(img, self.fp8_attention):
+            return self._forward_fp8(img, txt, rotation, key_lengths)
         query = self._joint_rotated(self.to_q(img), self.add_q_proj(txt), self.norm_q, self.norm_added_q, rotation)
         key = self._joint_rotated(self.to_k(img), self.add_k_proj(txt), self.norm_k, self.norm_added_k, rotation)
         value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
@@ -75,6 +81,27 @@ class JointAttention(nn.Module):
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
         return self.to_out[0](out[:, :num_img]), self.to_add_out(out[:, num_img:])
+
+
+    def _forward_fp8(self, img, txt, rotation, key_lengths):
+        """FP8 attention (the "cudnn_fp8" backend): q and k leave the norm + RoPE pass in FP8, v is quantised as
+        it is joined, and the output reaches the projections in FP8 (W8A8 linears take it without a round trip)."""
+        q8, q_descale = joint_qk_norm_rope_fp8(self.to_q(img), self.add_q_proj(txt), self.norm_q.weight,
+                                               self.norm_added_q.weight, self.norm_q.eps, rotation, self.head_dim)
+        k8, k_descale = joint_qk_norm_rope_fp8(self.to_k(img), self.add_k_proj(txt), self.norm_k.weight,
+                                               self.norm_added_k.weight, self.norm_k.eps, rotation, self.head_dim)
+        value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
+        v8, v_descale = quantize_per_tensor(value)
+        out8 = attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths).flatten(2)  # (B, N + L, D)
+        num_img = img.shape[1]
+        return (_linear_from_fp8(self.to_out[0], out8[:, :num_img], v_descale, img.dtype),
+                _linear_from_fp8(self.to_add_out, out8[:, num_img:], v_descale, img.dtype))
+
+
+def _linear_from_fp8(layer: nn.Module, x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype):
+    if hasattr(layer, "forward_fp8_input"):  # an FP8 linear
+        return layer.forward_fp8_input(x8, descale, dtype)
+    return layer((x8.float() * descale.reshape(())).to(dtype))
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -13,18 +13,41 @@ import torch.nn.functional as F
 
 from .split_attention import SplitMask, split_attention
 
-# Only PyTorch's SDPA for now: its dispatcher already picks cuDNN's fused attention for this model's shapes on
-# Hopper (about 630 TFLOP/s on an H200 at head_dim 128, ~7k tokens, against 370 for the flash kernel;
-# bench/attention.py). Faster kernels (FlashAttention 3, SageAttention) plug in here as further names.
-_BACKENDS = ("sdpa",)
+# Backends by name. "sdpa" (PyTorch's dispatcher) is the automatic choice: on Hopper it already picks cuDNN's fused
+# attention for this model's shapes (about 630 TFLOP/s on an H100/H200 at head_dim 128 and ~7k tokens, against
+# 370 for the flash kernel and 386 for SageAttention 1's INT8 Triton kernel; bench/RESULTS.md). The others are
+# optional installs, used only when forced: "cudnn_fp8" (nvidia-cudnn-frontend; FP8 q/k/v/P, 1.37x faster, 6%
+# error, ops/fp8_attention.py), "sage" (sageattention), "flash3" (FlashAttention 3's flash_attn_interface).
+_BACKENDS = ("sdpa", "cudnn_fp8", "sage", "flash3")
 _forced_backend: str | None = None
 
 
+def available_backends() -> list[str]:
+    """The backends that can run here (installed, and on a GPU that supports them)."""
+    from .fp8_attention import cudnn_fp8_available
+
+    found = ["sdpa"]
+    if cudnn_fp8_available():
+        found.append("cudnn_fp8")
+    for name, module in (("sage", "sageattention"), ("flash3", "flash_attn_interface")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        if torch.cuda.is_available():
+            found.append(name)
+    return found
+
+
 def set_attention_backend(name: str | None) -> None:
-    """Force a backend for every later call (None: choose automatically)."""
+    """Force a backend for every later call (None: choose automatically, which is "sdpa")."""
     global _forced_backend
     if name is not None and name not in _BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available; choose one of {_BACKENDS}")
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    if name is not None and name not in available_backends():
+        raise ValueError(f"attention backend {name!r} cannot run here (installed and runnable: "
+                         f"{', '.join(available_backends())}); 'cudnn_fp8' needs nvidia-cudnn-frontend and a Hopper "
+                         "or newer GPU, 'sage' sageattention, 'flash3' FlashAttention 3")
     _forced_backend = name
 
 
@@ -34,6 +57,68 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
     )
     return out.transpose(1, 2)
+
+
+def _cudnn_fp8(query, key, value):
+    from .fp8_attention import cudnn_fp8_attention
+
+    return cudnn_fp8_attention(query, key, value)
+
+
+def _sage(query, key, value):
+    from sageattention import sageattn
+
+    return sageattn(query, key, value, tensor_layout="NHD", is_causal=False)
+
+
+def _flash3(query, key, value):
+    from flash_attn_interface import flash_attn_func
+
+    out = flash_attn_func(query, key, value)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def set_fp8_attention(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Ask every attention module of `model` that can (those with an `fp8_attention` flag) for FP8 attention,
+    used where cuDNN's FP8 kernel runs; returns how many modules."""
+    modules = [m for m in model.modules() if hasattr(type(m), "fp8_attention")]
+    for module in modules:
+        module.fp8_attention = enabled
+    return len(modules)
+
+
+def fp8_attention_enabled(query: torch.Tensor, requested: bool = False) -> bool:
+    """Whether this attention runs in FP8: asked for by its module (`set_fp8_attention`) or forced for all
+    ("cudnn_fp8"), on a GPU where the kernel runs, without gradients. Callers then hand FP8 inputs directly to
+    `attention_fp8`, skipping the bf16 round trip."""
+    from .fp8_attention import cudnn_fp8_available
+
+    wanted = requested or _forced_backend == "cudnn_fp8"
+    return (wanted and query.is_cuda and not torch.is_grad_enabled()
+            and cudnn_fp8_available(query.device))
+
+
+def attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths: list[int] | None = None):
+    """FP8 attention of pre-quantised (B, S, H, D) tensors (per-tensor descales); returns the float8 output, whose
+    descale is v's. Padding handled as `attention` does, by slicing each sample's keys."""
+    from . import fp8_attention  # noqa: F401  (registers the op)
+
+    seq_k = k8.shape[1]
+    sdpa = torch.ops.qistudio.cudnn_fp8_sdpa
+    if key_lengths is None or all(n == seq_k for n in key_lengths):
+        return sdpa(q8, k8, v8, q_descale, k_descale, v_descale)
+    return torch.cat([sdpa(q8[i : i + 1], k8[i : i + 1, :n].contiguous(), v8[i : i + 1, :n].contiguous(),
+                           q_descale, k_descale, v_descale) for i, n in enumerate(key_lengths)])
+
+
+_KERNELS = {"sdpa": _sdpa, "cudnn_fp8": _cudnn_fp8, "sage": _sage, "flash3": _flash3}
+
+
+def _kernel(query: torch.Tensor):
+    name = _forced_backend or "sdpa"
+    if name != "sdpa" and not query.is_cuda:
+        return _sdpa  # the optional kernels are GPU-only; CPU work (tests, offload previews) stays on SDPA
+    return _KERNELS[name]
 
 
 def attention(
@@ -54,7 +139,7 @@ def attention(
         return split_attention(query, key, value, mask)
     if mask is not None:
         return _sdpa(query, key, value, mask)
-    kernel = _sdpa
+    kernel = _kernel(query)
     if key_lengths is None or all(n == seq_k for n in key_lengths):
         return kernel(query, key, value)
     outputs = [

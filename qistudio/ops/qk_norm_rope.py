@@ -18,6 +18,9 @@ import torch
 from .norms import rms_normalize
 from .rope import apply_rotation
 
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
 try:
     import triton
     import triton.language as tl
@@ -45,6 +48,25 @@ def joint_qk_norm_rope(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weigh
     return joint_qk_norm_rope_reference(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim)
 
 
+def joint_qk_norm_rope_fp8(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
+                           txt_weight: torch.Tensor, eps: float, rotation: torch.Tensor,
+                           head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same q or k in float8_e4m3fn with its descale (1, 1, 1, 1), for FP8 attention.
+
+    The scale needs no pass over the data: an RMS-normalised head has norm sqrt(head_dim), RoPE keeps each pair's
+    norm, so every element is at most sqrt(head_dim) * max|weight|; that bound maps to 448.
+    """
+    bound = torch.maximum(img_weight.detach().abs().amax(), txt_weight.detach().abs().amax()).float()
+    scale = (FP8_MAX / (bound * head_dim ** 0.5)).reshape(1)
+    if _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim):
+        out = torch.ops.qistudio.joint_qk_norm_rope_fp8(img_proj, txt_proj, img_weight, txt_weight, eps, rotation,
+                                                        head_dim, scale)
+    else:
+        rotated = joint_qk_norm_rope_reference(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim)
+        out = (rotated.float() * scale).to(FP8_DTYPE)
+    return out, (1.0 / scale).reshape(1, 1, 1, 1)
+
+
 def _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim: int) -> bool:
     if triton is None or not img_proj.is_cuda or _disabled:
         return False
@@ -66,9 +88,10 @@ def set_fused_qk_norm_rope(enabled: bool) -> None:
 if triton is not None:
 
     @triton.jit
-    def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr,
+    def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr, out_scale_ptr,
                                    num_img, num_txt, num_rows, rot_batch_stride, eps,
-                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                                   FP8_OUT: tl.constexpr):
         # A row is one head of one token of the joint sequence; rows follow the output's memory order.
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < num_rows
@@ -89,7 +112,7 @@ if triton is not None:
         partner = (tl.load(img_ptr + img_src + (d ^ 1), mask=in_img, other=0.0).to(tl.float32)
                    + tl.load(txt_ptr + txt_src + (d ^ 1), mask=in_txt, other=0.0).to(tl.float32))
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-        dtype = out_ptr.dtype.element_ty
+        dtype = img_ptr.dtype.element_ty
         w = tl.where(is_img[:, None], tl.load(img_w_ptr + d).to(tl.float32), tl.load(txt_w_ptr + d).to(tl.float32))
         w_partner = tl.where(is_img[:, None], tl.load(img_w_ptr + (d ^ 1)).to(tl.float32),
                              tl.load(txt_w_ptr + (d ^ 1)).to(tl.float32))
@@ -102,24 +125,43 @@ if triton is not None:
         # even d: x_e cos - x_o sin; odd d: x_o cos + x_e sin
         sign = tl.where((d & 1) == 0, -1.0, 1.0)
         out = normed * cos + sign * normed_partner * sin
-        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d, out.to(dtype), mask=row_ok[:, None])
+        if FP8_OUT:  # for FP8 attention: scaled by a bound on |out|, cast once
+            out = (out * tl.load(out_scale_ptr)).to(out_ptr.dtype.element_ty)
+        else:
+            out = out.to(dtype)
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d, out, mask=row_ok[:, None])
 
     # Memory-bound; BLOCK_ROWS / num_warps chosen by a sweep on an H100 (bench/kernels_check.py --sweep). Not
     # triton.autotune: inductor re-benchmarks autotuned user kernels while compiling, which failed here.
     QK_LAUNCH = {"BLOCK_ROWS": 8, "num_warps": 2}
 
-    @torch.library.triton_op("qistudio::joint_qk_norm_rope", mutates_args=())
-    def _fused(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor, txt_weight: torch.Tensor,
-               eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
+    def _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, out_scale):
         batch, num_img, dim = img_proj.shape
         num_txt = txt_proj.shape[1]
         heads = dim // head_dim
-        out = img_proj.new_empty(batch, num_img + num_txt, heads, head_dim)
         rotation = rotation.contiguous()  # (S, head_dim / 2, 2) or (B, S, head_dim / 2, 2) float32
         rot_batch_stride = rotation.stride(0) if rotation.dim() == 4 else 0
         num_rows = batch * (num_img + num_txt) * heads
         torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[(triton.cdiv(num_rows, QK_LAUNCH["BLOCK_ROWS"]),)](
-            img_proj.contiguous(), txt_proj.contiguous(), img_weight, txt_weight, rotation, out,
-            num_img, num_txt, num_rows, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, **QK_LAUNCH,
+            img_proj.contiguous(), txt_proj.contiguous(), img_weight, txt_weight, rotation, out, out_scale,
+            num_img, num_txt, num_rows, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim,
+            FP8_OUT=out.dtype == FP8_DTYPE, **QK_LAUNCH,
         )
+
+    @torch.library.triton_op("qistudio::joint_qk_norm_rope", mutates_args=())
+    def _fused(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor, txt_weight: torch.Tensor,
+               eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
+        batch, num_img, dim = img_proj.shape
+        out = img_proj.new_empty(batch, num_img + txt_proj.shape[1], dim // head_dim, head_dim)
+        _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, img_weight)
+        return out
+
+    @torch.library.triton_op("qistudio::joint_qk_norm_rope_fp8", mutates_args=())
+    def _fused_fp8(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
+                   txt_weight: torch.Tensor, eps: float, rotation: torch.Tensor, head_dim: int,
+                   scale: torch.Tensor) -> torch.Tensor:
+        batch, num_img, dim = img_proj.shape
+        out = torch.empty(batch, num_img + txt_proj.shape[1], dim // head_dim, head_dim, dtype=FP8_DTYPE,
+                          device=img_proj.device)
+        _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, scale)
         return out
