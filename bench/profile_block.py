@@ -22,6 +22,7 @@ from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--fp8-attention", action="store_true", help="with --fp8: cuDNN FP8 attention too")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
     parser.add_argument("--rows", type=int, default=18, help="kernels listed")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
@@ -44,6 +45,10 @@ def main() -> None:
 
         quantize_linears(block, lambda name, module: True)
         set_fp8_compute(block, True)
+        if args.fp8_attention:
+            from qistudio.ops.attention import set_fp8_attention
+
+            set_fp8_attention(block, True)
     h = w = 1328 // 16
     batch, text = 2, 128
     img = torch.randn(batch, h * w, cfg.dim, device="cuda", dtype=torch.bfloat16)

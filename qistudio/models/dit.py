@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
-from ..ops.fp8_attention import quantize_per_tensor
+from ..ops.fp8_attention import quantize_joined
 from ..ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_fp8
 from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
@@ -90,8 +90,7 @@ class JointAttention(nn.Module):
                                                self.norm_added_q.weight, self.norm_q.eps, rotation, self.head_dim)
         k8, k_descale = joint_qk_norm_rope_fp8(self.to_k(img), self.add_k_proj(txt), self.norm_k.weight,
                                                self.norm_added_k.weight, self.norm_k.eps, rotation, self.head_dim)
-        value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
-        v8, v_descale = quantize_per_tensor(value)
+        v8, v_descale = quantize_joined([self.to_v(img), self.add_v_proj(txt)], self.head_dim)
         out8 = attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
         return (_linear_from_fp8(self.to_out[0], out8[:, :num_img], v_descale, img.dtype),

@@ -119,9 +119,14 @@ def _(q8, k8, v8, q_descale, k_descale, v_descale):
     return torch.empty_like(q8)
 
 
-def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch ops, so that under torch.compile the reduction and the cast fuse with their producer."""
-    return _quantize(x)
+def quantize_joined(parts: list[torch.Tensor], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S_i, D) tensors joined along the sequence as float8 (B, sum S_i, D / head_dim, head_dim) with one
+    descale. The absolute maximum is taken per part (compiled, a reduction over a join was 4x slower on an H200),
+    the join and the cast are one pass."""
+    amax = torch.stack([part.abs().amax() for part in parts]).amax().float().clamp(min=1e-12)
+    scale = FP8_MAX / amax
+    joined = torch.cat(parts, dim=1).unflatten(-1, (-1, head_dim))
+    return (joined.float() * scale).to(FP8_DTYPE), (1.0 / scale).reshape(1, 1, 1, 1)
 
 
 def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
