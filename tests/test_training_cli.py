@@ -111,3 +111,38 @@ def test_example_scripts_run_as_written(tiny_repo, tmp_path, monkeypatch, kind):
 
     pngs = sorted((tmp_path / "val").glob("*.png"))
     assert len(pngs) == 2 and read_png_parameters(pngs[1])["checkpoint_kind"] == kind
+
+
+def test_a_sigkilled_run_resumes_to_the_weights_of_a_straight_run(tiny_repo, tmp_path):
+    """A real `kill -9` while `qistudio train` runs (a checkpoint per step, so most likely mid-step or mid-save),
+    then `--resume`: the final LoRA equals a straight run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    write_dataset(data)
+    steps = 20
+    common = ["--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--save_steps", "1",
+              "--max_steps", str(steps), "--dataset_repeat", "8", "--height", "32", "--width", "32", "--seed", "5"]
+    assert main(base_args(tiny_repo, data, tmp_path / "straight") + common) == 0
+
+    killed = tmp_path / "killed"
+    args = base_args(tiny_repo, data, killed) + common
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
+                                "from qistudio.cli.main import main; sys.exit(main(sys.argv[1:]))", *args],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "latest").exists():  # the first checkpoint is complete
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / f"step-{steps}.safetensors").exists(), "the run finished before the kill"
+    assert main(args + ["--resume"]) == 0
+    straight, resumed = (load_file(tmp_path / run / f"step-{steps}.safetensors") for run in ("straight", "killed"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
