@@ -403,3 +403,24 @@ def test_example_scripts_train_and_validate(example_hub, monkeypatch, kind, name
     pipe = namespace["pipe"]
     assert len(pipe.list_loras()) == (1 if kind == "lora" else 0)
     assert len(pipe.controlnets) == (1 if "ControlNet" in name else 0)
+
+
+def test_validate_renders_with_a_controlnet_checkpoint(tiny_repo, nets, tmp_path, capsys):
+    """`qistudio validate` recognises a ControlNet file, loads it beside the base model and needs its control map."""
+    from PIL import Image
+
+    from qistudio.cli.main import main
+    from qistudio.imageio import read_png_parameters
+
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (W, H), (255, 255, 255)).save(control)
+    canny, _ = nets
+    common = ["validate", str(canny), "--model", str(tiny_repo), "--steps", "1", "--size", f"{W}x{H}", "-o",
+              str(tmp_path / "val")]
+    with pytest.raises(SystemExit):
+        main(common)
+    assert "is a ControlNet: give its control map with --control" in capsys.readouterr().err
+    assert main(common + ["--control", str(control)]) == 0
+    (png,) = (tmp_path / "val").glob("*.png")
+    parameters = read_png_parameters(png)
+    assert parameters["checkpoint_kind"] == "controlnet" and parameters["control"] == str(control)

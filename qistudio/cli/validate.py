@@ -1,7 +1,8 @@
-"""`qistudio validate`: render validation prompts with a training result (a LoRA or a full DiT checkpoint).
+"""`qistudio validate`: render validation prompts with a training result (a LoRA, a full DiT or a ControlNet).
 
-Whether the file is a LoRA or a full DiT is read from it (the trainer's metadata, else its tensor names); a LoRA is
-attached to the base model, a full checkpoint replaces its transformer. One PNG per prompt, carrying its parameters.
+What the file is, is read from it (the trainer's metadata, else its tensor names): a LoRA is attached to the base
+model, a full DiT replaces its transformer, a Blockwise ControlNet is loaded beside it and fed `--control` (and
+`--inpaint-mask`). `--edit-image` validates edit models. One PNG per prompt, carrying its parameters.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..imageio import save_png
+from ..components import detect_kind
+from ..conditioning.control import ControlNetInput
+from ..imageio import load_image, save_png
 from ..pipeline import QwenImagePipeline, default_device
+from ..weights.formats import CONTROLNET
 from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
 from .generate import DTYPES, HUB_MODEL, model_configs, parse_size, positive_int
 
@@ -27,10 +31,17 @@ def is_lora_file(path: Path) -> bool:
         return any(".lora_" in key or "lora_down" in key or "lora_A" in key for key in f.keys())
 
 
+def checkpoint_kind(path: Path) -> str:
+    """"lora", "controlnet" or "full" (a DiT)."""
+    if is_lora_file(path):
+        return "lora"
+    return "controlnet" if detect_kind([path]) == CONTROLNET else "full"
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("validate", help="render prompts with a trained LoRA or DiT checkpoint",
                               description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="a .safetensors written by `qistudio train` (LoRA or full DiT)")
+    p.add_argument("checkpoint", help="a .safetensors written by `qistudio train` (LoRA, full DiT or ControlNet)")
     p.add_argument("--prompt", action="append", help="validation prompt (repeatable; default: 'a dog')")
     p.add_argument("--model", default=HUB_MODEL, help=f"the base model: hub id or local folder (default {HUB_MODEL})")
     p.add_argument("--steps", type=positive_int, default=40)
@@ -42,6 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--download-source", choices=DOWNLOAD_SOURCES)
     p.add_argument("--model-dir", metavar="DIR")
     p.add_argument("--skip-download", action="store_true", default=None)
+    p.add_argument("--control", metavar="IMAGE", help="control map for a trained ControlNet (required for one)")
+    p.add_argument("--inpaint-mask", metavar="IMAGE", help="inpainting mask for a trained Inpaint ControlNet")
+    p.add_argument("--edit-image", metavar="IMAGE", action="append",
+                   help="image to edit, for edit models (repeatable)")
     p.add_argument("-o", "--output", default="validation", help="folder for the PNGs (default: ./validation)")
     p.set_defaults(run=run, parser=p)
     return p
@@ -52,27 +67,55 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint.is_file():
         args.parser.error(f"{checkpoint}: no such file")
     try:
-        lora = is_lora_file(checkpoint)
+        kind = checkpoint_kind(checkpoint)
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         args.parser.error(f"{checkpoint}: not a readable safetensors file ({e})")
+    if kind == "controlnet" and not args.control:
+        args.parser.error(f"{checkpoint} is a ControlNet: give its control map with --control IMAGE")
+    if kind != "controlnet" and (args.control or args.inpaint_mask):
+        args.parser.error(f"--control / --inpaint-mask need a ControlNet checkpoint; {checkpoint} is a {kind} one")
+    images = {}
+    for name in ("control", "inpaint_mask"):
+        if getattr(args, name):
+            images[name] = _image(args, getattr(args, name))
+    edit_images = [_image(args, path) for path in args.edit_image or []]
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     device = args.device or default_device()
     dtype = DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
-    configs, tokenizer_config, _ = model_configs({"demo": False, "model": args.model}, args)
-    if not lora:
+    configs, tokenizer_config, processor_config = model_configs(
+        {"demo": False, "model": args.model, "edit": bool(args.edit_image)}, args)
+    if kind == "full":
         configs[0] = ModelConfig(path=str(checkpoint))  # the trained DiT replaces the base transformer
+    elif kind == "controlnet":
+        configs.append(ModelConfig(path=str(checkpoint)))
     pipe = QwenImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
-                                             tokenizer_config=tokenizer_config)
-    if lora:
+                                             tokenizer_config=tokenizer_config, processor_config=processor_config)
+    if kind == "lora":
         pipe.load_lora(pipe.dit, str(checkpoint))
+    inputs = {}
+    if kind == "controlnet":
+        inputs["blockwise_controlnet_inputs"] = [ControlNetInput(image=images["control"],
+                                                                 inpaint_mask=images.get("inpaint_mask"))]
+    if edit_images:
+        inputs["edit_image"] = edit_images[0] if len(edit_images) == 1 else edit_images
     width, height = args.size
     for index, prompt in enumerate(args.prompt or ["a dog"]):
         image = pipe(prompt, seed=args.seed, num_inference_steps=args.steps, height=height, width=width,
-                     cfg_scale=args.cfg, progress_bar_cmd=lambda steps: steps)
+                     cfg_scale=args.cfg, progress_bar_cmd=lambda steps: steps, **inputs)
         parameters = {"prompt": prompt, "seed": args.seed, "steps": args.steps, "cfg": args.cfg,
                       "size": f"{width}x{height}", "model": args.model, "checkpoint": str(checkpoint.resolve()),
-                      "checkpoint_kind": "lora" if lora else "full"}
+                      "checkpoint_kind": kind}
+        for name in ("control", "inpaint_mask", "edit_image"):
+            if getattr(args, name):
+                parameters[name] = getattr(args, name)
         path = save_png(image, output / f"validation-{index:02d}.png", parameters)
         print(f"saved {path}", file=sys.stdout)
     return 0
+
+
+def _image(args: argparse.Namespace, path: str):
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as e:
+        args.parser.error(f"{path}: cannot read the image ({e})")
