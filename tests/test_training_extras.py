@@ -292,3 +292,40 @@ def test_saving_from_partitioned_weights_writes_the_gathered_tensors(base, tiny_
     saved = load_file(path)
     assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
     assert all(p.numel() == 0 for p in parameters.values())  # the placeholders are back
+
+
+def test_a_partitioned_optimizer_is_saved_and_restored_per_process(tmp_path):
+    """Under DeepSpeed ZeRO each process holds its own optimizer shard: each saves and gets back its own, and a
+    resume with another number of processes is refused (two threads stand in for two processes)."""
+    import threading
+
+    from qistudio.training.checkpoint import CheckpointWriter, Progress, load_checkpoint
+
+    barrier = threading.Barrier(2)
+    shards = [{"state": {0: {"exp_avg": torch.full((3,), float(rank))}}, "param_groups": [{"lr": 0.1}]}
+              for rank in range(2)]
+    errors = []
+
+    def save(rank):
+        try:
+            writer = CheckpointWriter(tmp_path, rank=rank, is_main=rank == 0, barrier=barrier.wait,
+                                      partitioned_optimizer=True, world_size=2)
+            writer.save(Progress(step=4), {"w": torch.ones(2)}, shards[rank], {"last_epoch": 4},
+                        {"torch": torch.get_rng_state()}, {"seed": 0})
+        except Exception as e:  # surfaced below; a thread's exception would be lost
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=save, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    path = tmp_path / "step-00000004"
+    for rank in range(2):
+        loaded = load_checkpoint(path, rank, world_size=2)
+        assert torch.equal(loaded.optimizer_state["state"][0]["exp_avg"], torch.full((3,), float(rank)))
+        assert loaded.scheduler_state == {"last_epoch": 4} and loaded.progress.step == 4
+    with pytest.raises(ValueError, match="partitioned over 2 processes .* this run has 1; resume with 2"):
+        load_checkpoint(path, 0, world_size=1)

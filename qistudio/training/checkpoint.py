@@ -3,6 +3,8 @@
 Design note. A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   weights.safetensors   the trainable tensors, exactly as trained (LoRA factors in float32, or the whole DiT)
   optimizer.pt          optimizer and LR-scheduler state (tensors and numbers only: read back with weights_only)
+  optimizer-rank{R}.pt  instead of the optimizer part above when the optimizer is partitioned across processes
+                        (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes
   rng-rank{R}.pt        each process's random states: torch, CUDA, Python and the trainer's noise generator
   state.json            step, epoch, position in the epoch's order, skipped samples, and the run's config
 It is assembled in a hidden `.step-NNNNNNNN.partial` folder and renamed into place only when every file is
@@ -76,6 +78,8 @@ class CheckpointWriter:
     rank: int = 0
     is_main: bool = True
     barrier: object = lambda: None
+    partitioned_optimizer: bool = False  # DeepSpeed ZeRO: every process holds (and saves) its own shard
+    world_size: int = 1
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
@@ -92,10 +96,14 @@ class CheckpointWriter:
                 partial.mkdir(parents=True)
             self.barrier()
             torch.save(rng, partial / f"rng-rank{self.rank}.pt")
+            if self.partitioned_optimizer:
+                torch.save(optimizer_state, partial / f"optimizer-rank{self.rank}.pt")
             if self.is_main:
                 save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(partial / WEIGHTS))
-                torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, partial / OPTIMIZER)
-                state = {"version": FORMAT_VERSION, "progress": progress.__dict__, "config": config}
+                shared = None if self.partitioned_optimizer else optimizer_state
+                torch.save({"optimizer": shared, "scheduler": scheduler_state}, partial / OPTIMIZER)
+                state = {"version": FORMAT_VERSION, "progress": progress.__dict__, "config": config,
+                         "partitioned_optimizer": self.partitioned_optimizer, "world_size": self.world_size}
                 (partial / STATE).write_text(json.dumps(state, indent=1))
             self.barrier()
             if self.is_main:
@@ -162,11 +170,19 @@ def find_checkpoint(output_path: str | os.PathLike, resume: str) -> Path:
     return found
 
 
-def load_checkpoint(path: Path, rank: int = 0) -> LoadedCheckpoint:
+def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedCheckpoint:
     state = json.loads((path / STATE).read_text())
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {state.get('version')} is not {FORMAT_VERSION}")
     states = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    if state.get("partitioned_optimizer"):
+        saved_world = state.get("world_size", 1)
+        if saved_world != world_size:
+            raise ValueError(f"cannot resume from {path}: its optimizer state is partitioned over {saved_world} "
+                             f"processes (DeepSpeed ZeRO), this run has {world_size}; resume with {saved_world}")
+        # DeepSpeed's shard holds its own objects (a loss scaler, its config): not loadable with weights_only.
+        # The file is this trainer's own output, read back by the run that wrote it.
+        states["optimizer"] = torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=False)
     rng_file = path / f"rng-rank{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
     return LoadedCheckpoint(path, Progress(**state["progress"]), load_file(str(path / WEIGHTS)), states["optimizer"],

@@ -49,7 +49,7 @@ from .optim import make_lr_scheduler, make_optimizer
 from .outputs import save_weights, write_config
 from .samples import render_samples
 from .timesteps import draw_sigma
-from .zero import gathered_state, holding, is_zero3, prepare_deepspeed, set_boundary
+from .zero import deepspeed_plugin, gathered_state, holding, is_zero3, prepare_deepspeed, set_boundary
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ class Trainer:
         self.progress = Progress()
         self.history: list[StepRecord] = []
         self.writer = CheckpointWriter(Path(config.output_path) / CHECKPOINTS, config.keep_checkpoints,
-                                       acc.process_index, acc.is_main_process, acc.wait_for_everyone)
+                                       acc.process_index, acc.is_main_process, acc.wait_for_everyone,
+                                       partitioned_optimizer=deepspeed_plugin(acc) is not None,
+                                       world_size=acc.num_processes)
         self.progress_bar = progress_bar and acc.is_main_process
         self._last_good = None  # the last readable sample, which stands in for a skipped one under DDP
         self._saved_step = 0
@@ -162,7 +164,7 @@ class Trainer:
         return order[acc.process_index::acc.num_processes][: self._micro_per_epoch()]
 
     def _restore(self, path: Path) -> None:
-        loaded = load_checkpoint(path, self.accelerator.process_index)
+        loaded = load_checkpoint(path, self.accelerator.process_index, self.accelerator.num_processes)
         saved, ours = loaded.config, json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
         different = [k for k in RESUME_KEYS if saved.get(k) != ours.get(k)]
         if different:
