@@ -1,14 +1,17 @@
-"""Training for the Qwen-Image DiT: LoRA (peft) or full fine-tuning with the reference's flow-matching loss.
+"""Training for the Qwen-Image family: LoRA (peft) or full fine-tuning of the DiT or a Blockwise ControlNet, with the
+reference's flow-matching loss and every condition of the seed's table (edit, context, ControlNet, EliGen).
 
     from qistudio.training import DataConfig, TrainConfig, Trainer
     config = TrainConfig(DataConfig("data/images", "data/images/metadata.csv"), lora_base_model="dit",
                          model_paths=(...,), output_path="models/train/my_lora")
     Trainer(config).run()
 
-Files, in the order data flows: config (what a run is), data (metadata, image sizing, skipped samples), encode
-(a sample through the pipeline's own conditioning), timesteps (sigma sampling and loss weights), loss, adapters
-(LoRA injection, trained tensors out), optim (AdamW, LR schedules), outputs (user-facing files), checkpoint
-(atomic resume state), models (loading), loop (the Trainer).
+Files, in the order data flows: config (what a run is), data (metadata, image sizing, skipped samples), buckets
+(same-size steps across processes), encode (a sample through the pipeline's own conditioning), cache (encoded
+samples on disk, encoders freed), timesteps (sigma sampling and loss weights), loss (the Denoiser: DiT plus
+ControlNets), adapters (LoRA injection, trained tensors out), lowmem (FP8 base, streamed frozen blocks), optim
+(AdamW, LR schedules), outputs (user-facing files), checkpoint (atomic resume state), samples (validation images),
+logs (TensorBoard, CSV), zero (DeepSpeed), models (loading), loop (the Trainer).
 """
 
 from .checkpoint import CheckpointSaveError
