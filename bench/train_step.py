@@ -216,6 +216,20 @@ def compile_blocks(blocks, enabled: bool) -> None:
             block._compiled_call_impl = None  # back to eager
 
 
+def h2d_bandwidth() -> float:
+    """GB/s of a 1 GiB pinned host-to-device copy: what bounds the streamed modes."""
+    host = torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 5 * GiB / (time.perf_counter() - start) / 1e9
+
+
 def cleanup(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -302,15 +316,18 @@ def table(rows: list, args, header: str) -> str:
         return next((r["step"] for r in rows if r["mode"] == mode and r["checkpointing"] == checkpointing
                      and "step" in r), None)
 
-    lines = [header, "", "| mode | grad ckpt | s/step | x DiffSynth (same ckpt) | x ours resident (same ckpt) | "
-             "peak alloc GiB | peak reserved GiB | LoRA params | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    def resident(mode):  # ours resident, compiled or not as `mode` is
+        return "ours-compile" if mode.endswith("compile") else "ours"
+
+    lines = [header, "", "| mode | grad ckpt | s/step | x DiffSynth (same ckpt) | x ours resident (same ckpt and "
+             "compile) | peak alloc GiB | peak reserved GiB | LoRA params | notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or "skipped" in r:
-            outcome = "failed" if "error" in r else "n/a"
-            lines.append(f"| {r['mode']} | {r['checkpointing']} | {outcome} | | | | | | {r.get('error', r.get('skipped'))} |")
+            outcome, why = ("failed", r["error"]) if "error" in r else ("n/a", r["skipped"])
+            lines.append(f"| {r['mode']} | {r['checkpointing']} | {outcome} | | | | | | {why} |")
             continue
         ratios = []
-        for base in ("diffsynth", "ours"):
+        for base in ("diffsynth", resident(r["mode"])):
             value = reference(base, r["checkpointing"])
             ratios.append(f"{r['step'] / value:.2f}" if value else "")
         alloc = f"{r['allocated']:.1f}" if "allocated" in r else ""
@@ -377,7 +394,7 @@ def main() -> None:
     run_diffsynth(args, inputs, rows)
 
     cuda = torch.device(args.device).type == "cuda"
-    card = torch.cuda.get_device_name() if cuda else "CPU"
+    card = f"{torch.cuda.get_device_name()} (host to device {h2d_bandwidth():.0f} GB/s pinned)" if cuda else "CPU"
     header = (f"## LoRA training step (`bench/train_step.py`), {time.strftime('%Y-%m-%d')}\n\n"
               f"Card: {card}; {versions()}. DiT: {args.blocks} blocks ({source}), random bf16 weights; "
               f"{args.size}x{args.size} ({inputs.image_tokens} image tokens), {args.text_len} text tokens, batch 1, "

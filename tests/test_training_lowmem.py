@@ -20,7 +20,7 @@ from qistudio.models.dit import DiTConfig, QwenImageDiT
 from qistudio.ops.rope import ImageGrid, qwen_rotary
 from qistudio.training import DataConfig, Trainer, TrainConfig
 from qistudio.training.adapters import add_lora, trainable_named_parameters
-from qistudio.training.lowmem import place_dit, plan_blocks, prepare_dit
+from qistudio.training.lowmem import load_device, place_dit, plan_blocks, prepare_dit
 from qistudio.training.optim import make_optimizer
 from test_training import base, data, fresh, make_config  # noqa: F401  (fixtures)
 from test_training_cli import base_args
@@ -226,6 +226,14 @@ def test_settings_are_checked_before_loading(tiny_repo, data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--vram_limit", "-1", "--use_gradient_checkpointing"])
     assert "vram_limit must be >= 0" in capsys.readouterr().err
+
+
+def test_models_load_into_host_memory_and_streaming_wants_one_process():
+    cuda = torch.device("cuda")
+    assert load_device(LORA, cuda, 2) == cuda  # neither option: as before
+    assert load_device(dataclasses.replace(LORA, fp8_base=True), cuda, 2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="streams the DiT's blocks in one process; this run has 2"):
+        load_device(dataclasses.replace(LORA, vram_limit=8.0, use_gradient_checkpointing=True), cuda, 2)
 
 
 def test_cli_trains_on_an_fp8_streamed_base(tiny_repo, data, tmp_path):  # noqa: F811

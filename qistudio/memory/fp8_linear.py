@@ -132,7 +132,8 @@ class _UpcastLinear(torch.autograd.Function):
         weight, scale = ctx.saved_tensors
         grad_input = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = grad_output.matmul(_dequantize_in_training(grad_output, weight, scale))  # (.., out) @ (out, in)
+            weight = _dequantize_in_training(grad_output, weight, scale)
+            grad_input = grad_output.matmul(weight)  # (..., out) @ (out, in)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_input, None, None, grad_bias
