@@ -28,9 +28,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_repeated_blocks(model: nn.Module, mode: str | None = None, dynamic: bool | None = None,
-                            backend: str = "inductor") -> int:
+                            backend: str = "inductor", fullgraph: bool = True) -> int:
     """Compile each repeated block of `model` in place (nn.Module.compile); returns how many. `backend` other
-    than inductor is for tests (tracing without code generation)."""
+    than inductor is for tests (tracing without code generation). Training passes fullgraph=False: peft's LoRA
+    layers and the training streamer's hooks around a block may break a graph, which must not stop a run."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}; use one of {', '.join(str(m) for m in COMPILE_MODES)} (CUDA "
                          "graphs, 'reduce-overhead', do not mix with the offloading hooks, so they are not offered)")
@@ -41,5 +42,5 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, dynamic: 
     # margin over the guard failures a new image size (dynamic shapes) adds.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
-        block.compile(fullgraph=True, mode=None if mode == "default" else mode, dynamic=dynamic, backend=backend)
+        block.compile(fullgraph=fullgraph, mode=None if mode == "default" else mode, dynamic=dynamic, backend=backend)
     return len(blocks)

@@ -295,3 +295,21 @@ def test_nothing_below_the_cli_imports_training():
             continue
         text = path.read_text()
         assert "qistudio.training" not in text and "from .training" not in text and "..training" not in text, path
+
+
+def test_compiled_blocks_train_as_eager(base, tiny_repo, data, tmp_path, monkeypatch):
+    """--compile: the DiT's blocks are compiled (here traced without code generation) and train as eager does,
+    with gradient checkpointing and the peft LoRA inside each block."""
+    import qistudio.training.loop as loop
+
+    compiled, compile_blocks = [], loop.compile_repeated_blocks
+
+    def trace_only(model, **kwargs):
+        compiled.append(compile_blocks(model, backend="aot_eager", **kwargs))
+
+    monkeypatch.setattr(loop, "compile_repeated_blocks", trace_only)
+    options = dict(max_steps=3, use_gradient_checkpointing=True, seed=2)
+    eager = train(base, make_config(tiny_repo, data, tmp_path / "eager", **options))
+    traced = train(base, make_config(tiny_repo, data, tmp_path / "compiled", compile=True, **options))
+    assert compiled == [traced.dit.config.num_layers]
+    assert [r.loss for r in traced.history] == pytest.approx([r.loss for r in eager.history], rel=1e-5)

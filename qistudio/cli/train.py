@@ -145,6 +145,8 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
     speed = p.add_argument_group("throughput")
+    speed.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT's blocks (about "
+                       "1.6x faster steps on an H100 after a warm-up of a minute or two per image size)")
     speed.add_argument("--cache", metavar="DIR", help="encode every sample once (text encoder + VAE) into DIR, then "
                        "train the DiT from it with the encoders released; stale entries are re-encoded")
     speed.add_argument("--buckets", choices=tuple(BUCKETS), default="auto",
@@ -231,7 +233,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         loss=LossConfig(timestep_sampling=args.timestep_sampling, weighting=args.loss_weighting), seed=args.seed,
         dtype=args.dtype, device=args.device, remove_prefix_in_ckpt=args.remove_prefix_in_ckpt or None,
         save_steps=args.save_steps, lora_format=args.lora_format, keep_checkpoints=args.keep_checkpoints,
-        fp8_base=args.fp8_base, vram_limit=args.vram_limit,
+        fp8_base=args.fp8_base, vram_limit=args.vram_limit, compile=args.compile,
         cache_dir=args.cache, buckets=BUCKETS[args.buckets],
         validation_prompts=_validation_prompts(args.validation_prompts, error), validation_steps=args.validation_steps,
         validation_size=args.validation_size, validation_cfg_scale=args.validation_cfg_scale,

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from ..compile import compile_repeated_blocks
 from ..components import Components
 from .adapters import make_trainable, trainable_named_parameters
 from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, restore_rng,
@@ -115,6 +116,8 @@ class Trainer:
         self.trained_module, self.trained = make_trainable(components, config)
         components.dit.gradient_checkpointing = config.use_gradient_checkpointing
         self.low_memory = setup_low_memory(components, config, self.device)  # FP8 base, streamed blocks (or None)
+        if config.compile:
+            compile_repeated_blocks(components.dit, fullgraph=False)
         denoiser = Denoiser(components.dit, components.controlnets).train()
         parameters = trainable_named_parameters(self.trained_module)
         self.optimizer = make_optimizer(parameters.values(), config)
