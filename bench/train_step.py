@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -48,6 +47,7 @@ from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 from qistudio.training.adapters import add_lora  # noqa: E402
 from qistudio.training.config import DEFAULT_LORA_TARGETS, DataConfig, TrainConfig  # noqa: E402
 from qistudio.training.lowmem import prepare_dit  # noqa: E402
+from qistudio.training.outputs import write_text_atomic  # noqa: E402
 
 LISTING = ROOT.parent / "shared" / "reference" / "checkpoints" / "qwen_image_transformer.json"
 MODES = ("ours", "ours-compile", "lowmem", "lowmem-compile", "diffsynth")
@@ -337,17 +337,6 @@ def table(rows: list, args, header: str) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def versions() -> str:
     found = []
     for package in ("torch", "peft", "diffusers", "diffsynth"):
@@ -408,7 +397,7 @@ def main() -> None:
         Path(out, "train_step.md").write_text(text + "\n")
     if cuda and not args.quick and not args.no_results:
         results = ROOT / "bench" / "RESULTS.md"
-        write_atomic(results, results.read_text().rstrip("\n") + "\n\n" + text + "\n")
+        write_text_atomic(results, results.read_text().rstrip("\n") + "\n\n" + text + "\n")
 
 
 if __name__ == "__main__":
