@@ -16,8 +16,9 @@ from .split_attention import SplitMask, split_attention
 # Backends by name. "sdpa" (PyTorch's dispatcher) is the automatic choice: on Hopper it already picks cuDNN's fused
 # attention for this model's shapes (about 630 TFLOP/s on an H100/H200 at head_dim 128 and ~7k tokens, against
 # 370 for the flash kernel and 386 for SageAttention 1's INT8 Triton kernel; bench/RESULTS.md). The others are
-# optional installs, used only when forced: "cudnn_fp8" (nvidia-cudnn-frontend; FP8 q/k/v/P, 1.37x faster, 6%
-# error, ops/fp8_attention.py), "sage" (sageattention), "flash3" (FlashAttention 3's flash_attn_interface).
+# optional installs, used when forced: "cudnn_fp8" (nvidia-cudnn-frontend; FP8 q/k/v/P, 1.37x faster, 6% error,
+# ops/fp8_attention.py; the DiT under FP8 compute also uses it by itself, see set_fp8_attention), "sage"
+# (sageattention), "flash3" (FlashAttention 3's flash_attn_interface).
 _BACKENDS = ("sdpa", "cudnn_fp8", "sage", "flash3")
 _forced_backend: str | None = None
 

@@ -7,12 +7,14 @@ Used by the DiT under FP8 compute (`pipe.enable_fp8_computation()`, `set_fp8_att
 W8A8 the output's error stays 1.33% (1.33% without it) and the forward drops from 0.393 s to 0.356 s (H100,
 1328x1328, batch 2; bench/RESULTS.md).
 
-Scaling, per tensor: q, k and v are scaled so that their absolute maximum maps to 448 (e4m3's largest value);
-the softmax probabilities P <= 1 are scaled by 448; the output O (a convex combination of the rows of V, so
-|O| <= max |V|) is written in FP8 with v's scale (Hopper's kernel writes FP8 only) and scaled back to bf16 here.
+Scaling, per tensor: v (and, on bf16 inputs, q and k) is scaled so that its absolute maximum maps to 448 (e4m3's
+largest value); in the DiT, q and k arrive in FP8 from the norm + RoPE kernel with a bound computed from the norm
+weights (ops/qk_norm_rope.py). The softmax probabilities P <= 1 are scaled by 448. The output O (a convex
+combination of the rows of V, so |O| <= max |V|) is written in FP8 with v's scale (Hopper's kernel writes FP8
+only): the DiT hands it to its W8A8 projections as it is; `cudnn_fp8_attention` scales it back to bf16.
 
-One cuDNN graph is built per (shape, strides, device) and kept (about a second to build); the call is a custom op,
-so torch.compile keeps it as one opaque node.
+One cuDNN graph is built per (q shape, k shape, device) and kept (about a second to build); the call is a custom
+op, so torch.compile keeps it as one opaque node.
 """
 
 from __future__ import annotations
