@@ -264,8 +264,10 @@ def run_ours(args, cfg, inputs, rows) -> None:
         compile_blocks(dit.transformer_blocks, mode.endswith("compile"))
         for checkpointing in args.checkpointing:
             dit.gradient_checkpointing = checkpointing
+            dit.checkpointed_blocks = args.checkpointed_blocks
             run_case(rows, mode, checkpointing, lambda: time_training(dit, loss, args.device, args.warmup, args.steps))
             cleanup(args.device)
+    dit.checkpointed_blocks = None
     if not any(m.startswith("lowmem") for m in args.modes):
         return
     compile_blocks(dit.transformer_blocks, False)
@@ -355,6 +357,8 @@ def main() -> None:
     parser.add_argument("--text_len", type=int, default=64)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--vram_limit", type=float, default=16.0, help="lowmem modes' budget in GiB")
+    parser.add_argument("--checkpointed_blocks", type=int, help="ours modes, checkpointing on: checkpoint only the "
+                        "first N blocks (the trainer's --checkpointed_blocks; default: all)")
     parser.add_argument("--blocks", type=int, help="DiT blocks (default 60; 4 with --quick)")
     parser.add_argument("--steps", type=int, help="timed steps (default 5; 2 with --quick)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; 1 with --quick)")

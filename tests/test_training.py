@@ -232,6 +232,10 @@ def test_a_killed_run_resumes_to_the_weights_of_a_straight_run(base, tiny_repo, 
     assert all(torch.allclose(final[0][k], final[1][k], atol=1e-6) for k in final[0])
     with pytest.raises(ValueError, match="other settings .*lora_rank: 4 there, 8 now"):
         Trainer(dataclasses.replace(config, lora_rank=8), components=fresh(base), resume="latest", progress_bar=False)
+    # before any model loads: these model files do not exist
+    unloadable = dataclasses.replace(config, lora_rank=8, model_paths=(str(tmp_path / "nowhere.safetensors"),))
+    with pytest.raises(ValueError, match="other settings .*lora_rank: 4 there, 8 now"):
+        Trainer(unloadable, resume="latest", progress_bar=False)
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(base, tiny_repo, data, tmp_path, monkeypatch):
@@ -313,3 +317,19 @@ def test_compiled_blocks_train_as_eager(base, tiny_repo, data, tmp_path, monkeyp
     traced = train(base, make_config(tiny_repo, data, tmp_path / "compiled", compile=True, **options))
     assert compiled == [traced.dit.config.num_layers]
     assert [r.loss for r in traced.history] == pytest.approx([r.loss for r in eager.history], rel=1e-5)
+
+
+def test_checkpointing_some_blocks_gives_the_same_gradients(base, tiny_repo, data, tmp_path):
+    """--checkpointed_blocks N: the first N blocks recompute in the backward, the rest keep their activations;
+    the losses and the trained LoRA are those of checkpointing every block (and of none)."""
+    options = dict(max_steps=3, use_gradient_checkpointing=True, seed=4)
+    runs = {n: train(base, make_config(tiny_repo, data, tmp_path / f"ckpt-{n}", checkpointed_blocks=n, **options))
+            for n in (None, 1, 0)}
+    assert runs[1].dit.checkpointed_blocks == 1
+    for n in (1, 0):
+        assert [r.loss for r in runs[n].history] == pytest.approx([r.loss for r in runs[None].history], rel=1e-6)
+        for name, (down, up, _) in lora_pairs(runs[None].dit).items():
+            other_down, other_up, _ = lora_pairs(runs[n].dit)[name]
+            assert torch.allclose(other_down, down, atol=1e-6) and torch.allclose(other_up, up, atol=1e-6)
+    with pytest.raises(ValueError, match="checkpointed_blocks=2 needs --use_gradient_checkpointing"):
+        make_config(tiny_repo, data, tmp_path / "x", checkpointed_blocks=2).check()

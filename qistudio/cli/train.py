@@ -50,8 +50,8 @@ def _split(text: str | None) -> tuple[str, ...]:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="train a LoRA on the DiT, or the whole DiT",
-        description="Train Qwen-Image's DiT (LoRA or full) with the reference's flow-matching loss. Argument names "
+        "train", help="train a LoRA on the DiT, the whole DiT or a Blockwise ControlNet",
+        description="Train Qwen-Image's DiT (LoRA or full) or a Blockwise ControlNet with the reference's flow-matching loss. Argument names "
         "follow DiffSynth-Studio's train.py; run under `accelerate launch --module qistudio.cli.main train` for "
         "several GPUs.",
     )  # fmt: skip
@@ -136,6 +136,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     memory = p.add_argument_group("memory")
     memory.add_argument("--use_gradient_checkpointing", action="store_true")
     memory.add_argument("--use_gradient_checkpointing_offload", action="store_true")
+    memory.add_argument("--checkpointed_blocks", type=int, metavar="N", help="with --use_gradient_checkpointing: "
+                        "checkpoint only the first N DiT blocks; the rest keep their activations (less recompute, "
+                        "more memory; default: all)")
     memory.add_argument("--gradient_accumulation_steps", type=int, default=1)
     memory.add_argument("--fp8_base", action="store_true",
                         help="store the frozen DiT's block linears in FP8 (e4m3, per-channel scales; LoRA stays float32)")
@@ -234,6 +237,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         dtype=args.dtype, device=args.device, remove_prefix_in_ckpt=args.remove_prefix_in_ckpt or None,
         save_steps=args.save_steps, lora_format=args.lora_format, keep_checkpoints=args.keep_checkpoints,
         fp8_base=args.fp8_base, vram_limit=args.vram_limit, compile=args.compile,
+        checkpointed_blocks=args.checkpointed_blocks,
         cache_dir=args.cache, buckets=BUCKETS[args.buckets],
         validation_prompts=_validation_prompts(args.validation_prompts, error), validation_steps=args.validation_steps,
         validation_size=args.validation_size, validation_cfg_scale=args.validation_cfg_scale,

@@ -170,6 +170,9 @@ class QwenImageDiT(nn.Module):
         self.norm_out = AdaNormOut(cfg.dim, cfg.eps)
         self.proj_out = nn.Linear(cfg.dim, cfg.out_channels)
         self.gradient_checkpointing = False
+        # With checkpointing on: how many blocks (the first ones) recompute their forward in the backward; None:
+        # all. Blocks past it keep their activations: less recompute where memory allows (training's choice).
+        self.checkpointed_blocks: int | None = None
 
     def forward(
         self,
@@ -212,8 +215,9 @@ class QwenImageDiT(nn.Module):
         if text_lengths is not None:
             key_lengths = [num_img + n for n in text_lengths]
 
+        checkpointed = len(self.transformer_blocks) if self.checkpointed_blocks is None else self.checkpointed_blocks
         for index, block in enumerate(self.transformer_blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled() and index < checkpointed:
                 img, txt = torch.utils.checkpoint.checkpoint(
                     block, img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask, use_reentrant=False
                 )

@@ -29,18 +29,17 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .. import __version__
 from ..components import Components
+from ..lora.files import write_safetensors
 from .config import TrainConfig
 from .data import ImageDataset, Skipped
 from .encode import EncodedSample
@@ -61,7 +60,7 @@ TRAINING_ONLY = {
     "loss", "seed", "device", "remove_prefix_in_ckpt", "save_steps", "lora_format", "keep_checkpoints",
     "cache_dir", "buckets", "validation_prompts", "validation_steps", "validation_size", "validation_cfg_scale",
     "validation_num_inference_steps", "validation_seed", "enable_tensorboard_log", "enable_csv_log",
-    "initialize_model_on_cpu", "fp8_base", "vram_limit",
+    "initialize_model_on_cpu", "fp8_base", "vram_limit", "compile", "checkpointed_blocks",
 }  # fmt: skip
 DATA_TRAINING_ONLY = {"base_path", "metadata_path", "repeat", "num_workers", "strict"}  # rows and files are keyed
 WEIGHT_SAMPLES = 64  # values read from each tensor for the weights fingerprint
@@ -72,8 +71,7 @@ def flatten(value, tensors: dict[str, torch.Tensor], path: str = "sample"):
     """A JSON tree of `value` (dataclasses, lists, tuples, dicts, numbers, strings, None); its tensors go into
     `tensors` under their path. Anything else is refused with the path of the field that holds it."""
     if isinstance(value, torch.Tensor):
-        # A copy of its own: safetensors refuses tensors that share memory (views of one another).
-        tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+        tensors[path] = value.detach()  # write_safetensors gives each its own contiguous host copy
         return {"tensor": path}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         cls = type(value)
@@ -145,7 +143,7 @@ def _rebuild(cls: type, values: dict):
 def write_entry(path: Path, sample: EncodedSample) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = flatten(sample, tensors)
-    _atomic(path, lambda temporary: save_file(tensors, temporary, metadata={STRUCTURE_KEY: json.dumps(structure)}))
+    write_safetensors(tensors, path, metadata={STRUCTURE_KEY: json.dumps(structure)})
 
 
 def read_entry(path: Path) -> EncodedSample:
@@ -153,17 +151,6 @@ def read_entry(path: Path) -> EncodedSample:
         structure = json.loads(f.metadata()[STRUCTURE_KEY])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     return unflatten(structure, tensors)
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # -- keys -------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,9 @@ class TrainConfig:
     # Regional torch.compile of the DiT's blocks (qistudio/compile.py): measured 1.6x faster steps on an H100
     # (bench/RESULTS.md), after a warm-up of a minute or two per image size.
     compile: bool = False
+    # With use_gradient_checkpointing: checkpoint only the first N DiT blocks (None: all). The others keep their
+    # activations, trading memory for the recompute (a full forward's worth when all are checkpointed).
+    checkpointed_blocks: int | None = None
     # Throughput and monitoring (training/cache.py, buckets.py, samples.py, logs.py)
     cache_dir: str | None = None  # encode every sample once into this folder, then train without the encoders
     buckets: bool | None = None  # one target size per step on all processes; None: with dynamic size and >1 process
@@ -179,6 +182,10 @@ class TrainConfig:
         if (self.fp8_base or self.vram_limit is not None) and self.trainable_models == "dit":
             raise ValueError("fp8_base and vram_limit keep the DiT's base frozen; they cannot train the whole DiT "
                              "(train a LoRA on it: --lora_base_model dit)")
+        if self.checkpointed_blocks is not None and (self.checkpointed_blocks < 0 or not self.use_gradient_checkpointing
+                                                     or self.vram_limit is not None):
+            raise ValueError(f"checkpointed_blocks={self.checkpointed_blocks} needs --use_gradient_checkpointing, "
+                             "a count >= 0, and no vram_limit (streamed blocks must all be checkpointed)")
         if self.vram_limit is not None and (self.vram_limit < 0 or not self.use_gradient_checkpointing):
             raise ValueError(f"vram_limit must be >= 0 GiB (0: stream every DiT block), with "
                              f"--use_gradient_checkpointing (streamed blocks are read again in the backward); got "

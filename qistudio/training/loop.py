@@ -35,8 +35,8 @@ from tqdm import tqdm
 from ..compile import compile_repeated_blocks
 from ..components import Components
 from .adapters import make_trainable, trainable_named_parameters
-from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, restore_rng,
-                         rng_state)
+from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, read_state,
+                         restore_rng, rng_state)
 from .buckets import bucketed_order, buckets_on, item_sizes
 from .cache import build_cache, encoding_fingerprint, map_tensors, release_encoders
 from .config import RESUME_KEYS, TrainConfig
@@ -50,7 +50,8 @@ from .optim import make_lr_scheduler, make_optimizer
 from .outputs import save_weights, write_config
 from .samples import render_samples
 from .timesteps import draw_sigma
-from .zero import deepspeed_plugin, gathered_state, holding, is_zero3, prepare_deepspeed, set_boundary
+from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, prepare_deepspeed,
+                   set_boundary)
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,8 @@ class Trainer:
         if self.dataset.missing:
             logger.warning("%d sample(s) list images that do not exist; they will be skipped and listed at the end",
                            len(self.dataset.missing))
-        resume_path = find_checkpoint(config.output_path, resume) if resume else None
-        if config.enable_tensorboard_log:
-            summary_writer_class()  # a missing package stops the run before anything loads
-        if config.validation_prompts and is_zero3(acc):
-            raise ValueError("validation_prompts under DeepSpeed ZeRO-3 are not supported: the main process alone "
-                             "cannot run a partitioned DiT; render afterwards with `qistudio validate`")
+        self.total_steps = self._total_steps()  # a dataset too small for the processes stops the run here
+        resume_path = self._check_before_loading(resume)
         # Data order: same-size samples at the same step on every process (buckets.py), from the images' headers.
         bucketed = buckets_on(config.buckets, config.data, acc.num_processes)
         self._item_sizes = item_sizes(self.dataset) if bucketed else None
@@ -115,13 +112,13 @@ class Trainer:
         # What trains and is saved (the DiT or the ControlNet); the Denoiser (DiT + ControlNets) is what runs.
         self.trained_module, self.trained = make_trainable(components, config)
         components.dit.gradient_checkpointing = config.use_gradient_checkpointing
+        components.dit.checkpointed_blocks = config.checkpointed_blocks
         self.low_memory = setup_low_memory(components, config, self.device)  # FP8 base, streamed blocks (or None)
         if config.compile:
             compile_repeated_blocks(components.dit, fullgraph=False)
         denoiser = Denoiser(components.dit, components.controlnets).train()
         parameters = trainable_named_parameters(self.trained_module)
         self.optimizer = make_optimizer(parameters.values(), config)
-        self.total_steps = self._total_steps()
         self.lr_scheduler = make_lr_scheduler(self.optimizer, config, self.total_steps)
         placement = None if self.low_memory is None else self.low_memory.device_placement
         prepare_deepspeed(acc)
@@ -141,6 +138,19 @@ class Trainer:
         self.log = None  # the main process's TrainingLog during run()
         if resume_path is not None:
             self._restore(resume_path)
+
+    def _check_before_loading(self, resume: str | None) -> Path | None:
+        """What can stop the run without any model loaded; returns the checkpoint to resume from (or None)."""
+        config = self.config
+        if config.enable_tensorboard_log:
+            summary_writer_class()  # a missing package
+        if config.validation_prompts and is_zero3(self.accelerator):
+            raise ValueError("validation_prompts under DeepSpeed ZeRO-3 are not supported: the main process alone "
+                             "cannot run a partitioned DiT; render afterwards with `qistudio validate`")
+        resume_path = find_checkpoint(config.output_path, resume) if resume else None
+        if resume_path is not None:
+            self._check_resumable(resume_path)
+        return resume_path
 
     # -- bookkeeping ------------------------------------------------------------------------------------------------
     @property
@@ -166,9 +176,10 @@ class Trainer:
             order = epoch_order(len(self.dataset), self.config.seed, epoch)
         return order[acc.process_index::acc.num_processes][: self._micro_per_epoch()]
 
-    def _restore(self, path: Path) -> None:
-        loaded = load_checkpoint(path, self.accelerator.process_index, self.accelerator.num_processes)
-        saved, ours = loaded.config, json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
+    def _check_resumable(self, path: Path) -> None:
+        """The checkpoint's settings, dataset length and process count against this run's (state.json only)."""
+        saved = read_state(path, self.accelerator.num_processes)["config"]
+        ours = json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
         different = [k for k in RESUME_KEYS if saved.get(k) != ours.get(k)]
         if different:
             shown = ", ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} now" for k in different)
@@ -176,13 +187,17 @@ class Trainer:
         if saved.get("dataset_length", len(self.dataset)) != len(self.dataset):
             raise ValueError(f"cannot resume from {path}: the dataset had {saved['dataset_length']} samples (with "
                              f"repeat), now {len(self.dataset)}; the data order would not continue")
+
+    def _restore(self, path: Path) -> None:
+        loaded = load_checkpoint(path, self.accelerator.process_index, self.accelerator.num_processes)
         parameters = trainable_named_parameters(self.trained_module)
         if set(loaded.weights) != set(parameters):
             raise ValueError(f"cannot resume from {path}: its trainable tensors do not match this run's")
-        with torch.no_grad():
-            for name, param in parameters.items():
-                param.copy_(loaded.weights[name])
-        self.optimizer.load_state_dict(loaded.optimizer_state)
+        if not is_zero3(self.accelerator):  # ZeRO-3's placeholders are restored by its optimizer state (zero.py)
+            with torch.no_grad():
+                for name, param in parameters.items():
+                    param.copy_(loaded.weights[name])
+        load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
         self.lr_scheduler.load_state_dict(loaded.scheduler_state)
         self.progress = loaded.progress
         if loaded.rng is not None:
