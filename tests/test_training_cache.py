@@ -2,6 +2,7 @@
 run on a warm cache, a changed prompt, image or setting is encoded again, samples round-trip field by field, and
 several processes split the encoding."""
 
+import dataclasses
 import json
 import threading
 
@@ -16,7 +17,7 @@ from qistudio.ops.rope import Rotary
 from qistudio.ops.split_attention import SplitMask
 from qistudio.training import Trainer
 from qistudio.training.adapters import lora_pairs
-from qistudio.training.cache import (INDEX, build_cache, encoding_fingerprint, entry_path, read_entry, row_keys,
+from qistudio.training.cache import (INDEX, TRAINING_ONLY, build_cache, encoding_fingerprint, entry_path, read_entry, row_keys,
                                      write_entry)
 from qistudio.training.data import ImageDataset
 from qistudio.training.encode import EncodedSample, encode_sample
@@ -109,6 +110,10 @@ def test_a_changed_prompt_image_or_setting_is_encoded_again(base, tiny_repo, dat
     assert build().cache_report.encoded == 1
     assert build().cache_report.encoded == 0  # nothing changed
     assert build(lora_rank=8, learning_rate=1e-2).cache_report.encoded == 0  # training settings do not count
+    config = make_config(tiny_repo, data, tmp_path / "out")
+    assert encoding_fingerprint(base, dataclasses.replace(config, compile=True), "cpu", torch.float32) == \
+        encoding_fingerprint(base, config, "cpu", torch.float32)  # nor does compiling the DiT
+    assert TRAINING_ONLY <= {f.name for f in dataclasses.fields(config)}  # every name there is a setting
     assert build(data=dict(max_pixels=32 * 32)).cache_report.encoded == 3  # a size setting: every entry again
 
 

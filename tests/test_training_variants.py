@@ -420,6 +420,12 @@ def test_validate_renders_with_a_controlnet_checkpoint(tiny_repo, nets, tmp_path
     with pytest.raises(SystemExit):
         main(common)
     assert "is a ControlNet: give its control map with --control" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--control", str(control), "--inpaint-mask", str(control)])
+    assert "--inpaint-mask needs an Inpaint ControlNet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the Inpaint ControlNet's mask, asked for before anything loads
+        main(["validate", str(nets[1]), "--model", str(tmp_path / "nowhere"), "--control", str(control)])
+    assert "is an Inpaint ControlNet: give its mask with --inpaint-mask" in capsys.readouterr().err
     assert main(common + ["--control", str(control)]) == 0
     (png,) = (tmp_path / "val").glob("*.png")
     parameters = read_png_parameters(png)

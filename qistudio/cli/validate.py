@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from ..components import detect_kind
@@ -38,8 +37,19 @@ def checkpoint_kind(path: Path) -> str:
     return "controlnet" if detect_kind([path]) == CONTROLNET else "full"
 
 
+def controlnet_extra_channels(path: Path) -> int:
+    """Input channels of a ControlNet file beyond the 64 of the control latents, from its header: 4 for an Inpaint
+    ControlNet (the mask), 0 otherwise."""
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for name in ("img_in.weight", "controlnet_x_embedder.weight"):  # Blockwise, InstantX
+            if name in names:
+                return f.get_slice(name).get_shape()[1] - 64
+    return 0
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("validate", help="render prompts with a trained LoRA or DiT checkpoint",
+    p = subparsers.add_parser("validate", help="render prompts with a trained LoRA, DiT or ControlNet checkpoint",
                               description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a .safetensors written by `qistudio train` (LoRA, full DiT or ControlNet)")
     p.add_argument("--prompt", action="append", help="validation prompt (repeatable; default: 'a dog')")
@@ -62,8 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    checkpoint = Path(args.checkpoint).expanduser()
+def _checked_kind(args: argparse.Namespace, checkpoint: Path) -> str:
+    """The checkpoint's kind, with the control inputs it needs given (argparse errors before anything loads)."""
     if not checkpoint.is_file():
         args.parser.error(f"{checkpoint}: no such file")
     try:
@@ -74,6 +84,19 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(f"{checkpoint} is a ControlNet: give its control map with --control IMAGE")
     if kind != "controlnet" and (args.control or args.inpaint_mask):
         args.parser.error(f"--control / --inpaint-mask need a ControlNet checkpoint; {checkpoint} is a {kind} one")
+    if kind == "controlnet":
+        inpaint = controlnet_extra_channels(checkpoint) > 0
+        if inpaint and not args.inpaint_mask:
+            args.parser.error(f"{checkpoint} is an Inpaint ControlNet: give its mask with --inpaint-mask IMAGE "
+                              "(white = repaint)")
+        if args.inpaint_mask and not inpaint:
+            args.parser.error(f"--inpaint-mask needs an Inpaint ControlNet; {checkpoint} has no mask channel")
+    return kind
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint).expanduser()
+    kind = _checked_kind(args, checkpoint)
     images = {}
     for name in ("control", "inpaint_mask"):
         if getattr(args, name):

@@ -170,16 +170,23 @@ def find_checkpoint(output_path: str | os.PathLike, resume: str) -> Path:
     return found
 
 
-def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedCheckpoint:
+def read_state(path: Path, world_size: int = 1) -> dict:
+    """The checkpoint's state.json (step, position, the run's config), refused when this version or this number
+    of processes cannot resume from it. Cheap: a run checks it before any model loads."""
     state = json.loads((path / STATE).read_text())
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {state.get('version')} is not {FORMAT_VERSION}")
+    saved_world = state.get("world_size", 1)
+    if state.get("partitioned_optimizer") and saved_world != world_size:
+        raise ValueError(f"cannot resume from {path}: its optimizer state is partitioned over {saved_world} "
+                         f"processes (DeepSpeed ZeRO), this run has {world_size}; resume with {saved_world}")
+    return state
+
+
+def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedCheckpoint:
+    state = read_state(path, world_size)
     states = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     if state.get("partitioned_optimizer"):
-        saved_world = state.get("world_size", 1)
-        if saved_world != world_size:
-            raise ValueError(f"cannot resume from {path}: its optimizer state is partitioned over {saved_world} "
-                             f"processes (DeepSpeed ZeRO), this run has {world_size}; resume with {saved_world}")
         # DeepSpeed's shard holds its own objects (a loss scaler, its config): not loadable with weights_only.
         # The file is this trainer's own output, read back by the run that wrote it.
         states["optimizer"] = torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=False)

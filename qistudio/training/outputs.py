@@ -29,7 +29,6 @@ from .adapters import lora_state_dict
 from .config import TRAINABLE_MODELS, TrainConfig
 
 CONFIG_FILE = "training_config.json"
-FULL_PREFIX = "pipe.dit."  # the reference's name of the DiT inside its training module
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -49,23 +48,24 @@ def write_config(config: TrainConfig, output_path: str | os.PathLike) -> Path:
     return write_text_atomic(Path(output_path) / CONFIG_FILE, config.to_json() + "\n")
 
 
-def exported_state_dict(dit: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """The trained tensors in the file layout the config asks for."""
+def exported_state_dict(trained: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trained tensors of `trained` (the DiT with its LoRA, the whole DiT or the ControlNet) in the file layout
+    the config asks for."""
     if config.is_lora:
-        return convert_lora_state_dict(lora_state_dict(dit), config.lora_format)
+        return convert_lora_state_dict(lora_state_dict(trained), config.lora_format)
     prefix = config.remove_prefix_in_ckpt or ""
     out = {}
-    in_module = TRAINABLE_MODELS[config.trainable_models]  # FULL_PREFIX, or the ControlNet's name there
-    for name, tensor in dit.state_dict().items():
+    in_module = TRAINABLE_MODELS[config.trainable_models]  # the module's name in the reference's training module
+    for name, tensor in trained.state_dict().items():
         key = in_module + name
         out[key[len(prefix):] if prefix and key.startswith(prefix) else key] = tensor
     return out
 
 
-def save_weights(dit: nn.Module, config: TrainConfig, file_name: str, step: int) -> Path:
+def save_weights(trained: nn.Module, config: TrainConfig, file_name: str, step: int) -> Path:
     """Write `output_path/file_name` atomically; its metadata holds the config and the step it was saved at."""
     metadata = {"format": "pt", "qistudio_training_config": json.dumps(config.to_dict()),
                 "qistudio_training_step": str(step)}
     if config.is_lora:
         metadata["qistudio_lora_format"] = config.lora_format
-    return write_safetensors(exported_state_dict(dit, config), Path(config.output_path) / file_name, metadata)
+    return write_safetensors(exported_state_dict(trained, config), Path(config.output_path) / file_name, metadata)

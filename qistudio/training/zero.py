@@ -57,6 +57,24 @@ def set_boundary(accelerator, boundary: bool) -> None:
         accelerator.gradient_state._set_sync_gradients(boundary)
 
 
+def load_optimizer_state(accelerator, optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)` for a state this process saved. A DeepSpeed ZeRO optimizer (inside
+    accelerate's wrapper) takes a list indexed by data-parallel rank, from which each process reads its own, and is
+    told to restore its float32 master weights from the saved ones (else it rebuilds them from the 16-bit model
+    weights: not an exact resume; under ZeRO-3 they are also what restores the partitioned model weights)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if deepspeed_plugin(accelerator) is None or not _is_zero_optimizer(inner):
+        optimizer.load_state_dict(state)
+        return
+    inner.load_state_dict([state] * accelerator.num_processes, load_from_fp32_weights=True)
+
+
+def _is_zero_optimizer(optimizer) -> bool:
+    from deepspeed.runtime import ZeROOptimizer  # the base of DeepSpeed's ZeRO stage 1-3 and bf16 optimizers
+
+    return isinstance(optimizer, ZeROOptimizer)
+
+
 def gathered_state(accelerator, model: torch.nn.Module, trained: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of `trained` (a submodule of the prepared `model`, or the model itself) under its own names;
     call on every process. Under ZeRO-3 only the main process gets them (the others get an empty dict)."""
