@@ -430,3 +430,25 @@ def test_validate_renders_with_a_controlnet_checkpoint(tiny_repo, nets, tmp_path
     (png,) = (tmp_path / "val").glob("*.png")
     parameters = read_png_parameters(png)
     assert parameters["checkpoint_kind"] == "controlnet" and parameters["control"] == str(control)
+
+
+def test_validation_images_use_the_first_samples_conditions(base, tiny_repo, data, nets, tmp_path):
+    """A ControlNet run renders its validation prompts with the first sample's control map, as pipe(...) would."""
+    from qistudio.imageio import read_png_parameters
+
+    canny, _ = nets
+    components = with_controlnet(base, canny)
+    config = make_config(tiny_repo, data, tmp_path / "out", VARIANTS["controlnet"], max_steps=1,
+                         validation_prompts=("a house",), validation_size=(W, H), validation_num_inference_steps=2,
+                         validation_cfg_scale=1.0, validation_seed=3, **FULL_CONTROLNET)
+    Trainer(config, components=components, progress_bar=False).run()
+    (png,) = (tmp_path / "out" / "samples" / "step-1").glob("*.png")
+    assert read_png_parameters(png)["conditions"].startswith("blockwise_controlnet_inputs of sample 0")
+    sample = sample_of(data, VARIANTS["controlnet"])
+    expected = QwenImagePipeline(components, "cpu", torch.float32)(
+        "a house", height=H, width=W, num_inference_steps=2, cfg_scale=1.0, seed=3, progress_bar_cmd=lambda x: x,
+        blockwise_controlnet_inputs=[ControlNetInput(image=sample["blockwise_controlnet_image"])])
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(expected))
+    without = QwenImagePipeline(components, "cpu", torch.float32)(
+        "a house", height=H, width=W, num_inference_steps=2, cfg_scale=1.0, seed=3, progress_bar_cmd=lambda x: x)
+    assert not np.array_equal(np.asarray(without), np.asarray(expected))  # the control map matters here

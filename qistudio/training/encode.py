@@ -52,17 +52,21 @@ def _given(sample: dict, key: str, extra_inputs: tuple[str, ...]):
     return None if value is None or (isinstance(value, (str, list)) and not value) else value
 
 
-def sample_request(sample: dict, extra_inputs: tuple[str, ...], zero_cond_t: bool | None):
-    image = sample["image"]
+def sample_conditions(sample: dict, extra_inputs: tuple[str, ...]) -> dict:
+    """The sample's extra inputs as the pipeline's keyword arguments (edit, context, ControlNet, EliGen)."""
     control = {key[len(CONTROLNET_PREFIX):]: sample[key] for key in extra_inputs
                if key.startswith(CONTROLNET_PREFIX) and _given(sample, key, extra_inputs) is not None}
-    entity_prompts = _given(sample, "eligen_entity_prompts", extra_inputs)
-    entity_masks = _given(sample, "eligen_entity_masks", extra_inputs)
+    return dict(edit_image=_given(sample, "edit_image", extra_inputs),
+                context_image=_given(sample, "context_image", extra_inputs),
+                blockwise_controlnet_inputs=[ControlNetInput(**control)] if control else None,
+                eligen_entity_prompts=_given(sample, "eligen_entity_prompts", extra_inputs),
+                eligen_entity_masks=_given(sample, "eligen_entity_masks", extra_inputs))
+
+
+def sample_request(sample: dict, extra_inputs: tuple[str, ...], zero_cond_t: bool | None):
+    image = sample["image"]
     return build_request(sample["prompt"], height=image.height, width=image.width, cfg_scale=1.0, seed=0,
-                         zero_cond_t=zero_cond_t, edit_image=_given(sample, "edit_image", extra_inputs),
-                         context_image=_given(sample, "context_image", extra_inputs),
-                         blockwise_controlnet_inputs=[ControlNetInput(**control)] if control else None,
-                         eligen_entity_prompts=entity_prompts, eligen_entity_masks=entity_masks)
+                         zero_cond_t=zero_cond_t, **sample_conditions(sample, extra_inputs))
 
 
 def encode_sample(components: Components, sample: dict, extra_inputs: tuple[str, ...], zero_cond_t: bool | None,

@@ -41,7 +41,7 @@ from .buckets import bucketed_order, buckets_on, item_sizes
 from .cache import build_cache, encoding_fingerprint, map_tensors, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
-from .encode import EncodedSample, encode_sample
+from .encode import EncodedSample, encode_sample, sample_conditions
 from .logs import TrainingLog, summary_writer_class
 from .loss import Denoiser, fixed_noise_loss, flow_matching_loss
 from .lowmem import load_device, setup_low_memory
@@ -382,12 +382,23 @@ class Trainer:
         due = step >= self.total_steps or (every is not None and step % every == 0)
         return bool(self.config.validation_prompts) and due
 
+    def _validation_conditions(self) -> tuple[dict, str | None]:
+        """The extra inputs validation renders with: those of the dataset's first readable sample."""
+        if not self.config.extra_inputs:
+            return {}, None
+        for index in range(len(self.dataset)):
+            item = self.dataset[index]
+            if not isinstance(item, Skipped):
+                return sample_conditions(item, self.config.extra_inputs), f"sample {index} ({item['prompt']!r})"
+        return {}, None
+
     def _render_samples(self) -> None:
         """The validation images, on the main process; the others wait for it."""
         acc = self.accelerator
         if acc.is_main_process:
+            conditions, source = self._validation_conditions()
             written = render_samples(self.components, acc.unwrap_model(self.model), self.config, self.progress.step,
-                                     self.device, self.dtype)
+                                     self.device, self.dtype, conditions, source)
             if self.log is not None:
                 self.log.images(self.progress.step, [image for _, image in written])
         acc.wait_for_everyone()
