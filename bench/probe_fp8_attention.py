@@ -16,7 +16,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dit_forward import cuda_time  # noqa: E402
-from qistudio.ops.fp8_attention import _quantize, cudnn_fp8_sdpa  # noqa: E402
+from qistudio.ops.fp8 import quantize_per_tensor  # noqa: E402
+from qistudio.ops.fp8_attention import cudnn_fp8_sdpa  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     def error(out: torch.Tensor) -> float:
         return ((out[:, rows].float() - reference).norm() / reference.norm()).item()
 
-    (q8, dq), (k8, dk), (v8, dv) = _quantize(q), _quantize(k), _quantize(v)
+    (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (q, k, v))
     fp8 = cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv)
     t = cuda_time(lambda: cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv))
     err = error(fp8.float() * dv.reshape(()))

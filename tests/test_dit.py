@@ -127,10 +127,11 @@ def test_condition_groups_and_zero_cond_t_match_diffusers():
 
 def test_compiled_rope_form_equals_the_complex_one():
     """Under torch.compile apply_rope switches to real arithmetic (fusable); both forms agree."""
-    from qistudio.ops.rope import ImageGrid, _apply_rope_real, apply_rope, image_positions, rope_tables
+    from qistudio.ops.rope import ImageGrid, apply_rope, apply_rotation, image_positions, rope_tables
 
     phasors = rope_tables(image_positions(ImageGrid(1, 3, 5)), (8, 12, 12))
     x = torch.randn(2, 15, 4, 32)  # head_dim 32 = 2 x 16 phasors
-    assert torch.allclose(_apply_rope_real(x, phasors[None]), apply_rope(x, phasors), atol=1e-6)
-    compiled = torch.compile(apply_rope, backend="eager", fullgraph=True)  # traced as under regional compile
-    assert torch.allclose(compiled(x, phasors), apply_rope(x, phasors), atol=1e-6)
+    rotation = torch.view_as_real(phasors)
+    assert torch.allclose(apply_rotation(x, rotation[None]), apply_rope(x, phasors), atol=1e-6)
+    compiled = torch.compile(apply_rotation, backend="eager", fullgraph=True)  # traced as under regional compile
+    assert torch.allclose(compiled(x, rotation), apply_rope(x, phasors), atol=1e-6)

@@ -41,10 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
 from ..ops.fp8_kernels import GEMV_MAX_ROWS, fp8_weight_gemv, gelu_quantize_rows
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 
 Predicate = Callable[[str, nn.Linear], bool]
 
@@ -85,14 +83,8 @@ def _dequantize_fused(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 _dequantize_compiled = torch.compile(_dequantize_fused, dynamic=False)
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, K) activations -> float8_e4m3fn and (T, 1) float32 per-token scales (absmax / 448)."""
-    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).to(FP8_DTYPE), scale
-
-
 # One fused pass (abs-max, scale, cast) per call; token counts vary, so the shape is dynamic.
-_quantize_rows_compiled = torch.compile(_quantize_rows, dynamic=True)
+_quantize_rows_compiled = torch.compile(quantize_rows, dynamic=True)
 
 
 def _dequantize_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -224,7 +216,7 @@ class FP8Linear(nn.Module):
         if self._uses_w8a8(x):
             # Inside a compiled region (regional compile of the DiT block) the plain function is traced and fused
             # with its neighbours; outside, its own compiled version gives one fused pass.
-            quantize = _quantize_rows if torch.compiler.is_compiling() else _quantize_rows_compiled
+            quantize = quantize_rows if torch.compiler.is_compiling() else _quantize_rows_compiled
             rows, scale = quantize(x.reshape(-1, self.in_features))
             return self._scaled_mm(rows, scale, x.shape, x.dtype)
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):

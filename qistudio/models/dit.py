@@ -82,7 +82,6 @@ class JointAttention(nn.Module):
         num_img = img.shape[1]
         return self.to_out[0](out[:, :num_img]), self.to_add_out(out[:, num_img:])
 
-
     def _forward_fp8(self, img, txt, rotation, key_lengths):
         """FP8 attention (the "cudnn_fp8" backend): q and k leave the norm + RoPE pass in FP8, v is quantised as
         it is joined, and the output reaches the projections in FP8 (W8A8 linears take it without a round trip)."""

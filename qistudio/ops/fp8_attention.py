@@ -24,8 +24,7 @@ import math
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from .fp8 import FP8_DTYPE, FP8_MAX, quantize_per_tensor
 
 try:
     import cudnn
@@ -45,18 +44,11 @@ def _capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor e4m3 with its descale (1 / scale) as a (1, 1, 1, 1) float32 tensor."""
-    amax = x.abs().amax().float().clamp(min=1e-12)
-    scale = FP8_MAX / amax
-    return (x.float() * scale).to(FP8_DTYPE), (1.0 / scale).reshape(1, 1, 1, 1)
-
-
 class _Graph:
     """A built cuDNN FP8 SDPA graph for one layout, with its workspace and constant scales."""
 
     def __init__(self, q_shape: tuple[int, ...], kv_shape: tuple[int, ...], device: torch.device):
-        # Tensors are contiguous (B, S, H, D) in memory (fresh from _quantize); cuDNN is told (B, H, S, D) dims.
+        # Tensors are contiguous (B, S, H, D) in memory; cuDNN is told (B, H, S, D) dims.
         e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
         self.handle = cudnn.create_handle()
         graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32,
@@ -133,6 +125,6 @@ def quantize_joined(parts: list[torch.Tensor], head_dim: int) -> tuple[torch.Ten
 
 def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """(B, S_q, H, D) q and (B, S_kv, H, D) k, v (bf16/fp16) -> (B, S_q, H, D) in q's dtype."""
-    (q8, dq), (k8, dk), (v8, dv) = _quantize(query), _quantize(key), _quantize(value)
+    (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (query, key, value))
     out8 = torch.ops.qistudio.cudnn_fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), dq, dk, dv)
     return (out8.float() * dv).to(query.dtype)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+from .fp8 import FP8_DTYPE, quantize_rows
+
 
 try:
     import triton
@@ -25,17 +25,11 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, K) -> float8_e4m3fn and (T, 1) float32 per-token scales (absmax / 448)."""
-    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).to(FP8_DTYPE), scale
-
-
 def gelu_quantize_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, K) pre-activation -> quantize_rows(GELU_tanh(hidden)), the GELU rounded to hidden's dtype first."""
     if triton is not None and hidden.is_cuda and not hidden.requires_grad:
         return torch.ops.qistudio.gelu_quantize_rows(hidden)
-    return quantize_rows_reference(F.gelu(hidden, approximate="tanh"))
+    return quantize_rows(F.gelu(hidden, approximate="tanh"))
 
 
 def fp8_weight_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

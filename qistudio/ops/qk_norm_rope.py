@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .fp8 import FP8_DTYPE, FP8_MAX
 from .norms import rms_normalize
 from .rope import apply_rotation
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 try:
     import triton

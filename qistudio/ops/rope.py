@@ -84,19 +84,12 @@ def apply_rope(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, S, H, D) by unit phasors; float32 math.
 
     phasors: (S, D/2) shared by the batch, or (B, S, D/2) when rows have different layouts (batched edits).
-    One complex multiply: as cheap in memory traffic as RoPE gets without a fused kernel.
+    One complex multiply. The model itself rotates with `apply_rotation` (real arithmetic: compiled, it fuses with
+    the q/k norm; complex tensors cannot) or the fused kernel of ops/qk_norm_rope.py.
     """
     phasors = phasors[None] if phasors.dim() == 2 else phasors
-    if torch.compiler.is_compiling():
-        return _apply_rope_real(x, phasors)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, S, H, D/2)
     return torch.view_as_real(pairs * phasors[:, :, None, :]).flatten(-2).to(x.dtype)
-
-
-def _apply_rope_real(x: torch.Tensor, phasors: torch.Tensor) -> torch.Tensor:
-    """The same rotation in real arithmetic. The compiler cannot fuse complex tensors, so under torch.compile this
-    form lets the rotation fuse with the q/k norm before it (one kernel instead of three on an H100 profile)."""
-    return apply_rotation(x, torch.view_as_real(phasors))
 
 
 def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
