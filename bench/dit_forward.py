@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qistudio.compile import compile_repeated_blocks  # noqa: E402
 from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
 from qistudio.ops.attention import available_backends, set_attention_backend  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
@@ -61,7 +62,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1328, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--compile", action="store_true", help="also time regional torch.compile of both")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for our blocks (diffusers' keeps "
+                        "the default), e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--fp8", action="store_true", help="then time ours with FP8 (W8A8) block linears")
+    parser.add_argument("--no-bf16", action="store_true", help="time only diffusers' bf16 (the baseline) and ours "
+                        "in FP8 (--fp8), for long max-autotune warm-ups")
+    parser.add_argument("--attention", nargs="*", default=[], help="also time ours with these attention backends "
+                        "forced (e.g. flash4), where installed")
     args = parser.parse_args()
 
     import diffusers
@@ -86,9 +93,9 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = 64
         # Regional compile of the repeated block, diffusers' best configuration; ours the same way.
         ref.compile_repeated_blocks(fullgraph=True)
-        for block in ours.transformer_blocks:
-            block.compile(fullgraph=True)
+        compile_repeated_blocks(ours, mode=args.compile_mode)
 
+    extra_attention = [name for name in args.attention if name in available_backends()]
     ceiling = matmul_ceiling()
     device_name = torch.cuda.get_device_name()
     rows = []
@@ -116,14 +123,20 @@ def main() -> None:
                     return run_ours()
                 return run
 
-            err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()
-            mode = "regional compile" if args.compile else "eager"
-            variants = [(f"diffusers {mode}" + ("" if args.compile else " (mask=None)"), run_ref),
-                        (f"qistudio {mode}", ours_with(None))]
+            ref_out = run_ref().float()
+            ref_mode = "regional compile" if args.compile else "eager (mask=None)"
+            mode = ("regional compile" + (f" ({args.compile_mode})" if args.compile_mode else "")
+                    if args.compile else "eager")
+            variants = [(f"diffusers {ref_mode}", run_ref)]
+            if not args.no_bf16:
+                variants += [(f"qistudio {mode}", ours_with(None))]
+                variants += [(f"qistudio {mode}, {name} attention", ours_with(name)) for name in extra_attention]
             for name, fn in variants:
+                err = None if fn is run_ref else ((fn().float() - ref_out).norm() / ref_out.norm()).item()
                 t = cuda_time(fn)
-                rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err if "qistudio" in name else None))
+                rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err))
                 print(rows[-1], flush=True)
+            set_attention_backend(None)
     if args.fp8:
         from qistudio.memory.fp8_linear import quantize_linears, set_fp8_compute
 
@@ -146,12 +159,14 @@ def main() -> None:
                     with torch.no_grad():
                         return ours(tokens, text, sigma, rotary)
 
-                mode = "regional compile" if args.compile else "eager"
-                for attention_backend in [None] + (["cudnn_fp8"] if "cudnn_fp8" in available_backends() else []):
+                fp8_backends = [None] + extra_attention
+                fp8_backends += ["cudnn_fp8"] if "cudnn_fp8" in available_backends() else []
+                for attention_backend in fp8_backends:
                     set_attention_backend(attention_backend)
                     err = ((run_fp8().float() - ref_out).norm() / ref_out.norm()).item()
                     t = cuda_time(run_fp8)
-                    label = "" if attention_backend is None else " + cuDNN FP8 attention"
+                    label = {None: "", "cudnn_fp8": " + cuDNN FP8 attention"}.get(attention_backend,
+                                                                                  f" + {attention_backend} attention")
                     rows.append((f"{size}² b={batch}", f"qistudio {mode}, FP8 W8A8 block linears{label}", t,
                                  dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
                     print(rows[-1], flush=True)

@@ -125,6 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--size", type=int, default=1328)
+    parser.add_argument("--compile-mode", default=None, help="our pipe.compile(mode=...), e.g. "
+                        "max-autotune-no-cudagraphs (diffusers' transformer keeps its default regional compile)")
+    parser.add_argument("--no-fp8", action="store_true", help="bf16 rows only")
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.cache_size_limit = 64
@@ -132,43 +135,71 @@ def main() -> None:
     size, steps = args.size, args.steps
     parts = component_rows(ours, ref, size)
     ref.transformer.compile_repeated_blocks(fullgraph=True)
-    ours.compile()
+    ours.compile(mode=args.compile_mode)
     noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
-    def run_ours(n):
+    def run_ours(n, output_type="pil"):
         return ours(PROMPT, negative_prompt=NEGATIVE, cfg_scale=4.0, num_inference_steps=n, height=size, width=size,
-                    noise=noise, progress_bar_cmd=lambda x: x)
+                    noise=noise, progress_bar_cmd=lambda x: x, output_type=output_type)
 
-    def run_ref(n):
+    def run_ref(n, output_type="pil"):
         with torch.no_grad():
             return ref(prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, num_inference_steps=n,
-                       height=size, width=size, latents=patchify(noise.cuda()))
+                       height=size, width=size, latents=patchify(noise.cuda()), output_type=output_type)
 
+    def final_latents(fn):
+        """The latents after all steps, before the VAE, as (1, 16, H/8, W/8) float32."""
+        latents = fn(steps, output_type="latent")
+        latents = latents.images if hasattr(latents, "images") else latents
+        if latents.dim() == 3:  # diffusers returns them packed (1, tokens, 64)
+            latents = ref._unpack_latents(latents, size, size, ref.vae_scale_factor)[:, :, 0]
+        return latents.float().reshape(1, 16, size // 8, size // 8)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    from qistudio.ops.attention import available_backends, resolve_automatic_backend, set_fp8_attention
+
+    compiled = "compiled" + (f" ({args.compile_mode})" if args.compile_mode else "")
+    attention_name = {"flash4": "FlashAttention 4", "sdpa": "SDPA (cuDNN)"}[resolve_automatic_backend()]
     rows = []
     for name, fn in [("diffusers QwenImagePipeline, compiled transformer", run_ref),
-                     ("qistudio, compiled DiT blocks, guidance batched", run_ours)]:
+                     (f"qistudio, {compiled} DiT blocks, guidance batched, {attention_name} attention", run_ours)]:
         fn(2)  # compile and warm up
         rows.append((name, wall(lambda: fn(steps))))
         print(rows[-1], flush=True)
-    from qistudio.ops.attention import available_backends, set_fp8_attention
-
-    ours.enable_fp8_computation(attention=False)
-    torch.cuda.empty_cache()
-    run_ours(2)
-    rows.append(("qistudio, compiled, FP8 W8A8 block linears", wall(lambda: run_ours(steps))))
-    print(rows[-1], flush=True)
-    if "cudnn_fp8" in available_backends():
-        set_fp8_attention(ours.dit, True)
+    # Final-latent agreement after the whole run: diffusers' bf16 is the reference; the bf16-vs-bf16 line shows
+    # how far 40 steps of bf16 rounding alone carry two correct implementations apart.
+    ref_latents = final_latents(run_ref)
+    bf16_latents = final_latents(run_ours)
+    errors = [("qistudio bf16 vs diffusers bf16", rel(bf16_latents, ref_latents))]
+    if not args.no_fp8:
+        # diffusers is done: drop its references to the shared bf16 block weights, so that they go when ours are
+        # replaced by FP8 copies (on an 80 GB card the text encoder, both weight sets and activations do not fit).
+        ref.transformer.to("meta")
+        ours.enable_fp8_computation(attention=False)
+        torch.cuda.empty_cache()
         run_ours(2)
-        rows.append(("qistudio, compiled, FP8 W8A8 block linears + FP8 attention (cuDNN)",
+        rows.append((f"qistudio, {compiled}, FP8 W8A8 block linears + {attention_name} attention",
                      wall(lambda: run_ours(steps))))
         print(rows[-1], flush=True)
+        errors.append(("qistudio FP8 W8A8 vs qistudio bf16", rel(final_latents(run_ours), bf16_latents)))
+    if not args.no_fp8 and "cudnn_fp8" in available_backends():
+        set_fp8_attention(ours.dit, True)
+        run_ours(2)
+        rows.append((f"qistudio, {compiled}, FP8 W8A8 block linears + FP8 attention (cuDNN)",
+                     wall(lambda: run_ours(steps))))
+        print(rows[-1], flush=True)
+        errors.append(("qistudio FP8 W8A8 + FP8 attention vs qistudio bf16", rel(final_latents(run_ours), bf16_latents)))
+    print(errors, flush=True)
     base = rows[0][1]
     lines = [f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
              f"{size}x{size}, {steps} steps, cfg 4 with a negative prompt, text encoding + steps + VAE decode, "
              "full-size random weights shared by both libraries", "",
              "| pipeline | image | x diffusers |", "|---|---|---|"]
     lines += [f"| {name} | {t:.2f} s | {t / base:.2f} |" for name, t in rows]
+    lines += ["", f"Final latents after {steps} steps (relative L2):", "", "| comparison | rel. L2 |", "|---|---|"]
+    lines += [f"| {name} | {e:.2e} |" for name, e in errors]
     lines += ["", "The parts, eager, same run (median of 5 after a warm-up):", "",
               "| part | diffusers | qistudio | x diffusers |", "|---|---|---|---|"]
     lines += [f"| {name} | {a * 1000:.1f} ms | {b * 1000:.1f} ms | {b / a:.2f} |" for name, a, b in parts]

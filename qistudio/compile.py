@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .ops.attention import resolve_automatic_backend
+
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
@@ -41,6 +43,7 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, dynamic: 
     # Each block instance is the same code with other parameters: allow one entry per instance, as a safety
     # margin over the guard failures a new image size (dynamic shapes) adds.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    resolve_automatic_backend()  # the attention kernel is chosen before tracing, so the graphs use it
     for block in blocks:
         block.compile(fullgraph=fullgraph, mode=None if mode == "default" else mode, dynamic=dynamic, backend=backend)
     return len(blocks)

@@ -13,23 +13,27 @@ import torch.nn.functional as F
 
 from .split_attention import SplitMask, split_attention
 
-# Backends by name. "sdpa" (PyTorch's dispatcher) is the automatic choice: on Hopper it already picks cuDNN's fused
-# attention for this model's shapes (about 630 TFLOP/s on an H100/H200 at head_dim 128 and ~7k tokens, against
-# 370 for the flash kernel and 386 for SageAttention 1's INT8 Triton kernel; bench/RESULTS.md). The others are
-# optional installs, used when forced: "cudnn_fp8" (nvidia-cudnn-frontend; FP8 q/k/v/P, 1.37x faster, 6% error,
-# ops/fp8_attention.py; the DiT under FP8 compute also uses it by itself, see set_fp8_attention), "sage"
-# (sageattention), "flash3" (FlashAttention 3's flash_attn_interface).
-_BACKENDS = ("sdpa", "cudnn_fp8", "sage", "flash3")
+# Backends by name. The automatic choice is "flash4" where the flash-attn-4 wheel is installed on a Hopper or
+# Blackwell GPU (its CuTe DSL kernels, ops/flash4.py: 635 against 613 TFLOP/s for cuDNN on an H100 at this model's
+# shapes, 4% off a compiled 1328x1328 DiT forward), else "sdpa": PyTorch's dispatcher, which on Hopper picks cuDNN's
+# fused attention (about 610-630 TFLOP/s, against 370 for its flash kernel and 386 for SageAttention 1's INT8
+# Triton kernel; bench/RESULTS.md). The others are used when forced: "cudnn_fp8" (nvidia-cudnn-frontend; FP8
+# q/k/v/P, 6% error, ops/fp8_attention.py; the DiT under FP8 compute also uses it by itself, see
+# set_fp8_attention), "sage" (sageattention), "flash3" (FlashAttention 3's flash_attn_interface).
+_BACKENDS = ("sdpa", "cudnn_fp8", "sage", "flash3", "flash4")
 _forced_backend: str | None = None
 
 
 def available_backends() -> list[str]:
     """The backends that can run here (installed, and on a GPU that supports them)."""
+    from .flash4 import flash4_available
     from .fp8_attention import cudnn_fp8_available
 
     found = ["sdpa"]
     if cudnn_fp8_available():
         found.append("cudnn_fp8")
+    if flash4_available():
+        found.append("flash4")
     for name, module in (("sage", "sageattention"), ("flash3", "flash_attn_interface")):
         try:
             __import__(module)
@@ -41,14 +45,15 @@ def available_backends() -> list[str]:
 
 
 def set_attention_backend(name: str | None) -> None:
-    """Force a backend for every later call (None: choose automatically, which is "sdpa")."""
+    """Force a backend for every later call (None: choose automatically: "flash4" where it runs, else "sdpa")."""
     global _forced_backend
     if name is not None and name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
     if name is not None and name not in available_backends():
         raise ValueError(f"attention backend {name!r} cannot run here (installed and runnable: "
                          f"{', '.join(available_backends())}); 'cudnn_fp8' needs nvidia-cudnn-frontend and a Hopper "
-                         "or newer GPU, 'sage' sageattention, 'flash3' FlashAttention 3")
+                         "or newer GPU, 'sage' sageattention, 'flash3' FlashAttention 3, 'flash4' "
+                         "flash-attn-4 on a Hopper or Blackwell GPU")
     _forced_backend = name
 
 
@@ -77,6 +82,18 @@ def _flash3(query, key, value):
 
     out = flash_attn_func(query, key, value)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _flash4(query, key, value):
+    from .flash4 import flash4_attention
+
+    # Its forward covers half-precision head dims of 8..256 (multiples of 8); the VAE's one 384-wide head, float32
+    # work and training go to SDPA.
+    head_dim = query.shape[-1]
+    if (query.dtype not in (torch.bfloat16, torch.float16) or head_dim > 256 or head_dim % 8
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))):
+        return _sdpa(query, key, value)
+    return flash4_attention(query, key, value)
 
 
 def set_fp8_attention(model: torch.nn.Module, enabled: bool = True) -> int:
@@ -112,13 +129,29 @@ def attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths: list
                            q_descale, k_descale, v_descale) for i, n in enumerate(key_lengths)])
 
 
-_KERNELS = {"sdpa": _sdpa, "cudnn_fp8": _cudnn_fp8, "sage": _sage, "flash3": _flash3}
+_KERNELS = {"sdpa": _sdpa, "cudnn_fp8": _cudnn_fp8, "sage": _sage, "flash3": _flash3, "flash4": _flash4}
+
+
+_automatic_backend: str | None = None
+
+
+def resolve_automatic_backend() -> str:
+    """The automatic choice, made once, outside traced code (the first eager call or `compile_repeated_blocks`):
+    "flash4" where it runs, else "sdpa". A graph traced before the choice was made uses "sdpa"."""
+    global _automatic_backend
+    if _automatic_backend is None:
+        from .flash4 import flash4_available
+
+        _automatic_backend = "flash4" if flash4_available() else "sdpa"
+    return _automatic_backend
 
 
 def _kernel(query: torch.Tensor):
-    name = _forced_backend or "sdpa"
-    if name != "sdpa" and not query.is_cuda:
+    if not query.is_cuda:
         return _sdpa  # the optional kernels are GPU-only; CPU work (tests, offload previews) stays on SDPA
+    name = _forced_backend
+    if name is None:
+        name = (_automatic_backend or "sdpa") if torch.compiler.is_compiling() else resolve_automatic_backend()
     return _KERNELS[name]
 
 
