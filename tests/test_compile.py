@@ -4,6 +4,7 @@ reference forms on the tiny model (issue 7 item 6). GPU agreement is checked by 
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import rel_err
 from qistudio import ModelConfig, QwenImagePipeline
 from qistudio.compile import compile_repeated_blocks
 from qistudio.models.layers import RMSNorm
+from qistudio.ops.flex_mask import flex_mask
 from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference
 from qistudio.ops.rope import ImageGrid, apply_rope, qwen_rotary
 
@@ -46,9 +48,10 @@ def test_joint_qk_form_equals_per_stream_norm_then_rope():
     assert torch.equal(joint, expected)
 
 
-@pytest.mark.parametrize("case", ["plain", "edit"])
-def test_compiled_blocks_equal_eager(tiny_repo, case):
-    """Regional compile (traced with fullgraph=True: no graph breaks) gives the eager latents."""
+@pytest.mark.parametrize("case", ["plain", "edit", "eligen"])
+def test_compiled_blocks_equal_eager(tiny_repo, case, monkeypatch):
+    """Regional compile (traced with fullgraph=True: no graph breaks) gives the eager latents; EliGen's masked
+    attention runs as FlexAttention there (a block mask built once per forward) and as split attention eagerly."""
     from PIL import Image
 
     pipe = _pipe(tiny_repo)
@@ -57,10 +60,52 @@ def test_compiled_blocks_equal_eager(tiny_repo, case):
     if case == "edit":
         kwargs.update(edit_image=Image.new("RGB", (48, 32), (200, 30, 30)), prompt="make it blue",
                       edit_image_auto_resize=False)
+    if case == "eligen":
+        left = Image.new("RGB", (96, 64))
+        left.paste((255, 255, 255), (0, 0, 48, 64))
+        kwargs.update(prompt="a winter scene", eligen_entity_prompts=["a red fox", "a pine tree under the moon"],
+                      eligen_entity_masks=[left, Image.new("RGB", (96, 64), (255, 255, 255))])
     eager = pipe(**kwargs)
     assert compile_repeated_blocks(pipe.dit, backend="aot_eager") == pipe.dit.config.num_layers
+    from qistudio.models import dit as dit_module
+
+    built = []
+    monkeypatch.setattr(dit_module, "flex_mask", lambda *a: built.append(a) or flex_mask(*a))
     compiled = pipe(**kwargs)
     assert rel_err(compiled, eager) < 1e-5
+    assert len(built) == (2 if case == "eligen" else 0)  # one block mask per forward (2 steps), for all blocks
+
+
+def test_flex_mask_equals_dense_masked_attention():
+    """The block mask (full, partial and skipped 128-token tiles) gives dense masked attention, for EliGen's
+    structure and for a key mask; rows that see nothing come out finite (they are never read)."""
+    import torch.nn.functional as F
+
+    from qistudio.ops.attention import attention
+    from qistudio.ops.split_attention import SplitMask
+
+    torch.manual_seed(0)
+    batch, heads, dim, image, text = 2, 2, 16, 600, 300
+    text_to_image = torch.zeros(batch, text, image, dtype=torch.bool)
+    text_to_image[:, :100, :200] = True
+    text_to_image[0, 100:150] = True
+    text_to_text = torch.zeros(batch, text, text, dtype=torch.bool)
+    text_to_text[:, :150, :150] = True
+    split = SplitMask(image, text_to_image, text_to_text)
+    q, k, v = (torch.randn(batch, image + text, heads, dim) for _ in range(3))
+    for dense in (split.dense(), torch.rand(batch, 1, 1, image + text) < 0.8):
+        mask = flex_mask(split if dense.shape[2] > 1 else dense, image + text)
+        expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=dense)
+        with warnings.catch_warnings():  # eagerly, flex_attention runs unfused (and says so): fine for a check
+            warnings.simplefilter("ignore")
+            out = attention(q, k, v, mask=mask)
+        seen = dense[:, 0].any(-1).expand(batch, image + text)  # (B, S) rows that see something
+        assert torch.isfinite(out).all()
+        assert (out - expected.transpose(1, 2))[seen].abs().max() < 1e-5
+    blocks = flex_mask(split, image + text).block_mask
+    assert blocks.full_kv_num_blocks.sum() > 0 and blocks.kv_num_blocks.sum() > 0  # both kinds of tile occur
+    with pytest.raises(ValueError, match="does not cover a sequence of 901"):
+        flex_mask(split, image + text + 1)
 
 
 def test_compile_rejects_unknown_mode(tiny_pipe):

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
+from ..ops.flex_mask import flex_mask
 from ..ops.fp8_attention import quantize_joined
 from ..ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_fp8
 from ..ops.rope import Rotary
@@ -191,7 +192,8 @@ class QwenImageDiT(nn.Module):
         text_states (B, L, text_dim): text encoder states, right-padded; text_lengths[i] valid tokens of row i.
         timestep (B,): sigma in [0, 1].
         condition_token_mask (N,) bool: tokens modulated with the t=0 embedding (Edit-2511 zero_cond_t).
-        attention_mask (B, 1, N+L, N+L) bool over [image, text]: structured attention (EliGen); else None.
+        attention_mask over [image, text]: a SplitMask (EliGen's structure) or a (B, 1, 1, N+L) bool key mask (rows
+            with different condition layouts); else None.
         Returns (B, num_target_tokens, out_channels).
         """
         num_img = image_tokens.shape[1]
@@ -214,6 +216,11 @@ class QwenImageDiT(nn.Module):
         if text_lengths is not None:
             key_lengths = [num_img + n for n in text_lengths]
 
+        if (attention_mask is not None and _compiled(self.transformer_blocks[0])
+                and (img.is_cuda or not torch.is_grad_enabled())):  # FlexAttention has no CPU backward
+            # Compiled blocks take masks as FlexAttention block masks (ops/flex_mask.py), built once for all blocks:
+            # the split attention eager blocks use does not trace, and a dense mask runs SDPA's slow masked kernel.
+            attention_mask = flex_mask(attention_mask, img.shape[1] + txt.shape[1])
         checkpointed = len(self.transformer_blocks) if self.checkpointed_blocks is None else self.checkpointed_blocks
         for index, block in enumerate(self.transformer_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled() and index < checkpointed:
@@ -227,6 +234,11 @@ class QwenImageDiT(nn.Module):
 
         img = self.norm_out(img[:, :num_target], txt_temb)
         return self.proj_out(img)
+
+
+def _compiled(block: nn.Module) -> bool:
+    """Whether `block` runs compiled (nn.Module.compile, as compile_repeated_blocks does)."""
+    return getattr(block, "_compiled_call_impl", None) is not None
 
 
 def rope_axes_dim(head_dim: int, config_json: dict | None = None) -> tuple[int, int, int]:

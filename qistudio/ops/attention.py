@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .flex_mask import FlexMask, flex_masked_attention
 from .split_attention import SplitMask, split_attention
 
 # Backends by name. The automatic choice is "flash4" where the flash-attn-4 wheel is installed on a Hopper or
@@ -166,9 +167,11 @@ def attention(
 
     key_lengths: per sample, how many leading keys are valid (the rest is padding); None means all.
     mask: an explicit boolean mask (B, 1|H, S_q, S_k), True = may attend; or a SplitMask (EliGen's structure,
-    computed without a dense mask).
+    computed without a dense mask); or a FlexMask (either, as FlexAttention's block mask: inside compiled blocks).
     """
     seq_k = key.shape[1]
+    if isinstance(mask, FlexMask):
+        return flex_masked_attention(query, key, value, mask)
     if isinstance(mask, SplitMask):
         return split_attention(query, key, value, mask)
     if mask is not None:
