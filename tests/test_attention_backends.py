@@ -80,15 +80,25 @@ def test_flash4_keeps_what_its_kernel_cannot_take_on_sdpa(monkeypatch):
 
     from qistudio.ops import attention as attention_module
 
-    called = []
+    from qistudio.ops import flash4
+
+    called, kernel = [], []
     monkeypatch.setattr(attention_module, "_sdpa", lambda q, k, v, mask=None: called.append(q.shape[-1]) or q)
+    monkeypatch.setattr(flash4, "flash4_attention", lambda q, k, v: kernel.append(q.shape[-1]) or q)
     q384 = torch.randn(1, 8, 1, 384, dtype=torch.bfloat16)
     attention_module._flash4(q384, q384, q384)
+    q36 = torch.randn(1, 8, 1, 36, dtype=torch.bfloat16)
+    attention_module._flash4(q36, q36, q36)
     q32 = torch.randn(1, 8, 2, 64)
     attention_module._flash4(q32, q32, q32)
     grad = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16, requires_grad=True)
     attention_module._flash4(grad, grad, grad)
-    assert called == [384, 64, 64]
+    assert called == [384, 36, 64, 64] and kernel == []
+    q128 = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    attention_module._flash4(q128, q128, q128)
+    with torch.no_grad():
+        attention_module._flash4(grad, grad, grad)
+    assert kernel == [128, 64]
     with FakeTensorMode():
         q, k = torch.empty(2, 100, 24, 128, dtype=torch.bfloat16), torch.empty(2, 80, 24, 128, dtype=torch.bfloat16)
         out = torch.ops.qistudio.flash4_attention(q, k, k)

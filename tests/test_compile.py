@@ -61,19 +61,51 @@ def test_compiled_blocks_equal_eager(tiny_repo, case, monkeypatch):
         kwargs.update(edit_image=Image.new("RGB", (48, 32), (200, 30, 30)), prompt="make it blue",
                       edit_image_auto_resize=False)
     if case == "eligen":
+        # 384 image tokens + text: several 128-token tiles, fully visible, partial and skipped ones.
         left = Image.new("RGB", (96, 64))
         left.paste((255, 255, 255), (0, 0, 48, 64))
         kwargs.update(prompt="a winter scene", eligen_entity_prompts=["a red fox", "a pine tree under the moon"],
-                      eligen_entity_masks=[left, Image.new("RGB", (96, 64), (255, 255, 255))])
+                      eligen_entity_masks=[left, Image.new("RGB", (96, 64), (255, 255, 255))], height=256,
+                      width=384)
     eager = pipe(**kwargs)
     assert compile_repeated_blocks(pipe.dit, backend="aot_eager") == pipe.dit.config.num_layers
+    from torch._dynamo.utils import counters
+
     from qistudio.models import dit as dit_module
 
     built = []
-    monkeypatch.setattr(dit_module, "flex_mask", lambda *a: built.append(a) or flex_mask(*a))
+    monkeypatch.setattr(dit_module, "flex_mask", lambda *a: built.append(flex_mask(*a)) or built[-1])
     compiled = pipe(**kwargs)
     assert rel_err(compiled, eager) < 1e-5
     assert len(built) == (2 if case == "eligen" else 0)  # one block mask per forward (2 steps), for all blocks
+    if case == "eligen":
+        tiles = built[0].block_mask
+        assert tiles.full_kv_num_blocks.sum() > 0 and tiles.kv_num_blocks.sum() > 0
+        graphs = counters["stats"]["unique_graphs"]
+        pipe(**kwargs)  # new block masks, same structure: no recompilation
+        assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_key_mask_in_compiled_blocks_equals_eager(tiny_repo, inputs):
+    """A key mask (rows with different condition layouts) runs as FlexAttention in compiled blocks and as masked
+    SDPA eagerly, to the same DiT output."""
+    from qistudio.ops.rope import qwen_rotary as rotary_of
+
+    dit = _pipe(tiny_repo).dit
+    rotary = rotary_of([ImageGrid(0, inputs.h, inputs.w)], inputs.text_len, axes_dim=dit.config.axes_dim)
+    keys = torch.ones(2, 1, 1, inputs.h * inputs.w + inputs.text_len, dtype=torch.bool)
+    keys[1, ..., 20:24] = False  # row 1: its last image tokens are another layout's padding
+    keys[0, ..., -2:] = False  # row 0: two text padding tokens
+
+    def run():
+        with torch.no_grad():
+            return dit(inputs.tokens, inputs.text, inputs.sigma, rotary, attention_mask=keys)
+
+    eager = run()
+    with torch.no_grad():
+        assert rel_err(dit(inputs.tokens, inputs.text, inputs.sigma, rotary), eager) > 1e-3  # the mask matters
+    compile_repeated_blocks(dit, backend="aot_eager")
+    assert rel_err(run(), eager) < 1e-5
 
 
 def test_flex_mask_equals_dense_masked_attention():

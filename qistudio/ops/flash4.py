@@ -12,11 +12,16 @@ import functools
 import torch
 
 
-@functools.cache
-def flash4_available(device_index: int = 0) -> bool:
-    """Whether `flash_attn.cute` imports and this GPU is one its forward supports (SM90 Hopper, SM100 Blackwell)."""
+def flash4_available(device_index: int | None = None) -> bool:
+    """Whether `flash_attn.cute` imports and this GPU (default: the current one) is one its forward supports (SM90
+    Hopper, SM100 Blackwell)."""
     if not torch.cuda.is_available():
         return False
+    return _available(torch.cuda.current_device() if device_index is None else device_index)
+
+
+@functools.cache
+def _available(device_index: int) -> bool:
     try:
         from flash_attn.cute import flash_attn_func  # noqa: F401
     except Exception:  # ImportError, or the CuTe DSL runtime failing to load: either way not usable here

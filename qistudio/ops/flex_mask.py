@@ -61,8 +61,10 @@ def flex_mask(mask: torch.Tensor | SplitMask, seq_len: int) -> FlexMask:
         any_, all_ = any_.expand(batch, tiles, tiles), all_.expand(batch, tiles, tiles)
         keys = allowed[:, 0]  # (B, S)
 
+        # Bounds come from the captured tensor, not a captured int: an int would be a compile guard (a recompile
+        # per sequence length).
         def mask_mod(b, h, q, kv):
-            return keys[b, kv.clamp(max=seq_len - 1)]
+            return keys[b, kv.clamp(max=keys.shape[-1] - 1)]
     else:
         rows = allowed.new_zeros(batch, tiles * TILE, tiles * TILE)
         rows[:, :seq_len] = padded
@@ -71,7 +73,7 @@ def flex_mask(mask: torch.Tensor | SplitMask, seq_len: int) -> FlexMask:
         table = allowed.contiguous()
 
         def mask_mod(b, h, q, kv):
-            return table[b, q.clamp(max=seq_len - 1), kv.clamp(max=seq_len - 1)]
+            return table[b, q.clamp(max=table.shape[-2] - 1), kv.clamp(max=table.shape[-1] - 1)]
     # The last tile row/column runs past the sequence (padding False), so it is never "full"; the kernel also
     # bounds every index by the sequence length.
     partial, full = any_ & ~all_, all_
