@@ -216,10 +216,11 @@ class QwenImageDiT(nn.Module):
         if text_lengths is not None:
             key_lengths = [num_img + n for n in text_lengths]
 
-        if (attention_mask is not None and _compiled(self.transformer_blocks[0])
-                and (img.is_cuda or not torch.is_grad_enabled())):  # FlexAttention has no CPU backward
+        if attention_mask is not None and _compiled(self.transformer_blocks[0]) and not torch.is_grad_enabled():
             # Compiled blocks take masks as FlexAttention block masks (ops/flex_mask.py), built once for all blocks:
             # the split attention eager blocks use does not trace, and a dense mask runs SDPA's slow masked kernel.
+            # Inference only: training (compiled with graph breaks allowed) keeps the dense mask, whose backward
+            # is SDPA's own.
             attention_mask = flex_mask(attention_mask, img.shape[1] + txt.shape[1])
         checkpointed = len(self.transformer_blocks) if self.checkpointed_blocks is None else self.checkpointed_blocks
         for index, block in enumerate(self.transformer_blocks):
