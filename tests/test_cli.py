@@ -308,3 +308,67 @@ def test_controls_inpaint_and_context_match_the_pipeline(tiny_repo, tmp_path, ca
     assert cli("generate", "x", "--model", tiny_repo, "--control", f"inpaint:{photo}", "-o", out) == 2
     assert "needs --inpaint-mask" in capsys.readouterr().err
     assert cli("generate", "x", "--model", tiny_repo, "--control", "blur:x.png", "-o", out) == 2
+
+
+def test_speed_and_memory_flags_match_the_pipeline(tiny_repo, tmp_path, monkeypatch):
+    """--fp8 --vram-limit 0 --compile (with a LoRA) equals the same calls on the pipeline; they are not stored in
+    the PNG (how it ran, not what it drew)."""
+    from safetensors.torch import save_file
+
+    from lora_files import down_up_layout, random_pairs
+    from qistudio import ModelConfig, QwenImagePipeline
+    from qistudio import compile as compile_module
+
+    traced = []
+    real_compile = compile_module.compile_repeated_blocks
+    # Traced (fullgraph) without code generation: the CPU has no compiler to spare in tests.
+    monkeypatch.setattr(compile_module, "compile_repeated_blocks",
+                        lambda model, mode=None, dynamic=None: traced.append(
+                            real_compile(model, mode, dynamic, backend="aot_eager")))
+
+    def load():
+        return QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+            ModelConfig(path=sorted(str(p) for p in (tiny_repo / "transformer").glob("*.safetensors"))),
+            ModelConfig(path=str(tiny_repo / "text_encoder")),
+            ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")),
+        ], tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")))
+
+    pipe = load()
+    lora = tmp_path / "style.safetensors"
+    save_file(down_up_layout(random_pairs(pipe.dit, seed=6)), str(lora))
+    out = tmp_path / "fast.png"
+    assert cli("generate", "a lighthouse", "--model", tiny_repo, "--size", "64x48", "--steps", 2, "--seed", 4,
+               "--device", "cpu", "--dtype", "float32", "--lora", f"{lora}:0.5", "--fp8", "--vram-limit", 0,
+               "--compile", "-o", out) == 0
+    assert len(traced) == 1
+    pipe.enable_fp8_computation()
+    pipe.load_lora(pipe.dit, str(lora), alpha=0.5)
+    pipe.enable_vram_management(vram_limit=0)
+    expected = pipe("a lighthouse", seed=4, num_inference_steps=2, height=48, width=64)
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    plain = load()("a lighthouse", seed=4, num_inference_steps=2, height=48, width=64)
+    assert not np.array_equal(np.asarray(plain), np.asarray(expected))  # FP8 storage and the LoRA did change it
+    assert not {"fp8", "vram_limit", "compile"} & set(read_png_parameters(out))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vram-limit", "-1"], "must be >= 0 GiB"),
+    (["--vram-limit", "lots"], "expected GiB as a number"),
+    (["--attention", "xformers"], "invalid choice"),
+])  # fmt: skip
+def test_bad_speed_flags_fail_before_loading(args, message, tmp_path, capsys):
+    code = cli("generate", "x", "--model", tmp_path / "absent", *args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "absent" not in err.split("error:")[-1]
+
+
+def test_attention_backend_that_cannot_run_here_fails_before_loading(tmp_path, capsys):
+    from qistudio.ops.attention import available_backends, set_attention_backend
+
+    missing = next(name for name in ("flash4", "cudnn_fp8", "sage", "flash3") if name not in available_backends())
+    try:
+        code = cli("generate", "x", "--model", tmp_path / "absent", "--attention", missing)
+    finally:
+        set_attention_backend(None)
+    err = capsys.readouterr().err
+    assert code == 2 and f"--attention {missing}" in err and "cannot run here" in err

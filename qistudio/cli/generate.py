@@ -28,6 +28,7 @@ from ..sampling.schedule import FlowMatchScheduler
 from ..weights.errors import CheckpointError
 from ..weights.hub import DownloadError
 from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
+from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
 
 HUB_MODEL = "Qwen/Qwen-Image"
 HUB_EDIT_MODEL = "Qwen/Qwen-Image-Edit"
@@ -187,6 +188,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="use the files under --model-dir as they are; never contact the hub")
     p.add_argument("--from-png", metavar="PNG", help="reuse the parameters stored in a PNG made by qistudio; "
                    "flags given explicitly override them")  # fmt: skip
+    add_speed_arguments(p)
     p.set_defaults(run=run, parser=p)
     return p
 
@@ -421,10 +423,12 @@ def png_parameters(settings: dict, image) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
+    check_speed_arguments(args, args.parser.error)
     print(f"seed: {settings['seed']}")
     pipe = load_pipeline(settings, args)
     if pipe is None:
         return 1
+    apply_before_loras(pipe, args)
     width, height = settings.get("size") or (None, None)  # None: the pipeline sizes an edit by its image
     edit_image = None
     if settings.get("edit"):
@@ -438,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if settings.get("scheduler"):
         pipe.scheduler = FlowMatchScheduler(settings["scheduler"])
+    apply_after_loras(pipe, args)
     image = pipe(
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
