@@ -1,6 +1,7 @@
 """The speed path changes nothing: the compiled blocks, the joint q/k form and the fused kernels equal the eager
 reference forms on the tiny model (issue 7 item 6). GPU agreement is checked by bench/kernels_check.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -208,3 +209,39 @@ def test_compiled_controlnet_blocks_equal_eager(tiny_repo, tmp_path):
     for model in (pipe.dit, *pipe.controlnets):
         compile_repeated_blocks(model, backend="aot_eager")
     assert rel_err(pipe(**kwargs), eager) < 1e-5
+
+
+_WARM_UP = r'''
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from torch._dynamo.utils import counters
+from lora_files import Inputs
+from test_compile import _pipe
+from qistudio.compile import compile_repeated_blocks
+from pathlib import Path
+dit, inputs = _pipe(Path(sys.argv[1])).dit, Inputs()
+eager = inputs.ours(dit)
+compile_repeated_blocks(dit)  # inductor: real code generation (C++ on the CPU)
+compiled = inputs.ours(dit)
+print(json.dumps({"err": ((compiled - eager).norm() / eager.norm()).item(),
+                  "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+'''
+
+
+def test_inductor_warm_up_is_cached_across_processes(tiny_repo, tmp_path):
+    """The compiled block through inductor's code generation equals eager; a second process finds the compiled
+    graph in torch's on-disk cache instead of compiling again (the warm-up is paid once per machine)."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", _WARM_UP, str(tiny_repo)], env=env, capture_output=True,
+                                text=True, timeout=600, cwd=tests)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["err"] < 1e-5 and warm["err"] < 1e-5
+    assert cold["misses"] >= 1 and warm["misses"] == 0 and warm["hits"] >= 1
