@@ -120,7 +120,22 @@ def spread(num_blocks: int, num_streamed: int) -> list[int]:
     return sorted({round(i * num_blocks / num_streamed) for i in range(num_streamed)})
 
 
-class BlockStreamer:
+class _StreamedBlocks:
+    """What the inference and training streamers share: hooks around each streamed block (`self.streamed` indexes
+    `self.blocks`; `self.weights` holds each one's FlatWeights)."""
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+    def attach(self):
+        for index in self.streamed:
+            self.handles.append(self.blocks[index].register_forward_pre_hook(self._make_pre_hook(index)))
+            self.handles.append(self.blocks[index].register_forward_hook(self._make_post_hook(index)))
+        return self
+
+
+class BlockStreamer(_StreamedBlocks):
     """Stream the weights of some blocks of a ModuleList through `num_slots` device buffers.
 
     The other blocks are left alone (a ModelOffload that excludes the streamed ones moves them). `attach()` adds
@@ -154,15 +169,6 @@ class BlockStreamer:
             self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qistudio-disk")
             self.reads: dict[int, Future] = {}
 
-    @property
-    def streamed_bytes(self) -> int:
-        return sum(w.nbytes for w in self.weights.values())
-
-    def attach(self) -> "BlockStreamer":
-        for index in self.streamed:
-            self.handles.append(self.blocks[index].register_forward_pre_hook(self._make_pre_hook(index)))
-            self.handles.append(self.blocks[index].register_forward_hook(self._make_post_hook(index)))
-        return self
 
     def detach(self) -> None:
         for handle in self.handles:

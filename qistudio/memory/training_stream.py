@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .offload import FlatWeights, _device_buffer
+from .offload import FlatWeights, _device_buffer, _StreamedBlocks
 
 
 def in_backward() -> bool:
@@ -42,7 +42,7 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class TrainingBlockStreamer:
+class TrainingBlockStreamer(_StreamedBlocks):
     """Stream the frozen weights of `streamed` blocks of a ModuleList through `num_slots` device buffers.
 
     `weights[i]` is block i's FlatWeights (its frozen tensors only: trainable ones stay resident, outside it).
@@ -68,16 +68,6 @@ class TrainingBlockStreamer:
         self.in_use: set[int] = set()  # ranks whose parameters point at their slot
         self.copies = 0  # blocks copied so far (tests and benchmarks read it)
         self.handles = []
-
-    @property
-    def streamed_bytes(self) -> int:
-        return sum(w.nbytes for w in self.weights.values())
-
-    def attach(self) -> "TrainingBlockStreamer":
-        for index in self.streamed:
-            self.handles.append(self.blocks[index].register_forward_pre_hook(self._make_pre_hook(index)))
-            self.handles.append(self.blocks[index].register_forward_hook(self._make_post_hook(index)))
-        return self
 
     def detach(self) -> None:
         """Remove the hooks; every streamed block's parameters point at its host copy."""
