@@ -57,6 +57,50 @@ def attention_rows(batch: int, seq: int, heads=24, dim=128):
     return rows
 
 
+def padded_rows(image=6889, lengths=(23, 41), heads=24, dim=128):
+    """Guidance with a prompt and a negative prompt of different lengths: a batch of 2 whose rows have different
+    valid key counts. One launch given the counts (flash4's seqused_k, cuDNN FP8's padding mask) against one call
+    per sample plus a join (SDPA, and the FP8 path before)."""
+    from qistudio.ops.attention import attention, attention_fp8, available_backends, set_attention_backend
+    from qistudio.ops.fp8 import quantize_per_tensor
+
+    seq = image + max(lengths)
+    key_lengths = [image + n for n in lengths]
+    q, k, v = (torch.randn(2, seq, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = sum(4 * heads * seq * n * dim for n in key_lengths)
+    set_attention_backend("sdpa")
+    reference = attention(q, k, v, key_lengths=key_lengths).float()
+    rows = []
+    for name in [n for n in ("sdpa", "flash4", "cudnn_fp8") if n in available_backends()]:
+        set_attention_backend(name)
+        try:
+            out = attention(q, k, v, key_lengths=key_lengths).float()
+            t = cuda_time(lambda: attention(q, k, v, key_lengths=key_lengths), warmup=3, iters=10)
+        finally:
+            set_attention_backend(None)
+        err = ((out - reference).norm() / reference.norm()).item()
+        rows.append((f"padded b=2 ({'/'.join(map(str, lengths))} text), qistudio {name}", t, flops / t / 1e12,
+                     f"{err:.1e}"))
+    if "cudnn_fp8" in available_backends():  # the DiT's FP8 path: pre-quantised inputs
+        (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (q, k, v))
+        q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()
+        sdpa8 = torch.ops.qistudio.cudnn_fp8_sdpa
+
+        def per_sample():
+            return torch.cat([sdpa8(q8[i:i + 1], k8[i:i + 1, :n].contiguous(), v8[i:i + 1, :n].contiguous(), dq, dk,
+                                    dv) for i, n in enumerate(key_lengths)])
+
+        def one_launch():
+            return attention_fp8(q8, k8, v8, dq, dk, dv, key_lengths)
+
+        for label, fn in (("per sample + join", per_sample), ("one launch, padding mask", one_launch)):
+            out = fn().float() * dv.reshape(())
+            err = ((out - reference).norm() / reference.norm()).item()
+            t = cuda_time(fn, warmup=3, iters=10)
+            rows.append((f"padded b=2, FP8 pre-quantised, {label}", t, flops / t / 1e12, f"{err:.1e}"))
+    return rows
+
+
 def fp8_rows(tokens=14034, shapes=((3072, 3072), (12288, 3072), (3072, 12288))):
     rows = []
     for out_f, in_f in shapes:
@@ -95,7 +139,9 @@ def main() -> None:
     rows = []
     for batch in (1, 2):
         rows += attention_rows(batch, 6889 + 128)
-    rows += fp8_rows()
+    rows += padded_rows()
+    if "--padded" not in sys.argv:
+        rows += fp8_rows()
     lines = [f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}", "",
              "| case | time | TFLOP/s | rel. err / note |", "|---|---|---|---|"]
     lines += [f"| {n} | {t * 1e3:.2f} ms | {tf:.0f} | {note} |" for n, t, tf, note in rows]

@@ -44,12 +44,12 @@ def main() -> None:
     phasors = qwen_rotary([ImageGrid(0, h, w)], text, device=dev).with_joint().joint
     if "--sweep" in sys.argv:
         from qistudio.ops import qk_norm_rope as qk
-        for rows in (2, 4, 8, 16):
-            for warps in (1, 2, 4):
-                qk.QK_LAUNCH.update(BLOCK_ROWS=rows, num_warps=warps)
+        for rows in (2, 4, 8):
+            for warps in (1, 2, 4, 8):
+                qk.QK_LAUNCH.update(ROWS=rows, num_warps=warps)
                 ms = timed(lambda: qk._fused(img, txt, w_img, w_txt, 1e-6, phasors, head_dim))
-                print(f"  qk sweep BLOCK_ROWS={rows} num_warps={warps}: {ms:.3f} ms")
-        return
+                print(f"  qk sweep ROWS={rows} num_warps={warps}: {ms:.3f} ms")
+        qk.QK_LAUNCH.update(ROWS=4, num_warps=1)
     with torch.no_grad():
         ref = joint_qk_norm_rope_reference(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
         out = joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)

@@ -105,6 +105,37 @@ def test_flash4_keeps_what_its_kernel_cannot_take_on_sdpa(monkeypatch):
     assert out.shape == (2, 100, 24, 128) and out.dtype == torch.bfloat16
 
 
+def test_a_padded_batch_is_one_flash4_launch_with_per_sample_key_lengths(monkeypatch):
+    """Under flash4, a batch whose samples have different valid key counts (guidance with a prompt and a negative
+    prompt of other lengths) is one kernel call given the counts (its `seqused_k`), not one call per sample plus a
+    join; the op keeps its output shape when traced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qistudio.ops import attention as attention_module
+    from qistudio.ops import flash4
+
+    calls = []
+
+    def fake_kernel(q, k, v, key_lengths=None):  # the kernel's contract, computed per sample by SDPA
+        calls.append(key_lengths)
+        return torch.cat([F.scaled_dot_product_attention(q[i:i + 1].transpose(1, 2), k[i:i + 1, :n].transpose(1, 2),
+                                                         v[i:i + 1, :n].transpose(1, 2)).transpose(1, 2)
+                          for i, n in enumerate(key_lengths)])
+
+    monkeypatch.setattr(flash4, "flash4_attention", fake_kernel)
+    monkeypatch.setattr(attention_module, "_kernel", lambda query: attention_module._flash4)
+    q, k, v = _qkv("cpu", torch.bfloat16)
+    with torch.no_grad():
+        out = attention(q, k, v, key_lengths=[20, 33])
+    assert calls == [[20, 33]]
+    monkeypatch.setattr(attention_module, "_kernel", lambda query: attention_module._sdpa)
+    assert torch.equal(out, attention(q, k, v, key_lengths=[20, 33]))
+    with FakeTensorMode():
+        q, k = torch.empty(2, 100, 24, 128, dtype=torch.bfloat16), torch.empty(2, 80, 24, 128, dtype=torch.bfloat16)
+        out = torch.ops.qistudio.flash4_attention(q, k, k, [60, 80])
+    assert out.shape == (2, 100, 24, 128)
+
+
 def test_fp8_attention_flag_is_per_module_and_cpu_stays_exact(tiny_pipe, inputs):
     """FP8 compute asks the DiT's attention modules for FP8 attention; where the kernel cannot run (here, the CPU)
     they compute exactly as before."""

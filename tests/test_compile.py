@@ -154,12 +154,13 @@ from qistudio.ops import qk_norm_rope as K_qk
 from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference, _fused
 from qistudio.ops.rope import qwen_rotary, ImageGrid
 torch.manual_seed(0)
-heads, head_dim, h, w, text = 3, 16, 4, 3, 5
-img, txt = torch.randn(2, h * w, heads * head_dim).half(), torch.randn(2, text, heads * head_dim).half()
+head_dim, h, w, text = 16, 4, 3, 5
 wi, wt = (1 + 0.1 * torch.randn(head_dim)).half(), (1 + 0.1 * torch.randn(head_dim)).half()
 rot = torch.view_as_complex(qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(4, 6, 6)).with_joint().joint)
 per_row = torch.view_as_real(torch.stack([rot, rot.conj()])).contiguous()
-for table in (torch.view_as_real(rot), per_row):  # shared, then one table per row
+# 3 heads: one head per program; 12: four per program (the launch's largest power of two dividing the count).
+for heads, table in ((3, torch.view_as_real(rot)), (3, per_row), (12, per_row)):  # shared or per-row tables
+    img, txt = torch.randn(2, h * w, heads * head_dim).half(), torch.randn(2, text, heads * head_dim).half()
     ref = joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)
     assert torch.equal(_fused(img, txt, wi, wt, 1e-6, table, head_dim), ref)
     scale = torch.tensor([448.0 / (head_dim ** 0.5 * 1.5)])

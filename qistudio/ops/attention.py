@@ -85,14 +85,18 @@ def _flash3(query, key, value):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _flash4(query, key, value):
-    from .flash4 import flash4_attention
-
+def _flash4_runs(query, key, value) -> bool:
     # Its forward covers half-precision head dims of 8..256 (multiples of 8); the VAE's one 384-wide head, float32
     # work and training go to SDPA.
     head_dim = query.shape[-1]
-    if (query.dtype not in (torch.bfloat16, torch.float16) or head_dim > 256 or head_dim % 8
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))):
+    return (query.dtype in (torch.bfloat16, torch.float16) and head_dim <= 256 and head_dim % 8 == 0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
+
+
+def _flash4(query, key, value):
+    from .flash4 import flash4_attention
+
+    if not _flash4_runs(query, key, value):
         return _sdpa(query, key, value)
     return flash4_attention(query, key, value)
 
@@ -119,15 +123,14 @@ def fp8_attention_enabled(query: torch.Tensor, requested: bool = False) -> bool:
 
 def attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths: list[int] | None = None):
     """FP8 attention of pre-quantised (B, S, H, D) tensors (per-tensor descales); returns the float8 output, whose
-    descale is v's. Padding handled as `attention` does, by slicing each sample's keys."""
+    descale is v's. Padding: each sample's valid key count goes to the kernel's padding mask (one launch)."""
     from . import fp8_attention  # noqa: F401  (registers the op)
 
     seq_k = k8.shape[1]
     sdpa = torch.ops.qistudio.cudnn_fp8_sdpa
     if key_lengths is None or all(n == seq_k for n in key_lengths):
         return sdpa(q8, k8, v8, q_descale, k_descale, v_descale)
-    return torch.cat([sdpa(q8[i : i + 1], k8[i : i + 1, :n].contiguous(), v8[i : i + 1, :n].contiguous(),
-                           q_descale, k_descale, v_descale) for i, n in enumerate(key_lengths)])
+    return sdpa(q8, k8, v8, q_descale, k_descale, v_descale, list(key_lengths))  # cuDNN's padding mask
 
 
 _KERNELS = {"sdpa": _sdpa, "cudnn_fp8": _cudnn_fp8, "sage": _sage, "flash3": _flash3, "flash4": _flash4}
@@ -179,6 +182,15 @@ def attention(
     kernel = _kernel(query)
     if key_lengths is None or all(n == seq_k for n in key_lengths):
         return kernel(query, key, value)
+    # The kernels that take per-sample key counts run a padded batch in one launch.
+    if kernel is _flash4 and _flash4_runs(query, key, value):
+        from .flash4 import flash4_attention
+
+        return flash4_attention(query, key, value, list(key_lengths))
+    if kernel is _cudnn_fp8:
+        from .fp8_attention import cudnn_fp8_attention
+
+        return cudnn_fp8_attention(query, key, value, list(key_lengths))
     outputs = [
         kernel(query[i : i + 1], key[i : i + 1, :n], value[i : i + 1, :n]) for i, n in enumerate(key_lengths)
     ]

@@ -30,15 +30,27 @@ def _available(device_index: int) -> bool:
     return major in (9, 10)
 
 
-@torch.library.custom_op("qistudio::flash4_attention", mutates_args=())
-def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of (B, S, H, D) bf16/fp16 tensors, (B, S_q, H, D) out."""
-    from flash_attn.cute import flash_attn_func
+@functools.cache
+def _lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # One small host-to-device copy per distinct batch layout, not one per block.
+    return torch.tensor(lengths, dtype=torch.int32, device=device)
 
-    out, _ = flash_attn_func(query, key, value)
-    return out
+
+@torch.library.custom_op("qistudio::flash4_attention", mutates_args=())
+def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     key_lengths: list[int] | None = None) -> torch.Tensor:
+    """Softmax attention of (B, S, H, D) bf16/fp16 tensors, (B, S_q, H, D) out. key_lengths[i]: the valid leading
+    keys of sample i (the kernel's `seqused_k`), so a padded batch is one launch instead of one per sample."""
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    if key_lengths is None:
+        result = flash_attn_func(query, key, value)
+    else:
+        result = flash_attn_varlen_func(query, key, value,
+                                        seqused_k=_lengths_tensor(tuple(key_lengths), query.device))
+    return result[0] if isinstance(result, tuple) else result
 
 
 @flash4_attention.register_fake
-def _(query, key, value):
+def _(query, key, value, key_lengths=None):
     return query.new_empty(query.shape[:-1] + value.shape[-1:])

@@ -47,7 +47,7 @@ def _capability(index: int) -> int:
 class _Graph:
     """A built cuDNN FP8 SDPA graph for one layout, with its workspace and constant scales."""
 
-    def __init__(self, q_shape: tuple[int, ...], kv_shape: tuple[int, ...], device: torch.device):
+    def __init__(self, q_shape: tuple[int, ...], kv_shape: tuple[int, ...], device: torch.device, padded: bool):
         # Tensors are contiguous (B, S, H, D) in memory; cuDNN is told (B, H, S, D) dims.
         e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
         self.handle = cudnn.create_handle()
@@ -65,10 +65,16 @@ class _Graph:
         scalar = dict(dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
         self.dq, self.dk, self.dv, self.ds, self.ss, self.so = (graph.tensor(name=n, **scalar)
                                                                 for n in ("dq", "dk", "dv", "ds", "ss", "so"))
+        padding = {}
+        if padded:  # per-sample valid key counts: a padded batch in one launch (every query row is computed)
+            lengths = dict(dim=(q_shape[0], 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.INT32)
+            self.seq_q, self.seq_kv = (graph.tensor(name=n, **lengths) for n in ("seq_q", "seq_kv"))
+            padding = dict(use_padding_mask=True, seq_len_q=self.seq_q, seq_len_kv=self.seq_kv)
+            self.seq_q_lengths = torch.full((q_shape[0], 1, 1, 1), q_shape[1], dtype=torch.int32, device=device)
         out, _, amax_s, amax_o = graph.sdpa_fp8(
             q=self.q, k=self.k, v=self.v, descale_q=self.dq, descale_k=self.dk, descale_v=self.dv,
             descale_s=self.ds, scale_s=self.ss, scale_o=self.so, attn_scale=1.0 / math.sqrt(dim),
-            use_causal_mask=False, generate_stats=False)
+            use_causal_mask=False, generate_stats=False, **padding)
         out.set_output(True).set_dim(q_dims).set_stride(q_strides).set_data_type(e4m3)
         for amax in (amax_s, amax_o):
             amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
@@ -83,33 +89,44 @@ class _Graph:
         self.p_scale = torch.full((1, 1, 1, 1), FP8_MAX, device=device)  # P <= 1
         self.p_descale = 1.0 / self.p_scale
 
-    def __call__(self, q8, k8, v8, dq, dk, dv) -> torch.Tensor:
+    def __call__(self, q8, k8, v8, dq, dk, dv, kv_lengths: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(q8.shape[0], q8.shape[1], q8.shape[2], v8.shape[3], device=q8.device, dtype=FP8_DTYPE)
         cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
-        self.graph.execute({self.q: q8, self.k: k8, self.v: v8, self.dq: dq, self.dk: dk, self.dv: dv,
-                            self.ds: self.p_descale, self.ss: self.p_scale, self.so: 1.0 / dv, self.out: out,
-                            self.amax_s: self.amax_buffers[0], self.amax_o: self.amax_buffers[1]},
-                           self.workspace, handle=self.handle)
+        tensors = {self.q: q8, self.k: k8, self.v: v8, self.dq: dq, self.dk: dk, self.dv: dv,
+                   self.ds: self.p_descale, self.ss: self.p_scale, self.so: 1.0 / dv, self.out: out,
+                   self.amax_s: self.amax_buffers[0], self.amax_o: self.amax_buffers[1]}
+        if kv_lengths is not None:
+            tensors.update({self.seq_q: self.seq_q_lengths, self.seq_kv: kv_lengths})
+        self.graph.execute(tensors, self.workspace, handle=self.handle)
         return out
 
 
 _graphs: dict[tuple, _Graph] = {}
 
 
+@functools.cache
+def _kv_lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(lengths, dtype=torch.int32, device=device).reshape(-1, 1, 1, 1)
+
+
 @torch.library.custom_op("qistudio::cudnn_fp8_sdpa", mutates_args=())
 def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor,
-                   k_descale: torch.Tensor, v_descale: torch.Tensor) -> torch.Tensor:
+                   k_descale: torch.Tensor, v_descale: torch.Tensor,
+                   key_lengths: list[int] | None = None) -> torch.Tensor:
     """Contiguous float8 (B, S_q, H, D) q and (B, S_kv, H, D) k, v with (1, 1, 1, 1) descales -> float8 output
-    (B, S_q, H, D) whose descale is v's."""
-    cache_key = (tuple(q8.shape), tuple(k8.shape), q8.device)
+    (B, S_q, H, D) whose descale is v's. key_lengths[i]: the valid leading keys of sample i (cuDNN's padding
+    mask), so a padded batch is one launch."""
+    padded = key_lengths is not None
+    cache_key = (tuple(q8.shape), tuple(k8.shape), q8.device, padded)
     graph = _graphs.get(cache_key)
     if graph is None:
-        graph = _graphs[cache_key] = _Graph(tuple(q8.shape), tuple(k8.shape), q8.device)
-    return graph(q8, k8, v8, q_descale, k_descale, v_descale)
+        graph = _graphs[cache_key] = _Graph(tuple(q8.shape), tuple(k8.shape), q8.device, padded)
+    kv_lengths = _kv_lengths_tensor(tuple(key_lengths), q8.device) if padded else None
+    return graph(q8, k8, v8, q_descale, k_descale, v_descale, kv_lengths)
 
 
 @cudnn_fp8_sdpa.register_fake
-def _(q8, k8, v8, q_descale, k_descale, v_descale):
+def _(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths=None):
     return torch.empty_like(q8)
 
 
@@ -123,8 +140,11 @@ def quantize_joined(parts: list[torch.Tensor], head_dim: int) -> tuple[torch.Ten
     return (joined.float() * scale).to(FP8_DTYPE), (1.0 / scale).reshape(1, 1, 1, 1)
 
 
-def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """(B, S_q, H, D) q and (B, S_kv, H, D) k, v (bf16/fp16) -> (B, S_q, H, D) in q's dtype."""
+def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        key_lengths: list[int] | None = None) -> torch.Tensor:
+    """(B, S_q, H, D) q and (B, S_kv, H, D) k, v (bf16/fp16) -> (B, S_q, H, D) in q's dtype; key_lengths as
+    `cudnn_fp8_sdpa`'s."""
     (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (query, key, value))
-    out8 = torch.ops.qistudio.cudnn_fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), dq, dk, dv)
+    out8 = torch.ops.qistudio.cudnn_fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), dq, dk, dv,
+                                             key_lengths)
     return (out8.float() * dv).to(query.dtype)

@@ -4,7 +4,7 @@ Reference form (`joint_qk_norm_rope_reference`, any device, differentiable): the
 sequence, normalised per head in float32, rounded to the compute dtype and scaled by the stream's norm weight (as
 RMSNorm does), then rotated in float32 and rounded again.
 
-Fused form (`_fused`, CUDA inference): each Triton program takes a few (token, head) rows, reads them once from
+Fused form (`_fused`, CUDA inference): each Triton program takes a few heads of one token, reads them once from
 the image or the text projection, and writes the rotated heads straight into the joint (B, N + L, H, head_dim)
 tensor that attention reads. Measured on an H100 (1328x1328, batch 2): the compiled reference costs two kernels
 per tensor (a norm statistic, then normalise + rotate + join), 0.22 ms for q or k; this pass 0.12 ms. Same
@@ -87,63 +87,60 @@ if triton is not None:
 
     @triton.jit
     def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr, out_scale_ptr,
-                                   num_img, num_txt, num_rows, rot_batch_stride, eps,
-                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                                   num_img, num_txt, rot_batch_stride, eps,
+                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                                    FP8_OUT: tl.constexpr):
-        # A row is one head of one token of the joint sequence; rows follow the output's memory order.
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < num_rows
-        token = rows // HEADS
-        head = rows % HEADS
+        # A program takes ROWS heads of one token of the joint sequence (ROWS divides HEADS), so whether the token
+        # is an image or a text token, and its RoPE pairs, are decided once per program, not per element.
+        pid = tl.program_id(0)
+        token = pid // (HEADS // ROWS)  # over (batch, joint position)
+        head0 = (pid % (HEADS // ROWS)) * ROWS
         seq = num_img + num_txt
         batch = token // seq
         pos = token % seq
-        is_img = pos < num_img
-        d = tl.arange(0, HEAD_DIM)[None, :]
-        img_src = ((batch * num_img + pos) * HEADS + head)[:, None] * HEAD_DIM
-        txt_src = ((batch * num_txt + pos - num_img) * HEADS + head)[:, None] * HEAD_DIM
-        in_img = (row_ok & is_img)[:, None]
-        in_txt = (row_ok & ~is_img)[:, None]
-        # Each element and its RoPE partner (d ^ 1): the second load hits the cache lines the first brought in.
-        x = (tl.load(img_ptr + img_src + d, mask=in_img, other=0.0).to(tl.float32)
-             + tl.load(txt_ptr + txt_src + d, mask=in_txt, other=0.0).to(tl.float32))
-        partner = (tl.load(img_ptr + img_src + (d ^ 1), mask=in_img, other=0.0).to(tl.float32)
-                   + tl.load(txt_ptr + txt_src + (d ^ 1), mask=in_txt, other=0.0).to(tl.float32))
+        width = HEADS * HEAD_DIM
+        offsets = (head0 + tl.arange(0, ROWS))[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        d = tl.arange(0, HEAD_DIM)
+        if pos < num_img:
+            x = tl.load(img_ptr + (batch * num_img + pos).to(tl.int64) * width + offsets).to(tl.float32)
+            w = tl.load(img_w_ptr + d).to(tl.float32)
+        else:
+            x = tl.load(txt_ptr + (batch * num_txt + pos - num_img).to(tl.int64) * width + offsets).to(tl.float32)
+            w = tl.load(txt_w_ptr + d).to(tl.float32)
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
         dtype = img_ptr.dtype.element_ty
-        w = tl.where(is_img[:, None], tl.load(img_w_ptr + d).to(tl.float32), tl.load(txt_w_ptr + d).to(tl.float32))
-        w_partner = tl.where(is_img[:, None], tl.load(img_w_ptr + (d ^ 1)).to(tl.float32),
-                             tl.load(txt_w_ptr + (d ^ 1)).to(tl.float32))
         # RMSNorm's roundings: normalised value to the compute dtype, times the weight, rounded again.
-        normed = ((x * inv_rms).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
-        normed_partner = ((partner * inv_rms).to(dtype).to(tl.float32) * w_partner).to(dtype).to(tl.float32)
-        rot = rot_ptr + (batch * rot_batch_stride + pos * HEAD_DIM)[:, None]  # (cos, sin) of each pair
-        cos = tl.load(rot + (d & ~1), mask=row_ok[:, None], other=0.0)
-        sin = tl.load(rot + (d | 1), mask=row_ok[:, None], other=0.0)
-        # even d: x_e cos - x_o sin; odd d: x_o cos + x_e sin
-        sign = tl.where((d & 1) == 0, -1.0, 1.0)
-        out = normed * cos + sign * normed_partner * sin
+        normed = ((x * inv_rms).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
+        real, imag = tl.split(tl.reshape(normed, (ROWS, HEAD_DIM // 2, 2)))
+        rotation = tl.load(rot_ptr + batch * rot_batch_stride + pos * HEAD_DIM + d)  # (cos, sin) of each pair
+        cos, sin = tl.split(tl.reshape(rotation, (HEAD_DIM // 2, 2)))
+        out = tl.reshape(tl.join(real * cos[None, :] - imag * sin[None, :], real * sin[None, :] + imag * cos[None, :]),
+                         (ROWS, HEAD_DIM))
         if FP8_OUT:  # for FP8 attention: scaled by a bound on |out|, cast once
             out = (out * tl.load(out_scale_ptr)).to(out_ptr.dtype.element_ty)
         else:
             out = out.to(dtype)
-        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d, out, mask=row_ok[:, None])
+        tl.store(out_ptr + token.to(tl.int64) * width + offsets, out)
 
-    # Memory-bound; BLOCK_ROWS / num_warps chosen by a sweep on an H100 (bench/kernels_check.py --sweep). Not
-    # triton.autotune: inductor re-benchmarks autotuned user kernels while compiling, which failed here.
-    QK_LAUNCH = {"BLOCK_ROWS": 8, "num_warps": 2}
+    # Memory-bound; ROWS (heads per program, at most this many) and num_warps chosen by a sweep on an H100
+    # (bench/kernels_check.py --sweep). Not triton.autotune: inductor re-benchmarks autotuned user kernels while
+    # compiling, which failed here.
+    QK_LAUNCH = {"ROWS": 4, "num_warps": 1}
 
     def _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, out_scale):
         batch, num_img, dim = img_proj.shape
         num_txt = txt_proj.shape[1]
         heads = dim // head_dim
+        rows = QK_LAUNCH["ROWS"]
+        while heads % rows:  # the largest power of two up to ROWS that divides the head count
+            rows //= 2
         rotation = rotation.contiguous()  # (S, head_dim / 2, 2) or (B, S, head_dim / 2, 2) float32
         rot_batch_stride = rotation.stride(0) if rotation.dim() == 4 else 0
-        num_rows = batch * (num_img + num_txt) * heads
-        torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[(triton.cdiv(num_rows, QK_LAUNCH["BLOCK_ROWS"]),)](
+        grid = (batch * (num_img + num_txt) * (heads // rows),)
+        torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[grid](
             img_proj.contiguous(), txt_proj.contiguous(), img_weight, txt_weight, rotation, out, out_scale,
-            num_img, num_txt, num_rows, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim,
-            FP8_OUT=out.dtype == FP8_DTYPE, **QK_LAUNCH,
+            num_img, num_txt, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, ROWS=rows,
+            FP8_OUT=out.dtype == FP8_DTYPE, num_warps=QK_LAUNCH["num_warps"],
         )
 
     @torch.library.triton_op("qistudio::joint_qk_norm_rope", mutates_args=())
