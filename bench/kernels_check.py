@@ -65,6 +65,23 @@ def main() -> None:
         print(f"  FP8 output: rel L2 vs bf16 {((deq - ref.float()).norm() / ref.float().norm()).item():.2e}, "
               f"{timed(lambda: joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms")
 
+        from qistudio.ops import ada_norm
+        x, update = img, torch.randn_like(img)
+        mod = (0.3 * torch.randn(batch, 1, 6 * heads * head_dim, device=dev)).to(bf).chunk(6, dim=-1)
+        eager = (ada_norm.modulated_norm_reference(x, mod[0], mod[1], 1e-6),
+                 *ada_norm.gated_residual_norm_reference(x, update, mod[2], mod[3], mod[4], 1e-6))
+        fused = (ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6),
+                 *ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6))
+        same = [f"{(a == b).float().mean().item():.6f}" for a, b in zip(fused, eager)]
+        print(f"adaptive norms: equal elements vs eager (norm, residual, residual+norm) {', '.join(same)}")
+        compiled_norm = torch.compile(lambda: ada_norm.modulated_norm_reference(x, mod[0], mod[1], 1e-6))
+        compiled_residual = torch.compile(
+            lambda: ada_norm.gated_residual_norm_reference(x, update, mod[2], mod[3], mod[4], 1e-6))
+        print(f"  norm: fused {timed(lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)):.3f} ms, compiled "
+              f"{timed(compiled_norm):.3f} ms; residual + norm: fused "
+              f"{timed(lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)):.3f} ms, "
+              f"compiled {timed(compiled_residual):.3f} ms")
+
         hidden = torch.randn(batch * (h * w), 12288, device=dev, dtype=bf)
         q, s = fp8_kernels.gelu_quantize_rows(hidden)
         rq, rs = quantize_rows(F.gelu(hidden, approximate="tanh"))

@@ -324,15 +324,16 @@ class QwenImagePipeline:
                 compile_repeated_blocks(controlnet, mode, dynamic)
         return self
 
-    def enable_fp8_computation(self, attention: bool = True) -> None:
+    def enable_fp8_computation(self, attention: bool = True, fast_accumulation: bool = True) -> None:
         """W8A8 FP8 matmuls for the DiT's block linears (weights quantised to FP8 with per-channel scales if they
         are not yet, activations per token), and FP8 attention where cuDNN's FP8 kernel runs (Hopper or newer
         with nvidia-cudnn-frontend; `attention=False` keeps bf16 attention): the seed's
-        `enable_dit_fp8_computation` without a VRAM budget. About 1.3% relative error of the DiT output against
-        bf16 either way (bench/RESULTS.md)."""
+        `enable_dit_fp8_computation` without a VRAM budget. `fast_accumulation=False` promotes the FP8 GEMMs'
+        partial sums to float32 (cuBLAS's exact mode: about 10% slower, no measurable accuracy gain). About 1.3%
+        relative error of the DiT output against bf16 either way (bench/RESULTS.md)."""
         from .memory.setup import enable_fp8_compute
 
-        enable_fp8_compute(self.components, attention)
+        enable_fp8_compute(self.components, attention, fast_accumulation)
 
     def disable_vram_management(self) -> None:
         """Every model back on the device (when it fits), hooks removed."""

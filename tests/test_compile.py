@@ -166,6 +166,17 @@ for heads, table in ((3, torch.view_as_real(rot)), (3, per_row), (12, per_row)):
     scale = torch.tensor([448.0 / (head_dim ** 0.5 * 1.5)])
     q8 = K_qk._fused_fp8(img, txt, wi, wt, 1e-6, table, head_dim, scale)
     assert (q8.float() == (ref.float() * scale).to(torch.float8_e4m3fn).float()).float().mean() > 0.95
+from qistudio.ops import ada_norm as A
+x, update = torch.randn(2, 7, 96).half(), torch.randn(2, 7, 96).half()
+mod = (0.5 * torch.randn(2, 7, 3 * 96)).half()  # per-token modulation rows, viewed as strided chunks
+for shift, scale, gate in ((mod[:, :1, :96], mod[:, :1, 96:192], mod[:, :1, 192:]), mod.chunk(3, dim=-1)):
+    out = A._modulated_norm(x, shift, scale, 1e-6)
+    ref = A.modulated_norm_reference(x, shift, scale, 1e-6)
+    assert (out == ref).float().mean() > 0.99 and (out.float() - ref.float()).abs().max() < 1e-2
+    x_new, out = A._gated_residual_norm(x, update, gate, shift, scale, 1e-6)
+    ref_x, ref = A.gated_residual_norm_reference(x, update, gate, shift, scale, 1e-6)
+    assert torch.equal(x_new, ref_x)
+    assert (out == ref).float().mean() > 0.99 and (out.float() - ref.float()).abs().max() < 1e-2
 hidden = torch.randn(5, 300).half()
 q, s = K._gelu_quantize_rows(hidden)
 rq, rs = quantize_rows(F.gelu(hidden, approximate="tanh"))

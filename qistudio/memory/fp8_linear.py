@@ -141,6 +141,12 @@ class FP8Linear(nn.Module):
     state dicts treat it as a linear; its state dict adds `weight_scale` beside `weight`.
     """
 
+    # W8A8 matmuls use cuBLAS's fast accumulation on Hopper (partial sums stay in the tensor cores' accumulator
+    # instead of being promoted to float32 every few steps): the FP8 DiT forward 1.11x faster (0.335 -> 0.303 s,
+    # H100, 1328x1328, batch 2) at the same 1.34% error against bf16, the activations' quantisation dominating.
+    # set_fp8_compute(..., fast_accumulation=False) promotes instead.
+    fast_accumulation = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
@@ -193,7 +199,7 @@ class FP8Linear(nn.Module):
 
     def _scaled_mm(self, rows: torch.Tensor, scale: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
         out = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale[None, :],
-                               bias=self._bias(dtype), out_dtype=dtype)
+                               bias=self._bias(dtype), out_dtype=dtype, use_fast_accum=self.fast_accumulation)
         return out.reshape(*shape[:-1], self.out_features)
 
     def forward_after_gelu(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -264,11 +270,14 @@ def text_encoder_fp8_predicate(name: str, module: nn.Linear) -> bool:
     return _LANGUAGE_LAYER.search(name) is not None
 
 
-def set_fp8_compute(model: nn.Module, enabled: bool = True) -> int:
-    """Switch W8A8 compute on (or off) for every FP8Linear of `model`; returns how many."""
+def set_fp8_compute(model: nn.Module, enabled: bool = True, fast_accumulation: bool | None = None) -> int:
+    """Switch W8A8 compute on (or off) for every FP8Linear of `model`, and optionally its fast accumulation;
+    returns how many."""
     layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
     for layer in layers:
         layer.fp8_compute = enabled
+        if fast_accumulation is not None:
+            layer.fast_accumulation = fast_accumulation
     return len(layers)
 
 

@@ -25,9 +25,10 @@ def store_fp8(components) -> None:
             quantize_linears(getattr(components, name), predicates[name])
 
 
-def enable_fp8_compute(components, attention: bool = True) -> None:
+def enable_fp8_compute(components, attention: bool = True, fast_accumulation: bool = True) -> None:
     """W8A8 for the DiT's block linears (quantised to FP8 storage first if they are not yet), and FP8 attention
-    where cuDNN's FP8 kernel can run (nvidia-cudnn-frontend installed, Hopper or newer)."""
+    where cuDNN's FP8 kernel can run (nvidia-cudnn-frontend installed, Hopper or newer). fast_accumulation: the
+    FP8 GEMMs' (FP8Linear.fast_accumulation)."""
     from ..ops.attention import set_fp8_attention
     from .fp8_linear import dit_fp8_predicate, quantize_linears, set_fp8_compute
 
@@ -35,7 +36,7 @@ def enable_fp8_compute(components, attention: bool = True) -> None:
         raise ValueError("FP8 computation needs the DiT's weights in memory; it cannot combine with "
                          "offload_device='disk' for the DiT")
     quantize_linears(components.dit, dit_fp8_predicate)  # no-op when already quantised
-    set_fp8_compute(components.dit, True)
+    set_fp8_compute(components.dit, True, fast_accumulation)
     set_fp8_attention(components.dit, attention)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.ada_norm import gated_residual_norm, modulated_norm
 from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
 from ..ops.flex_mask import flex_mask
 from ..ops.fp8_attention import quantize_joined
@@ -118,26 +119,26 @@ class DiTBlock(nn.Module):
         self.img_mlp = FeedForward(dim, cfg.mlp_hidden)
         self.txt_mlp = FeedForward(dim, cfg.mlp_hidden)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
-
     def forward(self, img, txt, img_temb, txt_temb, rotary: Rotary, key_lengths=None, mask=None):
         """img (B, N, D), txt (B, L, D); img_temb (B, 1|N, D) (per token for zero-cond-t), txt_temb (B, 1, D)."""
         # Each modulation vector is [shift, scale, gate] for attention, then the same for the MLP.
         img_mod = self.img_mod(img_temb).chunk(6, dim=-1)
         txt_mod = self.txt_mod(txt_temb).chunk(6, dim=-1)
+        # One-pass norm kernels (ops/ada_norm.py), except where W8A8 linears read the normalised rows: there the
+        # compiled graph fuses their FP8 quantisation into the norm.
+        fused = not getattr(self.attn.to_q, "fp8_compute", False)
 
         img_attn, txt_attn = self.attn(
-            _modulate(self._norm(img), img_mod[0], img_mod[1]),
-            _modulate(self._norm(txt), txt_mod[0], txt_mod[1]),
+            modulated_norm(img, img_mod[0], img_mod[1], self.eps, fused),
+            modulated_norm(txt, txt_mod[0], txt_mod[1], self.eps, fused),
             rotary,
             key_lengths,
             mask,
         )
-        img = img + img_mod[2] * img_attn
-        txt = txt + txt_mod[2] * txt_attn
-        img = img + img_mod[5] * self.img_mlp(_modulate(self._norm(img), img_mod[3], img_mod[4]))
-        txt = txt + txt_mod[5] * self.txt_mlp(_modulate(self._norm(txt), txt_mod[3], txt_mod[4]))
+        img, img_normed = gated_residual_norm(img, img_attn, img_mod[2], img_mod[3], img_mod[4], self.eps, fused)
+        txt, txt_normed = gated_residual_norm(txt, txt_attn, txt_mod[2], txt_mod[3], txt_mod[4], self.eps, fused)
+        img = img + img_mod[5] * self.img_mlp(img_normed)
+        txt = txt + txt_mod[5] * self.txt_mlp(txt_normed)
         return img, txt
 
 

@@ -1,0 +1,139 @@
+"""The DiT block's adaptive LayerNorms in one pass each: [x + gate * update ->] LayerNorm -> (1 + scale), + shift.
+
+Reference forms (`modulated_norm_reference`, `gated_residual_norm_reference`; any device, differentiable) are the
+block's eager arithmetic: bf16 roundings after each operation, LayerNorm statistics in float32.
+
+Fused form (CUDA inference, Triton): one program per token row holds the whole row in registers, so each input is
+read once and each output written once. Compiled, the same work was a looped reduction reading the rows two or
+three times: on an H100 at 1328x1328, batch 2, the norm before attention took 79 us and the gated residual + norm
+before the MLP 144 us, against the 60 and 115 us of moving their bytes at 2.9 TB/s.
+
+Modulation vectors (shift, scale, gate) are (B, 1, D) rows of the modulation linear's output, or (B, N, D) per
+token (Edit-2511's zero_cond_t): any strides over batch and token, contiguous over D.
+
+Not used under W8A8 (FP8 compute): there inductor fuses the normalised rows' per-token quantisation into the norm,
+which a separate kernel here would split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .norms import layer_norm
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference forms serve
+    triton = None
+
+
+def modulated_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return layer_norm(x, eps) * (1 + scale) + shift
+
+
+def gated_residual_norm_reference(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                  scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x + gate * update
+    return x, modulated_norm_reference(x, shift, scale, eps)
+
+
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                   fused: bool = True) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift; x (B, S, D), shift and scale (B, 1|S, D)."""
+    if fused and _can_fuse(x, shift, scale):
+        return torch.ops.qistudio.modulated_norm(x, shift, scale, eps)
+    return modulated_norm_reference(x, shift, scale, eps)
+
+
+def gated_residual_norm(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                        scale: torch.Tensor, eps: float, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * update, modulated_norm of that); x and update (B, S, D), the vectors (B, 1|S, D)."""
+    if fused and _can_fuse(x, update, gate, shift, scale):
+        return torch.ops.qistudio.gated_residual_norm(x, update, gate, shift, scale, eps)
+    return gated_residual_norm_reference(x, update, gate, shift, scale, eps)
+
+
+def _can_fuse(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    if triton is None or not x.is_cuda or _disabled or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
+        return False  # training: the reference form has the backward
+    if x.dim() != 3 or x.stride(-1) != 1:
+        return False
+    batch, seq, dim = x.shape
+    return all(t.dtype == x.dtype and t.dim() == 3 and t.shape[0] == batch and t.shape[1] in (1, seq)
+               and t.shape[2] == dim and t.stride(-1) == 1 for t in others)
+
+
+_disabled = False
+
+
+def set_fused_ada_norm(enabled: bool) -> None:
+    """Switch the fused kernels off (or back on), for comparisons."""
+    global _disabled
+    _disabled = not enabled
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ada_norm_kernel(x_ptr, update_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, out_ptr,
+                         seq, dim, x_batch_stride, x_token_stride, update_batch_stride, update_token_stride,
+                         gate_batch_stride, gate_token_stride, shift_batch_stride, shift_token_stride,
+                         scale_batch_stride, scale_token_stride, eps,
+                         BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+        row = tl.program_id(0)  # one token of one sample
+        batch = (row // seq).to(tl.int64)
+        token = (row % seq).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + cols, mask=mask, other=0.0)
+        if RESIDUAL:  # x + gate * update, rounded as the eager ops round
+            update = tl.load(update_ptr + batch * update_batch_stride + token * update_token_stride + cols,
+                             mask=mask, other=0.0)
+            gate = tl.load(gate_ptr + batch * gate_batch_stride + token * gate_token_stride + cols, mask=mask,
+                           other=0.0)
+            gated = (gate.to(tl.float32) * update.to(tl.float32)).to(dtype)
+            x = (x.to(tl.float32) + gated.to(tl.float32)).to(dtype)
+            tl.store(x_out_ptr + row.to(tl.int64) * dim + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        mean = tl.sum(x32, axis=0) / dim
+        centred = tl.where(mask, x32 - mean, 0.0)
+        inv_std = tl.rsqrt(tl.sum(centred * centred, axis=0) / dim + eps)
+        normed = (centred * inv_std).to(dtype).to(tl.float32)
+        shift = tl.load(shift_ptr + batch * shift_batch_stride + token * shift_token_stride + cols, mask=mask,
+                        other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + batch * scale_batch_stride + token * scale_token_stride + cols, mask=mask,
+                        other=0.0).to(tl.float32)
+        one_plus_scale = (1.0 + scale).to(dtype).to(tl.float32)
+        out = ((normed * one_plus_scale).to(dtype).to(tl.float32) + shift).to(dtype)
+        tl.store(out_ptr + row.to(tl.int64) * dim + cols, out, mask=mask)
+
+    def _strides(t: torch.Tensor) -> tuple[int, int]:
+        # (batch, token) strides; a broadcast token axis (size 1) reads the same row for every token.
+        return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
+
+    def _launch(x, update, gate, shift, scale, eps, x_out, out, residual: bool):
+        batch, seq, dim = x.shape
+        block = triton.next_power_of_2(dim)
+        torch.library.wrap_triton(_ada_norm_kernel)[(batch * seq,)](
+            x, update, gate, shift, scale, x_out, out, seq, dim, *_strides(x), *_strides(update), *_strides(gate),
+            *_strides(shift), *_strides(scale), eps, BLOCK=block, RESIDUAL=residual,
+            num_warps=max(1, min(16, block // 512)),
+        )
+
+    @torch.library.triton_op("qistudio::modulated_norm", mutates_args=())
+    def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch(x, x, shift, shift, scale, eps, out, out, residual=False)
+        return out
+
+    @torch.library.triton_op("qistudio::gated_residual_norm", mutates_args=())
+    def _gated_residual_norm(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch(x, update, gate, shift, scale, eps, x_out, out, residual=True)
+        return x_out, out
