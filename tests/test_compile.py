@@ -167,7 +167,7 @@ for heads, table in ((3, torch.view_as_real(rot)), (3, per_row), (12, per_row)):
     q8 = K_qk._fused_fp8(img, txt, wi, wt, 1e-6, table, head_dim, scale)
     assert (q8.float() == (ref.float() * scale).to(torch.float8_e4m3fn).float()).float().mean() > 0.95
 from qistudio.ops import ada_norm as A
-x, update = torch.randn(2, 7, 96).half(), torch.randn(2, 7, 96).half()
+x, update = torch.randn(2, 7, 96).half(), torch.randn(2, 7, 96).half()  # float16: the interpreter truncates bf16
 mod = (0.5 * torch.randn(2, 7, 3 * 96)).half()  # per-token modulation rows, viewed as strided chunks
 for shift, scale, gate in ((mod[:, :1, :96], mod[:, :1, 96:192], mod[:, :1, 192:]), mod.chunk(3, dim=-1)):
     out = A._modulated_norm(x, shift, scale, 1e-6)

@@ -78,26 +78,9 @@ def set_fused_ada_norm(enabled: bool) -> None:
 if triton is not None:
 
     @triton.jit
-    def _ada_norm_kernel(x_ptr, update_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, out_ptr,
-                         seq, dim, x_batch_stride, x_token_stride, update_batch_stride, update_token_stride,
-                         gate_batch_stride, gate_token_stride, shift_batch_stride, shift_token_stride,
-                         scale_batch_stride, scale_token_stride, eps,
-                         BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
-        row = tl.program_id(0)  # one token of one sample
-        batch = (row // seq).to(tl.int64)
-        token = (row % seq).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < dim
-        dtype = x_ptr.dtype.element_ty
-        x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + cols, mask=mask, other=0.0)
-        if RESIDUAL:  # x + gate * update, rounded as the eager ops round
-            update = tl.load(update_ptr + batch * update_batch_stride + token * update_token_stride + cols,
-                             mask=mask, other=0.0)
-            gate = tl.load(gate_ptr + batch * gate_batch_stride + token * gate_token_stride + cols, mask=mask,
-                           other=0.0)
-            gated = (gate.to(tl.float32) * update.to(tl.float32)).to(dtype)
-            x = (x.to(tl.float32) + gated.to(tl.float32)).to(dtype)
-            tl.store(x_out_ptr + row.to(tl.int64) * dim + cols, x, mask=mask)
+    def _norm_modulate_store(x, row, batch, token, cols, mask, dim, shift_ptr, scale_ptr, out_ptr,
+                             shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps):
+        dtype = out_ptr.dtype.element_ty
         x32 = x.to(tl.float32)
         mean = tl.sum(x32, axis=0) / dim
         centred = tl.where(mask, x32 - mean, 0.0)
@@ -111,29 +94,66 @@ if triton is not None:
         out = ((normed * one_plus_scale).to(dtype).to(tl.float32) + shift).to(dtype)
         tl.store(out_ptr + row.to(tl.int64) * dim + cols, out, mask=mask)
 
+    # Two kernels, not one with a flag: a triton_op must not pass one output tensor as two arguments (compiled,
+    # each mutated argument is functionalised on its own).
+    @triton.jit
+    def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, seq, dim, x_batch_stride, x_token_stride,
+                               shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps,
+                               BLOCK: tl.constexpr):
+        row = tl.program_id(0)  # one token of one sample
+        batch = (row // seq).to(tl.int64)
+        token = (row % seq).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + cols, mask=mask, other=0.0)
+        _norm_modulate_store(x, row, batch, token, cols, mask, dim, shift_ptr, scale_ptr, out_ptr,
+                             shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps)
+
+    @triton.jit
+    def _gated_residual_norm_kernel(x_ptr, update_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, out_ptr, seq, dim,
+                                    x_batch_stride, x_token_stride, update_batch_stride, update_token_stride,
+                                    gate_batch_stride, gate_token_stride, shift_batch_stride, shift_token_stride,
+                                    scale_batch_stride, scale_token_stride, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        batch = (row // seq).to(tl.int64)
+        token = (row % seq).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + cols, mask=mask, other=0.0)
+        update = tl.load(update_ptr + batch * update_batch_stride + token * update_token_stride + cols, mask=mask,
+                         other=0.0)
+        gate = tl.load(gate_ptr + batch * gate_batch_stride + token * gate_token_stride + cols, mask=mask, other=0.0)
+        gated = (gate.to(tl.float32) * update.to(tl.float32)).to(dtype)
+        x = (x.to(tl.float32) + gated.to(tl.float32)).to(dtype)
+        tl.store(x_out_ptr + row.to(tl.int64) * dim + cols, x, mask=mask)
+        _norm_modulate_store(x, row, batch, token, cols, mask, dim, shift_ptr, scale_ptr, out_ptr,
+                             shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps)
+
     def _strides(t: torch.Tensor) -> tuple[int, int]:
         # (batch, token) strides; a broadcast token axis (size 1) reads the same row for every token.
         return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
-    def _launch(x, update, gate, shift, scale, eps, x_out, out, residual: bool):
-        batch, seq, dim = x.shape
-        block = triton.next_power_of_2(dim)
-        torch.library.wrap_triton(_ada_norm_kernel)[(batch * seq,)](
-            x, update, gate, shift, scale, x_out, out, seq, dim, *_strides(x), *_strides(update), *_strides(gate),
-            *_strides(shift), *_strides(scale), eps, BLOCK=block, RESIDUAL=residual,
-            num_warps=max(1, min(16, block // 512)),
-        )
+    def _launch_config(x: torch.Tensor) -> dict:
+        block = triton.next_power_of_2(x.shape[2])
+        return dict(BLOCK=block, num_warps=max(1, min(16, block // 512)))
 
     @torch.library.triton_op("qistudio::modulated_norm", mutates_args=())
     def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        batch, seq, dim = x.shape
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch(x, x, shift, shift, scale, eps, out, out, residual=False)
+        torch.library.wrap_triton(_modulated_norm_kernel)[(batch * seq,)](
+            x, shift, scale, out, seq, dim, *_strides(x), *_strides(shift), *_strides(scale), eps,
+            **_launch_config(x))
         return out
 
     @torch.library.triton_op("qistudio::gated_residual_norm", mutates_args=())
     def _gated_residual_norm(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                              scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, dim = x.shape
         x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch(x, update, gate, shift, scale, eps, x_out, out, residual=True)
+        torch.library.wrap_triton(_gated_residual_norm_kernel)[(batch * seq,)](
+            x, update, gate, shift, scale, x_out, out, seq, dim, *_strides(x), *_strides(update), *_strides(gate),
+            *_strides(shift), *_strides(scale), eps, **_launch_config(x))
         return x_out, out
