@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--fp8-attention", action="store_true", help="with --fp8: cuDNN FP8 attention too")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
     parser.add_argument("--rows", type=int, default=18, help="kernels listed")
+    parser.add_argument("--check", action="store_true", help="also compare the compiled block with eager")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True triton.multi_kernel=1")
     args = parser.parse_args()
@@ -61,6 +62,21 @@ def main() -> None:
         with torch.no_grad():
             return compiled(img, txt, temb, temb, rotary)
 
+    if args.check:  # the compiled block against eager, with the fused kernels and with their reference forms
+        from qistudio.ops import ada_norm
+
+        def rel(a, b):
+            return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+        with torch.no_grad():
+            ada_norm.set_fused_ada_norm(False)
+            reference = block(img, txt, temb, temb, rotary)
+            ada_norm.set_fused_ada_norm(True)
+            eager = block(img, txt, temb, temb, rotary)
+            compiled_out = run()
+        for name, out in (("eager, fused norms", eager), ("compiled, fused norms", compiled_out)):
+            print(f"{name} vs eager reference norms: image {rel(out[0], reference[0]):.2e}, "
+                  f"text {rel(out[1], reference[1]):.2e}")
     for _ in range(3):
         run()
     torch.cuda.synchronize()

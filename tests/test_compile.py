@@ -171,12 +171,12 @@ x, update = torch.randn(2, 7, 96).half(), torch.randn(2, 7, 96).half()  # float1
 mod = (0.5 * torch.randn(2, 7, 3 * 96)).half()  # per-token modulation rows, viewed as strided chunks
 for shift, scale, gate in ((mod[:, :1, :96], mod[:, :1, 96:192], mod[:, :1, 192:]), mod.chunk(3, dim=-1)):
     out = A._modulated_norm(x, shift, scale, 1e-6)
-    ref = A.modulated_norm_reference(x, shift, scale, 1e-6)
-    assert (out == ref).float().mean() > 0.99 and (out.float() - ref.float()).abs().max() < 1e-2
+    assert (out == A.modulated_norm_float32(x, shift, scale, 1e-6)).float().mean() > 0.99
+    eager = A.modulated_norm_reference(x, shift, scale, 1e-6)  # eager's roundings: within a few float16 steps
+    assert (out.float() - eager.float()).abs().max() < 1e-2
     x_new, out = A._gated_residual_norm(x, update, gate, shift, scale, 1e-6)
-    ref_x, ref = A.gated_residual_norm_reference(x, update, gate, shift, scale, 1e-6)
-    assert torch.equal(x_new, ref_x)
-    assert (out == ref).float().mean() > 0.99 and (out.float() - ref.float()).abs().max() < 1e-2
+    ref_x, ref = A.gated_residual_norm_float32(x, update, gate, shift, scale, 1e-6)
+    assert torch.equal(x_new, ref_x) and (out == ref).float().mean() > 0.99
 hidden = torch.randn(5, 300).half()
 q, s = K._gelu_quantize_rows(hidden)
 rq, rs = quantize_rows(F.gelu(hidden, approximate="tanh"))
