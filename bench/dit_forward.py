@@ -170,8 +170,8 @@ def main() -> None:
                 fp8_backends = ["sdpa"] + [n for n in extra_attention if n != "sdpa"]
                 fp8_backends += ["cudnn_fp8"] if "cudnn_fp8" in available_backends() else []
                 # The last backend (the fastest where installed) also with the GEMMs' float32 accumulation.
-                cases = [(name, True) for name in fp8_backends] + [(fp8_backends[-1], False)]
-                for attention_backend, fast in cases:
+                fp8_variants = [(name, True) for name in fp8_backends] + [(fp8_backends[-1], False)]
+                for attention_backend, fast in fp8_variants:
                     set_attention_backend(attention_backend)
                     set_fp8_compute(ours, True, fast_accumulation=fast)
                     err = ((run_fp8().float() - ref_out).norm() / ref_out.norm()).item()
