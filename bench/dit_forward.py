@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="then time ours with FP8 (W8A8) block linears")
     parser.add_argument("--no-bf16", action="store_true", help="time only diffusers' bf16 (the baseline) and ours "
                         "in FP8 (--fp8), for long max-autotune warm-ups")
+    parser.add_argument("--no-sdpa", action="store_true", help="bf16 rows: only the --attention backends (each "
+                        "backend is a compilation of its own: long max-autotune warm-ups)")
     parser.add_argument("--attention", nargs="*", default=[], help="also time ours with these attention backends "
                         "forced (e.g. flash4), where installed")
     args = parser.parse_args()
@@ -144,7 +146,8 @@ def main() -> None:
             if not args.no_bf16:
                 # Each row names its attention kernel: the automatic choice differs by what is installed.
                 variants += [(f"qistudio {mode}, {name} attention", ours_with(name))
-                             for name in ["sdpa"] + [n for n in extra_attention if n != "sdpa"]]
+                             for name in ([] if args.no_sdpa else ["sdpa"]) + [n for n in extra_attention
+                                                                               if n != "sdpa"]]
             for name, fn in variants:
                 err = ((fn().float() - ref_out).norm() / ref_out.norm()).item()
                 t = cuda_time(fn)

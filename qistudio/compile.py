@@ -7,8 +7,9 @@ compiles with fullgraph=True: a graph break inside would silently cost the fusio
 Compiled graphs and Triton kernels are cached on disk by torch (the FX graph and autotune caches, on by default),
 so a second process warms up in seconds, not minutes.
 
-The fused kernels of ops/ (joint q/k norm + RoPE, FP8 GELU + quantisation, the FP8 GEMV) are custom ops that the
-compiled graph calls as they are; element-wise work around them is fused by inductor.
+The fused kernels of ops/ (joint q/k norm + RoPE, the adaptive LayerNorms with their gated residual, FP8 GELU +
+quantisation, the FP8 GEMV) are custom ops that the compiled graph calls as they are; element-wise work around them
+is fused by inductor.
 """
 
 from __future__ import annotations

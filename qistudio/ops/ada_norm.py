@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import triton_inference
 
 try:
     import triton
@@ -69,10 +70,8 @@ def gated_residual_norm(x: torch.Tensor, update: torch.Tensor, gate: torch.Tenso
 
 
 def _can_fuse(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    if triton is None or not x.is_cuda or _disabled or x.dtype not in (torch.bfloat16, torch.float16):
+    if _disabled or not triton_inference(x, *others) or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
-        return False  # training: the reference form has the backward
     if x.dim() != 3 or x.stride(-1) != 1:
         return False
     batch, seq, dim = x.shape

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .fp8 import FP8_DTYPE, FP8_MAX
+from .fused import triton_inference
 from .norms import rms_normalize
 from .rope import apply_rotation
 
@@ -66,10 +67,8 @@ def joint_qk_norm_rope_fp8(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_w
 
 
 def _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim: int) -> bool:
-    if triton is None or not img_proj.is_cuda or _disabled:
+    if _disabled or not triton_inference(img_proj, txt_proj, img_weight, txt_weight):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (img_proj, txt_proj, img_weight, txt_weight)):
-        return False  # training: the reference form has the backward
     half = head_dim // 2
     return head_dim % 2 == 0 and half & (half - 1) == 0 and img_proj.dtype == txt_proj.dtype == img_weight.dtype
 
