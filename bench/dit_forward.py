@@ -57,6 +57,24 @@ def dit_flops(tokens: int, text: int, batch: int, layers=60, dim=3072, mlp=12288
     return batch * layers * (linear + attention)
 
 
+def graphed(fn):
+    """fn (fixed inputs) captured as one CUDA graph after a warm-up; returns the replaying function."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1328, 1024])
@@ -67,6 +85,8 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="then time ours with FP8 (W8A8) block linears")
     parser.add_argument("--no-bf16", action="store_true", help="time only diffusers' bf16 (the baseline) and ours "
                         "in FP8 (--fp8), for long max-autotune warm-ups")
+    parser.add_argument("--cuda-graph", action="store_true", help="also ours with the forward captured as one CUDA "
+                        "graph (launch gaps removed; an experiment, not yet a pipeline option)")
     parser.add_argument("--no-sdpa", action="store_true", help="bf16 rows: only the --attention backends (each "
                         "backend is a compilation of its own: long max-autotune warm-ups)")
     parser.add_argument("--attention", nargs="*", default=[], help="also time ours with these attention backends "
@@ -148,6 +168,10 @@ def main() -> None:
                 variants += [(f"qistudio {mode}, {name} attention", ours_with(name))
                              for name in ([] if args.no_sdpa else ["sdpa"]) + [n for n in extra_attention
                                                                                if n != "sdpa"]]
+            if args.cuda_graph and not args.no_bf16:
+                backend = extra_attention[-1] if extra_attention else "sdpa"
+                variants.append((f"qistudio {mode}, {backend} attention, the whole forward as one CUDA graph",
+                                 graphed(ours_with(backend))))
             for name, fn in variants:
                 err = ((fn().float() - ref_out).norm() / ref_out.norm()).item()
                 t = cuda_time(fn)
