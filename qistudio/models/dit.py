@@ -81,11 +81,8 @@ class JointAttention(nn.Module):
         value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
 
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)
-        num_img, num_txt = img.shape[1], txt.shape[1]
-        if out.shape[0] > 1 and num_txt * 8 <= num_img:
-            # The image rows of a batch are not one matrix (each sample's text rows lie between), so projecting
-            # them alone costs a copy, or a batched GEMM whose bias is a pass of its own. Projecting every row and
-            # keeping the image rows is one GEMM with the bias in its epilogue, at L / (N + L) more of its work.
+        num_img = img.shape[1]
+        if _project_all_rows(out, num_img):
             return self.to_out[0](out)[:, :num_img], self.to_add_out(out[:, num_img:])
         return self.to_out[0](out[:, :num_img]), self.to_add_out(out[:, num_img:])
 
@@ -99,8 +96,18 @@ class JointAttention(nn.Module):
         v8, v_descale = quantize_joined([self.to_v(img), self.add_v_proj(txt)], self.head_dim)
         out8 = attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
-        return (_linear_from_fp8(self.to_out[0], out8[:, :num_img], v_descale, img.dtype),
-                _linear_from_fp8(self.to_add_out, out8[:, num_img:], v_descale, img.dtype))
+        txt_out = _linear_from_fp8(self.to_add_out, out8[:, num_img:], v_descale, img.dtype)
+        if _project_all_rows(out8, num_img):
+            return _linear_from_fp8(self.to_out[0], out8, v_descale, img.dtype)[:, :num_img], txt_out
+        return _linear_from_fp8(self.to_out[0], out8[:, :num_img], v_descale, img.dtype), txt_out
+
+
+def _project_all_rows(joint: torch.Tensor, num_img: int) -> bool:
+    """Whether the image output projection should run over every joint row, then keep the image rows. In a batch
+    the image rows are not one matrix (each sample's text rows lie between), so projecting them alone costs a copy
+    (or a batched GEMM whose bias is a pass of its own); all rows are one GEMM, bias in its epilogue, at L / (N + L)
+    more of its work: worth it while the text is short."""
+    return joint.shape[0] > 1 and (joint.shape[1] - num_img) * 8 <= num_img
 
 
 def _linear_from_fp8(layer: nn.Module, x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype):
