@@ -218,7 +218,8 @@ def main() -> None:
         f"date {time.strftime('%Y-%m-%d')}; bf16 matmul ceiling measured {ceiling:.0f} TFLOP/s; text {TEXT_LEN} tokens; "
         f"peak {peak:.1f} GiB (shared weights)",
         "",
-        "| case | implementation | forward | x diffusers | TFLOP/s | % of ceiling | rel. err vs diffusers eager (bf16) |",
+        "| case | implementation | forward | x diffusers | TFLOP/s | % of ceiling "
+        "| rel. err vs diffusers eager (bf16) |",
         "|---|---|---|---|---|---|---|",
     ]
     baseline = {case: t for case, name, t, _, _ in rows if name.startswith("diffusers")}

@@ -5,9 +5,10 @@ block's eager arithmetic: a bf16 rounding after each operation, LayerNorm statis
 
 Fused form (CUDA inference, Triton): one program per token row holds the whole row in registers, so each input is
 read once and each output written once. It computes in float32 and rounds each output once, as inductor's fused
-kernels (and so diffusers' compiled model) do (`modulated_norm_float32` is that arithmetic in PyTorch). Compiled, the same work was a looped reduction reading the rows two or
-three times: on an H100 at 1328x1328, batch 2, the norm before attention took 79 us and the gated residual + norm
-before the MLP 144 us, against the 60 and 115 us of moving their bytes at 2.9 TB/s.
+kernels (and so diffusers' compiled model) do; `modulated_norm_float32` is that arithmetic in PyTorch. Compiled,
+the same work was a Welford reduction looping over each row two or three times with a division per element,
+compute-bound at a power-limited H100's clocks: at 1328x1328, batch 2, the norm before attention went from 141 to
+about 75 us, the gated residual + norm before the MLP from 144 to about 115 us (bench/RESULTS.md, fourth pass).
 
 Modulation vectors (shift, scale, gate) are (B, 1, D) rows of the modulation linear's output, or (B, N, D) per
 token (Edit-2511's zero_cond_t): any strides over batch and token, contiguous over D.
@@ -48,7 +49,8 @@ def modulated_norm_float32(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     return (normed * (1 + scale.float()) + shift.float()).to(x.dtype)
 
 
-def gated_residual_norm_float32(x, update, gate, shift, scale, eps) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_residual_norm_float32(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     x = (x.float() + gate.float() * update.float()).to(x.dtype)
     return x, modulated_norm_float32(x, shift, scale, eps)
 
