@@ -131,17 +131,29 @@ class DiTBlock(nn.Module):
         self.img_mlp = FeedForward(dim, cfg.mlp_hidden)
         self.txt_mlp = FeedForward(dim, cfg.mlp_hidden)
 
-    def forward(self, img, txt, img_temb, txt_temb, rotary: Rotary, key_lengths=None, mask=None):
-        """img (B, N, D), txt (B, L, D); img_temb (B, 1|N, D) (per token for zero-cond-t), txt_temb (B, 1, D)."""
+    def forward(self, img, txt, img_temb, txt_temb, rotary: Rotary, key_lengths=None, mask=None,
+                img_pending=None, defer_residual: bool = False):
+        """img (B, N, D), txt (B, L, D); img_temb (B, 1|N, D) (per token for zero-cond-t), txt_temb (B, 1, D).
+        Returns (img, txt).
+
+        The image stream's last residual can be handed on instead of added (inference, QwenImageDiT's loop):
+        with defer_residual=True this returns (img, txt, pending), img lacking `gate * update` for pending =
+        (update, gate); the next block takes it as img_pending and adds it inside its first norm, one pass over
+        the rows fewer per block.
+        """
         # Each modulation vector is [shift, scale, gate] for attention, then the same for the MLP.
         img_mod = self.img_mod(img_temb).chunk(6, dim=-1)
         txt_mod = self.txt_mod(txt_temb).chunk(6, dim=-1)
         # One-pass norm kernels (ops/ada_norm.py), except where W8A8 linears read the normalised rows: there the
         # compiled graph fuses their FP8 quantisation into the norm.
         fused = not getattr(self.attn.to_q, "fp8_compute", False)
+        if img_pending is None:
+            img_normed = modulated_norm(img, img_mod[0], img_mod[1], self.eps, fused)
+        else:
+            img, img_normed = gated_residual_norm(img, *img_pending, img_mod[0], img_mod[1], self.eps, fused)
 
         img_attn, txt_attn = self.attn(
-            modulated_norm(img, img_mod[0], img_mod[1], self.eps, fused),
+            img_normed,
             modulated_norm(txt, txt_mod[0], txt_mod[1], self.eps, fused),
             rotary,
             key_lengths,
@@ -149,9 +161,11 @@ class DiTBlock(nn.Module):
         )
         img, img_normed = gated_residual_norm(img, img_attn, img_mod[2], img_mod[3], img_mod[4], self.eps, fused)
         txt, txt_normed = gated_residual_norm(txt, txt_attn, txt_mod[2], txt_mod[3], txt_mod[4], self.eps, fused)
-        img = img + img_mod[5] * self.img_mlp(img_normed)
+        img_update = self.img_mlp(img_normed)
         txt = txt + txt_mod[5] * self.txt_mlp(txt_normed)
-        return img, txt
+        if defer_residual:
+            return img, txt, (img_update, img_mod[5])
+        return img + img_mod[5] * img_update, txt
 
 
 class AdaNormOut(nn.Module):
@@ -236,15 +250,24 @@ class QwenImageDiT(nn.Module):
             # is SDPA's own.
             attention_mask = flex_mask(attention_mask, img.shape[1] + txt.shape[1])
         checkpointed = len(self.transformer_blocks) if self.checkpointed_blocks is None else self.checkpointed_blocks
+        # Inference without hooks between blocks hands each block's last image residual to the next block's norm.
+        defer = block_hook is None and not torch.is_grad_enabled()
+        pending = None
         for index, block in enumerate(self.transformer_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled() and index < checkpointed:
                 img, txt = torch.utils.checkpoint.checkpoint(
                     block, img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask, use_reentrant=False
                 )
+            elif defer:
+                img, txt, pending = block(img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask,
+                                          img_pending=pending, defer_residual=True)
             else:
                 img, txt = block(img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask)
             if block_hook is not None:
                 img = block_hook(index, img)
+        if pending is not None:
+            update, gate = pending
+            img = img + gate * update
 
         img = self.norm_out(img[:, :num_target], txt_temb)
         return self.proj_out(img)
