@@ -257,3 +257,43 @@ def test_inductor_warm_up_is_cached_across_processes(tiny_repo, tmp_path):
     cold, warm = runs
     assert cold["err"] < 1e-5 and warm["err"] < 1e-5
     assert cold["misses"] >= 1 and warm["misses"] == 0 and warm["hits"] >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels run on CUDA")
+def test_fused_kernels_agree_on_gpu():
+    """On a GPU: the adaptive norms equal their float32 form, the q/k kernel its reference form (one bf16 step at
+    most), and a compiled block with the fused kernels stays as close to eager as bf16 allows."""
+    pytest.importorskip("triton")
+    from qistudio.models.dit import DiTBlock, DiTConfig
+    from qistudio.ops import ada_norm
+    from qistudio.ops.qk_norm_rope import joint_qk_norm_rope
+
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    x, update = torch.randn(2, 300, 256, device=dev, dtype=bf), torch.randn(2, 300, 256, device=dev, dtype=bf)
+    mod = (0.3 * torch.randn(2, 1, 6 * 256, device=dev)).to(bf).chunk(6, dim=-1)
+    with torch.no_grad():
+        assert torch.equal(ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6),
+                           ada_norm.modulated_norm_float32(x, mod[0], mod[1], 1e-6))
+        fused = ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)
+        expected = ada_norm.gated_residual_norm_float32(x, update, mod[2], mod[3], mod[4], 1e-6)
+        assert torch.equal(fused[0], expected[0])
+        assert (fused[1] == expected[1]).float().mean() > 0.999
+
+        heads, head_dim, h, w, text = 4, 64, 6, 8, 5
+        img = torch.randn(2, h * w, heads * head_dim, device=dev, dtype=bf)
+        txt = torch.randn(2, text, heads * head_dim, device=dev, dtype=bf)
+        wi, wt = (1 + 0.1 * torch.randn(2, head_dim, device=dev)).to(bf)
+        table = qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(16, 24, 24), device=dev).with_joint().joint
+        out = joint_qk_norm_rope(img, txt, wi, wt, 1e-6, table, head_dim)
+        ref = joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)
+        assert (out == ref).float().mean() > 0.999 and (out.float() - ref.float()).abs().max() < 0.07
+
+        cfg = DiTConfig(num_layers=1, num_heads=4, head_dim=64, text_dim=64, axes_dim=(16, 24, 24))
+        block = DiTBlock(cfg).to(dev, bf).eval()
+        temb = torch.randn(2, 1, cfg.dim, device=dev, dtype=bf)
+        rotary = qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=cfg.axes_dim, device=dev)
+        eager = block(img, txt, temb, temb, rotary)
+        compiled = torch.compile(block, fullgraph=True)(img, txt, temb, temb, rotary)
+        for a, b in zip(compiled, eager):
+            assert rel_err(a, b) < 1e-2
