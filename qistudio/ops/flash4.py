@@ -30,7 +30,7 @@ def _available(device_index: int) -> bool:
     return major in (9, 10)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # a few prompt-length layouts per session
 def _lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     # One small host-to-device copy per distinct batch layout, not one per block.
     return torch.tensor(lengths, dtype=torch.int32, device=device)

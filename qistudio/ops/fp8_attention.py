@@ -104,7 +104,7 @@ class _Graph:
 _graphs: dict[tuple, _Graph] = {}
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # a few prompt-length layouts per session
 def _kv_lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.int32, device=device).reshape(-1, 1, 1, 1)
 
