@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from .fused import key_lengths_tensor
+
 
 def flash4_available(device_index: int | None = None) -> bool:
     """Whether `flash_attn.cute` imports and this GPU (default: the current one) is one its forward supports (SM90
@@ -30,12 +32,6 @@ def _available(device_index: int) -> bool:
     return major in (9, 10)
 
 
-@functools.lru_cache(maxsize=64)  # a few prompt-length layouts per session
-def _lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # One small host-to-device copy per distinct batch layout, not one per block.
-    return torch.tensor(lengths, dtype=torch.int32, device=device)
-
-
 @torch.library.custom_op("qistudio::flash4_attention", mutates_args=())
 def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      key_lengths: list[int] | None = None) -> torch.Tensor:
@@ -47,7 +43,7 @@ def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         result = flash_attn_func(query, key, value)
     else:
         result = flash_attn_varlen_func(query, key, value,
-                                        seqused_k=_lengths_tensor(tuple(key_lengths), query.device))
+                                        seqused_k=key_lengths_tensor(tuple(key_lengths), query.device))
     return result[0] if isinstance(result, tuple) else result
 
 

@@ -25,6 +25,7 @@ import math
 import torch
 
 from .fp8 import FP8_DTYPE, FP8_MAX, quantize_per_tensor
+from .fused import key_lengths_tensor
 
 try:
     import cudnn
@@ -104,11 +105,6 @@ class _Graph:
 _graphs: dict[tuple, _Graph] = {}
 
 
-@functools.lru_cache(maxsize=64)  # a few prompt-length layouts per session
-def _kv_lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(lengths, dtype=torch.int32, device=device).reshape(-1, 1, 1, 1)
-
-
 @torch.library.custom_op("qistudio::cudnn_fp8_sdpa", mutates_args=())
 def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor,
                    k_descale: torch.Tensor, v_descale: torch.Tensor,
@@ -121,7 +117,7 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_desca
     graph = _graphs.get(cache_key)
     if graph is None:
         graph = _graphs[cache_key] = _Graph(tuple(q8.shape), tuple(k8.shape), q8.device, padded)
-    kv_lengths = _kv_lengths_tensor(tuple(key_lengths), q8.device) if padded else None
+    kv_lengths = key_lengths_tensor(tuple(key_lengths), q8.device).reshape(-1, 1, 1, 1) if padded else None
     return graph(q8, k8, v8, q_descale, k_descale, v_descale, kv_lengths)
 
 

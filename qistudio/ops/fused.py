@@ -1,6 +1,9 @@
-"""When a fused Triton kernel of ops/ may replace its reference form: inference on a CUDA device with Triton."""
+"""Shared by the fused kernels of ops/: when one may replace its reference form (inference on a CUDA device with
+Triton), and the per-sample key counts the attention kernels take as a device tensor."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -16,3 +19,9 @@ def triton_inference(*tensors: torch.Tensor) -> bool:
     if triton is None or not tensors[0].is_cuda:
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+@functools.lru_cache(maxsize=64)  # a few prompt-length layouts per session
+def key_lengths_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B,) int32 on `device`: one small host-to-device copy per distinct batch layout, not one per block."""
+    return torch.tensor(lengths, dtype=torch.int32, device=device)
