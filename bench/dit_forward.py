@@ -22,11 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qistudio.compile import compile_repeated_blocks  # noqa: E402
 from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
+from qistudio.ops.ada_norm import set_fused_ada_norm  # noqa: E402
 from qistudio.ops.attention import available_backends, set_attention_backend  # noqa: E402
+from qistudio.ops.linear_gelu import set_fused_linear_gelu  # noqa: E402
+from qistudio.ops.qk_norm_rope import set_fused_qk_norm_rope  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 from qistudio.weights.build import empty_parameters  # noqa: E402
 
 TEXT_LEN = 128
+# Ablations (--without): each fused op's switch.
+FUSED_SWITCHES = {"ada_norm": set_fused_ada_norm, "linear_gelu": set_fused_linear_gelu,
+                  "qk_norm_rope": set_fused_qk_norm_rope}
 
 
 def cuda_time(fn, warmup=2, iters=5) -> float:
@@ -55,6 +61,17 @@ def dit_flops(tokens: int, text: int, batch: int, layers=60, dim=3072, mlp=12288
     linear = per_token_linear * (tokens + text)
     attention = 2 * 2 * (tokens + text) ** 2 * dim  # QK^T and PV
     return batch * layers * (linear + attention)
+
+
+def without_fused(name: str, fn):
+    """fn run with one fused op switched off (its blocks recompile on first use: the switch is a guarded global)."""
+    def run():
+        FUSED_SWITCHES[name](False)
+        try:
+            return fn()
+        finally:
+            FUSED_SWITCHES[name](True)
+    return run
 
 
 def graphed(fn):
@@ -91,6 +108,8 @@ def main() -> None:
                         "backend is a compilation of its own: long max-autotune warm-ups)")
     parser.add_argument("--attention", nargs="*", default=[], help="also time ours with these attention backends "
                         "forced (e.g. flash4), where installed")
+    parser.add_argument("--without", nargs="*", default=[], choices=sorted(FUSED_SWITCHES),
+                        help="also time ours (last attention backend) with each of these fused ops switched off")
     args = parser.parse_args()
 
     import diffusers
@@ -168,6 +187,10 @@ def main() -> None:
                 variants += [(f"qistudio {mode}, {name} attention", ours_with(name))
                              for name in ([] if args.no_sdpa else ["sdpa"]) + [n for n in extra_attention
                                                                                if n != "sdpa"]]
+            for fused_op in [] if args.no_bf16 else args.without:
+                backend = extra_attention[-1] if extra_attention else "sdpa"
+                variants.append((f"qistudio {mode}, {backend} attention, without fused {fused_op}",
+                                 without_fused(fused_op, ours_with(backend))))
             if args.cuda_graph and not args.no_bf16:
                 backend = extra_attention[-1] if extra_attention else "sdpa"
                 variants.append((f"qistudio {mode}, {backend} attention, the whole forward as one CUDA graph",

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.linear_gelu import linear_gelu
 from ..ops.norms import rms_normalize
 
 
@@ -31,7 +32,11 @@ class GELUProj(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        proj = self.proj
+        # A plain linear without hooks (a runtime LoRA hooks it) may take the GELU into its GEMM's epilogue.
+        if type(proj) is nn.Linear and not proj._forward_hooks and not proj._forward_pre_hooks:
+            return linear_gelu(x, proj.weight, proj.bias)
+        return F.gelu(proj(x), approximate="tanh")
 
 
 class FeedForward(nn.Module):
