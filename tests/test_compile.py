@@ -273,8 +273,11 @@ def test_fused_kernels_agree_on_gpu():
     x, update = torch.randn(2, 300, 256, device=dev, dtype=bf), torch.randn(2, 300, 256, device=dev, dtype=bf)
     mod = (0.3 * torch.randn(2, 1, 6 * 256, device=dev)).to(bf).chunk(6, dim=-1)
     with torch.no_grad():
-        assert torch.equal(ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6),
-                           ada_norm.modulated_norm_float32(x, mod[0], mod[1], 1e-6))
+        # Triton's and PyTorch's float32 reductions sum in other orders: a rare element lands one bf16 step apart.
+        normed = ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)
+        expected_normed = ada_norm.modulated_norm_float32(x, mod[0], mod[1], 1e-6)
+        assert (normed == expected_normed).float().mean() > 0.999
+        assert (normed.float() - expected_normed.float()).abs().max() < 0.07
         fused = ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)
         expected = ada_norm.gated_residual_norm_float32(x, update, mod[2], mod[3], mod[4], 1e-6)
         assert torch.equal(fused[0], expected[0])
