@@ -19,17 +19,33 @@ from qistudio.ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_ref
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 
 
-def timed(fn, n=20) -> float:
-    for _ in range(3):
+def timed(fn, n=100, repeats=5) -> float:
+    """Median over `repeats` of the mean of n back-to-back calls, in ms (short kernels: one mean is noisy)."""
+    for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    means = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        means.append(start.elapsed_time(end) / n)
+    return sorted(means)[len(means) // 2]
+
+
+def sweep(label: str, configs: list, apply, fn, rounds: int = 7) -> None:
+    """Time fn under each launch config, the configs interleaved round by round so that the card's clock drift
+    (power-limited, it moves by 20% within seconds) falls on all of them alike; prints medians, fastest first."""
+    times = {config: [] for config in configs}
+    for _ in range(rounds):
+        for config in configs:
+            apply(config)
+            times[config].append(timed(fn, n=50, repeats=1))
+    medians = sorted((sorted(t)[len(t) // 2], config) for config, t in times.items())
+    print(f"  {label} sweep: " + ", ".join(f"{config} {ms:.3f} ms" for ms, config in medians))
 
 
 def main() -> None:
@@ -44,11 +60,9 @@ def main() -> None:
     phasors = qwen_rotary([ImageGrid(0, h, w)], text, device=dev).with_joint().joint
     if "--sweep" in sys.argv:
         from qistudio.ops import qk_norm_rope as qk
-        for rows in (2, 4, 8):
-            for warps in (1, 2, 4, 8):
-                qk.QK_LAUNCH.update(ROWS=rows, num_warps=warps)
-                ms = timed(lambda: qk._fused(img, txt, w_img, w_txt, 1e-6, phasors, head_dim))
-                print(f"  qk sweep ROWS={rows} num_warps={warps}: {ms:.3f} ms")
+        sweep("q/k norm+rope (ROWS, num_warps)", [(r, n) for r in (2, 4, 8) for n in (1, 2, 4, 8)],
+              lambda c: qk.QK_LAUNCH.update(ROWS=c[0], num_warps=c[1]),
+              lambda: qk._fused(img, txt, w_img, w_txt, 1e-6, phasors, head_dim))
         qk.QK_LAUNCH.update(ROWS=4, num_warps=1)
     with torch.no_grad():
         ref = joint_qk_norm_rope_reference(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
@@ -78,6 +92,15 @@ def main() -> None:
         compiled_norm = torch.compile(lambda: ada_norm.modulated_norm_reference(x, mod[0], mod[1], 1e-6))
         compiled_residual = torch.compile(
             lambda: ada_norm.gated_residual_norm_reference(x, update, mod[2], mod[3], mod[4], 1e-6))
+        if "--sweep" in sys.argv:
+            def set_launch(config):
+                ada_norm.ADA_LAUNCH.update(ROWS=config[0], num_warps=config[1])
+            configs = [(rows, warps) for rows in (1, 2, 4) for warps in (2, 4, 8, 16)]
+            sweep("adaptive norm (ROWS, num_warps)", configs, set_launch,
+                  lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6))
+            sweep("gated residual + norm (ROWS, num_warps)", configs, set_launch,
+                  lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6))
+            set_launch((1, None))
         print(f"  norm: fused {timed(lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)):.3f} ms, compiled "
               f"{timed(compiled_norm):.3f} ms; residual + norm: fused "
               f"{timed(lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)):.3f} ms, "

@@ -39,7 +39,21 @@ def main() -> None:
     parser.add_argument("--text-lengths", type=int, nargs="*", default=None,
                         help="valid text tokens per row (padded batch, as guidance with a negative prompt)")
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--ada-launch", type=int, nargs=2, default=None, metavar=("ROWS", "WARPS"),
+                        help="tokens per program and num_warps of the adaptive norm kernels")
+    parser.add_argument("--qk-launch", type=int, nargs=2, default=None, metavar=("ROWS", "WARPS"),
+                        help="heads per program and num_warps of the q/k norm+RoPE kernel")
     args = parser.parse_args()
+    # Launch settings are traced into the compiled graph, which inductor's on-disk cache does not key on: run
+    # each setting with its own TORCHINDUCTOR_CACHE_DIR.
+    if args.ada_launch:
+        from qistudio.ops import ada_norm
+
+        ada_norm.ADA_LAUNCH.update(ROWS=args.ada_launch[0], num_warps=args.ada_launch[1])
+    if args.qk_launch:
+        from qistudio.ops import qk_norm_rope
+
+        qk_norm_rope.QK_LAUNCH.update(ROWS=args.qk_launch[0], num_warps=args.qk_launch[1])
     if args.attention:
         from qistudio.ops.attention import set_attention_backend
 

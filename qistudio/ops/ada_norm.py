@@ -92,70 +92,96 @@ def set_fused_ada_norm(enabled: bool) -> None:
 
 if triton is not None:
 
+    # A program takes ROWS tokens of one sample (grid: token blocks x batch), so modulation vectors shared by
+    # every token (the (B, 1, D) rows of the modulation linear) are loaded once per program, not once per token:
+    # those loads came from L2 at nearly the bytes of the HBM traffic itself. Every load is issued before the
+    # reductions, so a program waits on memory once.
     @triton.jit
-    def _norm_modulate_store(x, row, batch, token, cols, mask, dim, shift_ptr, scale_ptr, out_ptr,
-                             shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps):
+    def _tile_offsets(batch, tokens, batch_stride, token_stride, cols, PER_TOKEN: tl.constexpr):
+        # (ROWS, BLOCK) offsets of per-token rows, or of one (1, BLOCK) row when the tensor broadcasts over tokens.
+        if PER_TOKEN:
+            return batch * batch_stride + tokens[:, None] * token_stride + cols[None, :]
+        return batch * batch_stride + cols[None, :]
+
+    @triton.jit
+    def _norm_modulate_store(x, shift, scale, offsets, mask, dim, out_ptr, eps):
         x32 = x.to(tl.float32)
-        mean = tl.sum(x32, axis=0) / dim
+        mean = tl.sum(x32, axis=1)[:, None] / dim
         centred = tl.where(mask, x32 - mean, 0.0)
-        inv_std = tl.rsqrt(tl.sum(centred * centred, axis=0) / dim + eps)
-        shift = tl.load(shift_ptr + batch * shift_batch_stride + token * shift_token_stride + cols, mask=mask,
-                        other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + batch * scale_batch_stride + token * scale_token_stride + cols, mask=mask,
-                        other=0.0).to(tl.float32)
-        out = centred * inv_std * (1.0 + scale) + shift
-        tl.store(out_ptr + row.to(tl.int64) * dim + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        inv_std = tl.rsqrt(tl.sum(centred * centred, axis=1)[:, None] / dim + eps)
+        out = centred * inv_std * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     # Two kernels, not one with a flag: a triton_op must not pass one output tensor as two arguments (compiled,
     # each mutated argument is functionalised on its own).
     @triton.jit
     def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, seq, dim, x_batch_stride, x_token_stride,
                                shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps,
-                               BLOCK: tl.constexpr):
-        row = tl.program_id(0)  # one token of one sample
-        batch = (row // seq).to(tl.int64)
-        token = (row % seq).to(tl.int64)
+                               MOD_PER_TOKEN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        batch = tl.program_id(1).to(tl.int64)
+        tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        mask = cols < dim
-        x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + cols, mask=mask, other=0.0)
-        _norm_modulate_store(x, row, batch, token, cols, mask, dim, shift_ptr, scale_ptr, out_ptr,
-                             shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps)
+        mask = (tokens < seq)[:, None] & (cols < dim)[None, :]
+        x = tl.load(x_ptr + _tile_offsets(batch, tokens, x_batch_stride, x_token_stride, cols, True), mask=mask,
+                    other=0.0)
+        mod_mask = mask if MOD_PER_TOKEN else (cols < dim)[None, :]
+        shift = tl.load(shift_ptr + _tile_offsets(batch, tokens, shift_batch_stride, shift_token_stride, cols,
+                                                  MOD_PER_TOKEN), mask=mod_mask, other=0.0)
+        scale = tl.load(scale_ptr + _tile_offsets(batch, tokens, scale_batch_stride, scale_token_stride, cols,
+                                                  MOD_PER_TOKEN), mask=mod_mask, other=0.0)
+        out_offsets = (batch * seq + tokens)[:, None] * dim + cols[None, :]
+        _norm_modulate_store(x, shift, scale, out_offsets, mask, dim, out_ptr, eps)
 
     @triton.jit
     def _gated_residual_norm_kernel(x_ptr, update_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, out_ptr, seq, dim,
                                     x_batch_stride, x_token_stride, update_batch_stride, update_token_stride,
                                     gate_batch_stride, gate_token_stride, shift_batch_stride, shift_token_stride,
-                                    scale_batch_stride, scale_token_stride, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        batch = (row // seq).to(tl.int64)
-        token = (row % seq).to(tl.int64)
+                                    scale_batch_stride, scale_token_stride, eps, MOD_PER_TOKEN: tl.constexpr,
+                                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        batch = tl.program_id(1).to(tl.int64)
+        tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        mask = cols < dim
-        x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + cols, mask=mask, other=0.0)
-        update = tl.load(update_ptr + batch * update_batch_stride + token * update_token_stride + cols, mask=mask,
-                         other=0.0)
-        gate = tl.load(gate_ptr + batch * gate_batch_stride + token * gate_token_stride + cols, mask=mask, other=0.0)
+        mask = (tokens < seq)[:, None] & (cols < dim)[None, :]
+        x = tl.load(x_ptr + _tile_offsets(batch, tokens, x_batch_stride, x_token_stride, cols, True), mask=mask,
+                    other=0.0)
+        update = tl.load(update_ptr + _tile_offsets(batch, tokens, update_batch_stride, update_token_stride, cols,
+                                                    True), mask=mask, other=0.0)
+        mod_mask = mask if MOD_PER_TOKEN else (cols < dim)[None, :]
+        gate = tl.load(gate_ptr + _tile_offsets(batch, tokens, gate_batch_stride, gate_token_stride, cols,
+                                                MOD_PER_TOKEN), mask=mod_mask, other=0.0)
+        shift = tl.load(shift_ptr + _tile_offsets(batch, tokens, shift_batch_stride, shift_token_stride, cols,
+                                                  MOD_PER_TOKEN), mask=mod_mask, other=0.0)
+        scale = tl.load(scale_ptr + _tile_offsets(batch, tokens, scale_batch_stride, scale_token_stride, cols,
+                                                  MOD_PER_TOKEN), mask=mod_mask, other=0.0)
         # The residual stream is stored rounded, and normalised as stored.
         x = (x.to(tl.float32) + gate.to(tl.float32) * update.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(x_out_ptr + row.to(tl.int64) * dim + cols, x, mask=mask)
-        _norm_modulate_store(x, row, batch, token, cols, mask, dim, shift_ptr, scale_ptr, out_ptr,
-                             shift_batch_stride, shift_token_stride, scale_batch_stride, scale_token_stride, eps)
+        out_offsets = (batch * seq + tokens)[:, None] * dim + cols[None, :]
+        tl.store(x_out_ptr + out_offsets, x, mask=mask)
+        _norm_modulate_store(x, shift, scale, out_offsets, mask, dim, out_ptr, eps)
 
     def _strides(t: torch.Tensor) -> tuple[int, int]:
         # (batch, token) strides; a broadcast token axis (size 1) reads the same row for every token.
         return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
-    def _launch_config(x: torch.Tensor) -> dict:
-        block = triton.next_power_of_2(x.shape[2])
-        return dict(BLOCK=block, num_warps=max(1, min(16, block // 512)))
+    # Tokens per program and warps per program (None: one per 512 columns, 8 for the model's 3072), from
+    # bench/kernels_check.py --sweep.
+    ADA_LAUNCH = {"ROWS": 1, "num_warps": None}
+
+    def _launch(kernel, x: torch.Tensor, *mods: torch.Tensor):
+        """The kernel's grid and launch arguments for x (B, S, D) and its modulation vectors."""
+        batch, seq, dim = x.shape
+        block = triton.next_power_of_2(dim)
+        rows = ADA_LAUNCH["ROWS"]
+        config = dict(MOD_PER_TOKEN=any(t.shape[1] > 1 for t in mods), ROWS=rows, BLOCK=block,
+                      num_warps=ADA_LAUNCH["num_warps"] or max(1, min(16, block // 512)))
+        return torch.library.wrap_triton(kernel)[(triton.cdiv(seq, rows), batch)], config
 
     @torch.library.triton_op("qistudio::modulated_norm", mutates_args=())
     def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         batch, seq, dim = x.shape
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        torch.library.wrap_triton(_modulated_norm_kernel)[(batch * seq,)](
-            x, shift, scale, out, seq, dim, *_strides(x), *_strides(shift), *_strides(scale), eps,
-            **_launch_config(x))
+        launch, config = _launch(_modulated_norm_kernel, x, shift, scale)
+        launch(x, shift, scale, out, seq, dim, *_strides(x), *_strides(shift), *_strides(scale), eps, **config)
         return out
 
     @torch.library.triton_op("qistudio::gated_residual_norm", mutates_args=())
@@ -164,7 +190,7 @@ if triton is not None:
         batch, seq, dim = x.shape
         x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        torch.library.wrap_triton(_gated_residual_norm_kernel)[(batch * seq,)](
-            x, update, gate, shift, scale, x_out, out, seq, dim, *_strides(x), *_strides(update), *_strides(gate),
-            *_strides(shift), *_strides(scale), eps, **_launch_config(x))
+        launch, config = _launch(_gated_residual_norm_kernel, x, gate, shift, scale)
+        launch(x, update, gate, shift, scale, x_out, out, seq, dim, *_strides(x), *_strides(update), *_strides(gate),
+               *_strides(shift), *_strides(scale), eps, **config)
         return x_out, out
