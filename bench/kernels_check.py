@@ -100,7 +100,7 @@ def main() -> None:
                   lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6))
             sweep("gated residual + norm (ROWS, num_warps)", configs, set_launch,
                   lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6))
-            set_launch((1, None))
+            set_launch((2, None))
         print(f"  norm: fused {timed(lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)):.3f} ms, compiled "
               f"{timed(compiled_norm):.3f} ms; residual + norm: fused "
               f"{timed(lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)):.3f} ms, "

@@ -99,9 +99,10 @@ if triton is not None:
     @triton.jit
     def _tile_offsets(batch, tokens, batch_stride, token_stride, cols, PER_TOKEN: tl.constexpr):
         # (ROWS, BLOCK) offsets of per-token rows, or of one (1, BLOCK) row when the tensor broadcasts over tokens.
-        if PER_TOKEN:
-            return batch * batch_stride + tokens[:, None] * token_stride + cols[None, :]
-        return batch * batch_stride + cols[None, :]
+        offsets = batch * batch_stride + cols[None, :]
+        if PER_TOKEN:  # a constexpr branch: compiled alone, so the shape may change in it
+            offsets = offsets + tokens[:, None] * token_stride
+        return offsets
 
     @triton.jit
     def _norm_modulate_store(x, shift, scale, offsets, mask, dim, out_ptr, eps):
@@ -163,9 +164,10 @@ if triton is not None:
         # (batch, token) strides; a broadcast token axis (size 1) reads the same row for every token.
         return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
-    # Tokens per program and warps per program (None: one per 512 columns, 8 for the model's 3072), from
-    # bench/kernels_check.py --sweep.
-    ADA_LAUNCH = {"ROWS": 1, "num_warps": None}
+    # Tokens per program and warps per program (None: one per 512 columns, 8 for the model's 3072). Two tokens per
+    # program: the gated residual + norm inside a compiled 1328x1328 batch-2 forward on an H200 went from 113 to 91
+    # us per call on average (bench/profile_forward.py --ada-launch; 4 tokens: 103 us).
+    ADA_LAUNCH = {"ROWS": 2, "num_warps": None}
 
     def _launch(kernel, x: torch.Tensor, *mods: torch.Tensor):
         """The kernel's grid and launch arguments for x (B, S, D) and its modulation vectors."""
