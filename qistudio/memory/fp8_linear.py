@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.packed_linears import release_packed
 from ..ops.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
 from ..ops.fp8_kernels import GEMV_MAX_ROWS, fp8_weight_gemv, gelu_quantize_rows
 
@@ -291,6 +292,7 @@ def quantize_linears(model: nn.Module, predicate: Predicate | None = None,
     linear carrying any raises instead.
     """
     predicate = predicate or dit_fp8_predicate
+    release_packed(model)  # the packed text q/k/v would keep the replaced bf16 weights alive
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and predicate(name, module)]
     hooked = [name for name, module in chosen if module._forward_hooks or module._forward_pre_hooks]

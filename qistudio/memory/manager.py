@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from ..models.packed_linears import release_packed
 from .disk import DiskBlockWeights, DiskSource
 from .offload import BlockStreamer, ModelOffload, spread
 from .plan import NUM_SLOTS, GiB, MemoryPlan, ModelSize
@@ -65,6 +66,7 @@ class MemoryManager:
         self.report: dict[str, int] = {}
         for name, model_plan in plan.models.items():
             model = models[name]
+            release_packed(model)  # offloading re-points the weights: no packed copy may stay on the device
             if model_plan.mode == "resident":
                 model.to(self.device)
                 continue

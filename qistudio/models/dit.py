@@ -25,6 +25,7 @@ from ..ops.fp8_attention import quantize_joined
 from ..ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_fp8
 from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
+from .packed_linears import forget_if_moved, packed_linears
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,37 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
+    @property
+    def text_projections(self) -> list[nn.Linear]:
+        return [self.add_q_proj, self.add_k_proj, self.add_v_proj]
+
+    def packed_text_qkv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The text q/k/v linears as one (weight, bias) where they can run as one GEMM (models/packed_linears.py)."""
+        return packed_linears(self, self.text_projections)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        forget_if_moved(self, self.text_projections)  # a move leaves the old packed weight otherwise held
+        return result
+
     def _joint_rotated(self, img_proj, txt_proj, img_norm: RMSNorm, txt_norm: RMSNorm, rotation) -> torch.Tensor:
         # Joined before the norm (one fused pass on CUDA, ops/qk_norm_rope.py), not after RoPE: same values.
         return joint_qk_norm_rope(img_proj, txt_proj, img_norm.weight, txt_norm.weight, img_norm.eps, rotation,
                                   self.head_dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask):
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask, txt_qkv=None):
+        """txt_qkv: `packed_text_qkv()`'s (weight, bias), passed in by the caller (a compiled block takes it as an
+        input, not a lookup it would have to guard), or None for the three linears."""
         rotation = rotary.with_joint().joint  # (N + L, head_dim / 2, 2), or per row (B, N + L, head_dim / 2, 2)
         if mask is None and fp8_attention_enabled(img, self.fp8_attention):
             return self._forward_fp8(img, txt, rotation, key_lengths)
-        query = self._joint_rotated(self.to_q(img), self.add_q_proj(txt), self.norm_q, self.norm_added_q, rotation)
-        key = self._joint_rotated(self.to_k(img), self.add_k_proj(txt), self.norm_k, self.norm_added_k, rotation)
-        value = torch.cat([self.to_v(img), self.add_v_proj(txt)], dim=1).unflatten(-1, (-1, self.head_dim))
+        if txt_qkv is None:
+            txt_q, txt_k, txt_v = self.add_q_proj(txt), self.add_k_proj(txt), self.add_v_proj(txt)
+        else:
+            txt_q, txt_k, txt_v = F.linear(txt, *txt_qkv).chunk(3, dim=-1)  # each (B, L, D), rows 3 D apart
+        query = self._joint_rotated(self.to_q(img), txt_q, self.norm_q, self.norm_added_q, rotation)
+        key = self._joint_rotated(self.to_k(img), txt_k, self.norm_k, self.norm_added_k, rotation)
+        value = torch.cat([self.to_v(img), txt_v], dim=1).unflatten(-1, (-1, self.head_dim))
 
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
@@ -132,9 +152,9 @@ class DiTBlock(nn.Module):
         self.txt_mlp = FeedForward(dim, cfg.mlp_hidden)
 
     def forward(self, img, txt, img_temb, txt_temb, rotary: Rotary, key_lengths=None, mask=None,
-                img_pending=None, defer_residual: bool = False):
+                img_pending=None, defer_residual: bool = False, txt_qkv=None):
         """img (B, N, D), txt (B, L, D); img_temb (B, 1|N, D) (per token for zero-cond-t), txt_temb (B, 1, D).
-        Returns (img, txt).
+        Returns (img, txt). txt_qkv: the attention's packed text q/k/v (JointAttention.packed_text_qkv) or None.
 
         The image stream's last residual can be handed on instead of added (inference, QwenImageDiT's loop):
         with defer_residual=True this returns (img, txt, pending), img lacking `gate * update` for pending =
@@ -158,6 +178,7 @@ class DiTBlock(nn.Module):
             rotary,
             key_lengths,
             mask,
+            txt_qkv,
         )
         img, img_normed = gated_residual_norm(img, img_attn, img_mod[2], img_mod[3], img_mod[4], self.eps, fused)
         txt, txt_normed = gated_residual_norm(txt, txt_attn, txt_mod[2], txt_mod[3], txt_mod[4], self.eps, fused)
@@ -260,9 +281,11 @@ class QwenImageDiT(nn.Module):
                 )
             elif defer:
                 img, txt, pending = block(img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask,
-                                          img_pending=pending, defer_residual=True)
+                                          img_pending=pending, defer_residual=True,
+                                          txt_qkv=block.attn.packed_text_qkv())
             else:
-                img, txt = block(img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask)
+                img, txt = block(img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask,
+                                 txt_qkv=block.attn.packed_text_qkv())
             if block_hook is not None:
                 img = block_hook(index, img)
         if pending is not None:

@@ -86,7 +86,7 @@ if triton is not None:
 
     @triton.jit
     def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr, out_scale_ptr,
-                                   num_img, num_txt, rot_batch_stride, eps,
+                                   num_img, num_txt, img_row_stride, txt_row_stride, rot_batch_stride, eps,
                                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                                    FP8_OUT: tl.constexpr):
         # A program takes ROWS heads of one token of the joint sequence (ROWS divides HEADS), so whether the token
@@ -101,10 +101,11 @@ if triton is not None:
         offsets = (head0 + tl.arange(0, ROWS))[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
         d = tl.arange(0, HEAD_DIM)
         if pos < num_img:
-            x = tl.load(img_ptr + (batch * num_img + pos).to(tl.int64) * width + offsets).to(tl.float32)
+            x = tl.load(img_ptr + (batch * num_img + pos).to(tl.int64) * img_row_stride + offsets).to(tl.float32)
             w = tl.load(img_w_ptr + d).to(tl.float32)
         else:
-            x = tl.load(txt_ptr + (batch * num_txt + pos - num_img).to(tl.int64) * width + offsets).to(tl.float32)
+            x = tl.load(txt_ptr + (batch * num_txt + pos - num_img).to(tl.int64) * txt_row_stride
+                        + offsets).to(tl.float32)
             w = tl.load(txt_w_ptr + d).to(tl.float32)
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
         dtype = img_ptr.dtype.element_ty
@@ -126,6 +127,13 @@ if triton is not None:
     # compiling, which failed here.
     QK_LAUNCH = {"ROWS": 4, "num_warps": 1}
 
+    def _evenly_spaced_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x (B, S, D) and the distance between its rows: a slice of a packed projection (rows 3 D apart) is read
+        in place, anything else made contiguous."""
+        if x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
+            return x, x.stride(1)
+        return x.contiguous(), x.shape[-1]
+
     def _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, out_scale):
         batch, num_img, dim = img_proj.shape
         num_txt = txt_proj.shape[1]
@@ -136,9 +144,11 @@ if triton is not None:
         rotation = rotation.contiguous()  # (S, head_dim / 2, 2) or (B, S, head_dim / 2, 2) float32
         rot_batch_stride = rotation.stride(0) if rotation.dim() == 4 else 0
         grid = (batch * (num_img + num_txt) * (heads // rows),)
+        img_proj, img_row_stride = _evenly_spaced_rows(img_proj)
+        txt_proj, txt_row_stride = _evenly_spaced_rows(txt_proj)
         torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[grid](
-            img_proj.contiguous(), txt_proj.contiguous(), img_weight, txt_weight, rotation, out, out_scale,
-            num_img, num_txt, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, ROWS=rows,
+            img_proj, txt_proj, img_weight, txt_weight, rotation, out, out_scale,
+            num_img, num_txt, img_row_stride, txt_row_stride, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, ROWS=rows,
             FP8_OUT=out.dtype == FP8_DTYPE, num_warps=QK_LAUNCH["num_warps"],
         )
 
