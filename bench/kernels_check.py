@@ -94,13 +94,14 @@ def main() -> None:
             lambda: ada_norm.gated_residual_norm_reference(x, update, mod[2], mod[3], mod[4], 1e-6))
         if "--sweep" in sys.argv:
             def set_launch(config):
-                ada_norm.ADA_LAUNCH.update(ROWS=config[0], num_warps=config[1])
-            configs = [(rows, warps) for rows in (1, 2, 4) for warps in (2, 4, 8, 16)]
+                ada_norm.ADA_LAUNCH.update(ROWS=config[0], num_warps=config[1], CHUNK=config[2])
+            configs = ([(rows, warps, 0) for rows in (1, 2, 4) for warps in (4, 8, 16)]
+                       + [(rows, warps, chunk) for rows in (2, 4, 8) for warps in (2, 4, 8) for chunk in (512, 1024)])
             sweep("adaptive norm (ROWS, num_warps)", configs, set_launch,
                   lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6))
             sweep("gated residual + norm (ROWS, num_warps)", configs, set_launch,
                   lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6))
-            set_launch((2, None))
+            set_launch((2, None, 0))
         print(f"  norm: fused {timed(lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)):.3f} ms, compiled "
               f"{timed(compiled_norm):.3f} ms; residual + norm: fused "
               f"{timed(lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)):.3f} ms, "

@@ -39,8 +39,9 @@ def main() -> None:
     parser.add_argument("--text-lengths", type=int, nargs="*", default=None,
                         help="valid text tokens per row (padded batch, as guidance with a negative prompt)")
     parser.add_argument("--rows", type=int, default=30)
-    parser.add_argument("--ada-launch", type=int, nargs=2, default=None, metavar=("ROWS", "WARPS"),
-                        help="tokens per program and num_warps of the adaptive norm kernels")
+    parser.add_argument("--ada-launch", type=int, nargs="+", default=None, metavar="N",
+                        help="ROWS WARPS [CHUNK]: tokens per program, num_warps (0: the default) and columns per "
+                        "pass (0: the whole-row kernels) of the adaptive norm kernels")
     parser.add_argument("--qk-launch", type=int, nargs=2, default=None, metavar=("ROWS", "WARPS"),
                         help="heads per program and num_warps of the q/k norm+RoPE kernel")
     args = parser.parse_args()
@@ -49,7 +50,8 @@ def main() -> None:
     if args.ada_launch:
         from qistudio.ops import ada_norm
 
-        ada_norm.ADA_LAUNCH.update(ROWS=args.ada_launch[0], num_warps=args.ada_launch[1])
+        rows, warps, *chunk = args.ada_launch
+        ada_norm.ADA_LAUNCH.update(ROWS=rows, num_warps=warps or None, CHUNK=chunk[0] if chunk else 0)
     if args.qk_launch:
         from qistudio.ops import qk_norm_rope
 

@@ -176,9 +176,10 @@ from qistudio.ops import ada_norm as A
 x, update = torch.randn(2, 7, 96).half(), torch.randn(2, 7, 96).half()  # float16: the interpreter truncates bf16
 mod = (0.5 * torch.randn(2, 7, 3 * 96)).half()  # per-token modulation rows, viewed as strided chunks
 # One token per program, and 4 (7 tokens: the last block of each sample runs past its end).
-for rows, (shift, scale, gate) in [(rows, mods) for rows in (1, 4) for mods in (
+# The whole-row form (CHUNK 0) and the chunked one (32 columns: three passes of three pieces).
+for rows, chunk, (shift, scale, gate) in [(rows, chunk, mods) for rows in (1, 4) for chunk in (0, 32) for mods in (
         (mod[:, :1, :96], mod[:, :1, 96:192], mod[:, :1, 192:]), mod.chunk(3, dim=-1))]:
-    A.ADA_LAUNCH["ROWS"] = rows
+    A.ADA_LAUNCH.update(ROWS=rows, CHUNK=chunk)
     out = A._modulated_norm(x, shift, scale, 1e-6)
     assert (out == A.modulated_norm_float32(x, shift, scale, 1e-6)).float().mean() > 0.99
     eager = A.modulated_norm_reference(x, shift, scale, 1e-6)  # eager's roundings: within a few float16 steps
