@@ -3,9 +3,10 @@
 Reference forms (`modulated_norm_reference`, `gated_residual_norm_reference`; any device, differentiable) are the
 block's eager arithmetic: a bf16 rounding after each operation, LayerNorm statistics in float32.
 
-Fused form (CUDA inference, Triton): one program per token row holds the whole row in registers, so each input is
-read once and each output written once. It computes in float32 and rounds each output once, as inductor's fused
-kernels (and so diffusers' compiled model) do; `modulated_norm_float32` is that arithmetic in PyTorch. Compiled,
+Fused form (CUDA inference, Triton): a program takes a few token rows of one sample and reads each input from
+HBM once and writes each output once: either holding whole rows in registers, or (the default) in chunks of
+columns, re-reading the rows it has just touched from L2 (ADA_LAUNCH below). It computes in float32 and rounds
+each output once, as inductor's fused kernels (and so diffusers' compiled model) do; `modulated_norm_float32` is that arithmetic in PyTorch. Compiled,
 the same work was a Welford reduction looping over each row two or three times with a division per element,
 compute-bound at a power-limited H100's clocks: at 1328x1328, batch 2, the norm before attention went from 141 to
 about 75 us, the gated residual + norm before the MLP from 144 to about 115 us (bench/RESULTS.md, fourth pass).
@@ -225,11 +226,13 @@ if triton is not None:
         # (batch, token) strides; a broadcast token axis (size 1) reads the same row for every token.
         return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
-    # Tokens per program and warps per program (None: one per 512 columns, 8 for the model's 3072). Two tokens per
-    # program: the gated residual + norm inside a compiled 1328x1328 batch-2 forward on an H200 went from 113 to 91
-    # us per call on average (bench/profile_forward.py --ada-launch; 4 tokens: 103 us).
-    # CHUNK: columns per pass of the chunked form (0: the whole-row form).
-    ADA_LAUNCH = {"ROWS": 2, "num_warps": None, "CHUNK": 0}
+    # Tokens per program, warps per program (None: 4 for the chunked form; for the whole-row form one per 512
+    # columns, 8 for the model's 3072) and columns per pass of the chunked form (0: the whole-row form). Measured
+    # inside a compiled 1328x1328 batch-2 forward on an H200 (bench/profile_forward.py --ada-launch, FlashAttention
+    # 4): the image stream's gated residual + norm took about 134 us per call whole-row (2 tokens per program),
+    # 107 us chunked (2 tokens, 1024 columns; 4 tokens: 110 us, 8 tokens of 512: 180 us); all the block's norms
+    # 16.6 -> 13.3 ms per forward. Alone on the card (kernels_check --sweep) the two forms time alike.
+    ADA_LAUNCH = {"ROWS": 2, "num_warps": None, "CHUNK": 1024}
 
     def _launch(kernel, x: torch.Tensor, *mods: torch.Tensor):
         """The kernel's grid and launch arguments for x (B, S, D) and its modulation vectors."""
