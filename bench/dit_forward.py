@@ -75,6 +75,17 @@ def without_fused(name: str, fn):
     return run
 
 
+def time_variants(variants, rounds: int, ref_out: torch.Tensor) -> list[tuple[str, float, float]]:
+    """(name, median seconds, rel. error vs ref_out) per variant, timed round-robin: a power-limited card's clock
+    drifts within seconds, and the ratios should not depend on which variant ran when."""
+    errors = {name: ((fn().float() - ref_out).norm() / ref_out.norm()).item() for name, fn in variants}
+    times = {name: [] for name, _ in variants}
+    for _ in range(rounds):
+        for name, fn in variants:
+            times[name].append(cuda_time(fn, iters=5 if rounds == 1 else 3))
+    return [(name, statistics.median(times[name]), errors[name]) for name, _ in variants]
+
+
 def with_flash4_tile(tile: list[int], fn):
     """fn run with FlashAttention 4's SM90 forward on the tile (M, N) and pipeline flags (RS, OL) given."""
     from qistudio.ops import flash4
@@ -217,16 +228,8 @@ def main() -> None:
             if args.flash4_tile and "flash4" in extra_attention and not args.no_bf16:
                 variants.append((f"qistudio {mode}, flash4 attention, SM90 tile {args.flash4_tile}",
                                  with_flash4_tile(args.flash4_tile, ours_with("flash4"))))
-            errors = {name: ((fn().float() - ref_out).norm() / ref_out.norm()).item() for name, fn in variants}
-            # Round-robin over the variants: a power-limited card's clock drifts within seconds, and the ratios
-            # should not depend on which variant ran when.
-            times = {name: [] for name, _ in variants}
-            for _ in range(args.rounds):
-                for name, fn in variants:
-                    times[name].append(cuda_time(fn, iters=5 if args.rounds == 1 else 3))
-            for name, _ in variants:
-                t = statistics.median(times[name])
-                rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, errors[name]))
+            for name, t, err in time_variants(variants, args.rounds, ref_out):
+                rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err))
                 print(rows[-1], flush=True)
             set_attention_backend(None)
     if args.fp8:
@@ -241,24 +244,30 @@ def main() -> None:
                 tokens, text, sigma, ref_out = cases[(size, batch)]
                 rotary = qwen_rotary([ImageGrid(0, h, w)], TEXT_LEN, device="cuda")
 
-                def run_fp8():
+                def run_ref():
                     with torch.no_grad():
-                        return ours(tokens, text, sigma, rotary)
+                        return ref(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma,
+                                   img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0]
+
+                def fp8_with(backend, fast):
+                    def run():
+                        set_attention_backend(backend)
+                        set_fp8_compute(ours, True, fast_accumulation=fast)
+                        with torch.no_grad():
+                            return ours(tokens, text, sigma, rotary)
+                    return run
 
                 fp8_backends = ["sdpa"] + [n for n in extra_attention if n != "sdpa"]
                 fp8_backends += ["cudnn_fp8"] if "cudnn_fp8" in available_backends() else []
-                # The last backend (the fastest where installed) also with the GEMMs' float32 accumulation.
-                fp8_variants = [(name, True) for name in fp8_backends] + [(fp8_backends[-1], False)]
-                for attention_backend, fast in fp8_variants:
-                    set_attention_backend(attention_backend)
-                    set_fp8_compute(ours, True, fast_accumulation=fast)
-                    err = ((run_fp8().float() - ref_out).norm() / ref_out.norm()).item()
-                    t = cuda_time(run_fp8)
-                    label = {"cudnn_fp8": " + cuDNN FP8 attention"}.get(attention_backend,
-                                                                        f" + {attention_backend} attention")
+                # The last backend (the fastest where installed) also with the GEMMs' float32 accumulation. The
+                # baseline is timed again among these rows, minutes after the bf16 rows.
+                variants = [(f"diffusers {ref_mode}, timed again beside the FP8 rows", run_ref)]
+                for backend, fast in [(name, True) for name in fp8_backends] + [(fp8_backends[-1], False)]:
+                    label = {"cudnn_fp8": " + cuDNN FP8 attention"}.get(backend, f" + {backend} attention")
                     label += "" if fast else ", float32 accumulation (not fast)"
-                    rows.append((f"{size}² b={batch}", f"qistudio {mode}, FP8 W8A8 block linears{label}", t,
-                                 dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
+                    variants.append((f"qistudio {mode}, FP8 W8A8 block linears{label}", fp8_with(backend, fast)))
+                for name, t, err in time_variants(variants, args.rounds, ref_out):
+                    rows.append((f"{size}² b={batch}", name, t, dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
                     print(rows[-1], flush=True)
                 set_fp8_compute(ours, True, fast_accumulation=True)
                 set_attention_backend(None)
@@ -273,8 +282,10 @@ def main() -> None:
         "| rel. err vs diffusers eager (bf16) |",
         "|---|---|---|---|---|---|---|",
     ]
-    baseline = {case: t for case, name, t, _, _ in rows if name.startswith("diffusers")}
+    baseline = {}  # each row against the latest diffusers timing of its case
     for case, name, t, tf, err in rows:
+        if name.startswith("diffusers"):
+            baseline[case] = t
         lines.append(f"| {case} | {name} | {t:.3f} s | {baseline[case] / t:.2f} | {tf:.0f} | "
                      f"{100 * tf / ceiling:.0f}% | {err:.2e} |")
     table = "\n".join(lines)
