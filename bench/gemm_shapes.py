@@ -23,7 +23,10 @@ from bench.kernels_check import timed  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--text", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--mlp", action="store_true", help="only the MLP GEMMs, whole and split")
     args = parser.parse_args()
+    if args.mlp:
+        return mlp_splits()
     dev, bf, dim = "cuda", torch.bfloat16, 3072
     weights = [(torch.randn(dim, dim, device=dev) / dim ** 0.5).to(bf) for _ in range(3)]
     biases = [(0.1 * torch.randn(dim, device=dev)).to(bf) for _ in range(3)]
@@ -43,6 +46,53 @@ def main() -> None:
         print(f"{rows:6d} rows: q/k/v three GEMMs {separate:.4f} ms, one packed {packed:.4f} ms "
               f"({separate / packed:.2f}x, bit-equal {same}); one {dim}->{dim} {timed(lambda: F.linear(x, weights[0])):.4f} ms,"
               f" up {timed(lambda: F.linear(x, up_w)):.4f} ms, down {timed(lambda: F.linear(hidden, down_w)):.4f} ms")
+
+
+def mlp_splits() -> None:
+    """The MLP's GEMMs whole and split: by rows (each part writes a contiguous slice of one output) and, for
+    comparison only, by output columns. Interleaved rounds (the card drifts); medians."""
+    dev, bf, dim, rows = "cuda", torch.bfloat16, 3072, 2 * 6889
+    x = torch.randn(rows, dim, device=dev, dtype=bf)
+    hidden = torch.randn(rows, 4 * dim, device=dev, dtype=bf)
+    up_w = (torch.randn(4 * dim, dim, device=dev) / dim ** 0.5).to(bf)
+    up_b = (0.1 * torch.randn(4 * dim, device=dev)).to(bf)
+    down_w = (torch.randn(dim, 4 * dim, device=dev) / dim ** 0.5).to(bf)
+    up_out = torch.empty(rows, 4 * dim, device=dev, dtype=bf)
+    down_out = torch.empty(rows, dim, device=dev, dtype=bf)
+
+    def up_rows(parts):
+        bounds = [rows * i // parts for i in range(parts + 1)]
+
+        def run():
+            for a, b in zip(bounds, bounds[1:]):
+                torch.addmm(up_b, x[a:b], up_w.t(), out=up_out[a:b])
+        return run
+
+    def down_rows(parts):
+        bounds = [rows * i // parts for i in range(parts + 1)]
+
+        def run():
+            for a, b in zip(bounds, bounds[1:]):
+                torch.mm(hidden[a:b], down_w.t(), out=down_out[a:b])
+        return run
+
+    cases = {
+        "up whole (addmm)": lambda: torch.addmm(up_b, x, up_w.t(), out=up_out),
+        "up gelu epilogue": lambda: torch._addmm_activation(up_b, x, up_w.t(), use_gelu=True),
+        "up 2 row parts": up_rows(2), "up 4 row parts": up_rows(4),
+        "up 4 column parts (separate outputs)": lambda: [F.linear(x, w, b) for w, b in zip(up_w.chunk(4), up_b.chunk(4))],
+        "down whole": lambda: torch.mm(hidden, down_w.t(), out=down_out),
+        "down 2 row parts": down_rows(2), "down 4 row parts": down_rows(4),
+        "qkv-size (13778x3072x3072) x4": lambda: [F.linear(x, w) for w in down_w.view(dim, 4, dim).unbind(1)],
+    }
+    times = {name: [] for name in cases}
+    for _ in range(7):
+        for name, fn in cases.items():
+            times[name].append(timed(fn, n=10, repeats=1))
+    flops = 2 * rows * dim * 4 * dim
+    for name, t in times.items():
+        ms = sorted(t)[3]
+        print(f"  {name:40s} {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":
