@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--text-lengths", type=int, nargs="*", default=None,
                         help="valid text tokens per row (padded batch, as guidance with a negative prompt)")
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--gaps", action="store_true", help="also the idle time between kernels, by kernel pair")
     parser.add_argument("--ada-launch", type=int, nargs="+", default=None, metavar="N",
                         help="ROWS WARPS [CHUNK]: tokens per program, num_warps (0: the default) and columns per "
                         "pass (0: the whole-row kernels) of the adaptive norm kernels")
@@ -112,10 +113,35 @@ def main() -> None:
         groups[kernel_group(e.key)] += e.device_time_total / 1000
     blocks = len(dit.transformer_blocks)
     print("per block: " + ", ".join(f"{name} {ms / blocks:.3f} ms" for name, ms in sorted(groups.items())))
+    if args.gaps:
+        print_gaps(prof)
     kernels.sort(key=lambda e: -e.device_time_total)
     for e in kernels[:args.rows]:
         print(f"{e.device_time_total / 1000:8.2f} ms x{e.count:<4d} {e.device_time_total / e.count:8.1f} us "
               f"[{kernel_group(e.key)}] {e.key[:110]}")
+
+
+def print_gaps(prof, top: int = 15) -> None:
+    """The idle time between consecutive kernels of the profiled forward, summed by (kernel before, kernel after)."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                     key=lambda e: e["ts"])
+    pairs, total = defaultdict(lambda: [0.0, 0]), 0.0
+    for before, after in zip(kernels, kernels[1:]):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > 0:
+            key = (before["name"][:50], after["name"][:50])
+            pairs[key][0] += gap
+            pairs[key][1] += 1
+            total += gap
+    print(f"idle between kernels: {total / 1000:.2f} ms over {len(kernels)} kernels; largest by pair:")
+    for (before, after), (gap, count) in sorted(pairs.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"  {gap / 1000:7.2f} ms x{count:<5d} {gap / count:6.1f} us  {before} -> {after}")
 
 
 def kernel_group(name: str) -> str:
