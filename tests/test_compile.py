@@ -324,3 +324,27 @@ def test_fused_kernels_agree_on_gpu():
         assert packed is not None
         for a, b in zip(compiled(img, txt, temb, temb, rotary, txt_qkv=packed), eager):
             assert rel_err(a, b) < 1e-2
+
+
+def test_a_new_batch_size_compiles_static_blocks():
+    """Guidance off, then on (batch 1, then 2): the blocks compile again for batch 2 with a constant batch size, so
+    a batch of 3 compiles once more instead of reusing a graph generic in the batch (whose kernels ran slower)."""
+    from qistudio.models.dit import DiTConfig, QwenImageDiT
+
+    torch._dynamo.reset()
+    cfg = DiTConfig(num_layers=2, num_heads=2, head_dim=16, text_dim=24, axes_dim=(4, 6, 6))
+    dit = QwenImageDiT(cfg).eval().requires_grad_(False)
+    compiled_batches = []
+
+    def recording_backend(graph_module, example_inputs):
+        compiled_batches.append(next(t.shape[0] for t in example_inputs
+                                     if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[-1] == cfg.dim))
+        return graph_module.forward
+
+    compile_repeated_blocks(dit, backend=recording_backend)
+    rotary = qwen_rotary([ImageGrid(0, 3, 4)], 5, axes_dim=cfg.axes_dim)
+    with torch.no_grad():
+        for batch in (1, 2, 3, 2):
+            dit(torch.randn(batch, 12, cfg.in_channels), torch.randn(batch, 5, cfg.text_dim), torch.rand(batch), rotary)
+    # Two graphs per batch size (the first block takes no pending residual), none shared between sizes.
+    assert sorted(compiled_batches) == [1, 1, 2, 2, 3, 3]
