@@ -302,9 +302,10 @@ class QwenImageDiT(nn.Module):
 
 def _static_batch(*tensors: torch.Tensor) -> None:
     """Keep the batch size a constant of the compiled blocks. After a second batch size (guidance off then on,
-    another num_images) torch.compile would otherwise recompile them for any batch size, and those kernels ran
-    slower: 1328x1328 batch 2 with FP8 compute took 0.304 s after a batch-1 call in the same process, 0.294-0.298 s
-    in processes that only ran batch 2 (H200). A new batch size now compiles once more, as a new image size does."""
+    another num_images) torch.compile would otherwise recompile them for any batch size, and such a process ran
+    slower: 1328x1328 batch 2 with FP8 compute took 0.304 s after a batch-1 call, 0.294-0.298 s in processes that
+    only ran batch 2 (H200; bench/RESULTS.md, sixth pass). A new batch size now compiles once more, as a new image
+    size does."""
     for tensor in tensors:
         torch._dynamo.mark_static(tensor, 0)
 
