@@ -29,13 +29,15 @@ def packed_linears(owner: nn.Module, linears: list[nn.Linear]) -> tuple[torch.Te
     Packs on first use (the weights move into one new tensor and become views of it) when every weight owns its
     storage; weights that are views into a storage someone else manages (offload slots, a disk map) are left alone.
     """
-    if not _enabled or not _packable(linears):
+    if not _enabled or not _plain(linears):
         _drop(owner)
         return None
     packed = getattr(owner, _CACHE, None)
-    if packed is not None and _still_views(packed, linears):
+    if packed is not None and _still_views(packed, linears):  # every forward after the first: a few pointers
         return packed
     _drop(owner)
+    if not _same_layout(linears):
+        return None
     packed = _views_of_one_storage(linears)  # packed before, and the packed form forgotten (switched off, moved)
     if packed is not None:
         setattr(owner, _CACHE, packed)
@@ -74,24 +76,26 @@ def _drop(owner: nn.Module) -> None:
         setattr(owner, _CACHE, None)
 
 
-def _packable(linears: list[nn.Linear]) -> bool:
-    first = linears[0].weight
-    # Meta tensors and the disk offloader's empty placeholders are not weights yet.
-    if first.is_meta or not first.is_floating_point() or first.dim() != 2 or first.numel() == 0:
-        return False
+def _plain(linears: list[nn.Linear]) -> bool:
     for layer in linears:
         # Exactly nn.Linear: FP8 linears and LoRA-wrapped layers compute something else. Hooks (runtime LoRA, the
         # offloader's) must see their own layer called.
         if type(layer) is not nn.Linear or layer.bias is None or layer._forward_hooks or layer._forward_pre_hooks:
             return False
-        if layer.weight.device != first.device or layer.weight.dtype != first.dtype or layer.bias.dtype != first.dtype:
-            return False
-        if layer.weight.dim() != 2 or layer.weight.shape[1] != first.shape[1] or layer.bias.dim() != 1:
-            return False
         # Trained weights stay apart (their own storage for the optimiser and for checkpoints): inference only.
         if layer.weight.requires_grad or layer.bias.requires_grad:
             return False
     return True
+
+
+def _same_layout(linears: list[nn.Linear]) -> bool:
+    first = linears[0].weight
+    # Meta tensors and the disk offloader's empty placeholders are not weights yet.
+    if first.is_meta or not first.is_floating_point() or first.dim() != 2 or first.numel() == 0:
+        return False
+    return all(layer.weight.device == first.device and layer.weight.dtype == layer.bias.dtype == first.dtype
+               and layer.weight.dim() == 2 and layer.weight.shape[1] == first.shape[1] and layer.bias.dim() == 1
+               for layer in linears)
 
 
 def _owns_storage(tensor: torch.Tensor) -> bool:
