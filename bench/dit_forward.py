@@ -86,20 +86,6 @@ def time_variants(variants, rounds: int, ref_out: torch.Tensor) -> list[tuple[st
     return [(name, statistics.median(times[name]), errors[name]) for name, _ in variants]
 
 
-def with_flash4_tile(tile: list[int], fn):
-    """fn run with FlashAttention 4's SM90 forward on the tile (M, N) and pipeline flags (RS, OL) given."""
-    from qistudio.ops import flash4
-
-    def run():
-        m, n, rs, ol = tile
-        flash4.SM90_TILE = dict(tile_mn=(m, n), mma_pv_is_rs=bool(rs), intra_wg_overlap=bool(ol))
-        try:
-            return fn()
-        finally:
-            flash4.SM90_TILE = None
-    return run
-
-
 def graphed(fn):
     """fn (fixed inputs) captured as one CUDA graph after a warm-up; returns the replaying function."""
     stream = torch.cuda.Stream()
@@ -134,8 +120,6 @@ def main() -> None:
                         "backend is a compilation of its own: long max-autotune warm-ups)")
     parser.add_argument("--attention", nargs="*", default=[], help="also time ours with these attention backends "
                         "forced (e.g. flash4), where installed")
-    parser.add_argument("--flash4-tile", type=int, nargs=4, default=None, metavar=("M", "N", "RS", "OL"),
-                        help="FlashAttention 4's SM90 tile and pipeline flags (bench/flash4_tiles.py)")
     parser.add_argument("--without", nargs="*", default=[], choices=sorted(FUSED_SWITCHES),
                         help="also time ours (last attention backend) with each of these fused ops switched off")
     parser.add_argument("--rounds", type=int, default=1, help="time the variants round-robin this many times "
@@ -225,9 +209,6 @@ def main() -> None:
                 backend = extra_attention[-1] if extra_attention else "sdpa"
                 variants.append((f"qistudio {mode}, {backend} attention, the whole forward as one CUDA graph",
                                  graphed(ours_with(backend))))
-            if args.flash4_tile and "flash4" in extra_attention and not args.no_bf16:
-                variants.append((f"qistudio {mode}, flash4 attention, SM90 tile {args.flash4_tile}",
-                                 with_flash4_tile(args.flash4_tile, ours_with("flash4"))))
             for name, t, err in time_variants(variants, args.rounds, ref_out):
                 rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err))
                 print(rows[-1], flush=True)

@@ -23,7 +23,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=6889 + 128)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--best-to", default=None, help="write the fastest config here as 'M N RS OL'")
     args = parser.parse_args()
     from flash_attn.cute.interface import _flash_attn_fwd
 
@@ -53,9 +52,6 @@ def main() -> None:
     for ms, config in ranked:
         print(f"  {str(config or 'default (128, 128) RS OL'):36s} {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  "
               f"rel L2 vs default {runs[config][1]:.1e}")
-    if args.best_to:  # for a following dit_forward run: `--flash4-tile $(cat file)`
-        best = ranked[0][1] or ((128, 128), True, True)
-        Path(args.best_to).write_text(f"{best[0][0]} {best[0][1]} {int(best[1])} {int(best[2])}")
 
 
 if __name__ == "__main__":

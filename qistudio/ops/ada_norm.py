@@ -168,6 +168,17 @@ if triton is not None:
     # several programs share an SM and keep enough loads in flight at the power-limited clocks of a compiled
     # forward, where the whole-row form ran at about 2.5 TB/s.
     @triton.jit
+    def _normalised_rows(x_ptr, x_out_ptr, batch, tokens, x_batch_stride, x_token_stride, out_rows, cols, mask,
+                         HAS_UPDATE: tl.constexpr):
+        # A chunk of the rows being normalised: the stored residual rows, or the input rows.
+        if HAS_UPDATE:
+            rows = tl.load(x_out_ptr + out_rows + cols[None, :], mask=mask, other=0.0)
+        else:
+            rows = tl.load(x_ptr + _tile_offsets(batch, tokens, x_batch_stride, x_token_stride, cols, True), mask=mask,
+                           other=0.0)
+        return rows
+
+    @triton.jit
     def _chunked_norm_kernel(x_ptr, update_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, out_ptr, seq, dim,
                              x_batch_stride, x_token_stride, update_batch_stride, update_token_stride,
                              gate_batch_stride, gate_token_stride, shift_batch_stride, shift_token_stride,
@@ -198,22 +209,16 @@ if triton is not None:
         for start in range(0, dim, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = rows_ok & (cols < dim)[None, :]
-            if HAS_UPDATE:
-                x = tl.load(x_out_ptr + out_rows + cols[None, :], mask=mask, other=0.0)
-            else:
-                x = tl.load(x_ptr + _tile_offsets(batch, tokens, x_batch_stride, x_token_stride, cols, True),
-                            mask=mask, other=0.0)
+            x = _normalised_rows(x_ptr, x_out_ptr, batch, tokens, x_batch_stride, x_token_stride, out_rows, cols, mask,
+                                 HAS_UPDATE)
             centred = tl.where(mask, x.to(tl.float32) - mean, 0.0)
             squares += tl.sum(centred * centred, axis=1)
         inv_std = tl.rsqrt(squares / dim + eps)[:, None]
         for start in range(0, dim, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = rows_ok & (cols < dim)[None, :]
-            if HAS_UPDATE:
-                x = tl.load(x_out_ptr + out_rows + cols[None, :], mask=mask, other=0.0)
-            else:
-                x = tl.load(x_ptr + _tile_offsets(batch, tokens, x_batch_stride, x_token_stride, cols, True),
-                            mask=mask, other=0.0)
+            x = _normalised_rows(x_ptr, x_out_ptr, batch, tokens, x_batch_stride, x_token_stride, out_rows, cols, mask,
+                                 HAS_UPDATE)
             mod_mask = mask if MOD_PER_TOKEN else (cols < dim)[None, :]
             shift = tl.load(shift_ptr + _tile_offsets(batch, tokens, shift_batch_stride, shift_token_stride, cols,
                                                       MOD_PER_TOKEN), mask=mod_mask, other=0.0)

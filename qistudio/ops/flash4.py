@@ -32,11 +32,6 @@ def _available(device_index: int) -> bool:
     return major in (9, 10)
 
 
-# The SM90 forward's tile and pipeline flags (tile_mn, mma_pv_is_rs, intra_wg_overlap, as the wheel's
-# `_flash_attn_fwd` takes them), or None for the wheel's own choice (128 x 128 for head_dim 128).
-SM90_TILE: dict | None = None
-
-
 @torch.library.custom_op("qistudio::flash4_attention", mutates_args=())
 def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      key_lengths: list[int] | None = None) -> torch.Tensor:
@@ -44,11 +39,6 @@ def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     keys of sample i (the kernel's `seqused_k`), so a padded batch is one launch instead of one per sample."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
-    if SM90_TILE is not None and torch.cuda.get_device_capability(query.device)[0] == 9:
-        from flash_attn.cute.interface import _flash_attn_fwd
-
-        seqused_k = None if key_lengths is None else key_lengths_tensor(tuple(key_lengths), query.device)
-        return _flash_attn_fwd(query, key, value, seqused_k=seqused_k, **SM90_TILE)[0]
     if key_lengths is None:
         result = flash_attn_func(query, key, value)
     else:
