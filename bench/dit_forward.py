@@ -25,7 +25,7 @@ from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
 from qistudio.models.packed_linears import set_packed_text_qkv  # noqa: E402
 from qistudio.ops.ada_norm import set_fused_ada_norm  # noqa: E402
 from qistudio.ops.attention import available_backends, set_attention_backend  # noqa: E402
-from qistudio.ops.linear_gelu import set_fused_linear_gelu  # noqa: E402
+from qistudio.ops.linear_gelu import set_fused_linear_gelu, set_quack_linear_gelu  # noqa: E402
 from qistudio.ops.qk_norm_rope import set_fused_qk_norm_rope  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 from qistudio.weights.build import empty_parameters  # noqa: E402
@@ -33,7 +33,8 @@ from qistudio.weights.build import empty_parameters  # noqa: E402
 TEXT_LEN = 128
 # Ablations (--without): each fused op's switch.
 FUSED_SWITCHES = {"ada_norm": set_fused_ada_norm, "linear_gelu": set_fused_linear_gelu,
-                  "qk_norm_rope": set_fused_qk_norm_rope, "text_qkv": set_packed_text_qkv}
+                  "quack_gelu": set_quack_linear_gelu, "qk_norm_rope": set_fused_qk_norm_rope,
+                  "text_qkv": set_packed_text_qkv}
 
 
 def cuda_time(fn, warmup=2, iters=5) -> float:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qistudio.ops import fp8_kernels  # noqa: E402
 from qistudio.ops.fp8 import quantize_rows  # noqa: E402
-from qistudio.ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_reference  # noqa: E402
+from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference, joint_qkv_norm_rope  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 
 
@@ -58,20 +58,30 @@ def main() -> None:
     w_img = (1 + 0.1 * torch.randn(head_dim, device=dev)).to(bf)
     w_txt = (1 + 0.1 * torch.randn(head_dim, device=dev)).to(bf)
     phasors = qwen_rotary([ImageGrid(0, h, w)], text, device=dev).with_joint().joint
+    img_qkv, txt_qkv = (img, img.flip(-1), img.roll(1, -1)), (txt, txt.flip(-1), txt.roll(1, -1))
+    norm_weights = ((w_img, w_txt), (w_txt, w_img))
+
+    def fused_qkv():
+        return joint_qkv_norm_rope(img_qkv, txt_qkv, *norm_weights, 1e-6, phasors, head_dim)
+
+    def reference_qkv():
+        return (joint_qk_norm_rope_reference(img_qkv[0], txt_qkv[0], *norm_weights[0], 1e-6, phasors, head_dim),
+                joint_qk_norm_rope_reference(img_qkv[1], txt_qkv[1], *norm_weights[1], 1e-6, phasors, head_dim),
+                torch.cat([img_qkv[2], txt_qkv[2]], dim=1).unflatten(-1, (-1, head_dim)))
+
     if "--sweep" in sys.argv:
         from qistudio.ops import qk_norm_rope as qk
-        sweep("q/k norm+rope (ROWS, num_warps)", [(r, n) for r in (2, 4, 8) for n in (1, 2, 4, 8)],
-              lambda c: qk.QK_LAUNCH.update(ROWS=c[0], num_warps=c[1]),
-              lambda: qk._fused(img, txt, w_img, w_txt, 1e-6, phasors, head_dim))
+        sweep("q/k/v norm+rope (ROWS, num_warps)", [(r, n) for r in (2, 4, 8) for n in (1, 2, 4, 8)],
+              lambda c: qk.QK_LAUNCH.update(ROWS=c[0], num_warps=c[1]), fused_qkv)
         qk.QK_LAUNCH.update(ROWS=4, num_warps=1)
     with torch.no_grad():
-        ref = joint_qk_norm_rope_reference(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
-        out = joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
-        compiled = torch.compile(joint_qk_norm_rope_reference)
-        same = (out == ref).float().mean().item()
-        print(f"joint q/k norm+rope: equal elements {same:.6f}, max |diff| {(out.float() - ref.float()).abs().max():.3e}")
-        print(f"  fused {timed(lambda: joint_qk_norm_rope(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms,"
-              f" compiled reference {timed(lambda: compiled(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms")
+        refs, outs = reference_qkv(), fused_qkv()
+        ref = refs[0]
+        compiled = torch.compile(reference_qkv)
+        for name, out, expected in zip("qkv", outs, refs):
+            same = (out == expected).float().mean().item()
+            print(f"joint {name}: equal elements {same:.6f}, max |diff| {(out.float() - expected.float()).abs().max():.3e}")
+        print(f"  fused q/k/v {timed(fused_qkv):.3f} ms, compiled reference {timed(compiled):.3f} ms")
 
         from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_fp8
         q8, descale = joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)

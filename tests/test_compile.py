@@ -151,33 +151,45 @@ import torch, torch.nn.functional as F
 from qistudio.ops import fp8_kernels as K
 from qistudio.ops.fp8 import quantize_rows
 from qistudio.ops import qk_norm_rope as K_qk
-from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference, _fused
+from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference, _fused_qkv
 from qistudio.ops.rope import qwen_rotary, ImageGrid
 torch.manual_seed(0)
 head_dim, h, w, text = 16, 4, 3, 5
-wi, wt = (1 + 0.1 * torch.randn(head_dim)).half(), (1 + 0.1 * torch.randn(head_dim)).half()
+wq, wk = (1 + 0.1 * torch.randn(2, head_dim)).half(), (1 + 0.1 * torch.randn(2, head_dim)).half()  # (image, text)
 rot = torch.view_as_complex(qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(4, 6, 6)).with_joint().joint)
 per_row = torch.view_as_real(torch.stack([rot, rot.conj()])).contiguous()
+
+def check_qkv(img, txt, table):  # img, txt: (q, k, v) projections of each stream
+    q, k, v = _fused_qkv(*img, *txt, *wq, *wk, 1e-6, table, head_dim)
+    ref_q = joint_qk_norm_rope_reference(img[0], txt[0], *wq, 1e-6, table, head_dim)
+    ref_k = joint_qk_norm_rope_reference(img[1], txt[1], *wk, 1e-6, table, head_dim)
+    # Same roundings in the same order; the sum of squares is reduced in another order, so a rare element lands
+    # one float16 step away.
+    for out, ref in ((q, ref_q), (k, ref_k)):
+        assert (out == ref).float().mean() > 0.999 and (out.float() - ref.float()).abs().max() <= 4e-3
+    assert torch.equal(v, torch.cat([img[2], txt[2]], dim=1).unflatten(-1, (-1, head_dim)))
+    return ref_q
+
 # 3 heads: one head per program; 12: four per program (the launch's largest power of two dividing the count).
 for heads, table in ((3, torch.view_as_real(rot)), (3, per_row), (12, per_row)):  # shared or per-row tables
-    img, txt = torch.randn(2, h * w, heads * head_dim).half(), torch.randn(2, text, heads * head_dim).half()
-    ref = joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)
-    assert torch.equal(_fused(img, txt, wi, wt, 1e-6, table, head_dim), ref)
+    img = [torch.randn(2, h * w, heads * head_dim).half() for _ in range(3)]
+    txt = [torch.randn(2, text, heads * head_dim).half() for _ in range(3)]
+    ref = check_qkv(img, txt, table)
     scale = torch.tensor([448.0 / (head_dim ** 0.5 * 1.5)])
-    q8 = K_qk._fused_fp8(img, txt, wi, wt, 1e-6, table, head_dim, scale)
+    q8 = K_qk._fused_fp8(img[0], txt[0], *wq, 1e-6, table, head_dim, scale)
     assert (q8.float() == (ref.float() * scale).to(torch.float8_e4m3fn).float()).float().mean() > 0.95
-# Text rows read in place from a packed q/k/v projection (rows 3 D apart), image rows from a wider tensor.
+# Text rows read in place from a packed q/k/v projection (rows 3 D apart); image rows from a wider tensor are
+# copied out first (rows not evenly spaced with the others).
 packed = torch.randn(2, text, 3 * 12 * head_dim).half()
 wide = torch.randn(2, h * w, 2 * 12 * head_dim).half()
-txt_k, img_part = packed[..., 12 * head_dim : 24 * head_dim], wide[..., : 12 * head_dim]
-ref = joint_qk_norm_rope_reference(img_part.contiguous(), txt_k.contiguous(), wi, wt, 1e-6, per_row, head_dim)
-assert torch.equal(_fused(img_part, txt_k, wi, wt, 1e-6, per_row, head_dim), ref)
+check_qkv([wide[..., : 12 * head_dim], torch.randn(2, h * w, 12 * head_dim).half(), wide[..., 12 * head_dim :]],
+          list(packed.chunk(3, dim=-1)), per_row)
 from qistudio.ops import ada_norm as A
 x, update = torch.randn(2, 7, 96).half(), torch.randn(2, 7, 96).half()  # float16: the interpreter truncates bf16
 mod = (0.5 * torch.randn(2, 7, 3 * 96)).half()  # per-token modulation rows, viewed as strided chunks
 # One token per program, and 4 (7 tokens: the last block of each sample runs past its end).
-# The whole-row form (CHUNK 0) and the chunked one (32 columns: three passes of three pieces).
-for rows, chunk, (shift, scale, gate) in [(rows, chunk, mods) for rows in (1, 4) for chunk in (0, 32) for mods in (
+# The whole-row form (CHUNK 0) and the chunked one (32 columns: two passes of three pieces; 64: two pieces, the second half past the row).
+for rows, chunk, (shift, scale, gate) in [(rows, chunk, mods) for rows in (1, 4) for chunk in (0, 32, 64) for mods in (
         (mod[:, :1, :96], mod[:, :1, 96:192], mod[:, :1, 192:]), mod.chunk(3, dim=-1))]:
     A.ADA_LAUNCH.update(ROWS=rows, CHUNK=chunk)
     out = A._modulated_norm(x, shift, scale, 1e-6)
@@ -276,7 +288,7 @@ def test_fused_kernels_agree_on_gpu():
     pytest.importorskip("triton")
     from qistudio.models.dit import DiTBlock, DiTConfig
     from qistudio.ops import ada_norm
-    from qistudio.ops.qk_norm_rope import joint_qk_norm_rope
+    from qistudio.ops.qk_norm_rope import joint_qkv_norm_rope
 
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
@@ -298,9 +310,13 @@ def test_fused_kernels_agree_on_gpu():
         txt = torch.randn(2, text, heads * head_dim, device=dev, dtype=bf)
         wi, wt = (1 + 0.1 * torch.randn(2, head_dim, device=dev)).to(bf)
         table = qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(16, 24, 24), device=dev).with_joint().joint
-        out = joint_qk_norm_rope(img, txt, wi, wt, 1e-6, table, head_dim)
-        ref = joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)
-        assert (out == ref).float().mean() > 0.999 and (out.float() - ref.float()).abs().max() < 0.07
+        img_v, txt_v = torch.randn_like(img), torch.randn_like(txt)
+        q, k, v = joint_qkv_norm_rope((img, 2 * img, img_v), (txt, 2 * txt, txt_v), (wi, wt), (wt, wi), 1e-6,
+                                      table, head_dim)
+        for out, ref in ((q, joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)),
+                         (k, joint_qk_norm_rope_reference(2 * img, 2 * txt, wt, wi, 1e-6, table, head_dim))):
+            assert (out == ref).float().mean() > 0.999 and (out.float() - ref.float()).abs().max() < 0.07
+        assert torch.equal(v, torch.cat([img_v, txt_v], dim=1).unflatten(-1, (-1, head_dim)))
 
         # The GELU in the GEMM's epilogue rounds once where the reference form rounds twice: compare both with the
         # float32 result; the epilogue form may only be closer.
@@ -310,6 +326,13 @@ def test_fused_kernels_agree_on_gpu():
         exact = linear_gelu_reference(hidden.float(), weight.float(), bias.float())
         assert rel_err(linear_gelu(hidden, weight, bias), exact) <= 1.05 * rel_err(
             linear_gelu_reference(hidden, weight, bias), exact)
+        # quack's epilogue (where it runs) against cuBLASLt's: the same float32 accumulator, GELU and rounding.
+        from qistudio.ops.linear_gelu import quack_available, set_quack_linear_gelu
+        if quack_available():
+            set_quack_linear_gelu(False)
+            cublas = linear_gelu(hidden, weight, bias)
+            set_quack_linear_gelu(True)
+            assert rel_err(linear_gelu(hidden, weight, bias), cublas) < 1e-4
 
         cfg = DiTConfig(num_layers=1, num_heads=4, head_dim=64, text_dim=64, axes_dim=(16, 24, 24))
         block = DiTBlock(cfg).to(dev, bf).eval()

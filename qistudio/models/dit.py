@@ -22,7 +22,7 @@ from ..ops.ada_norm import gated_residual_norm, modulated_norm
 from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
 from ..ops.flex_mask import flex_mask
 from ..ops.fp8_attention import quantize_joined
-from ..ops.qk_norm_rope import joint_qk_norm_rope, joint_qk_norm_rope_fp8
+from ..ops.qk_norm_rope import joint_qk_norm_rope_fp8, joint_qkv_norm_rope
 from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
 from .packed_linears import forget_if_moved, packed_linears
@@ -81,11 +81,6 @@ class JointAttention(nn.Module):
         forget_if_moved(self, self.text_projections)  # a move leaves the old packed weight otherwise held
         return result
 
-    def _joint_rotated(self, img_proj, txt_proj, img_norm: RMSNorm, txt_norm: RMSNorm, rotation) -> torch.Tensor:
-        # Joined before the norm (one fused pass on CUDA, ops/qk_norm_rope.py), not after RoPE: same values.
-        return joint_qk_norm_rope(img_proj, txt_proj, img_norm.weight, txt_norm.weight, img_norm.eps, rotation,
-                                  self.head_dim)
-
     def forward(self, img: torch.Tensor, txt: torch.Tensor, rotary: Rotary, key_lengths, mask, txt_qkv=None):
         """txt_qkv: `packed_text_qkv()`'s (weight, bias), passed in by the caller (a compiled block takes it as an
         input, not a lookup it would have to guard), or None for the three linears."""
@@ -96,9 +91,13 @@ class JointAttention(nn.Module):
             txt_q, txt_k, txt_v = self.add_q_proj(txt), self.add_k_proj(txt), self.add_v_proj(txt)
         else:
             txt_q, txt_k, txt_v = F.linear(txt, *txt_qkv).chunk(3, dim=-1)  # each (B, L, D), rows 3 D apart
-        query = self._joint_rotated(self.to_q(img), txt_q, self.norm_q, self.norm_added_q, rotation)
-        key = self._joint_rotated(self.to_k(img), txt_k, self.norm_k, self.norm_added_k, rotation)
-        value = torch.cat([self.to_v(img), txt_v], dim=1).unflatten(-1, (-1, self.head_dim))
+        # Joined before the norms (one fused pass for q, k and v on CUDA, ops/qk_norm_rope.py), not after RoPE:
+        # the same values.
+        query, key, value = joint_qkv_norm_rope(
+            (self.to_q(img), self.to_k(img), self.to_v(img)), (txt_q, txt_k, txt_v),
+            (self.norm_q.weight, self.norm_added_q.weight), (self.norm_k.weight, self.norm_added_k.weight),
+            self.norm_q.eps, rotation, self.head_dim,
+        )
 
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]

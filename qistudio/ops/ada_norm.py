@@ -161,12 +161,13 @@ if triton is not None:
         tl.store(x_out_ptr + out_offsets, x, mask=mask)
         _norm_modulate_store(x, shift, scale, out_offsets, mask, dim, out_ptr, eps)
 
-    # The same arithmetic over the row in CHUNK-column pieces, three passes: [x + gate * update, stored;] the sum;
-    # the centred sum of squares; normalise and modulate. The second and third passes re-read the (stored) rows,
-    # which a program has just touched, from L2. A program then holds CHUNK columns per token, not the whole row
-    # padded to a power of two (3072 -> 4096 for the model): a few registers per element instead of many, so
-    # several programs share an SM and keep enough loads in flight at the power-limited clocks of a compiled
-    # forward, where the whole-row form ran at about 2.5 TB/s.
+    # The same arithmetic over the row in CHUNK-column pieces, two passes: [x + gate * update, stored;] each piece's
+    # mean and centred sum of squares, merged into the row's (Chan et al.'s pairwise update, as stable as centring
+    # on the row's mean); then normalise and modulate, re-reading the (stored) rows, which the program has just
+    # touched, from L2. A program then holds CHUNK columns per token, not the whole row padded to a power of two
+    # (3072 -> 4096 for the model): a few registers per element instead of many, so several programs share an SM
+    # and keep enough loads in flight at the power-limited clocks of a compiled forward, where the whole-row form
+    # ran at about 2.5 TB/s.
     @triton.jit
     def _normalised_rows(x_ptr, x_out_ptr, batch, tokens, x_batch_stride, x_token_stride, out_rows, cols, mask,
                          HAS_UPDATE: tl.constexpr):
@@ -188,7 +189,8 @@ if triton is not None:
         tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS).to(tl.int64)
         rows_ok = (tokens < seq)[:, None]
         out_rows = (batch * seq + tokens)[:, None] * dim
-        total = tl.zeros((ROWS,), dtype=tl.float32)
+        mean = tl.zeros((ROWS,), dtype=tl.float32)
+        squares = tl.zeros((ROWS,), dtype=tl.float32)  # centred on `mean`
         for start in range(0, dim, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = rows_ok & (cols < dim)[None, :]
@@ -202,18 +204,17 @@ if triton is not None:
                                                         MOD_PER_TOKEN), mask=mod_mask, other=0.0)
                 x = (x.to(tl.float32) + gate.to(tl.float32) * update.to(tl.float32)).to(x_ptr.dtype.element_ty)
                 tl.store(x_out_ptr + out_rows + cols[None, :], x, mask=mask)
-            total += tl.sum(x.to(tl.float32), axis=1)
-        mean = (total / dim)[:, None]
-        tl.debug_barrier()  # the stored residual rows are read back below
-        squares = tl.zeros((ROWS,), dtype=tl.float32)
-        for start in range(0, dim, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            mask = rows_ok & (cols < dim)[None, :]
-            x = _normalised_rows(x_ptr, x_out_ptr, batch, tokens, x_batch_stride, x_token_stride, out_rows, cols, mask,
-                                 HAS_UPDATE)
-            centred = tl.where(mask, x.to(tl.float32) - mean, 0.0)
-            squares += tl.sum(centred * centred, axis=1)
+            seen = start * 1.0  # columns merged so far
+            count = tl.sum((cols < dim).to(tl.float32), axis=0)
+            chunk_mean = tl.sum(x.to(tl.float32), axis=1) / count
+            centred = tl.where(mask, x.to(tl.float32) - chunk_mean[:, None], 0.0)
+            delta = chunk_mean - mean
+            total = seen + count
+            mean += delta * (count / total)
+            squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / total)
         inv_std = tl.rsqrt(squares / dim + eps)[:, None]
+        mean = mean[:, None]
+        tl.debug_barrier()  # the stored residual rows are read back below
         for start in range(0, dim, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = rows_ok & (cols < dim)[None, :]

@@ -3,15 +3,23 @@
 The DiT's MLP up-projection (3072 -> 12288) is followed by a tanh GELU. As two steps, the 12288-wide hidden rows are
 written by the GEMM, then read and written again by the GELU: at 1328x1328 with guidance batched that pass is about
 0.25 ms of a 7.3 ms block on an H100 (bench/RESULTS.md, fourth pass), and inductor cannot fuse it into cuBLAS's
-GEMM. cuBLASLt can: its GELU_BIAS epilogue (tanh approximation, the one the model uses) applies the bias and the
-GELU to the float32 accumulator before the single rounding to bf16. PyTorch reaches it through
-`torch._addmm_activation(..., use_gelu=True)`, which inductor keeps as one extern call.
+GEMM. Two epilogue forms, in order of preference:
 
-The result differs from the reference form (bias, round, GELU, round) by one bf16 rounding fewer, so it is used in
-inference on CUDA only; training and CPU keep the reference form, which has the backward.
+- quack's SM90/SM100 GEMM (`quack-kernels`, CuTe DSL, installed with flash-attn-4) with its tanh-GELU epilogue:
+  on a power-limited H200, 13778 x 3072 -> 12288 took 1.45 ms against 1.61-1.63 ms for cuBLAS's epilogue, 10%
+  less, within 6e-6 of cuBLAS's result (bench/quack_gemm.py). Behind the custom op `qistudio::linear_gelu_quack`, so
+  a compiled block keeps one graph.
+- cuBLASLt's GELU_BIAS epilogue (tanh approximation, the one the model uses), which applies the bias and the GELU to
+  the float32 accumulator before the single rounding to bf16; PyTorch reaches it through
+  `torch._addmm_activation(..., use_gelu=True)`, which inductor keeps as one extern call.
+
+Either result differs from the reference form (bias, round, GELU, round) by one bf16 rounding fewer, so the
+epilogues are used in inference on CUDA only; training and CPU keep the reference form, which has the backward.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +34,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not _can_fuse(x, weight, bias):
         return linear_gelu_reference(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])  # (T, K)
-    out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)  # (T, N)
+    if _use_quack and quack_available(x.device.index):
+        out = torch.ops.qistudio.linear_gelu_quack(rows, weight, bias)
+    else:
+        out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)  # (T, N)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -35,14 +46,72 @@ def _can_fuse(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return False
-    # cuBLASLt's epilogue wants the GEMM's own dtype throughout and a bias as long as a row of the output.
+    # The epilogues want the GEMM's own dtype throughout and a bias as long as a row of the output.
     return weight.dtype == bias.dtype == x.dtype and weight.dim() == 2 and bias.dim() == 1 and x.numel() > 0
 
 
 _disabled = False
+_use_quack = True
 
 
 def set_fused_linear_gelu(enabled: bool) -> None:
-    """Switch the epilogue form off (or back on), for comparisons."""
+    """Switch the epilogue forms off (or back on), for comparisons."""
     global _disabled
     _disabled = not enabled
+
+
+def set_quack_linear_gelu(enabled: bool) -> None:
+    """Prefer quack's GEMM where it runs (the default), or always cuBLASLt's epilogue; for comparisons."""
+    global _use_quack
+    _use_quack = enabled
+
+
+def quack_available(device_index: int | None = None) -> bool:
+    """Whether quack's GEMM imports and runs on this GPU (default: the current one): SM90 Hopper, SM100 Blackwell."""
+    if not torch.cuda.is_available():
+        return False
+    return _quack_on(torch.cuda.current_device() if device_index is None else device_index)
+
+
+@functools.cache
+def _quack_on(device_index: int) -> bool:
+    try:
+        _import_quack()
+    except Exception:  # ImportError, or the CuTe DSL runtime failing to load: either way not usable here
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] in (9, 10)
+
+
+@functools.cache
+def _import_quack():
+    import quack.gemm_runtime.identity as identity
+    from quack.gemm_interface import gemm_act
+
+    # quack keys its compiled kernels by a fingerprint of what an epilogue function closes over, and quack 0.6.5
+    # raises on objects newer cutlass-dsl helpers reach (4.8: a ContextVar, a code object's method), so no GEMM
+    # with an epilogue runs. Those objects are the DSL's own, shared by every epilogue: keyed by type and name,
+    # they leave apart exactly the epilogues the full fingerprint does.
+    original = identity.semantic_value_key
+
+    def semantic_value_key(value, seen):
+        try:
+            return original(value, seen)
+        except TypeError:
+            return ("opaque", type(value).__qualname__, getattr(value, "__name__", None),
+                    getattr(value, "name", None))
+
+    identity.semantic_value_key = semantic_value_key
+    return gemm_act
+
+
+@torch.library.custom_op("qistudio::linear_gelu_quack", mutates_args=())
+def _linear_gelu_quack(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """rows (T, K), weight (N, K), bias (N,) -> GELU_tanh(rows @ weight.T + bias) (T, N), by quack's SM90 GEMM with
+    its default configuration (its autotuner found nothing faster for these shapes and costs tens of seconds)."""
+    gemm_act = _import_quack()
+    return gemm_act(rows, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=False)[1]
+
+
+@_linear_gelu_quack.register_fake
+def _(rows, weight, bias):
+    return rows.new_empty(rows.shape[0], weight.shape[0])

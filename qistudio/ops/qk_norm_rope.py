@@ -1,14 +1,16 @@
-"""The joint q/k preparation of a Qwen-Image block in one pass: [image; text] -> per-stream RMSNorm -> RoPE.
+"""The joint q/k/v preparation of a Qwen-Image block in one pass: [image; text] -> per-stream RMSNorm -> RoPE for q
+and k, and the same join for v.
 
 Reference form (`joint_qk_norm_rope_reference`, any device, differentiable): the projections are joined along the
 sequence, normalised per head in float32, rounded to the compute dtype and scaled by the stream's norm weight (as
 RMSNorm does), then rotated in float32 and rounded again.
 
-Fused form (`_fused`, CUDA inference): each Triton program takes a few heads of one token, reads them once from
-the image or the text projection, and writes the rotated heads straight into the joint (B, N + L, H, head_dim)
-tensor that attention reads. Measured on an H100 (1328x1328, batch 2): the compiled reference costs two kernels
-per tensor (a norm statistic, then normalise + rotate + join), 0.22 ms for q or k; this pass 0.12 ms. Same
-roundings, in the same order, as the reference. `_fused_fp8` writes FP8 instead, for FP8 attention.
+Fused form (`_fused_qkv`, CUDA inference): each Triton program takes a few heads of one token, reads them once
+from the image or the text projections, and writes the rotated q and k heads and the v heads straight into the
+joint (B, N + L, H, head_dim) tensors that attention reads; the token's RoPE pairs are loaded once for both.
+Measured on an H100 (1328x1328, batch 2): the compiled reference costs two kernels per tensor (a norm statistic,
+then normalise + rotate + join), 0.22 ms for q or k; one pass for q or k alone 0.12 ms. Same roundings, in the
+same order, as the reference. `_fused_fp8` does q or k alone into FP8, for FP8 attention.
 """
 
 from __future__ import annotations
@@ -38,13 +40,21 @@ def joint_qk_norm_rope_reference(img_proj: torch.Tensor, txt_proj: torch.Tensor,
     return apply_rotation(rms_normalize(joint, eps).to(weight.dtype) * weight, rotation)
 
 
-def joint_qk_norm_rope(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
-                       txt_weight: torch.Tensor, eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """As `joint_qk_norm_rope_reference`; one fused kernel on CUDA when no gradient is needed."""
-    if _can_fuse(img_proj, txt_proj, img_weight, txt_weight, head_dim):
-        return torch.ops.qistudio.joint_qk_norm_rope(img_proj, txt_proj, img_weight, txt_weight, eps, rotation,
-                                                     head_dim)
-    return joint_qk_norm_rope_reference(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim)
+def joint_qkv_norm_rope(img_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        txt_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        q_weights: tuple[torch.Tensor, torch.Tensor], k_weights: tuple[torch.Tensor, torch.Tensor],
+                        eps: float, rotation: torch.Tensor, head_dim: int):
+    """The joint (query, key, value) of attention over [image; text], each (B, N + L, H, head_dim): q and k as
+    `joint_qk_norm_rope_reference` makes them, v joined. img_qkv: the image projections (B, N, D); txt_qkv: the
+    text ones (B, L, D); q_weights, k_weights: the (image, text) RMSNorm weights. One fused kernel on CUDA when no
+    gradient is needed."""
+    (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = img_qkv, txt_qkv
+    if _can_fuse(img_q, txt_q, *q_weights, head_dim) and _can_fuse(img_k, txt_k, *k_weights, head_dim):
+        return torch.ops.qistudio.joint_qkv_norm_rope(img_q, img_k, img_v, txt_q, txt_k, txt_v, *q_weights,
+                                                      *k_weights, eps, rotation, head_dim)
+    query = joint_qk_norm_rope_reference(img_q, txt_q, *q_weights, eps, rotation, head_dim)
+    key = joint_qk_norm_rope_reference(img_k, txt_k, *k_weights, eps, rotation, head_dim)
+    return query, key, torch.cat([img_v, txt_v], dim=1).unflatten(-1, (-1, head_dim))
 
 
 def joint_qk_norm_rope_fp8(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
@@ -84,81 +94,130 @@ def set_fused_qk_norm_rope(enabled: bool) -> None:
 
 if triton is not None:
 
+    # A program takes ROWS heads of one token of the joint sequence (ROWS divides HEADS), so whether the token is an
+    # image or a text token, and its RoPE pairs, are decided once per program, not per element.
     @triton.jit
-    def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr, out_scale_ptr,
-                                   num_img, num_txt, img_row_stride, txt_row_stride, rot_batch_stride, eps,
-                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                                   FP8_OUT: tl.constexpr):
-        # A program takes ROWS heads of one token of the joint sequence (ROWS divides HEADS), so whether the token
-        # is an image or a text token, and its RoPE pairs, are decided once per program, not per element.
+    def _program_token(HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
         pid = tl.program_id(0)
         token = pid // (HEADS // ROWS)  # over (batch, joint position)
         head0 = (pid % (HEADS // ROWS)) * ROWS
+        offsets = (head0 + tl.arange(0, ROWS))[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        return token, offsets
+
+    @triton.jit
+    def _source_row(token, num_img, num_txt, img_row_stride, txt_row_stride):
+        # Whether the token is an image one, and its row's offset in its stream's projections.
         seq = num_img + num_txt
         batch = token // seq
         pos = token % seq
-        width = HEADS * HEAD_DIM
-        offsets = (head0 + tl.arange(0, ROWS))[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        d = tl.arange(0, HEAD_DIM)
-        if pos < num_img:
-            x = tl.load(img_ptr + (batch * num_img + pos).to(tl.int64) * img_row_stride + offsets).to(tl.float32)
-            w = tl.load(img_w_ptr + d).to(tl.float32)
-        else:
-            x = tl.load(txt_ptr + (batch * num_txt + pos - num_img).to(tl.int64) * txt_row_stride
-                        + offsets).to(tl.float32)
-            w = tl.load(txt_w_ptr + d).to(tl.float32)
+        is_img = pos < num_img
+        row = tl.where(is_img, (batch * num_img + pos).to(tl.int64) * img_row_stride,
+                       (batch * num_txt + pos - num_img).to(tl.int64) * txt_row_stride)
+        return batch, pos, is_img, row
+
+    @triton.jit
+    def _rotation(rot_ptr, batch, pos, rot_batch_stride, HEAD_DIM: tl.constexpr):
+        rotation = tl.load(rot_ptr + batch * rot_batch_stride + pos * HEAD_DIM + tl.arange(0, HEAD_DIM))
+        return tl.split(tl.reshape(rotation, (HEAD_DIM // 2, 2)))  # (cos, sin) of each pair
+
+    @triton.jit
+    def _norm_rotate(x, w, cos, sin, eps, DTYPE: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        # RMSNorm's roundings: normalised value to the compute dtype, times the weight, rounded again; then RoPE
+        # in float32. x (ROWS, HEAD_DIM) float32; returns float32, unrounded.
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-        dtype = img_ptr.dtype.element_ty
-        # RMSNorm's roundings: normalised value to the compute dtype, times the weight, rounded again.
-        normed = ((x * inv_rms).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
+        normed = ((x * inv_rms).to(DTYPE).to(tl.float32) * w.to(tl.float32)[None, :]).to(DTYPE).to(tl.float32)
         real, imag = tl.split(tl.reshape(normed, (ROWS, HEAD_DIM // 2, 2)))
-        rotation = tl.load(rot_ptr + batch * rot_batch_stride + pos * HEAD_DIM + d)  # (cos, sin) of each pair
-        cos, sin = tl.split(tl.reshape(rotation, (HEAD_DIM // 2, 2)))
-        out = tl.reshape(tl.join(real * cos[None, :] - imag * sin[None, :], real * sin[None, :] + imag * cos[None, :]),
-                         (ROWS, HEAD_DIM))
-        if FP8_OUT:  # for FP8 attention: scaled by a bound on |out|, cast once
-            out = (out * tl.load(out_scale_ptr)).to(out_ptr.dtype.element_ty)
+        return tl.reshape(tl.join(real * cos[None, :] - imag * sin[None, :], real * sin[None, :] + imag * cos[None, :]),
+                          (ROWS, HEAD_DIM))
+
+    @triton.jit
+    def _joint_qk_norm_rope_kernel(img_ptr, txt_ptr, img_w_ptr, txt_w_ptr, rot_ptr, out_ptr, out_scale_ptr,
+                                   num_img, num_txt, img_row_stride, txt_row_stride, rot_batch_stride, eps,
+                                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+        # One of q or k, into FP8 for FP8 attention: scaled by a bound on |out|, cast once.
+        token, offsets = _program_token(HEADS, HEAD_DIM, ROWS)
+        batch, pos, is_img, row = _source_row(token, num_img, num_txt, img_row_stride, txt_row_stride)
+        d = tl.arange(0, HEAD_DIM)
+        if is_img:
+            x = tl.load(img_ptr + row + offsets)
+            w = tl.load(img_w_ptr + d)
         else:
-            out = out.to(dtype)
-        tl.store(out_ptr + token.to(tl.int64) * width + offsets, out)
+            x = tl.load(txt_ptr + row + offsets)
+            w = tl.load(txt_w_ptr + d)
+        cos, sin = _rotation(rot_ptr, batch, pos, rot_batch_stride, HEAD_DIM)
+        out = _norm_rotate(x.to(tl.float32), w, cos, sin, eps, img_ptr.dtype.element_ty, ROWS, HEAD_DIM)
+        out = (out * tl.load(out_scale_ptr)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + token.to(tl.int64) * HEADS * HEAD_DIM + offsets, out)
+
+    @triton.jit
+    def _joint_qkv_kernel(img_q_ptr, img_k_ptr, img_v_ptr, txt_q_ptr, txt_k_ptr, txt_v_ptr, img_qw_ptr, txt_qw_ptr,
+                          img_kw_ptr, txt_kw_ptr, rot_ptr, q_out_ptr, k_out_ptr, v_out_ptr, num_img, num_txt,
+                          img_row_stride, txt_row_stride, rot_batch_stride, eps, HEADS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+        token, offsets = _program_token(HEADS, HEAD_DIM, ROWS)
+        batch, pos, is_img, row = _source_row(token, num_img, num_txt, img_row_stride, txt_row_stride)
+        d = tl.arange(0, HEAD_DIM)
+        if is_img:
+            q, k, v = tl.load(img_q_ptr + row + offsets), tl.load(img_k_ptr + row + offsets), tl.load(
+                img_v_ptr + row + offsets)
+            q_w, k_w = tl.load(img_qw_ptr + d), tl.load(img_kw_ptr + d)
+        else:
+            q, k, v = tl.load(txt_q_ptr + row + offsets), tl.load(txt_k_ptr + row + offsets), tl.load(
+                txt_v_ptr + row + offsets)
+            q_w, k_w = tl.load(txt_qw_ptr + d), tl.load(txt_kw_ptr + d)
+        cos, sin = _rotation(rot_ptr, batch, pos, rot_batch_stride, HEAD_DIM)
+        dtype = img_q_ptr.dtype.element_ty
+        out_offsets = token.to(tl.int64) * HEADS * HEAD_DIM + offsets
+        tl.store(q_out_ptr + out_offsets, _norm_rotate(q.to(tl.float32), q_w, cos, sin, eps, dtype, ROWS,
+                                                       HEAD_DIM).to(dtype))
+        tl.store(k_out_ptr + out_offsets, _norm_rotate(k.to(tl.float32), k_w, cos, sin, eps, dtype, ROWS,
+                                                       HEAD_DIM).to(dtype))
+        tl.store(v_out_ptr + out_offsets, v)
 
     # Memory-bound; ROWS (heads per program, at most this many) and num_warps chosen by a sweep on an H100
     # (bench/kernels_check.py --sweep). Not triton.autotune: inductor re-benchmarks autotuned user kernels while
     # compiling, which failed here.
     QK_LAUNCH = {"ROWS": 4, "num_warps": 1}
 
-    def _evenly_spaced_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x (B, S, D) and the distance between its rows: a slice of a packed projection (rows 3 D apart) is read
-        in place, anything else made contiguous."""
-        if x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
-            return x, x.stride(1)
-        return x.contiguous(), x.shape[-1]
+    def _rows_apart(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """(B, S, D) tensors of one stream and the distance between rows they share: slices of a packed
+        projection (rows 3 D apart) are read in place, anything else made contiguous."""
+        stride = tensors[0].stride(1)
+        if all(x.stride(-1) == 1 and x.stride(1) == stride and x.stride(0) == x.shape[1] * stride for x in tensors):
+            return list(tensors), stride
+        return [x.contiguous() for x in tensors], tensors[0].shape[-1]
 
-    def _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, out_scale):
-        batch, num_img, dim = img_proj.shape
-        num_txt = txt_proj.shape[1]
+    def _launch(kernel, img: list[torch.Tensor], txt: list[torch.Tensor], weights: list[torch.Tensor],
+                outputs: list[torch.Tensor], rotation: torch.Tensor, eps: float, head_dim: int):
+        """Launch `kernel` over the joint tokens of image tensors `img` (B, N, D) and text tensors `txt` (B, L, D),
+        with the norm `weights` and the `outputs` (and any scale) in the kernel's order."""
+        batch, num_img, dim = img[0].shape
+        num_txt = txt[0].shape[1]
         heads = dim // head_dim
         rows = QK_LAUNCH["ROWS"]
         while heads % rows:  # the largest power of two up to ROWS that divides the head count
             rows //= 2
         rotation = rotation.contiguous()  # (S, head_dim / 2, 2) or (B, S, head_dim / 2, 2) float32
         rot_batch_stride = rotation.stride(0) if rotation.dim() == 4 else 0
+        img, img_row_stride = _rows_apart(*img)
+        txt, txt_row_stride = _rows_apart(*txt)
         grid = (batch * (num_img + num_txt) * (heads // rows),)
-        img_proj, img_row_stride = _evenly_spaced_rows(img_proj)
-        txt_proj, txt_row_stride = _evenly_spaced_rows(txt_proj)
-        torch.library.wrap_triton(_joint_qk_norm_rope_kernel)[grid](
-            img_proj, txt_proj, img_weight, txt_weight, rotation, out, out_scale,
-            num_img, num_txt, img_row_stride, txt_row_stride, rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, ROWS=rows,
-            FP8_OUT=out.dtype == FP8_DTYPE, num_warps=QK_LAUNCH["num_warps"],
+        torch.library.wrap_triton(kernel)[grid](
+            *img, *txt, *weights, rotation, *outputs, num_img, num_txt, img_row_stride, txt_row_stride,
+            rot_batch_stride, eps, HEADS=heads, HEAD_DIM=head_dim, ROWS=rows, num_warps=QK_LAUNCH["num_warps"],
         )
 
-    @torch.library.triton_op("qistudio::joint_qk_norm_rope", mutates_args=())
-    def _fused(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor, txt_weight: torch.Tensor,
-               eps: float, rotation: torch.Tensor, head_dim: int) -> torch.Tensor:
-        batch, num_img, dim = img_proj.shape
-        out = img_proj.new_empty(batch, num_img + txt_proj.shape[1], dim // head_dim, head_dim)
-        _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, img_weight)
-        return out
+    @torch.library.triton_op("qistudio::joint_qkv_norm_rope", mutates_args=())
+    def _fused_qkv(img_q: torch.Tensor, img_k: torch.Tensor, img_v: torch.Tensor, txt_q: torch.Tensor,
+                   txt_k: torch.Tensor, txt_v: torch.Tensor, img_q_weight: torch.Tensor, txt_q_weight: torch.Tensor,
+                   img_k_weight: torch.Tensor, txt_k_weight: torch.Tensor, eps: float, rotation: torch.Tensor,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, num_img, dim = img_q.shape
+        shape = (batch, num_img + txt_q.shape[1], dim // head_dim, head_dim)
+        query, key, value = (img_q.new_empty(shape) for _ in range(3))
+        _launch(_joint_qkv_kernel, [img_q, img_k, img_v], [txt_q, txt_k, txt_v],
+                [img_q_weight, txt_q_weight, img_k_weight, txt_k_weight], [query, key, value], rotation, eps, head_dim)
+        return query, key, value
 
     @torch.library.triton_op("qistudio::joint_qk_norm_rope_fp8", mutates_args=())
     def _fused_fp8(img_proj: torch.Tensor, txt_proj: torch.Tensor, img_weight: torch.Tensor,
@@ -167,5 +226,6 @@ if triton is not None:
         batch, num_img, dim = img_proj.shape
         out = torch.empty(batch, num_img + txt_proj.shape[1], dim // head_dim, head_dim, dtype=FP8_DTYPE,
                           device=img_proj.device)
-        _launch(img_proj, txt_proj, img_weight, txt_weight, eps, rotation, head_dim, out, scale)
+        _launch(_joint_qk_norm_rope_kernel, [img_proj], [txt_proj], [img_weight, txt_weight], [out, scale],
+                rotation, eps, head_dim)
         return out
