@@ -24,9 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--text", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--mlp", action="store_true", help="only the MLP GEMMs, whole and split")
+    parser.add_argument("--mod", action="store_true", help="only the modulation GEMVs, apart and packed")
     args = parser.parse_args()
     if args.mlp:
         return mlp_splits()
+    if args.mod:
+        return modulation_forms()
     dev, bf, dim = "cuda", torch.bfloat16, 3072
     weights = [(torch.randn(dim, dim, device=dev) / dim ** 0.5).to(bf) for _ in range(3)]
     biases = [(0.1 * torch.randn(dim, device=dev)).to(bf) for _ in range(3)]
@@ -93,6 +96,29 @@ def mlp_splits() -> None:
     for name, t in times.items():
         ms = sorted(t)[3]
         print(f"  {name:40s} {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
+
+
+def modulation_forms() -> None:
+    """A block's two modulation linears (3072 -> 6 x 3072, one row per sample; weights read once per call: 113 MB
+    each) as two GEMVs or one over both weights packed. Interleaved rounds; medians and the HBM rate."""
+    dev, bf, dim = "cuda", torch.bfloat16, 3072
+    temb = F.silu(torch.randn(2, 1, dim, device=dev, dtype=bf))
+    packed_w = (torch.randn(12 * dim, dim, device=dev) / dim ** 0.5).to(bf)
+    packed_b = (0.1 * torch.randn(12 * dim, device=dev)).to(bf)
+    img_w, txt_w = packed_w.chunk(2)
+    img_b, txt_b = packed_b.chunk(2)
+    cases = {
+        "two GEMVs": lambda: (F.linear(temb, img_w, img_b), F.linear(temb, txt_w, txt_b)),
+        "one packed GEMV": lambda: F.linear(temb, packed_w, packed_b),
+        "two GEMVs, one row": lambda: (F.linear(temb[:1], img_w, img_b), F.linear(temb[:1], txt_w, txt_b)),
+    }
+    times = {name: [] for name in cases}
+    for _ in range(7):
+        for name, fn in cases.items():
+            times[name].append(timed(fn, n=20, repeats=1))
+    for name, t in times.items():
+        ms = sorted(t)[3]
+        print(f"  {name:24s} {ms * 1000:.1f} us  {packed_w.numel() * 2 / ms / 1e9:.2f} TB/s")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .ops.attention import resolve_automatic_backend
+from .ops.linear_gelu import resolve_quack
 
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
@@ -45,6 +46,7 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, dynamic: 
     # margin over the guard failures a new image size (dynamic shapes) adds.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     resolve_automatic_backend()  # the attention kernel is chosen before tracing, so the graphs use it
+    resolve_quack()  # likewise the MLP's GEMM
     for block in blocks:
         block.compile(fullgraph=fullgraph, mode=None if mode == "default" else mode, dynamic=dynamic, backend=backend)
     return len(blocks)

@@ -141,6 +141,23 @@ def test_flex_mask_equals_dense_masked_attention():
         flex_mask(split, image + text + 1)
 
 
+def test_linear_gelu_traces_without_importing_quack(monkeypatch):
+    """The epilogue GEMM is chosen outside traced code: a block compiled with fullgraph before the choice was made
+    (or where quack is not installed) traces cuBLASLt's epilogue instead of importing quack inside the graph."""
+    from qistudio.ops import linear_gelu as L
+
+    monkeypatch.setattr(L, "_can_fuse", lambda *args: True)  # as on CUDA in inference
+    monkeypatch.setattr(L, "_quack_resolved", None)
+    asked = []  # whether each availability check ran while tracing
+    monkeypatch.setattr(L, "quack_available", lambda *args: asked.append(torch.compiler.is_compiling()) or False)
+    x, weight, bias = torch.randn(2, 5, 8), torch.randn(16, 8), torch.randn(16)
+    compiled = torch.compile(L.linear_gelu, fullgraph=True, backend="eager")
+    expected = torch._addmm_activation(bias, x.reshape(-1, 8), weight.t(), use_gelu=True).view(2, 5, 16)
+    assert torch.allclose(compiled(x, weight, bias), expected)
+    assert asked == [] and L._quack_resolved is None  # nothing was asked or decided while tracing
+    assert L.resolve_quack() is False and asked == [False]  # eagerly, once
+
+
 def test_compile_rejects_unknown_mode(tiny_pipe):
     with pytest.raises(ValueError, match="reduce-overhead"):
         compile_repeated_blocks(tiny_pipe.dit, mode="reduce-overhead")

@@ -34,7 +34,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not _can_fuse(x, weight, bias):
         return linear_gelu_reference(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])  # (T, K)
-    if _use_quack and quack_available(x.device.index):
+    quack = (_quack_resolved or False) if torch.compiler.is_compiling() else resolve_quack()
+    if _use_quack and quack:
         out = torch.ops.qistudio.linear_gelu_quack(rows, weight, bias)
     else:
         out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)  # (T, N)
@@ -64,6 +65,19 @@ def set_quack_linear_gelu(enabled: bool) -> None:
     """Prefer quack's GEMM where it runs (the default), or always cuBLASLt's epilogue; for comparisons."""
     global _use_quack
     _use_quack = enabled
+
+
+_quack_resolved: bool | None = None
+
+
+def resolve_quack() -> bool:
+    """Whether quack's GEMM runs here (on the current GPU), decided once and outside traced code (the first eager
+    call or `compile_repeated_blocks`): importing it inside a traced block would break the graph. A graph traced
+    before the decision uses cuBLASLt's epilogue."""
+    global _quack_resolved
+    if _quack_resolved is None:
+        _quack_resolved = quack_available()
+    return _quack_resolved
 
 
 def quack_available(device_index: int | None = None) -> bool:
