@@ -5,7 +5,7 @@ block's eager arithmetic: a bf16 rounding after each operation, LayerNorm statis
 
 Fused form (CUDA inference, Triton): a program takes a few token rows of one sample and reads each input from
 HBM once and writes each output once: either holding whole rows in registers, or (the default) in chunks of
-columns, re-reading the rows it has just touched from L2 (ADA_LAUNCH below). It computes in float32 and rounds
+columns, re-reading the rows it has just touched from L2 once (ADA_LAUNCH below). It computes in float32 and rounds
 each output once, as inductor's fused kernels (and so diffusers' compiled model) do; `modulated_norm_float32` is that arithmetic in PyTorch. Compiled,
 the same work was a Welford reduction looping over each row two or three times with a division per element,
 compute-bound at a power-limited H100's clocks: at 1328x1328, batch 2, the norm before attention went from 141 to
@@ -236,8 +236,9 @@ if triton is not None:
     # columns, 8 for the model's 3072) and columns per pass of the chunked form (0: the whole-row form). Measured
     # inside a compiled 1328x1328 batch-2 forward on an H200 (bench/profile_forward.py --ada-launch, FlashAttention
     # 4): the image stream's gated residual + norm took about 134 us per call whole-row (2 tokens per program),
-    # 107 us chunked (2 tokens, 1024 columns; 4 tokens: 110 us, 8 tokens of 512: 180 us); all the block's norms
-    # 16.6 -> 13.3 ms per forward. Alone on the card (kernels_check --sweep) the two forms time alike.
+    # 107 us chunked in three passes (2 tokens, 1024 columns; 4 tokens: 110 us, 8 tokens of 512: 180 us), about
+    # 99 us in two; all the block's norms 16.6 -> 13.3 -> 12.4 ms per forward (two passes: 1 token 14.1 ms, 8 warps
+    # 20.0 ms). Alone on the card (kernels_check --sweep) the whole-row and three-pass forms timed alike.
     ADA_LAUNCH = {"ROWS": 2, "num_warps": None, "CHUNK": 1024}
 
     def _launch(kernel, x: torch.Tensor, *mods: torch.Tensor):
