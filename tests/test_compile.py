@@ -158,6 +158,17 @@ def test_linear_gelu_traces_without_importing_quack(monkeypatch):
     assert L.resolve_quack() is False and asked == [False]  # eagerly, once
 
 
+def test_quack_gemm_op_leaves_what_it_cannot_load_to_cublaslt():
+    """Rows TMA cannot load (an odd width, a misaligned slice, CPU memory) take the cuBLASLt epilogue inside the
+    op, at run time, without importing quack."""
+    from qistudio.ops import linear_gelu as L
+
+    x, weight, bias = torch.randn(7, 5), torch.randn(12, 5), torch.randn(12)
+    assert not L._quack_fits(x, weight, bias)
+    expected = torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    assert torch.equal(torch.ops.qistudio.linear_gelu_quack(x, weight, bias), expected)
+
+
 def test_compile_rejects_unknown_mode(tiny_pipe):
     with pytest.raises(ValueError, match="reduce-overhead"):
         compile_repeated_blocks(tiny_pipe.dit, mode="reduce-overhead")

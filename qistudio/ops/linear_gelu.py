@@ -122,8 +122,18 @@ def _import_quack():
 def _linear_gelu_quack(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """rows (T, K), weight (N, K), bias (N,) -> GELU_tanh(rows @ weight.T + bias) (T, N), by quack's SM90 GEMM with
     its default configuration (its autotuner found nothing faster for these shapes and costs tens of seconds)."""
+    if not _quack_fits(rows, weight, bias):
+        return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
     gemm_act = _import_quack()
     return gemm_act(rows, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=False)[1]
+
+
+def _quack_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """quack's kernels load and store through TMA: dense rows, 16-byte aligned starts and row pitches (sizes
+    multiple of 8 in 16-bit types). The model's widths all are; a slice or an odd test size takes cuBLASLt's path."""
+    tensors = (rows, weight, bias)
+    return (rows.is_cuda and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+            and rows.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0)
 
 
 @_linear_gelu_quack.register_fake
