@@ -62,7 +62,7 @@ def main() -> None:
     norm_weights = ((w_img, w_txt), (w_txt, w_img))
 
     def fused_qkv():
-        return joint_qkv_norm_rope(img_qkv, txt_qkv, *norm_weights, 1e-6, phasors, head_dim)
+        return joint_qkv_norm_rope(img_qkv, txt_qkv, *norm_weights, (1e-6, 1e-6), phasors, head_dim)
 
     def reference_qkv():
         return (joint_qk_norm_rope_reference(img_qkv[0], txt_qkv[0], *norm_weights[0], 1e-6, phasors, head_dim),

@@ -150,6 +150,7 @@ def test_linear_gelu_traces_without_importing_quack(monkeypatch):
     monkeypatch.setattr(L, "_quack_resolved", None)
     asked = []  # whether each availability check ran while tracing
     monkeypatch.setattr(L, "quack_available", lambda *args: asked.append(torch.compiler.is_compiling()) or False)
+    monkeypatch.setattr(L, "_import_quack", lambda: pytest.fail("quack imported"))
     x, weight, bias = torch.randn(2, 5, 8), torch.randn(16, 8), torch.randn(16)
     compiled = torch.compile(L.linear_gelu, fullgraph=True, backend="eager")
     expected = torch._addmm_activation(bias, x.reshape(-1, 8), weight.t(), use_gelu=True).view(2, 5, 16)
@@ -158,15 +159,23 @@ def test_linear_gelu_traces_without_importing_quack(monkeypatch):
     assert L.resolve_quack() is False and asked == [False]  # eagerly, once
 
 
-def test_quack_gemm_op_leaves_what_it_cannot_load_to_cublaslt():
-    """Rows TMA cannot load (an odd width, a misaligned slice, CPU memory) take the cuBLASLt epilogue inside the
-    op, at run time, without importing quack."""
+def test_quack_gemm_op_leaves_what_it_cannot_load_to_cublaslt(monkeypatch):
+    """Tensors TMA cannot load (odd widths, a misaligned slice, 32-bit values, CPU memory) take the cuBLASLt
+    epilogue inside the op, at run time, without importing quack."""
     from qistudio.ops import linear_gelu as L
 
-    x, weight, bias = torch.randn(7, 5), torch.randn(12, 5), torch.randn(12)
-    assert not L._quack_fits(x, weight, bias)
-    expected = torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
-    assert torch.equal(torch.ops.qistudio.linear_gelu_quack(x, weight, bias), expected)
+    monkeypatch.setattr(L, "_import_quack", lambda: pytest.fail("quack imported"))
+    bf = torch.bfloat16
+    rows, weight, bias = torch.randn(7, 16, dtype=bf), torch.randn(24, 16, dtype=bf), torch.randn(24, dtype=bf)
+    assert L.tma_loadable(rows, weight, bias)
+    wide = torch.randn(7, 17, dtype=bf)
+    assert not L.tma_loadable(wide[:, :5], weight[:, :5], bias)  # odd K, strided
+    assert not L.tma_loadable(wide[:, 1:], torch.randn(24, 16, dtype=bf), bias)  # misaligned start
+    assert not L.tma_loadable(rows, torch.randn(12, 16, dtype=bf)[:11], bias[:11])  # odd N
+    assert not L.tma_loadable(rows.float(), weight.float(), bias.float())
+    for case in ((rows, weight, bias), (torch.randn(7, 5), torch.randn(12, 5), torch.randn(12))):  # on the CPU
+        expected = torch._addmm_activation(case[2], case[0], case[1].t(), use_gelu=True)
+        assert torch.equal(torch.ops.qistudio.linear_gelu_quack(*case), expected)
 
 
 def test_compile_rejects_unknown_mode(tiny_pipe):
@@ -311,8 +320,8 @@ def test_inductor_warm_up_is_cached_across_processes(tiny_repo, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels run on CUDA")
 def test_fused_kernels_agree_on_gpu():
-    """On a GPU: the adaptive norms equal their float32 form, the q/k kernel its reference form (one bf16 step at
-    most), and a compiled block with the fused kernels stays as close to eager as bf16 allows."""
+    """On a GPU: the adaptive norms equal their float32 form, the q/k/v kernel its reference form (one bf16 step
+    at most), and a compiled block with the fused kernels stays as close to eager as bf16 allows."""
     pytest.importorskip("triton")
     from qistudio.models.dit import DiTBlock, DiTConfig
     from qistudio.ops import ada_norm
@@ -320,8 +329,9 @@ def test_fused_kernels_agree_on_gpu():
 
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
-    x, update = torch.randn(2, 300, 256, device=dev, dtype=bf), torch.randn(2, 300, 256, device=dev, dtype=bf)
-    mod = (0.3 * torch.randn(2, 1, 6 * 256, device=dev)).to(bf).chunk(6, dim=-1)
+    # 3000 columns: the chunked norms merge three 1024-column pieces, the last one partly past the row.
+    x, update = torch.randn(2, 300, 3000, device=dev, dtype=bf), torch.randn(2, 300, 3000, device=dev, dtype=bf)
+    mod = (0.3 * torch.randn(2, 1, 6 * 3000, device=dev)).to(bf).chunk(6, dim=-1)
     with torch.no_grad():
         # Triton's and PyTorch's float32 reductions sum in other orders: a rare element lands one bf16 step apart.
         normed = ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)
@@ -338,11 +348,11 @@ def test_fused_kernels_agree_on_gpu():
         txt = torch.randn(2, text, heads * head_dim, device=dev, dtype=bf)
         wi, wt = (1 + 0.1 * torch.randn(2, head_dim, device=dev)).to(bf)
         table = qwen_rotary([ImageGrid(0, h, w)], text, axes_dim=(16, 24, 24), device=dev).with_joint().joint
-        img_v, txt_v = torch.randn_like(img), torch.randn_like(txt)
-        q, k, v = joint_qkv_norm_rope((img, 2 * img, img_v), (txt, 2 * txt, txt_v), (wi, wt), (wt, wi), 1e-6,
+        img_k, txt_k, img_v, txt_v = (torch.randn_like(t) for t in (img, txt, img, txt))
+        q, k, v = joint_qkv_norm_rope((img, img_k, img_v), (txt, txt_k, txt_v), (wi, wt), (wt, wi), (1e-6, 1e-6),
                                       table, head_dim)
         for out, ref in ((q, joint_qk_norm_rope_reference(img, txt, wi, wt, 1e-6, table, head_dim)),
-                         (k, joint_qk_norm_rope_reference(2 * img, 2 * txt, wt, wi, 1e-6, table, head_dim))):
+                         (k, joint_qk_norm_rope_reference(img_k, txt_k, wt, wi, 1e-6, table, head_dim))):
             assert (out == ref).float().mean() > 0.999 and (out.float() - ref.float()).abs().max() < 0.07
         assert torch.equal(v, torch.cat([img_v, txt_v], dim=1).unflatten(-1, (-1, head_dim)))
 
@@ -370,7 +380,7 @@ def test_fused_kernels_agree_on_gpu():
         compiled = torch.compile(block, fullgraph=True)
         for a, b in zip(compiled(img, txt, temb, temb, rotary), eager):
             assert rel_err(a, b) < 1e-2
-        # The text q/k/v as one GEMM whose q and k slices the fused kernel reads in place.
+        # The text q/k/v as one GEMM whose slices the fused kernel reads in place.
         packed = block.requires_grad_(False).attn.packed_text_qkv()
         assert packed is not None
         for a, b in zip(compiled(img, txt, temb, temb, rotary, txt_qkv=packed), eager):

@@ -96,7 +96,7 @@ class JointAttention(nn.Module):
         query, key, value = joint_qkv_norm_rope(
             (self.to_q(img), self.to_k(img), self.to_v(img)), (txt_q, txt_k, txt_v),
             (self.norm_q.weight, self.norm_added_q.weight), (self.norm_k.weight, self.norm_added_k.weight),
-            self.norm_q.eps, rotation, self.head_dim,
+            (self.norm_q.eps, self.norm_k.eps), rotation, self.head_dim,
         )
 
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)

@@ -89,50 +89,72 @@ def quack_available(device_index: int | None = None) -> bool:
 
 @functools.cache
 def _quack_on(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index)[0] not in (9, 10):
+        return False
     try:
         _import_quack()
-    except Exception:  # ImportError, or the CuTe DSL runtime failing to load: either way not usable here
+        # One small GEMM through the op's own path: an import that succeeds does not yet mean the CuTe DSL
+        # compiles and runs here (a quack release against a newer DSL may not), and a failure must leave the
+        # cuBLASLt epilogue in place rather than surface inside a forward.
+        with torch.device(f"cuda:{device_index}"):
+            rows, weight = torch.randn(128, 256, dtype=torch.bfloat16), torch.randn(256, 256, dtype=torch.bfloat16)
+            bias = torch.randn(256, dtype=torch.bfloat16)
+            expected = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).float()
+            result = _quack_gelu(rows, weight, bias).float()
+        return bool(((result - expected).norm() <= 1e-2 * expected.norm()).item())
+    except Exception:  # ImportError, the CuTe DSL failing to load or to compile: either way not usable here
         return False
-    return torch.cuda.get_device_capability(device_index)[0] in (9, 10)
 
 
 @functools.cache
 def _import_quack():
+    import contextvars
+    import types
+
     import quack.gemm_runtime.identity as identity
     from quack.gemm_interface import gemm_act
 
     # quack keys its compiled kernels by a fingerprint of what an epilogue function closes over, and quack 0.6.5
-    # raises on objects newer cutlass-dsl helpers reach (4.8: a ContextVar, a code object's method), so no GEMM
-    # with an epilogue runs. Those objects are the DSL's own, shared by every epilogue: keyed by type and name,
-    # they leave apart exactly the epilogues the full fingerprint does.
+    # raises on two kinds of object that cutlass-dsl 4.8's helpers reach (a ContextVar, a code object's method),
+    # so no GEMM with an epilogue runs. Both are the DSL's own machinery, shared by every epilogue and carrying no
+    # value of the traced math: keyed by type and name they keep the fingerprint's distinctions. Anything else
+    # still raises, as quack intends.
     original = identity.semantic_value_key
 
-    def semantic_value_key(value, seen):
+    def semantic_value_key(value, *args, **kwargs):
         try:
-            return original(value, seen)
+            return original(value, *args, **kwargs)
         except TypeError:
-            return ("opaque", type(value).__qualname__, getattr(value, "__name__", None),
-                    getattr(value, "name", None))
+            if isinstance(value, (contextvars.ContextVar, types.MethodDescriptorType)):
+                return ("dsl-internal", type(value).__qualname__, getattr(value, "__qualname__", None),
+                        getattr(value, "name", None))
+            raise
 
     identity.semantic_value_key = semantic_value_key
     return gemm_act
+
+
+def _quack_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    gemm_act = _import_quack()
+    return gemm_act(rows, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=False)[1]
 
 
 @torch.library.custom_op("qistudio::linear_gelu_quack", mutates_args=())
 def _linear_gelu_quack(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """rows (T, K), weight (N, K), bias (N,) -> GELU_tanh(rows @ weight.T + bias) (T, N), by quack's SM90 GEMM with
     its default configuration (its autotuner found nothing faster for these shapes and costs tens of seconds)."""
-    if not _quack_fits(rows, weight, bias):
+    if not (rows.is_cuda and tma_loadable(rows, weight, bias)):
         return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
-    gemm_act = _import_quack()
-    return gemm_act(rows, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=False)[1]
+    return _quack_gelu(rows, weight, bias)
 
 
-def _quack_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """quack's kernels load and store through TMA: dense rows, 16-byte aligned starts and row pitches (sizes
-    multiple of 8 in 16-bit types). The model's widths all are; a slice or an odd test size takes cuBLASLt's path."""
+def tma_loadable(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """quack's kernels load and store through TMA: 16-bit tensors on one device, dense, 16-byte aligned starts and
+    row pitches (sizes multiple of 8). The model's widths all are; a slice or an odd test size takes cuBLASLt's
+    path."""
     tensors = (rows, weight, bias)
-    return (rows.is_cuda and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+    return (all(t.element_size() == 2 and t.device == rows.device and t.is_contiguous() and t.data_ptr() % 16 == 0
+                for t in tensors)
             and rows.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0)
 
 

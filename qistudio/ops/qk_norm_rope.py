@@ -43,17 +43,19 @@ def joint_qk_norm_rope_reference(img_proj: torch.Tensor, txt_proj: torch.Tensor,
 def joint_qkv_norm_rope(img_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                         txt_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                         q_weights: tuple[torch.Tensor, torch.Tensor], k_weights: tuple[torch.Tensor, torch.Tensor],
-                        eps: float, rotation: torch.Tensor, head_dim: int):
+                        eps: tuple[float, float], rotation: torch.Tensor, head_dim: int):
     """The joint (query, key, value) of attention over [image; text], each (B, N + L, H, head_dim): q and k as
     `joint_qk_norm_rope_reference` makes them, v joined. img_qkv: the image projections (B, N, D); txt_qkv: the
-    text ones (B, L, D); q_weights, k_weights: the (image, text) RMSNorm weights. One fused kernel on CUDA when no
-    gradient is needed."""
+    text ones (B, L, D); q_weights, k_weights: the (image, text) RMSNorm weights; eps: q's and k's. One fused
+    kernel on CUDA when no gradient is needed."""
     (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = img_qkv, txt_qkv
-    if _can_fuse(img_q, txt_q, *q_weights, head_dim) and _can_fuse(img_k, txt_k, *k_weights, head_dim):
+    q_eps, k_eps = eps
+    if (q_eps == k_eps and _can_fuse(img_q, txt_q, *q_weights, head_dim)
+            and _can_fuse(img_k, txt_k, *k_weights, head_dim) and _can_fuse(img_v, txt_v, *q_weights, head_dim)):
         return torch.ops.qistudio.joint_qkv_norm_rope(img_q, img_k, img_v, txt_q, txt_k, txt_v, *q_weights,
-                                                      *k_weights, eps, rotation, head_dim)
-    query = joint_qk_norm_rope_reference(img_q, txt_q, *q_weights, eps, rotation, head_dim)
-    key = joint_qk_norm_rope_reference(img_k, txt_k, *k_weights, eps, rotation, head_dim)
+                                                      *k_weights, q_eps, rotation, head_dim)
+    query = joint_qk_norm_rope_reference(img_q, txt_q, *q_weights, q_eps, rotation, head_dim)
+    key = joint_qk_norm_rope_reference(img_k, txt_k, *k_weights, k_eps, rotation, head_dim)
     return query, key, torch.cat([img_v, txt_v], dim=1).unflatten(-1, (-1, head_dim))
 
 
