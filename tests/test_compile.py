@@ -178,6 +178,41 @@ def test_quack_gemm_op_leaves_what_it_cannot_load_to_cublaslt(monkeypatch):
         assert torch.equal(torch.ops.qistudio.linear_gelu_quack(*case), expected)
 
 
+def test_quack_cache_key_shim_covers_only_dsl_machinery(monkeypatch):
+    """quack 0.6.5's kernel-cache fingerprint refuses a ContextVar and a code object's method that cutlass-dsl
+    4.8 reaches; the shim keys those (any signature of the original) and still refuses everything else."""
+    import contextvars
+    import types
+
+    from qistudio.ops import linear_gelu as L
+
+    def refuse_unknown(value, seen, force_source=False):  # the original's shape: a TypeError for unknown objects
+        if isinstance(value, (int, str)):
+            return ("value", value, force_source)
+        raise TypeError(f"no key for {value!r}")
+
+    identity = types.ModuleType("quack.gemm_runtime.identity")
+    identity.semantic_value_key = refuse_unknown
+    interface = types.ModuleType("quack.gemm_interface")
+    interface.gemm_act = object()
+    for name, module in (("quack", types.ModuleType("quack")), ("quack.gemm_runtime", types.ModuleType("q.r")),
+                         ("quack.gemm_runtime.identity", identity), ("quack.gemm_interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["quack"].gemm_runtime = sys.modules["quack.gemm_runtime"]
+    sys.modules["quack.gemm_runtime"].identity = identity
+    L._import_quack.cache_clear()
+    try:
+        assert L._import_quack() is interface.gemm_act
+        key = identity.semantic_value_key
+        assert key(3, set(), force_source=True) == ("value", 3, True)
+        assert key(contextvars.ContextVar("_LOC_TRANSFORMS"), set())[0] == "dsl-internal"
+        assert key(type(compile("1", "", "eval")).co_positions, set())[0] == "dsl-internal"
+        with pytest.raises(TypeError):
+            key(torch.zeros(1), set())  # a value the traced math could depend on
+    finally:
+        L._import_quack.cache_clear()
+
+
 def test_compile_rejects_unknown_mode(tiny_pipe):
     with pytest.raises(ValueError, match="reduce-overhead"):
         compile_repeated_blocks(tiny_pipe.dit, mode="reduce-overhead")

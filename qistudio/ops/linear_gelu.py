@@ -20,6 +20,8 @@ epilogues are used in inference on CUDA only; training and CPU keep the referenc
 from __future__ import annotations
 
 import functools
+import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -102,21 +104,30 @@ def _quack_on(device_index: int) -> bool:
             expected = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).float()
             result = _quack_gelu(rows, weight, bias).float()
         return bool(((result - expected).norm() <= 1e-2 * expected.norm()).item())
-    except Exception:  # ImportError, the CuTe DSL failing to load or to compile: either way not usable here
+    except ImportError:
         return False
+    except Exception as error:  # the CuTe DSL failing to load or to compile: not usable here, and worth saying
+        warnings.warn(f"quack is installed but its GEMM failed a trial run ({type(error).__name__}: {error}); "
+                      "the MLP's GELU epilogue stays on cuBLASLt", RuntimeWarning, stacklevel=2)
+        return False
+
+
+# Built-in callables and descriptors: code, not values a traced epilogue could depend on.
+_C_LEVEL_CODE = (types.MethodDescriptorType, types.WrapperDescriptorType, types.MethodWrapperType,
+                 types.ClassMethodDescriptorType, types.GetSetDescriptorType, types.MemberDescriptorType,
+                 types.BuiltinFunctionType)
 
 
 @functools.cache
 def _import_quack():
     import contextvars
-    import types
 
     import quack.gemm_runtime.identity as identity
     from quack.gemm_interface import gemm_act
 
     # quack keys its compiled kernels by a fingerprint of what an epilogue function closes over, and quack 0.6.5
-    # raises on two kinds of object that cutlass-dsl 4.8's helpers reach (a ContextVar, a code object's method),
-    # so no GEMM with an epilogue runs. Both are the DSL's own machinery, shared by every epilogue and carrying no
+    # raises on objects that cutlass-dsl 4.8's helpers reach (a ContextVar, a code object's method), so no GEMM
+    # with an epilogue runs. Such objects are the DSL's own machinery, shared by every epilogue and carrying no
     # value of the traced math: keyed by type and name they keep the fingerprint's distinctions. Anything else
     # still raises, as quack intends.
     original = identity.semantic_value_key
@@ -125,7 +136,7 @@ def _import_quack():
         try:
             return original(value, *args, **kwargs)
         except TypeError:
-            if isinstance(value, (contextvars.ContextVar, types.MethodDescriptorType)):
+            if isinstance(value, (contextvars.ContextVar, *_C_LEVEL_CODE)):
                 return ("dsl-internal", type(value).__qualname__, getattr(value, "__qualname__", None),
                         getattr(value, "name", None))
             raise
