@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels_check import timed  # noqa: E402
+from bench.kernels_check import interleaved_medians, timed  # noqa: E402
 
 
 def main() -> None:
@@ -88,13 +88,8 @@ def mlp_splits() -> None:
         "down 2 row parts": down_rows(2), "down 4 row parts": down_rows(4),
         "qkv-size (13778x3072x3072) x4": lambda: [F.linear(x, w) for w in down_w.view(dim, 4, dim).unbind(1)],
     }
-    times = {name: [] for name in cases}
-    for _ in range(7):
-        for name, fn in cases.items():
-            times[name].append(timed(fn, n=10, repeats=1))
     flops = 2 * rows * dim * 4 * dim
-    for name, t in times.items():
-        ms = sorted(t)[3]
+    for name, ms in interleaved_medians(cases, n=10).items():
         print(f"  {name:40s} {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
 
 
@@ -112,12 +107,7 @@ def modulation_forms() -> None:
         "one packed GEMV": lambda: F.linear(temb, packed_w, packed_b),
         "two GEMVs, one row": lambda: (F.linear(temb[:1], img_w, img_b), F.linear(temb[:1], txt_w, txt_b)),
     }
-    times = {name: [] for name in cases}
-    for _ in range(7):
-        for name, fn in cases.items():
-            times[name].append(timed(fn, n=20, repeats=1))
-    for name, t in times.items():
-        ms = sorted(t)[3]
+    for name, ms in interleaved_medians(cases, n=20).items():
         print(f"  {name:24s} {ms * 1000:.1f} us  {packed_w.numel() * 2 / ms / 1e9:.2f} TB/s")
 
 

@@ -36,15 +36,23 @@ def timed(fn, n=100, repeats=5) -> float:
     return sorted(means)[len(means) // 2]
 
 
-def sweep(label: str, configs: list, apply, fn, rounds: int = 7) -> None:
-    """Time fn under each launch config, the configs interleaved round by round so that the card's clock drift
-    (power-limited, it moves by 20% within seconds) falls on all of them alike; prints medians, fastest first."""
-    times = {config: [] for config in configs}
+def interleaved_medians(cases: dict, n: int, rounds: int = 7, before=None) -> dict:
+    """{name: median ms} of each case's callable, the cases timed in turn round by round (n calls each) so that
+    the card's clock drift (power-limited, it moves by 20% within seconds) falls on all of them alike.
+    before(name), if given, runs ahead of each timing (a launch setting to apply)."""
+    times = {name: [] for name in cases}
     for _ in range(rounds):
-        for config in configs:
-            apply(config)
-            times[config].append(timed(fn, n=50, repeats=1))
-    medians = sorted((sorted(t)[len(t) // 2], config) for config, t in times.items())
+        for name, fn in cases.items():
+            if before is not None:
+                before(name)
+            times[name].append(timed(fn, n=n, repeats=1))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def sweep(label: str, configs: list, apply, fn, rounds: int = 7) -> None:
+    """Time fn under each launch config, interleaved (`interleaved_medians`); prints medians, fastest first."""
+    times = interleaved_medians({config: fn for config in configs}, n=50, rounds=rounds, before=apply)
+    medians = sorted((ms, config) for config, ms in times.items())
     print(f"  {label} sweep: " + ", ".join(f"{config} {ms:.3f} ms" for ms, config in medians))
 
 
