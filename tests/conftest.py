@@ -7,8 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-CHECKPOINTS = SHARED / "reference" / "checkpoints"
+# Tensor listings (names and shapes) of the released checkpoints: facts about those files, kept as test data so the
+# tests never read outside the repository.
+CHECKPOINTS = ROOT / "tests" / "data" / "checkpoints"
 
 torch.set_num_threads(2)
 

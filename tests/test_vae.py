@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from qistudio.models.vae import QwenImageVAE, VAEConfig, _ramp, _tile_spans
 
-CHECKPOINT_JSON = Path("/work/shared/reference/checkpoints/qwen_image_vae.json")
+CHECKPOINT_JSON = Path(__file__).resolve().parent / "data" / "checkpoints" / "qwen_image_vae.json"
 TINY = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)  # full 8x factor, real latent stats
 
 
