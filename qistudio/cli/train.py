@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..training.checkpoint import CheckpointSaveError
+from ..training.errors import CheckpointSaveError
 from ..training.config import (DEFAULT_LORA_TARGETS, LOSS_WEIGHTINGS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS,
                                DataConfig, LossConfig, TrainConfig)
 from .generate import parse_size

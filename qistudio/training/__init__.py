@@ -10,13 +10,25 @@ Files, in the order data flows: config (what a run is), data (metadata, image si
 (same-size steps across processes), encode (a sample through the pipeline's own conditioning), cache (encoded
 samples on disk, encoders freed), timesteps (sigma sampling and loss weights), loss (the Denoiser: DiT plus
 ControlNets), adapters (LoRA injection, trained tensors out), lowmem (FP8 base, streamed frozen blocks), optim
-(AdamW, LR schedules), outputs (user-facing files), checkpoint (atomic resume state), samples (validation images),
-logs (TensorBoard, CSV), zero (DeepSpeed), models (loading), loop (the Trainer).
+(AdamW, LR schedules), outputs (user-facing files), tree (nested state as safetensors, no pickle), checkpoint
+(atomic resume state), lock (one run per output folder), samples (validation images), logs (TensorBoard, CSV),
+zero (DeepSpeed), models (loading), demo_data (the mini dataset of `train --demo`), errors, loop (the Trainer).
+
+Trainer and StepRecord are imported on first use, so the settings (config) and errors load without torch.
 """
 
-from .checkpoint import CheckpointSaveError
-from .config import DEFAULT_LORA_TARGETS, DataConfig, LossConfig, TrainConfig
-from .loop import StepRecord, Trainer
+from __future__ import annotations
 
-__all__ = ["DEFAULT_LORA_TARGETS", "CheckpointSaveError", "DataConfig", "LossConfig", "StepRecord", "TrainConfig",
-           "Trainer"]
+from .config import DEFAULT_LORA_TARGETS, DataConfig, LossConfig, TrainConfig
+from .errors import CheckpointSaveError, NonFiniteError, RunLockedError
+
+__all__ = ["DEFAULT_LORA_TARGETS", "CheckpointSaveError", "DataConfig", "LossConfig", "NonFiniteError",
+           "RunLockedError", "StepRecord", "TrainConfig", "Trainer"]
+
+
+def __getattr__(name: str):
+    if name in ("Trainer", "StepRecord"):
+        from . import loop  # torch, accelerate and peft
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,10 +22,8 @@ folder is complete before any of them trains from it.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -44,6 +42,7 @@ from .config import TrainConfig
 from .data import ImageDataset, Skipped
 from .encode import EncodedSample
 from .outputs import write_text_atomic
+from .tree import flatten, unflatten
 
 logger = logging.getLogger(__name__)
 
@@ -66,83 +65,15 @@ DATA_TRAINING_ONLY = {"base_path", "metadata_path", "repeat", "num_workers", "st
 WEIGHT_SAMPLES = 64  # values read from each tensor for the weights fingerprint
 
 
-# -- EncodedSample <-> (JSON tree, flat tensors) -----------------------------------------------------------------------
-def flatten(value, tensors: dict[str, torch.Tensor], path: str = "sample"):
-    """A JSON tree of `value` (dataclasses, lists, tuples, dicts, numbers, strings, None); its tensors go into
-    `tensors` under their path. Anything else is refused with the path of the field that holds it."""
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach()  # write_safetensors gives each its own contiguous host copy
-        return {"tensor": path}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        cls = type(value)
-        fields = {f.name: flatten(getattr(value, f.name), tensors, f"{path}.{f.name}")
-                  for f in dataclasses.fields(value)}
-        return {"dataclass": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
-    if isinstance(value, (list, tuple)):
-        kind = "list" if isinstance(value, list) else "tuple"
-        return {kind: [flatten(v, tensors, f"{path}[{k}]") for k, v in enumerate(value)]}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {"dict": {k: flatten(v, tensors, f"{path}[{k!r}]") for k, v in value.items()}}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return {"value": value}
-    raise TypeError(f"{path} is a {type(value).__name__}, which the sample cache cannot store (it stores tensors, "
-                    "dataclasses, lists, tuples, dicts of str keys, numbers, strings and None)")
-
-
-def unflatten(node: dict, tensors: dict[str, torch.Tensor]):
-    if "tensor" in node:
-        return tensors[node["tensor"]]
-    if "dataclass" in node:
-        fields = {k: unflatten(v, tensors) for k, v in node["fields"].items()}
-        return _rebuild(_dataclass_named(node["dataclass"]), fields)
-    if "list" in node:
-        return [unflatten(v, tensors) for v in node["list"]]
-    if "tuple" in node:
-        return tuple(unflatten(v, tensors) for v in node["tuple"])
-    if "dict" in node:
-        return {k: unflatten(v, tensors) for k, v in node["dict"].items()}
-    return node["value"]
-
-
-def map_tensors(value, function: Callable[[torch.Tensor], torch.Tensor]):
-    """`value` rebuilt with `function` applied to each of its tensors (e.g. moved to a device)."""
-    if isinstance(value, torch.Tensor):
-        return function(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _rebuild(type(value), {f.name: map_tensors(getattr(value, f.name), function)
-                                      for f in dataclasses.fields(value)})
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, function) for v in value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, function) for k, v in value.items()}
-    return value
-
-
-def _dataclass_named(name: str) -> type:
-    # Only our own dataclasses: a cache file must not be able to make this import arbitrary code.
-    module_name, _, qualname = name.partition(":")
-    if module_name != "qistudio" and not module_name.startswith("qistudio."):
-        raise ValueError(f"the sample cache names the class {name}, which is not one of qistudio's")
-    cls = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise ValueError(f"the sample cache names {name}, which is not a dataclass")
-    return cls
-
-
-def _rebuild(cls: type, values: dict):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    instance = cls(**{k: v for k, v in values.items() if fields[k].init})
-    for name, value in values.items():
-        if not fields[name].init:
-            object.__setattr__(instance, name, value)  # works for frozen dataclasses too
-    return instance
+# -- EncodedSample <-> file (tree.py: tensors plus a JSON tree, no pickle) ---------------------------------------------
+def _ours(name: str) -> bool:
+    # Only our own classes: a cache file must not be able to make the reader import anything else.
+    return name.split(":")[0] == "qistudio" or name.startswith("qistudio.")
 
 
 def write_entry(path: Path, sample: EncodedSample) -> None:
     tensors: dict[str, torch.Tensor] = {}
-    structure = flatten(sample, tensors)
+    structure = flatten(sample, tensors, _ours, "sample")
     write_safetensors(tensors, path, metadata={STRUCTURE_KEY: json.dumps(structure)})
 
 
@@ -150,7 +81,7 @@ def read_entry(path: Path) -> EncodedSample:
     with safe_open(str(path), framework="pt") as f:
         structure = json.loads(f.metadata()[STRUCTURE_KEY])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return unflatten(structure, tensors)
+    return unflatten(structure, tensors, _ours)
 
 
 # -- keys -------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """Resume checkpoints: everything a killed run needs to continue as if it had never stopped, written atomically.
 
 Design note. A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
-  weights.safetensors   the trainable tensors, exactly as trained (LoRA factors in float32, or the whole DiT)
-  optimizer.pt          optimizer and LR-scheduler state (tensors and numbers only: read back with weights_only)
-  optimizer-rank{R}.pt  instead of the optimizer part above when the optimizer is partitioned across processes
-                        (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes
-  rng-rank{R}.pt        each process's random states: torch, CUDA, Python and the trainer's noise generator
-  state.json            step, epoch, position in the epoch's order, skipped samples, and the run's config
+  weights.safetensors             the trainable tensors, exactly as trained (LoRA factors in float32, or the DiT)
+  optimizer.safetensors           optimizer and LR-scheduler state
+  optimizer-rank{R}.safetensors   the optimizer part instead, when the optimizer is partitioned across processes
+                                  (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes
+  rng-rank{R}.safetensors         each process's random states: torch, CUDA, Python and the trainer's noise generator
+  state.json                      step, epoch, position in the epoch's order, skipped samples, the run's config
+Nothing is pickled: the state files are tree.py's safetensors (tensors, and a JSON tree of the numbers, lists and
+dicts around them in the header), and the only classes they may name are DeepSpeed's few (DEEPSPEED_CLASSES), so a
+crafted checkpoint folder can hold wrong numbers but cannot run code. Files of format 1 (pickled .pt) are refused,
+never opened.
+
 It is assembled in a hidden `.step-NNNNNNNN.partial` folder and renamed into place only when every file is
 written, then `checkpoints/latest` is replaced (write + rename) to name it. A failure at any point (a full disk,
 a kill) leaves the previous checkpoint and `latest` as they were; older checkpoints are deleted only after a newer
@@ -23,20 +28,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointSaveError
 from .outputs import write_text_atomic
+from .tree import read_tree, write_tree
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.json"
 WEIGHTS = "weights.safetensors"
-OPTIMIZER = "optimizer.pt"
-FORMAT_VERSION = 1
+OPTIMIZER = "optimizer.safetensors"
+FORMAT_VERSION = 2  # 1: optimizer and random states as pickled .pt files (never read since)
+# The objects of DeepSpeed's ZeRO / bf16 optimizer state dicts besides tensors, numbers and containers: its loss
+# scalers, its stage enum and the fragment addresses of its parameter slice mappings.
+DEEPSPEED_CLASSES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler", "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.runtime.zero.config:ZeroStageEnum", "deepspeed.utils.tensor_fragment:fragment_address",
+})
 
 
-class CheckpointSaveError(RuntimeError):
-    """Saving a resume checkpoint failed; the previous one (if any) is intact."""
+def _state_class(name: str) -> bool:
+    return name in DEEPSPEED_CLASSES
+
+
+def _save_state(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """One state file inside the partial folder (atomic as a whole): host tensors, a copy only where two share
+    storage (safetensors refuses that)."""
+    seen, owned = set(), {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen and tensor.numel():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        owned[name] = tensor
+    save_file(owned, str(path), metadata)
 
 
 @dataclass
@@ -51,6 +79,14 @@ class Progress:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank}.safetensors"
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -95,13 +131,14 @@ class CheckpointWriter:
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
             self.barrier()
-            torch.save(rng, partial / f"rng-rank{self.rank}.pt")
+            write_tree(partial / rng_file(self.rank), rng, _state_class, save=_save_state)
             if self.partitioned_optimizer:
-                torch.save(optimizer_state, partial / f"optimizer-rank{self.rank}.pt")
+                write_tree(partial / optimizer_file(self.rank), optimizer_state, _state_class, save=_save_state)
             if self.is_main:
                 save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(partial / WEIGHTS))
                 shared = None if self.partitioned_optimizer else optimizer_state
-                torch.save({"optimizer": shared, "scheduler": scheduler_state}, partial / OPTIMIZER)
+                write_tree(partial / OPTIMIZER, {"optimizer": shared, "scheduler": scheduler_state}, _state_class,
+                           save=_save_state)
                 state = {"version": FORMAT_VERSION, "progress": progress.__dict__, "config": config,
                          "partitioned_optimizer": self.partitioned_optimizer, "world_size": self.world_size}
                 (partial / STATE).write_text(json.dumps(state, indent=1))
@@ -170,27 +207,61 @@ def find_checkpoint(output_path: str | os.PathLike, resume: str) -> Path:
     return found
 
 
-def read_state(path: Path, world_size: int = 1) -> dict:
-    """The checkpoint's state.json (step, position, the run's config), refused when this version or this number
-    of processes cannot resume from it. Cheap: a run checks it before any model loads."""
-    state = json.loads((path / STATE).read_text())
+def read_state(path: Path, world_size: int = 1, rank: int = 0) -> dict:
+    """The checkpoint's state.json (step, position, the run's config), refused when it is malformed, of another
+    format, saved by another number of processes than this run's partitioned optimizer needs, or without the files
+    process `rank` reads. Cheap: a run checks it before any model loads."""
+    file = path / STATE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable checkpoint state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: not a checkpoint state (a JSON object)")
+    if state.get("version") == 1:
+        raise ValueError(f"{path} was written by an older qistudio, whose optimizer and random states are pickle "
+                         "files, which are never loaded; start the run again (--lora_checkpoint can continue from "
+                         "a saved LoRA file)")
     if state.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('version')} is not {FORMAT_VERSION}")
+        raise ValueError(f"{file}: checkpoint format {state.get('version')!r} is not {FORMAT_VERSION}")
+    progress = state.get("progress")
+    ints = ("step", "epoch", "position")
+    if (not isinstance(progress, dict) or set(progress) != {*ints, "skipped"} or not isinstance(state.get("config"), dict)
+            or not all(type(progress[k]) is int and progress[k] >= 0 for k in ints)
+            or not isinstance(progress["skipped"], list)
+            or not all(isinstance(s, dict) and set(s) == {"index", "path", "reason"} for s in progress["skipped"])):
+        raise ValueError(f"{file}: malformed checkpoint state (progress needs step, epoch, position >= 0 and a "
+                         "skipped list of index, path, reason; config an object)")
     saved_world = state.get("world_size", 1)
     if state.get("partitioned_optimizer") and saved_world != world_size:
         raise ValueError(f"cannot resume from {path}: its optimizer state is partitioned over {saved_world} "
                          f"processes (DeepSpeed ZeRO), this run has {world_size}; resume with {saved_world}")
+    for name in (WEIGHTS, OPTIMIZER, *([optimizer_file(rank)] if state.get("partitioned_optimizer") else [])):
+        _required(path / name)
     return state
 
 
 def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedCheckpoint:
-    state = read_state(path, world_size)
-    states = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    """Everything a checkpoint holds for process `rank`; a missing, unreadable or malformed file is one ValueError
+    naming it. Only safetensors and JSON are read (nothing a file holds can run code)."""
+    state = read_state(path, world_size, rank)
+    states = read_tree(path / OPTIMIZER, _state_class)
+    if not isinstance(states, dict) or not {"optimizer", "scheduler"} <= set(states):
+        raise ValueError(f"{path / OPTIMIZER}: holds no optimizer and scheduler state")
     if state.get("partitioned_optimizer"):
-        # DeepSpeed's shard holds its own objects (a loss scaler, its config): not loadable with weights_only.
-        # The file is this trainer's own output, read back by the run that wrote it.
-        states["optimizer"] = torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=False)
-    rng_file = path / f"rng-rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
-    return LoadedCheckpoint(path, Progress(**state["progress"]), load_file(str(path / WEIGHTS)), states["optimizer"],
-                            states["scheduler"], rng, state["config"])
+        states["optimizer"] = read_tree(path / optimizer_file(rank), _state_class)
+    rng_path = path / rng_file(rank)
+    rng = read_tree(rng_path, _state_class) if rng_path.is_file() else None
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except SafetensorError as e:
+        raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from None
+    return LoadedCheckpoint(path, Progress(**state["progress"]), weights, states["optimizer"], states["scheduler"],
+                            rng, state["config"])
+
+
+def _required(file: Path) -> Path:
+    if not file.is_file():
+        raise ValueError(f"{file}: missing from the checkpoint (format {FORMAT_VERSION} keeps its state in "
+                         ".safetensors and .json files only)")
+    return file

@@ -38,7 +38,7 @@ from .adapters import make_trainable, trainable_named_parameters
 from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, read_state,
                          restore_rng, rng_state)
 from .buckets import bucketed_order, buckets_on, item_sizes
-from .cache import build_cache, encoding_fingerprint, map_tensors, release_encoders
+from .cache import build_cache, encoding_fingerprint, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
 from .encode import EncodedSample, encode_sample, sample_conditions
@@ -50,6 +50,7 @@ from .optim import make_lr_scheduler, make_optimizer
 from .outputs import save_weights, write_config
 from .samples import render_samples
 from .timesteps import draw_sigma
+from .tree import map_tensors
 from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, prepare_deepspeed,
                    set_boundary)
 
@@ -178,7 +179,7 @@ class Trainer:
 
     def _check_resumable(self, path: Path) -> None:
         """The checkpoint's settings, dataset length and process count against this run's (state.json only)."""
-        saved = read_state(path, self.accelerator.num_processes)["config"]
+        saved = read_state(path, self.accelerator.num_processes, self.accelerator.process_index)["config"]
         ours = json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
         different = [k for k in RESUME_KEYS if saved.get(k) != ours.get(k)]
         if different:
@@ -193,15 +194,19 @@ class Trainer:
         parameters = trainable_named_parameters(self.trained_module)
         if set(loaded.weights) != set(parameters):
             raise ValueError(f"cannot resume from {path}: its trainable tensors do not match this run's")
-        if not is_zero3(self.accelerator):  # ZeRO-3's placeholders are restored by its optimizer state (zero.py)
-            with torch.no_grad():
-                for name, param in parameters.items():
-                    param.copy_(loaded.weights[name])
-        load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
-        self.lr_scheduler.load_state_dict(loaded.scheduler_state)
+        try:
+            if not is_zero3(self.accelerator):  # ZeRO-3's placeholders are restored by its optimizer state (zero.py)
+                with torch.no_grad():
+                    for name, param in parameters.items():
+                        param.copy_(loaded.weights[name])
+            load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
+            self.lr_scheduler.load_state_dict(loaded.scheduler_state)
+            if loaded.rng is not None:
+                restore_rng(loaded.rng, self.generator)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # well-formed files, wrong contents
+            raise ValueError(f"cannot resume from {path}: its state does not fit this run ({type(e).__name__}: "
+                             f"{e})") from None
         self.progress = loaded.progress
-        if loaded.rng is not None:
-            restore_rng(loaded.rng, self.generator)
         logger.info("resumed from %s at step %d", path, self.progress.step)
 
     # -- one step ---------------------------------------------------------------------------------------------------

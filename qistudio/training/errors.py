@@ -1,0 +1,15 @@
+"""The errors a training run stops with, importable without torch: the CLI catches them and prints one line."""
+
+from __future__ import annotations
+
+
+class CheckpointSaveError(RuntimeError):
+    """Saving a resume checkpoint failed; the previous one (if any) is intact."""
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss, or the weights about to be saved, are NaN or infinite: the run stops, nothing NaN is saved."""
+
+
+class RunLockedError(RuntimeError):
+    """Another run is writing to the same output folder."""
