@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .fileio import current_umask
 from .models.dit import DiTConfig, QwenImageDiT
 from .models.vae import QwenImageVAE, VAEConfig
 from .tokenizer_build import write_qwen25_processor, write_qwen25_tokenizer
@@ -165,8 +166,7 @@ def _build(folder: Path) -> None:
 
 def _make_readable(folder: Path) -> None:
     # mkdtemp makes 0700 and some writers 0600; the demo is a cache like any model folder: use the umask's modes.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from .fileio import atomic_open
 
 PNG_KEY = "qistudio"
 
@@ -63,14 +64,8 @@ def save_png(image: Image.Image, path: str | Path, parameters: dict) -> Path:
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(parameters, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from importlib import resources
+
+from .fileio import write_text_atomic
 
 # Qwen2's pre-tokenizer: note `\p{N}` alone, so digits are split one by one.
 QWEN2_REGEX = (
@@ -104,19 +105,6 @@ def tokenizer_config() -> dict:
     }
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename, so no half-written file is left."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the folder is meant to be shared like any model folder
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_qwen25_tokenizer(folder: str | os.PathLike) -> pathlib.Path:
     """Write tokenizer.json and tokenizer_config.json for Qwen2.5 into `folder`; return the folder.
 
@@ -125,9 +113,9 @@ def write_qwen25_tokenizer(folder: str | os.PathLike) -> pathlib.Path:
     folder = pathlib.Path(folder)
     ranks_path = qwen_ranks_path()  # fail on a missing package before creating anything
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "tokenizer.json", build_tokenizer_json(ranks_path))
+    write_text_atomic(folder / "tokenizer.json", build_tokenizer_json(ranks_path))
     config_text = json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(folder / "tokenizer_config.json", config_text)
+    write_text_atomic(folder / "tokenizer_config.json", config_text)
     return folder
 
 
@@ -161,5 +149,5 @@ def write_qwen25_processor(folder: str | os.PathLike, **overrides) -> pathlib.Pa
         raise ValueError(f"unknown image processor settings {sorted(unknown)}; known: {sorted(QWEN25_IMAGE_PROCESSOR)}")
     folder = write_qwen25_tokenizer(folder)
     config = {**QWEN25_IMAGE_PROCESSOR, **overrides}
-    _write_atomic(folder / "preprocessor_config.json", json.dumps(config, indent=2) + "\n")
+    write_text_atomic(folder / "preprocessor_config.json", json.dumps(config, indent=2) + "\n")
     return folder

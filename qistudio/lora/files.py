@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..fileio import atomic_path
 from ..weights.hub import resolve_files
 from ..weights.model_config import ModelConfig
 from ..weights.safetensors_io import SAFETENSORS_SUFFIXES, TensorSource
@@ -86,12 +86,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     path.parent.mkdir(parents=True, exist_ok=True)
     # Each tensor gets its own contiguous storage: safetensors refuses views that share memory.
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(owned, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        save_file(owned, str(temporary), metadata=metadata)
     return path

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .. import fileio
 from ..lora import convert_lora_state_dict
 from ..lora.files import write_safetensors
 from .adapters import lora_state_dict
@@ -33,15 +33,7 @@ CONFIG_FILE = "training_config.json"
 
 def write_text_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return fileio.write_text_atomic(path, text)
 
 
 def write_config(config: TrainConfig, output_path: str | os.PathLike) -> Path:
