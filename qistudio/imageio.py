@@ -1,17 +1,20 @@
-"""PIL <-> tensors, valid sizes, and PNGs that carry the parameters that made them."""
+"""Images in and out: reading as users mean them, PIL <-> tensors, valid sizes, PNGs that carry their parameters."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .fileio import atomic_open
+from .validation import InputError, shown
 
 PNG_KEY = "qistudio"
 
@@ -26,25 +29,107 @@ def round_size(height: int, width: int, multiple: int = 16) -> tuple[int, int]:
     return h, w
 
 
-def load_image(image) -> Image.Image:
-    """A PIL image from a PIL image or a path; RGBA is flattened on white. Clear errors for unreadable input."""
+def _open(path, name: str) -> Image.Image:
+    """The file's image, loaded and upright; a too-large or unreadable file is one InputError naming it."""
+    try:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; either way the file is refused here, with its
+        # size. (catch_warnings changes the process's filters for this block; nothing else warns in it.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as f:
+                f.load()
+                return _upright(f, name)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(
+            f"{name}: {str(path)!r} is too large to read safely ({e}); if you trust the file, raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
+        # PIL's decoders raise any of these for a damaged or truncated file.
+        raise InputError(f"{name}: cannot read image {str(path)!r}: {e or type(e).__name__}") from None
+
+
+def _upright(image: Image.Image, name: str) -> Image.Image:
+    """The image as a viewer shows it: EXIF orientation applied (cameras store portraits sideways)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as e:  # a damaged EXIF block can fail in many ways; the pixels are still good
+        warnings.warn(f"{name}: its EXIF orientation could not be read ({e}); used as stored", stacklevel=4)
+        return image.copy()
+
+
+def _eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """16-bit and float single-channel images ("I;16*", "I", "F") as 8-bit "L", scaled by their range.
+
+    PIL's own convert clips them (65535 and 1.0 both become 255 or 1), which turns a 16-bit depth map white and a
+    float one black. Integer images are read as 16-bit (0..65535, /257: 16-bit PNG, TIFF and PGM load as "I;16" or
+    "I"); float images as 0..1 (a warning when values fall outside, which are clipped); NaN or infinity is an error.
+    """
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.float64)
+        scaled = np.clip(values, 0, 65535) / 257.0
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(f"{name}: the float image has NaN or infinite pixels; give finite values in 0..1")
+        if values.size and (values.min() < 0 or values.max() > 1):
+            warnings.warn(f"{name}: float image values span [{values.min():g}, {values.max():g}]; they are read as "
+                          "0..1 and clipped", stacklevel=4)
+        scaled = np.clip(values, 0, 1) * 255.0
+    else:
+        return image
+    return Image.fromarray(np.round(scaled).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
+def read_image(image, name: str = "image") -> Image.Image:
+    """A PIL image from a PIL image or a path: upright (EXIF), 8 bits per channel, alpha kept (straight).
+
+    Every way this can fail is one InputError naming `name` (and the file).
+    """
+    where = name
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as f:
-                image = f.copy()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image {str(image)!r}: {e}") from None
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image or a path, got {type(image).__name__}")
+        where = f"{name} {str(image)!r}"
+        image = _open(image, name)
+    elif isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise InputError(f"{name}: image has zero size ({image.width}x{image.height})")
+        image = _upright(image, name)
+    else:
+        raise InputError(f"{name} must be a PIL image or a path, got {shown(image)}")
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"image has zero size ({image.width}x{image.height})")
+        raise InputError(f"{where}: image has zero size ({image.width}x{image.height})")
+    image = _eight_bit(image, where)
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only to their straight form
+        image = image.convert(image.mode.upper())
+    return image
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise InputError(f"{name}: an image of mode {image.mode} cannot be read as RGB ({e})") from None
+
+
+def load_image(image, name: str = "image") -> Image.Image:
+    """An RGB picture from a PIL image or a path (see read_image); alpha is flattened on white."""
+    image = read_image(image, name)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # The models were trained on opaque RGB; white is what a viewer shows behind a transparent PNG.
-        warnings.warn("image has an alpha channel; it is flattened on white", stacklevel=2)
+        warnings.warn(f"{name} has an alpha channel; it is flattened on white", stacklevel=2)
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return _rgb(image, name)
+
+
+def load_mask(mask, name: str = "mask") -> Image.Image:
+    """A mask as RGB, read like any image (see read_image), any alpha channel dropped rather than flattened.
+
+    A white region on a transparent black background stays white on black; flattened on white, as pictures are,
+    the whole mask would turn white.
+    """
+    return _rgb(read_image(mask, name), name)
 
 
 def image_to_tensor(image: Image.Image, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .request import GenerationRequest, build_request
 from .sampling.guidance import guide
 from .sampling.sampler import sample_euler
 from .sampling.schedule import FlowMatchScheduler, custom_sigmas
+from .validation import InputError
 from .weights.model_config import ModelConfig
 
 
@@ -158,7 +159,7 @@ def require_components(components: Components, request: GenerationRequest) -> No
         needed.append("vae")
     for control in request.controlnet_inputs:
         if not 0 <= control.controlnet_id < len(components.controlnets):
-            raise ValueError(
+            raise InputError(
                 f"ControlNetInput(controlnet_id={control.controlnet_id}) but {loaded_controlnets(components)} "
                 "loaded (ids follow the order of their ModelConfigs); load one with "
                 "ModelConfig(model_id='DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny', "
@@ -166,7 +167,7 @@ def require_components(components: Components, request: GenerationRequest) -> No
                 "Union', origin_file_pattern='diffusion_pytorch_model.safetensors')"
             )
         if components.controlnets[control.controlnet_id].config.additional_in_channels and control.inpaint_mask is None:
-            raise ValueError(f"ControlNet {control.controlnet_id} is an Inpaint ControlNet: give its ControlNetInput "
+            raise InputError(f"ControlNet {control.controlnet_id} is an Inpaint ControlNet: give its ControlNetInput "
                              "an inpaint_mask (white = repaint)")
     if components.processor is None:
         needed.append("tokenizer")  # text prompts, and the processor built for edit images, need it
@@ -411,7 +412,7 @@ class QwenImagePipeline:
     def __call__(
         self,
         prompt: str | list[str],
-        negative_prompt: str = "",
+        negative_prompt: str | None = "",
         cfg_scale: float = 4.0,
         input_image=None,
         denoising_strength: float = 1.0,
@@ -445,9 +446,16 @@ class QwenImagePipeline:
         cfg_batch: bool = True,
         output_type: str = "pil",
     ):
-        """Generate; returns a PIL image (a list when several images are made; latents with output_type="latent")."""
+        """Generate; returns a PIL image (a list when several images are made; latents with output_type="latent").
+
+        Every argument is checked before any model runs; a wrong type, a NaN or infinity, or an out-of-range value
+        is one `qistudio.validation.InputError` (a ValueError) naming the argument. `negative_prompt=None` means
+        no negative prompt, so no guidance (diffusers' rule: a warning if cfg_scale is not 1); the default ""
+        guides against the empty prompt (the seed's). Images (PIL or paths) are read upright (EXIF), 16-bit and float
+        images scaled to 8 bits (qistudio.imageio.read_image).
+        """
         if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+            raise InputError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         request = build_request(
             prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, cfg_norm_rescale=cfg_norm_rescale,
             num_inference_steps=num_inference_steps, height=height, width=width, num_images=num_images, seed=seed,

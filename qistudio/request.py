@@ -15,14 +15,23 @@ from .conditioning.control import ControlNetInput, fit_image, with_context_trigg
 from .conditioning.eligen import EntityControl, entity_control
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
 from .imageio import load_image, round_size
+from .sampling.schedule import custom_sigmas
+from .validation import (InputError, device, finite_tensor, flag, function, int_or_pair, integer, number, optional,
+                         shown, text, with_bounds)
 
 DEFAULT_SIZE = 1328  # Qwen-Image's native square size, when neither the caller nor an edit image sets one
+# Sane maxima, so that a typo (height=100000, num_images=10**6) is an error naming it rather than an allocation
+# failure deep inside torch. 8192 px a side is 262,144 image tokens, far past what the models were trained on.
+MAX_SIZE = 8192
+MAX_STEPS = 10_000
+MAX_IMAGES = 1024  # prompts x num_images in one call
+MAX_SHIFT_MU = 20.0  # e^20 already pins every shifted sigma at 0 or 1; beyond it math.exp overflows
 
 
 @dataclass
 class GenerationRequest:
     prompts: list[str]
-    negative_prompt: str = ""
+    negative_prompt: str | None = ""  # None: no negative prompt, hence no guidance (diffusers' rule)
     cfg_scale: float = 4.0
     cfg_norm_rescale: bool = True
     num_inference_steps: int = 30
@@ -60,7 +69,7 @@ class GenerationRequest:
 
     @property
     def use_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
+        return self.cfg_scale != 1.0 and self.negative_prompt is not None
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -87,7 +96,7 @@ def edit_rows_from(edit_image, num_prompts: int) -> list[EditRow]:
     elif len(edit_image) == num_prompts and (num_prompts > 1 or all(nested)):
         entries = list(edit_image)
     else:
-        raise ValueError(
+        raise InputError(
             f"edit_image has {len(edit_image)} entries for {num_prompts} prompt(s); give one image for all "
             "prompts, a list of images for one prompt, or one entry (an image or a list of images) per prompt, "
             "e.g. [[a, b]] * len(prompts) to share a list"
@@ -97,55 +106,125 @@ def edit_rows_from(edit_image, num_prompts: int) -> list[EditRow]:
         multi = _is_image_list(entry)
         images = list(entry) if multi else [entry]
         if not images:
-            raise ValueError(f"edit_image entry {k} is an empty list; give at least one image")
+            raise InputError(f"edit_image entry {k} is an empty list; give at least one image")
         if len(images) > TRAINED_MAX_EDIT_IMAGES:
             warnings.warn(
                 f"{len(images)} edit images for one prompt; Edit-2509/2511 were trained with 1 to "
                 f"{TRAINED_MAX_EDIT_IMAGES}, so results may degrade", stacklevel=4,
             )
-        rows.append(EditRow([load_image(im) for im in images], multi))
+        rows.append(EditRow([load_image(im, "edit_image") for im in images], multi))
     return rows
 
 
 def _control_inputs(inputs) -> list[ControlNetInput]:
+    name = "blockwise_controlnet_inputs"
+    if inputs is None:
+        return []
+    if not isinstance(inputs, (list, tuple)):
+        raise InputError(f"{name} must be a list of ControlNetInput (wrap a single one in [...]), got {shown(inputs)}")
     checked = []
-    for k, control in enumerate(inputs or []):
+    for k, control in enumerate(inputs):
         if not isinstance(control, ControlNetInput):
-            raise ValueError(f"blockwise_controlnet_inputs[{k}] must be a ControlNetInput, got {type(control).__name__}")
+            raise InputError(f"{name}[{k}] must be a ControlNetInput, got {type(control).__name__}")
         image = control.image if control.image is not None else control.inpaint_image
         if image is None:
-            raise ValueError(f"blockwise_controlnet_inputs[{k}] has no image (the control map)")
-        if not 0 <= control.end <= control.start <= 1:
-            raise ValueError(f"blockwise_controlnet_inputs[{k}]: need 0 <= end <= start <= 1, got start={control.start}, "
-                             f"end={control.end}")
-        mask = None if control.inpaint_mask is None else load_image(control.inpaint_mask)
-        checked.append(dataclasses.replace(control, image=load_image(image), inpaint_mask=mask))
+            raise InputError(f"{name}[{k}] has no image (the control map)")
+        scale = number(f"{name}[{k}].scale", control.scale)
+        start = number(f"{name}[{k}].start", control.start, 0, 1)
+        end = number(f"{name}[{k}].end", control.end, 0, 1)
+        if end > start:
+            raise InputError(f"{name}[{k}]: need 0 <= end <= start <= 1, got start={start}, end={end}")
+        controlnet_id = integer(f"{name}[{k}].controlnet_id", control.controlnet_id, 0)
+        mask = None if control.inpaint_mask is None else load_image(control.inpaint_mask, f"{name}[{k}].inpaint_mask")
+        checked.append(dataclasses.replace(control, image=load_image(image, f"{name}[{k}].image"), inpaint_mask=mask,
+                                           scale=scale, start=start, end=end, controlnet_id=controlnet_id))
     return checked
+
+
+# One check per keyword argument of GenerationRequest: the value comes back normalised (plain ints and floats).
+ARGUMENT_CHECKS = {
+    "negative_prompt": optional(text),
+    "cfg_scale": number,
+    "cfg_norm_rescale": flag,
+    "num_inference_steps": with_bounds(integer, minimum=1, maximum=MAX_STEPS),
+    "height": optional(integer, minimum=1, maximum=MAX_SIZE),
+    "width": optional(integer, minimum=1, maximum=MAX_SIZE),
+    "num_images": with_bounds(integer, minimum=1, maximum=MAX_IMAGES),
+    "seed": optional(integer, minimum=0, maximum=2**64 - 1, bounds=" in [0, 2**64)"),  # torch.Generator's range
+    "rand_device": device,
+    "noise": optional(finite_tensor),
+    "denoising_strength": with_bounds(number, above=0, maximum=1),
+    "sigmas": optional(lambda name, value: custom_sigmas(value).tolist()),
+    "exponential_shift_mu": optional(number, minimum=-MAX_SHIFT_MU, maximum=MAX_SHIFT_MU),
+    "edit_image_auto_resize": flag,
+    "edit_rope_interpolation": flag,
+    "zero_cond_t": optional(flag),
+    "inpaint_blur_size": optional(integer, minimum=0),
+    "inpaint_blur_sigma": optional(number, minimum=0),
+    "tiled": flag,
+    "tile_size": int_or_pair,
+    "tile_stride": int_or_pair,
+    "cfg_batch": flag,
+    "callback": optional(function),
+    "progress_bar_cmd": function,
+}
+
+
+def check_arguments(arguments: dict) -> dict:
+    """Each keyword argument checked by its rule in ARGUMENT_CHECKS (type, finiteness, range), normalised."""
+    return {name: ARGUMENT_CHECKS[name](name, value) if name in ARGUMENT_CHECKS else value
+            for name, value in arguments.items()}
+
+
+def _prompts(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"prompt must be a string or a non-empty list of strings, got {shown(prompt)}")
+    return prompts
+
+
+def _check_sizes(request: GenerationRequest) -> None:
+    """What depends on the resolved output size: the size itself, the batch, tiling and the inpainting blur."""
+    if max(request.height, request.width) > MAX_SIZE:
+        raise InputError(f"the output size {request.width}x{request.height} (from the edit image's aspect ratio) "
+                         f"exceeds {MAX_SIZE} pixels a side; pass height= and width=")
+    if request.batch_size > MAX_IMAGES:
+        raise InputError(f"{len(request.prompts)} prompts x num_images={request.num_images} is "
+                         f"{request.batch_size} images; at most {MAX_IMAGES} per call")
+    size, stride = (v if isinstance(v, tuple) else (v, v) for v in (request.tile_size, request.tile_stride))
+    if stride[0] > size[0] or stride[1] > size[1]:
+        raise InputError(f"tile_stride {request.tile_stride!r} must not exceed tile_size {request.tile_size!r} "
+                         "(latent pixels)")
+    blur = request.inpaint_blur_size
+    if request.inpaint_mask is not None and blur and request.inpaint_blur_sigma and blur >= min(request.latent_size):
+        raise InputError(f"inpaint_blur_size={blur} must be smaller than the latent grid "
+                         f"{request.latent_size[1]}x{request.latent_size[0]} (the output size / 8)")
+
+
+def _negative_prompt_note(request: GenerationRequest) -> None:
+    if request.negative_prompt is None and request.cfg_scale != 1.0:
+        warnings.warn(f"negative_prompt=None: no negative prompt, so no classifier-free guidance and cfg_scale="
+                      f"{request.cfg_scale:g} has no effect (diffusers' rule); pass negative_prompt='' to guide "
+                      "against the empty prompt", stacklevel=4)
 
 
 def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_entity_masks=None,
                   eligen_enable_on_negative: bool = False, blockwise_controlnet_inputs=None, context_image=None,
                   **kwargs) -> GenerationRequest:
-    """Normalise and check the caller's arguments; every error a caller can cause is raised here."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    request = GenerationRequest(prompts=prompts, **kwargs)
+    """Normalise and check the caller's arguments; every error a caller can cause is raised here (InputError)."""
+    prompts = _prompts(prompt)
+    request = GenerationRequest(prompts=prompts, **check_arguments(kwargs))
+    eligen_enable_on_negative = flag("eligen_enable_on_negative", eligen_enable_on_negative)
     if edit_image is not None:
         request.edit_rows = edit_rows_from(edit_image, len(prompts))
-    if not isinstance(request.num_inference_steps, int) or request.num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {request.num_inference_steps!r}")
-    if request.num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {request.num_images}")
-    if not 0 < request.denoising_strength <= 1:
-        raise ValueError(f"denoising_strength must be in (0, 1], got {request.denoising_strength}")
     if request.denoising_strength < 1 and request.input_image is None:
-        raise ValueError(
+        raise InputError(
             f"denoising_strength={request.denoising_strength} needs input_image (image-to-image); "
             "without one, use denoising_strength=1"
         )
     if (request.height is None) != (request.width is None):
-        raise ValueError(f"give both height and width, or neither; got height={request.height}, width={request.width}")
+        raise InputError(f"give both height and width, or neither; got height={request.height}, "
+                         f"width={request.width}")
     if request.height is None:
         request.height, request.width = (
             output_size_for_edit(request.edit_rows) if request.edit_rows else (DEFAULT_SIZE, DEFAULT_SIZE)
@@ -153,24 +232,27 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
     request.height, request.width = round_size(request.height, request.width)
     if eligen_entity_prompts is not None or eligen_entity_masks is not None:
         if request.edit_rows is not None:
-            raise ValueError("EliGen entities with edit images are not supported; use one or the other")
+            raise InputError("EliGen entities with edit images are not supported; use one or the other")
         request.entities = entity_control(eligen_entity_prompts, eligen_entity_masks, eligen_enable_on_negative,
                                           *request.latent_size)
     if request.input_image is not None:
-        request.input_image = load_image(request.input_image)
+        request.input_image = load_image(request.input_image, "input_image")
     if request.inpaint_mask is not None:
         if request.input_image is None:
-            raise ValueError("inpaint_mask needs input_image: the image whose unmasked region is kept")
-        request.inpaint_mask = load_image(request.inpaint_mask)
+            raise InputError("inpaint_mask needs input_image: the image whose unmasked region is kept")
+        request.inpaint_mask = load_image(request.inpaint_mask, "inpaint_mask")
+    _check_sizes(request)
     request.controlnet_inputs = _control_inputs(blockwise_controlnet_inputs)
     if context_image is not None:
-        request.context_image = fit_image(load_image(context_image), request.width, request.height, "context_image")
+        request.context_image = fit_image(load_image(context_image, "context_image"), request.width, request.height,
+                                          "context_image")
         request.prompts = with_context_trigger(request.prompts)
     if request.seed is None:
         request.seed = random.randrange(2**31)
     if request.noise is not None:
         expected = (request.batch_size, 16, *request.latent_size)
         if tuple(request.noise.shape) != expected:
-            raise ValueError(f"noise must have shape {expected} (batch, 16, height/8, width/8), "
+            raise InputError(f"noise must have shape {expected} (batch, 16, height/8, width/8), "
                              f"got {tuple(request.noise.shape)}")
+    _negative_prompt_note(request)
     return request

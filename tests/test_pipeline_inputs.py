@@ -26,7 +26,7 @@ def no_model_runs(tiny_pipe, monkeypatch):
         (dict(denoising_strength=0.0), r"denoising_strength must be in \(0, 1\], got 0.0"),
         (dict(denoising_strength=1.5), r"denoising_strength must be in \(0, 1\], got 1.5"),
         (dict(denoising_strength=0.5), "needs input_image"),
-        (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+        (dict(num_inference_steps=0), r"num_inference_steps must be an integer in \[1, 10000\], got 0"),
         (dict(input_image="/no/such/image.png", denoising_strength=0.5), "cannot read image '/no/such/image.png'"),
         (dict(noise=torch.zeros(1, 16, 3, 3)), r"noise must have shape \(1, 16, 4, 6\)"),
     ],

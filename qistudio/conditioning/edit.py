@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..models.text_encoder import EDIT_TEMPLATE, QwenImageTextEncoder, TextStates, template_prefix_length
+from ..validation import InputError
 from .prompt import trim_template
 
 # Both areas are the Edit models' training conditions; module constants so that tests can shrink them.
@@ -94,7 +95,7 @@ def output_size_for_edit(rows: list[EditRow]) -> tuple[int, int]:
     sizes = {size_at_area(EDIT_LATENT_AREA, row.aspect) for row in rows}
     if len(sizes) > 1:
         listed = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
-        raise ValueError(f"the edit images of this batch give different output sizes ({listed}); one call makes "
+        raise InputError(f"the edit images of this batch give different output sizes ({listed}); one call makes "
                          "one size: pass height= and width=, or edit them in separate calls")
     width, height = sizes.pop()
     return height, width

@@ -11,14 +11,15 @@ pixels is inside the mask (masks are resized to the latent grid with nearest-nei
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .. import imageio
 from ..models.text_encoder import TextStates
+from ..validation import InputError, shown
 
 MAX_ENTITIES = 16  # each entity adds its text to every attention call; more than this is not a layout, it is noise
 
@@ -41,44 +42,37 @@ def mask_to_tokens(mask: Image.Image, latent_height: int, latent_width: int) -> 
     return patches.reshape(-1)
 
 
-def load_mask(mask) -> Image.Image:
+def load_mask(mask, name: str = "mask") -> Image.Image:
     """A mask (PIL image or path) as RGB, any alpha channel dropped rather than flattened on white.
 
     DiffSynth-Studio's EliGen examples read masks with `.convert("RGB")` (and its unit, given RGBA, averages the
     alpha in): a white entity on a transparent black background stays white on black. Flattening on white, right
     for pictures (imageio.load_image), would turn that whole mask white: the entity would cover the image.
     """
-    from ..imageio import load_image
-
-    if isinstance(mask, (str, os.PathLike)):
-        try:
-            with Image.open(mask) as f:
-                mask = f.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image {str(mask)!r}: {e}") from None
-    elif isinstance(mask, Image.Image):
-        mask = mask.convert("RGB")
-    return load_image(mask)  # its checks (a PIL image or a path, not zero-sized)
+    return imageio.load_mask(mask, name)
 
 
 def entity_control(prompts, masks, on_negative: bool, latent_height: int, latent_width: int) -> EntityControl:
     """Check the caller's entity prompts and masks (before any model runs) and turn masks into token masks."""
+    for name, value in (("eligen_entity_prompts", prompts), ("eligen_entity_masks", masks)):
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise InputError(f"{name} must be a list (one entry per entity), got {shown(value)}")
     prompts, masks = list(prompts or []), list(masks or [])
     if len(prompts) != len(masks):
-        raise ValueError(f"eligen_entity_prompts has {len(prompts)} prompts but eligen_entity_masks has "
+        raise InputError(f"eligen_entity_prompts has {len(prompts)} prompts but eligen_entity_masks has "
                          f"{len(masks)} masks; give one mask per entity prompt")
     if not prompts:
-        raise ValueError("eligen_entity_prompts is empty; give at least one entity or leave both unset")
+        raise InputError("eligen_entity_prompts is empty; give at least one entity or leave both unset")
     if len(prompts) > MAX_ENTITIES:
-        raise ValueError(f"{len(prompts)} entities; at most {MAX_ENTITIES} are supported")
+        raise InputError(f"eligen_entity_prompts has {len(prompts)} entities; at most {MAX_ENTITIES} are supported")
     if not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"every entity prompt must be a non-empty string, got {prompts!r}")
+        raise InputError(f"eligen_entity_prompts: every entity prompt must be a non-empty string, got {shown(prompts)}")
     token_masks = []
     for k, mask in enumerate(masks):
-        tokens = mask_to_tokens(load_mask(mask), latent_height, latent_width)
+        tokens = mask_to_tokens(load_mask(mask, f"eligen_entity_masks[{k}]"), latent_height, latent_width)
         if not tokens.any():
-            raise ValueError(f"entity mask {k} ({prompts[k]!r}) is empty at this size: it covers no image token "
-                             "(white marks the entity's region)")
+            raise InputError(f"eligen_entity_masks: entity mask {k} ({prompts[k]!r}) is empty at this size: it "
+                             "covers no image token (white marks the entity's region)")
         token_masks.append(tokens)
     return EntityControl(prompts, torch.stack(token_masks), on_negative)
 

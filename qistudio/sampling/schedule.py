@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ..validation import InputError, number_list
+
 BASE_TOKENS, MAX_TOKENS = 256, 8192
 BASE_SHIFT, MAX_SHIFT = 0.5, 0.9
 SHIFT_TERMINAL = 0.02
@@ -56,11 +58,9 @@ def flow_sigmas(
 
 def custom_sigmas(sigmas) -> torch.Tensor:
     """A caller's sigmas, used verbatim (no shift, no stretch); a final 0 is appended when missing."""
-    s = torch.as_tensor(list(sigmas), dtype=torch.float32)
-    if s.ndim != 1 or len(s) == 0:
-        raise ValueError(f"sigmas must be a non-empty 1-D list of numbers, got {sigmas!r}")
+    s = torch.tensor(number_list("sigmas", sigmas), dtype=torch.float32)
     if not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] <= s[:-1]).all()):
-        raise ValueError(f"sigmas must decrease within [0, 1], got {s.tolist()}")
+        raise InputError(f"sigmas must decrease within [0, 1], got {s.tolist()}")
     return s if s[-1] == 0 else torch.cat([s, s.new_zeros(1)])
 
 
