@@ -61,6 +61,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         yield handle
 
 
+def unwritable_folder_reason(folder: str | os.PathLike) -> str | None:
+    """Why a new file cannot be written into `folder` (missing, not a folder, no permission, a read-only file
+    system), or None when it can: found by creating and removing a temporary file there, which is what an atomic
+    write will do, so the answer holds for root and for any file system."""
+    folder = Path(folder)
+    if not folder.exists():
+        return f"the folder {folder} does not exist"
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".qistudio-write-test.", suffix=".tmp")
+    except OSError as e:
+        return f"cannot write into the folder {folder} ({e.strerror or e})"
+    os.close(handle)
+    os.unlink(probe)
+    return None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; returns the path."""
     with atomic_open(path, "w", encoding="utf-8") as handle:

@@ -372,3 +372,85 @@ def test_attention_backend_that_cannot_run_here_fails_before_loading(tmp_path, c
         set_attention_backend(None)
     err = capsys.readouterr().err
     assert code == 2 and f"--attention {missing}" in err and "cannot run here" in err
+
+
+# ------------------------------------------------------------------------------------ answering at once
+
+HEAVY = ("torch", "transformers", "diffusers", "numpy", "PIL")
+# Runs the console entry point with ARGV and prints which heavy packages were imported by the time it exited.
+_IMPORTS_PROBE = """
+import sys
+from qistudio.cli.main import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as e:
+    status = e.code
+print("imported:", sorted({name.split(".")[0] for name in sys.modules} & set(%r)), "status:", status)
+""" % (HEAVY,)
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["generate", "--help"], ["validate", "--help"], ["convert-lora", "--help"], ["train", "--help"],
+    ["generate", "x", "--steps", "0"], ["generate", "x", "--cfg", "nan"], ["generate", "x", "-o", "out.jpg"],
+    ["generate", "x", "-o", "no/such/folder/out.png"], ["generate", "--demo"], ["validate", "missing.safetensors"],
+    ["convert-lora", "in.safetensors", "out.safetensors", "--to", "kohya"],
+])  # fmt: skip
+def test_help_and_argument_errors_import_no_model_code(args, tmp_path):
+    """--help and argument errors answer at once: torch (seconds to import) and the models stay unloaded."""
+    result = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, *args], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "imported: [] status: " in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.rstrip().endswith("status: 0" if "--help" in args else "status: 2")
+
+
+def test_the_parsers_choices_are_the_librarys():
+    """The parsers name these without importing the library (which imports torch); they must stay equal."""
+    from qistudio.cli import convert_lora, generate, speed
+    from qistudio.lora import FORMATS
+    from qistudio.ops.attention import _BACKENDS
+    from qistudio.sampling.schedule import FlowMatchScheduler
+    from qistudio.weights.model_config import DOWNLOAD_SOURCES
+
+    assert generate.SCHEDULERS == tuple(FlowMatchScheduler.TEMPLATES)
+    assert generate.DOWNLOAD_SOURCES == DOWNLOAD_SOURCES
+    assert convert_lora.FORMATS == FORMATS
+    assert sorted(speed.ATTENTION_BACKENDS) == sorted(_BACKENDS)
+    assert all(isinstance(getattr(torch, name), torch.dtype) for name in generate.DTYPES)
+
+
+def test_package_names_load_on_first_use():
+    import qistudio
+    from qistudio.pipeline import QwenImagePipeline
+
+    assert qistudio.QwenImagePipeline is QwenImagePipeline and set(qistudio.__all__) <= set(dir(qistudio))
+    with pytest.raises(AttributeError, match="no attribute 'Pipeline'"):
+        qistudio.Pipeline
+
+
+# ------------------------------------------------------------------------------------ -o and the umask
+
+
+def test_output_is_checked_before_loading(tmp_path, capsys):
+    (tmp_path / "taken.png").mkdir()
+    cases = [
+        (tmp_path / "no" / "such" / "o.png", "does not exist"),
+        (tmp_path / "taken.png", "is a folder"),
+        (tmp_path / "o.PNG.txt", "must be a .png"),
+    ]
+    if sys.platform == "linux" and os.path.isdir("/sys"):  # a folder even root cannot write into
+        cases.append(("/sys/o.png", "cannot write into the folder /sys"))
+    for output, message in cases:
+        assert cli("generate", "x", "--model", tmp_path / "absent", "-o", output) == 2
+        err = capsys.readouterr().err
+        assert message in err and "absent" not in err.split("error:")[-1]
+
+
+def test_the_png_gets_the_umask_mode(demo_env, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert cli("generate", "x", "--demo", "--size", "32x32", "--steps", 1, "--seed", 1, "-o", tmp_path / "o.png") == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "o.png").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..lora import FORMATS, convert_lora_file
+from ..fileio import unwritable_folder_reason
 
 PROG = "qistudio convert-lora"
+FORMATS = ("diffusers", "comfyui", "diffsynth")  # qistudio.lora.FORMATS (imported with torch, in run)
 # What follows a layer's name in the files we write (export.py): LoRA pairs, alpha, LoHa, LoKr, dense deltas.
 _LAYER_SUFFIX = re.compile(r"\.(lora_[AB](\.default)?\.weight|alpha|hada_\w+|lokr_\w+|diff(_b)?)$")
 
@@ -55,9 +56,9 @@ def check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
         error(f"IN {args.input}: cannot be read ({e.strerror or e})")
     if target.suffix.lower() != ".safetensors":
         error(f"OUT {args.output}: the output must end in .safetensors")
-    folder = target.absolute().parent
-    if not folder.is_dir():
-        error(f"OUT {args.output}: the folder {folder} does not exist")
+    reason = unwritable_folder_reason(target.absolute().parent)
+    if reason:
+        error(f"OUT {args.output}: {reason}")
     if target.exists() and os.path.samefile(target, source):  # also through a link
         error(f"OUT {args.output}: is the input file; write the converted LoRA to another file")
     if target.is_dir():
@@ -74,6 +75,8 @@ def count_layers(keys) -> int:
 
 def run(args: argparse.Namespace) -> int:
     source, target = check_paths(args)
+    from ..lora import convert_lora_file
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -3,32 +3,32 @@
 Settings come from three layers, later ones winning: built-in defaults (smaller for --demo), the parameters
 stored in a PNG given with --from-png, and the flags given explicitly. Every flag defaults to None so that
 "given" can be told from "defaulted". All checks run before any model loads.
+
+torch and the library's model code are imported inside the functions that need them, so `--help` and the
+argument errors answer at once (the choices below are the library's, kept equal by tests/test_cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..conditioning.edit import EditRow, size_at_area
-from ..conditioning.eligen import entity_control
-from ..demo import default_demo_dir, is_complete_demo, write_demo_model
-from ..imageio import load_image, read_png_parameters, round_size, save_png
-from ..pipeline import QwenImagePipeline, default_device
-from ..sampling.schedule import FlowMatchScheduler
-from ..weights.errors import CheckpointError
-from ..weights.hub import DownloadError
-from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
+from ..fileio import unwritable_folder_reason
 from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
+
+if TYPE_CHECKING:
+    from ..pipeline import QwenImagePipeline
+    from ..weights.model_config import ModelConfig
 
 HUB_MODEL = "Qwen/Qwen-Image"
 HUB_EDIT_MODEL = "Qwen/Qwen-Image-Edit"
@@ -42,7 +42,8 @@ HUB_PATTERNS = (
     "text_encoder/model*.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
 )
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names
+DOWNLOAD_SOURCES = ("modelscope", "huggingface")  # qistudio.weights.model_config.DOWNLOAD_SOURCES
 DEFAULTS = dict(negative="", cfg=4.0, tiled=False, demo=False)
 DEMO_SIZE, DEMO_STEPS = (256, 256), 8
 FULL_SIZE, FULL_STEPS = (1328, 1328), 30
@@ -71,6 +72,17 @@ def seed_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A number argument; nan and inf are refused (a NaN guidance scale would give a black image without a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -123,7 +135,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 # What a PNG stores, and how each stored value is read back (the same checks as the flags).
 STORED = {
-    "prompt": str, "negative": str, "seed": seed_int, "steps": positive_int, "cfg": float, "size": parse_size,
+    "prompt": str, "negative": str, "seed": seed_int, "steps": positive_int, "cfg": finite_float, "size": parse_size,
     "model": str, "demo": bool, "input_image": str, "strength": strength_float, "dtype": str, "tiled": bool,
     "edit_images": lambda paths: [str(p) for p in paths], "loras": lambda specs: [lora_spec(s) for s in specs],
     "scheduler": str, "entities": lambda items: [str(e) for e in items],
@@ -131,7 +143,7 @@ STORED = {
     "inpaint_mask": str, "context_image": str, "controlnets": lambda specs: [str(c) for c in specs],
 }  # fmt: skip
 CONTROL_KINDS = {"canny": "Canny", "depth": "Depth", "inpaint": "Inpaint"}  # -> DiffSynth-Studio repository suffix
-SCHEDULERS = tuple(FlowMatchScheduler.TEMPLATES)
+SCHEDULERS = ("Qwen-Image", "Qwen-Image-Lightning")  # FlowMatchScheduler.TEMPLATES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -147,7 +159,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=positive_int,
                    help=f"denoising steps (default: {FULL_STEPS}; {DEMO_STEPS} with --demo)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 4.0; 1 turns it off)")
+    p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (default: 4.0; 1 turns it off)")
     p.add_argument("--seed", type=seed_int, help="random seed (default: random; printed and stored in the PNG)")
     p.add_argument("--size", type=parse_size, metavar="WxH",
                    help="image size (default: 1328x1328; the input image's size with --input-image; "
@@ -198,6 +210,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     error = args.parser.error
     stored = {}
     if args.from_png:
+        from ..imageio import read_png_parameters
+
         try:
             raw = read_png_parameters(args.from_png)
             stored = {key: STORED[key](value) for key, value in raw.items() if key in STORED and value is not None}
@@ -215,7 +229,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         error("a prompt is needed: qistudio generate \"a cat on a sofa\" (or --from-png old.png)")
     if settings.get("input_image"):
         try:
-            settings["image"] = load_image(settings["input_image"])
+            settings["image"] = _read_image(settings["input_image"])
         except ValueError as e:
             error(f"input image: {e}")
         settings["input_image"] = str(Path(settings["input_image"]).expanduser().resolve())
@@ -234,7 +248,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         error(f"{len(entities)} --entity prompts but {len(masks)} --entity-mask files; give one mask per entity")
     if masks:
         try:
-            settings["entity_images"] = [load_image(path) for path in masks]
+            settings["entity_images"] = [_read_image(path) for path in masks]
         except ValueError as e:
             error(f"entity mask: {e}")
         settings["entity_masks"] = [str(Path(path).expanduser().resolve()) for path in masks]
@@ -243,11 +257,13 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     _resolve_controls(settings, error)
     if settings.get("edit_images"):
         try:
-            settings["edit"] = [load_image(path) for path in settings["edit_images"]]
+            settings["edit"] = [_read_image(path) for path in settings["edit_images"]]
         except ValueError as e:
             error(f"edit image: {e}")
         settings["edit_images"] = [str(Path(path).expanduser().resolve()) for path in settings["edit_images"]]
         if demo and "size" not in settings:  # the demo's small working area, with the edit image's aspect
+            from ..conditioning.edit import EditRow, size_at_area
+
             settings["size"] = size_at_area(DEMO_SIZE[0] * DEMO_SIZE[1], EditRow(settings["edit"], False).aspect)
     image_size = settings["image"].size if "image" in settings else FULL_SIZE
     if "edit" not in settings:
@@ -258,20 +274,36 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     if settings.get("size") is not None:
         settings["size"] = _rounded(*settings["size"])
     if settings.get("entity_images"):
+        from ..conditioning.eligen import entity_control
+
         width, height = settings["size"]
         try:  # the same checks the pipeline makes (an empty region, too many), before any model loads
             entity_control(settings["entities"], settings["entity_images"], False, height // 8, width // 8)
         except ValueError as e:
             error(str(e))
-    _resolve_device(settings, args.device, error)
-    output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        error(f"-o {args.output}: the output must be a .png (it carries the generation parameters)")
-    if not output.absolute().parent.is_dir():
-        error(f"-o {args.output}: the folder {output.absolute().parent} does not exist")
+    resolve_device(settings, args.device, error)
     if settings.get("seed") is None:
         settings["seed"] = random.randrange(2**31)
     return settings
+
+
+def check_output(output: str, error) -> Path:
+    """The -o path, or `error` naming what is wrong with it: checked first, before anything is read or loaded."""
+    path = Path(output).expanduser()
+    if path.suffix.lower() != ".png":
+        error(f"-o {output}: the output must be a .png (it carries the generation parameters)")
+    if path.is_dir():
+        error(f"-o {output}: is a folder; give a file name such as {path / 'image.png'}")
+    reason = unwritable_folder_reason(path.absolute().parent)
+    if reason:
+        error(f"-o {output}: {reason}")
+    return path
+
+
+def _read_image(path):
+    from ..imageio import load_image
+
+    return load_image(path)
 
 
 def _resolve_controls(settings: dict, error) -> None:
@@ -279,7 +311,7 @@ def _resolve_controls(settings: dict, error) -> None:
     for key in ("inpaint_mask", "context_image"):
         if settings.get(key):
             try:
-                settings[key + "_data"] = load_image(settings[key])
+                settings[key + "_data"] = _read_image(settings[key])
             except ValueError as e:
                 error(f"--{key.replace('_', '-')}: {e}")
             settings[key] = str(Path(settings[key]).expanduser().resolve())
@@ -287,7 +319,7 @@ def _resolve_controls(settings: dict, error) -> None:
     for spec in settings.get("controls") or []:
         kind, path, scale = spec.split(":")[0], ":".join(spec.split(":")[1:-1]), float(spec.split(":")[-1])
         try:
-            image = load_image(path)
+            image = _read_image(path)
         except ValueError as e:
             error(f"--control {spec}: {e}")
         if kind == "inpaint" and "inpaint_mask_data" not in settings:
@@ -318,6 +350,8 @@ def control_inputs(settings: dict, kinds: list[str]) -> list:
 
 def controlnet_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelConfig], list[str]]:
     """One ModelConfig per control kind used, in first-use order (their controlnet_ids)."""
+    from ..weights.model_config import ModelConfig
+
     kinds = list(dict.fromkeys(kind for kind, *_ in settings.get("control_data") or []))
     configs = []
     for kind in kinds:
@@ -334,6 +368,8 @@ def controlnet_configs(settings: dict, args: argparse.Namespace) -> tuple[list[M
 
 
 def _rounded(width: int, height: int) -> tuple[int, int]:
+    from ..imageio import round_size
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         height16, width16 = round_size(height, width)
@@ -342,7 +378,11 @@ def _rounded(width: int, height: int) -> tuple[int, int]:
     return width16, height16
 
 
-def _resolve_device(settings: dict, device: str | None, error) -> None:
+def resolve_device(settings: dict, device: str | None, error) -> None:
+    import torch
+
+    from ..pipeline import default_device
+
     try:
         settings["device"] = str(torch.device(device or default_device()))
     except RuntimeError as e:
@@ -356,6 +396,9 @@ def _resolve_device(settings: dict, device: str | None, error) -> None:
 
 def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelConfig], ModelConfig, ModelConfig | None]:
     """The three ModelConfigs, the tokenizer's and the processor's (edits only), for the demo, a folder or a hub id."""
+    from ..demo import default_demo_dir, write_demo_model
+    from ..weights.model_config import ModelConfig
+
     if settings["demo"]:
         return _folder_configs(write_demo_model(default_demo_dir()))
     model = settings["model"]
@@ -375,6 +418,8 @@ def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelC
 
 
 def _folder_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig, ModelConfig | None]:
+    from ..weights.model_config import ModelConfig
+
     configs = [ModelConfig(path=str(folder / name)) for name in SUBFOLDERS[:3]]
     # Without processor/ the pipeline builds Qwen2.5-VL's processor from the tokenizer.
     processor = ModelConfig(path=str(folder / "processor")) if (folder / "processor").is_dir() else None
@@ -397,13 +442,20 @@ def uses_picture_template(settings: dict) -> bool:
 
 def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline | None:
     """The pipeline, or None after printing one message saying what failed and where weights could come from."""
+    import torch
+
+    from ..demo import default_demo_dir, is_complete_demo
+    from ..pipeline import QwenImagePipeline
+    from ..weights.errors import CheckpointError
+    from ..weights.hub import DownloadError
+
     what = "the demo model" if settings["demo"] else f"the model {settings['model']!r}"
     print(f"loading {what} on {settings['device']} ({settings['dtype']})", file=sys.stderr)
     try:
         configs, tokenizer_config, processor_config = model_configs(settings, args)
         configs = configs + controlnet_configs(settings, args)[0]
         return QwenImagePipeline.from_pretrained(
-            torch_dtype=DTYPES[settings["dtype"]], device=settings["device"],
+            torch_dtype=getattr(torch, settings["dtype"]), device=settings["device"],
             model_configs=configs, tokenizer_config=tokenizer_config, processor_config=processor_config,
         )  # fmt: skip
     except (DownloadError, CheckpointError, OSError, ModuleNotFoundError) as e:
@@ -422,6 +474,7 @@ def png_parameters(settings: dict, image) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    output = check_output(args.output, args.parser.error)
     settings = resolve_settings(args)
     check_speed_arguments(args, args.parser.error)
     print(f"seed: {settings['seed']}")
@@ -441,6 +494,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qistudio generate: could not apply LoRA: {e}", file=sys.stderr)
         return 1
     if settings.get("scheduler"):
+        from ..sampling.schedule import FlowMatchScheduler
+
         pipe.scheduler = FlowMatchScheduler(settings["scheduler"])
     apply_after_loras(pipe, args)
     image = pipe(
@@ -453,6 +508,8 @@ def run(args: argparse.Namespace) -> int:
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
         progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"),
     )  # fmt: skip
-    path = save_png(image, args.output, png_parameters(settings, image))
+    from ..imageio import save_png
+
+    path = save_png(image, output, png_parameters(settings, image))
     print(f"saved {path} ({image.width}x{image.height}, seed {settings['seed']})")
     return 0

@@ -2,15 +2,23 @@
 
 A subcommand module offers `add_parser(subparsers)`, which registers its arguments and sets `run` (args -> exit
 status) as a default. Mistakes in the arguments go through argparse (`parser.error`: usage, message, status 2)
-before any model loads; failures while loading print one message and give status 1.
+before any model loads; failures while running print one line `qistudio COMMAND: message` and give status 1,
+never a traceback (QISTUDIO_DEBUG=1 shows it). The subcommand modules import torch and the models only inside
+`run`, so `--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import convert_lora, generate, train, validate
+
+# What a user can cause, and so is reported as one line: bad values and files (ValueError: the loaders'
+# CheckpointError, LoRAError and InputError are ValueErrors), the file system (OSError), a missing optional
+# package (ImportError, whose message names the extra to install), and not enough memory.
+USER_ERRORS = (ValueError, OSError, ImportError, MemoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(error: BaseException) -> bool:
+    """An error to report in one line: the kinds above, any error type qistudio defines (DownloadError, the
+    training errors), and torch's out-of-memory error."""
+    if isinstance(error, USER_ERRORS) or type(error).__module__.startswith("qistudio."):
+        return True
+    torch = sys.modules.get("torch")  # imported by now if the error can be torch's
+    return torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ()))
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message keeps its lines, joined by "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `qistudio ARGS`; returns the exit status (argparse's own errors raise SystemExit(2))."""
     parser = build_parser()
@@ -40,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qistudio: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not is_user_error(e) or os.environ.get("QISTUDIO_DEBUG"):
+            raise
+        print(f"{args.parser.prog}: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 What the file is, is read from it (the trainer's metadata, else its tensor names): a LoRA is attached to the base
 model, a full DiT replaces its transformer, a Blockwise ControlNet is loaded beside it and fed `--control` (and
 `--inpaint-mask`). `--edit-image` validates edit models. One PNG per prompt, carrying its parameters.
+
+Every input (checkpoint, images, output folder, base model) is checked before any model loads; torch and the
+models are imported only then. What fails later prints one line (qistudio.cli.main).
 """
 
 from __future__ import annotations
@@ -13,13 +16,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..components import detect_kind
-from ..conditioning.control import ControlNetInput
-from ..imageio import load_image, save_png
-from ..pipeline import QwenImagePipeline, default_device
-from ..weights.formats import CONTROLNET
-from ..weights.model_config import DOWNLOAD_SOURCES, ModelConfig
-from .generate import DTYPES, HUB_MODEL, model_configs, parse_size, positive_int
+from ..fileio import unwritable_folder_reason
+from .generate import (DOWNLOAD_SOURCES, DTYPES, HUB_MODEL, finite_float, model_configs, parse_size, positive_int,
+                       resolve_device, seed_int)
 
 
 def is_lora_file(path: Path) -> bool:
@@ -32,6 +31,9 @@ def is_lora_file(path: Path) -> bool:
 
 def checkpoint_kind(path: Path) -> str:
     """"lora", "controlnet" or "full" (a DiT)."""
+    from ..components import detect_kind
+    from ..weights.formats import CONTROLNET
+
     if is_lora_file(path):
         return "lora"
     return "controlnet" if detect_kind([path]) == CONTROLNET else "full"
@@ -56,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=HUB_MODEL, help=f"the base model: hub id or local folder (default {HUB_MODEL})")
     p.add_argument("--steps", type=positive_int, default=40)
     p.add_argument("--size", type=parse_size, default=(1328, 1328), metavar="WxH")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--cfg", type=finite_float, default=4.0)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--download-source", choices=DOWNLOAD_SOURCES)
@@ -79,7 +81,7 @@ def _checked_kind(args: argparse.Namespace, checkpoint: Path) -> str:
     try:
         kind = checkpoint_kind(checkpoint)
     except Exception as e:  # safetensors raises its own error types for a corrupt header
-        args.parser.error(f"{checkpoint}: not a readable safetensors file ({e})")
+        args.parser.error(f"{checkpoint}: not a readable safetensors file ({' '.join(str(e).split())})")
     if kind == "controlnet" and not args.control:
         args.parser.error(f"{checkpoint} is a ControlNet: give its control map with --control IMAGE")
     if kind != "controlnet" and (args.control or args.inpaint_mask):
@@ -94,6 +96,21 @@ def _checked_kind(args: argparse.Namespace, checkpoint: Path) -> str:
     return kind
 
 
+def _output_folder(args: argparse.Namespace) -> Path:
+    """The -o folder, created if missing, or an argparse error saying why it cannot hold the PNGs."""
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        args.parser.error(f"-o {args.output}: is a file; give a folder for the PNGs")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        args.parser.error(f"-o {args.output}: cannot create the folder ({e.strerror or e})")
+    reason = unwritable_folder_reason(output)
+    if reason:
+        args.parser.error(f"-o {args.output}: {reason}")
+    return output
+
+
 def run(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint).expanduser()
     kind = _checked_kind(args, checkpoint)
@@ -102,17 +119,27 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name):
             images[name] = _image(args, getattr(args, name))
     edit_images = [_image(args, path) for path in args.edit_image or []]
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    device = args.device or default_device()
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
-    configs, tokenizer_config, processor_config = model_configs(
-        {"demo": False, "model": args.model, "edit": bool(args.edit_image)}, args)
+    output = _output_folder(args)
+    device_settings = {} if args.dtype is None else {"dtype": args.dtype}
+    resolve_device(device_settings, args.device, args.parser.error)
+    device, dtype = device_settings["device"], device_settings["dtype"]
+    try:
+        configs, tokenizer_config, processor_config = model_configs(
+            {"demo": False, "model": args.model, "edit": bool(args.edit_image)}, args)
+    except FileNotFoundError as e:
+        args.parser.error(str(e))
+    import torch
+
+    from ..conditioning.control import ControlNetInput
+    from ..imageio import save_png
+    from ..pipeline import QwenImagePipeline
+    from ..weights.model_config import ModelConfig
+
     if kind == "full":
         configs[0] = ModelConfig(path=str(checkpoint))  # the trained DiT replaces the base transformer
     elif kind == "controlnet":
         configs.append(ModelConfig(path=str(checkpoint)))
-    pipe = QwenImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=getattr(torch, dtype), device=device, model_configs=configs,
                                              tokenizer_config=tokenizer_config, processor_config=processor_config)
     if kind == "lora":
         pipe.load_lora(pipe.dit, str(checkpoint))
@@ -138,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _image(args: argparse.Namespace, path: str):
+    from ..imageio import load_image
+
     try:
         return load_image(path)
     except (OSError, ValueError) as e:
