@@ -48,7 +48,9 @@ def is_user_error(error: BaseException) -> bool:
 def one_line(error: BaseException) -> str:
     """The error's message on one line (a multi-line message keeps its lines, joined by "; ")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
+    text = "".join(line if i == 0 else (" " if lines[i - 1].endswith(":") else "; ") + line
+                   for i, line in enumerate(lines))
+    return text or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
