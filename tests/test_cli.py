@@ -454,3 +454,16 @@ def test_the_png_gets_the_umask_mode(demo_env, tmp_path):
         os.umask(previous)
     assert (tmp_path / "o.png").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
+def test_a_missing_optional_package_names_its_extra():
+    from qistudio.cli.main import EXTRAS, one_line
+
+    assert one_line(ModuleNotFoundError("No module named 'accelerate'", name="accelerate")) == (
+        "No module named 'accelerate' (pip install 'qistudio[train]')")
+    said = "LoRA training needs peft: pip install 'qistudio[train]'"
+    assert one_line(ImportError(said, name="peft")) == said  # named once
+    assert one_line(ValueError("3 tensors do not fit:\nx\ny")) == "3 tensors do not fit: x; y"
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(EXTRAS.values()) <= set(extras)

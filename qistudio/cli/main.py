@@ -19,6 +19,9 @@ from . import convert_lora, generate, train, validate
 # CheckpointError, LoRAError and InputError are ValueErrors), the file system (OSError), a missing optional
 # package (ImportError, whose message names the extra to install), and not enough memory.
 USER_ERRORS = (ValueError, OSError, ImportError, MemoryError)
+# Optional packages (by import name) -> the extra of pyproject.toml that installs them.
+EXTRAS = {"peft": "train", "accelerate": "train", "cv2": "annotators", "tensorboard": "tensorboard",
+          "cudnn": "hopper", "flash_attn": "hopper", "quack": "hopper"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +49,14 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (a multi-line message keeps its lines, joined by "; ")."""
+    """The error's message on one line (a multi-line message keeps its lines, joined by "; "); a missing optional
+    package gets the extra that installs it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = "".join(line if i == 0 else (" " if lines[i - 1].endswith(":") else "; ") + line
                    for i, line in enumerate(lines))
+    package = (getattr(error, "name", None) or "").split(".")[0] if isinstance(error, ImportError) else ""
+    if package in EXTRAS and "qistudio[" not in text:
+        text += f" (pip install 'qistudio[{EXTRAS[package]}]')"
     return text or type(error).__name__
 
 

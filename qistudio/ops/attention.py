@@ -54,7 +54,8 @@ def set_attention_backend(name: str | None) -> None:
         raise ValueError(f"attention backend {name!r} cannot run here (installed and runnable: "
                          f"{', '.join(available_backends())}); 'cudnn_fp8' needs nvidia-cudnn-frontend and a Hopper "
                          "or newer GPU, 'sage' sageattention, 'flash3' FlashAttention 3, 'flash4' "
-                         "flash-attn-4 on a Hopper or Blackwell GPU")
+                         "flash-attn-4 on a Hopper or Blackwell GPU (the hopper extra installs cudnn_fp8's and "
+                         "flash4's: pip install 'qistudio[hopper]')")
     _forced_backend = name
 
 

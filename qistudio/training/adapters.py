@@ -36,7 +36,7 @@ def add_lora(dit: nn.Module, config: TrainConfig) -> list[str]:
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:  # pragma: no cover - peft is a training dependency
-        raise ImportError("LoRA training needs peft: pip install peft") from None
+        raise ImportError("LoRA training needs peft: pip install 'qistudio[train]'") from None
     dit.requires_grad_(False)
     alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
     lora_config = LoraConfig(r=config.lora_rank, lora_alpha=alpha, target_modules=list(config.lora_target_modules),

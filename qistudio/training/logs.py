@@ -33,7 +33,8 @@ def summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ImportError("--enable_tensorboard_log needs TensorBoard, which is not installed: pip install "
-                          "tensorboard (or leave the flag out; --enable_csv_log needs nothing)") from None
+                          "'qistudio[tensorboard]' (or pip install tensorboard; or leave the flag out: "
+                          "--enable_csv_log needs nothing)") from None
     return SummaryWriter
 
 
