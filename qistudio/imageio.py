@@ -29,8 +29,9 @@ def round_size(height: int, width: int, multiple: int = 16) -> tuple[int, int]:
     return h, w
 
 
-def _open(path, name: str) -> Image.Image:
+def _open(path, name: str | None) -> Image.Image:
     """The file's image, loaded and upright; a too-large or unreadable file is one InputError naming it."""
+    prefix = f"{name}: " if name else ""
     try:
         # PIL only warns between MAX_IMAGE_PIXELS and twice that; either way the file is refused here, with its
         # size. (catch_warnings changes the process's filters for this block; nothing else warns in it.)
@@ -38,15 +39,15 @@ def _open(path, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as f:
                 f.load()
-                return _upright(f, name)
+                return _upright(f, name or str(path))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(
-            f"{name}: {str(path)!r} is too large to read safely ({e}); if you trust the file, raise "
+            f"{prefix}{str(path)!r} is too large to read safely ({e}); if you trust the file, raise "
             f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS})"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
         # PIL's decoders raise any of these for a damaged or truncated file.
-        raise InputError(f"{name}: cannot read image {str(path)!r}: {e or type(e).__name__}") from None
+        raise InputError(f"{prefix}cannot read image {str(path)!r}: {e or type(e).__name__}") from None
 
 
 def _upright(image: Image.Image, name: str) -> Image.Image:
@@ -81,21 +82,21 @@ def _eight_bit(image: Image.Image, name: str) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
-def read_image(image, name: str = "image") -> Image.Image:
+def read_image(image, name: str | None = None) -> Image.Image:
     """A PIL image from a PIL image or a path: upright (EXIF), 8 bits per channel, alpha kept (straight).
 
-    Every way this can fail is one InputError naming `name` (and the file).
+    Every way this can fail is one InputError naming `name` (the argument, when given) and the file.
     """
-    where = name
+    where = name or "image"
     if isinstance(image, (str, os.PathLike)):
-        where = f"{name} {str(image)!r}"
+        where = f"{name} {str(image)!r}" if name else repr(str(image))
         image = _open(image, name)
     elif isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
-            raise InputError(f"{name}: image has zero size ({image.width}x{image.height})")
-        image = _upright(image, name)
+            raise InputError(f"{where}: image has zero size ({image.width}x{image.height})")
+        image = _upright(image, where)
     else:
-        raise InputError(f"{name} must be a PIL image or a path, got {shown(image)}")
+        raise InputError(f"{where} must be a PIL image or a path, got {shown(image)}")
     if image.width == 0 or image.height == 0:
         raise InputError(f"{where}: image has zero size ({image.width}x{image.height})")
     image = _eight_bit(image, where)
@@ -111,25 +112,25 @@ def _rgb(image: Image.Image, name: str) -> Image.Image:
         raise InputError(f"{name}: an image of mode {image.mode} cannot be read as RGB ({e})") from None
 
 
-def load_image(image, name: str = "image") -> Image.Image:
+def load_image(image, name: str | None = None) -> Image.Image:
     """An RGB picture from a PIL image or a path (see read_image); alpha is flattened on white."""
     image = read_image(image, name)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # The models were trained on opaque RGB; white is what a viewer shows behind a transparent PNG.
-        warnings.warn(f"{name} has an alpha channel; it is flattened on white", stacklevel=2)
+        warnings.warn(f"{name or 'image'} has an alpha channel; it is flattened on white", stacklevel=2)
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return _rgb(image, name)
+    return _rgb(image, name or "image")
 
 
-def load_mask(mask, name: str = "mask") -> Image.Image:
+def load_mask(mask, name: str | None = None) -> Image.Image:
     """A mask as RGB, read like any image (see read_image), any alpha channel dropped rather than flattened.
 
     A white region on a transparent black background stays white on black; flattened on white, as pictures are,
     the whole mask would turn white.
     """
-    return _rgb(read_image(mask, name), name)
+    return _rgb(read_image(mask, name), name or "mask")
 
 
 def image_to_tensor(image: Image.Image, device=None, dtype=torch.float32) -> torch.Tensor:

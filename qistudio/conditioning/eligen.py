@@ -42,7 +42,7 @@ def mask_to_tokens(mask: Image.Image, latent_height: int, latent_width: int) -> 
     return patches.reshape(-1)
 
 
-def load_mask(mask, name: str = "mask") -> Image.Image:
+def load_mask(mask, name: str | None = None) -> Image.Image:
     """A mask (PIL image or path) as RGB, any alpha channel dropped rather than flattened on white.
 
     DiffSynth-Studio's EliGen examples read masks with `.convert("RGB")` (and its unit, given RGBA, averages the
