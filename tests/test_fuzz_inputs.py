@@ -99,6 +99,7 @@ BAD = [
     *[(dict(input_image=v, denoising_strength=0.5), "input_image")
       for v in (3, {"a": 1}, np.zeros((4, 4, 3), np.uint8), "/no/such/file.png", Image.new("RGB", (0, 4)))],
     *[(dict(edit_image=v), "edit_image") for v in (3, {"a": 1}, [IMAGE, 3], "/no/such/file.png", [[]])],
+    (dict(edit_image=Image.new("RGB", (1, 2000)), height=None, width=None), "edit image"),  # 32x45,792 at its aspect
     *[(dict(context_image=v), "context_image") for v in (3, "/no/such/file.png")],
     *[(dict(inpaint_mask=v, input_image=IMAGE), "inpaint_mask") for v in (3, "/no/such/file.png")],
     (dict(inpaint_mask=IMAGE), "inpaint_mask"),
