@@ -187,7 +187,7 @@ VALIDATE_ATTACKS = [
     (["{files}/white.png"], "not a readable safetensors file"),
     (["{files}/a-folder.png"], "no such file"),
     (["{lora}", "--control", "{files}/white.png"], "need a ControlNet checkpoint"),
-    (["{lora}", "--edit-image", "{files}/text.png"], "cannot read the image"),
+    (["{lora}", "--edit-image", "{files}/text.png"], "--edit-image: cannot read image"),
     (["{lora}", "-o", "{files}/white.png"], "is a file"),
     (["{lora}", "-o", "{files}/text.png/sub"], "cannot create the folder"),
     (["{lora}", "--cfg", "nan"], "must be a finite number"),

@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     images = {}
     for name in ("control", "inpaint_mask"):
         if getattr(args, name):
-            images[name] = _image(args, getattr(args, name))
-    edit_images = [_image(args, path) for path in args.edit_image or []]
+            images[name] = _image(args, "--" + name.replace("_", "-"), getattr(args, name))
+    edit_images = [_image(args, "--edit-image", path) for path in args.edit_image or []]
     output = _output_folder(args)
     device_settings = {} if args.dtype is None else {"dtype": args.dtype}
     resolve_device(device_settings, args.device, args.parser.error)
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         configs[0] = ModelConfig(path=str(checkpoint))  # the trained DiT replaces the base transformer
     elif kind == "controlnet":
         configs.append(ModelConfig(path=str(checkpoint)))
+    print(f"loading the model {args.model!r} with the {kind} checkpoint on {device} ({dtype})", file=sys.stderr)
     pipe = QwenImagePipeline.from_pretrained(torch_dtype=getattr(torch, dtype), device=device, model_configs=configs,
                                              tokenizer_config=tokenizer_config, processor_config=processor_config)
     if kind == "lora":
@@ -164,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image(args: argparse.Namespace, path: str):
+def _image(args: argparse.Namespace, flag: str, path: str):
     from ..imageio import load_image
 
     try:
         return load_image(path)
     except (OSError, ValueError) as e:
-        args.parser.error(f"{path}: cannot read the image ({e})")
+        args.parser.error(f"{flag}: {e}")
