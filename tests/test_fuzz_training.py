@@ -279,3 +279,389 @@ def test_values_a_tree_cannot_hold_are_refused_with_their_path():
 class Box:
     def __init__(self, x):
         self.x = x
+
+
+# -- dataset rows and metadata ----------------------------------------------------------------------------------------
+def bomb_png(path, side=100_000) -> None:
+    """A valid PNG header claiming side x side pixels (far past PIL's decompression-bomb limit), no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def attack_files(folder) -> None:
+    (folder / "text.png").write_text("this is not an image")
+    (folder / "truncated.png").write_bytes((folder / "img0.png").read_bytes()[:60])
+    bomb_png(folder / "bomb.png")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")
+    (folder / "a_folder.png").mkdir()
+
+
+from PIL import Image  # noqa: E402
+
+ROW_ATTACKS = [  # (metadata row, what the Skipped reason says)
+    ({"image": "", "prompt": "p"}, "image cell is empty"),
+    ({"image": None, "prompt": "p"}, "image cell is empty"),
+    ({"image": "   ", "prompt": "p"}, "image cell is empty"),
+    ({"image": ["img0.png", "img1.png"], "prompt": "p"}, "image cell holds a list"),
+    ({"image": [], "prompt": "p"}, "image cell"),
+    ({"image": 5, "prompt": "p"}, "image cell must be a file path, got 5"),
+    ({"image": {"path": "img0.png"}, "prompt": "p"}, "image cell must be a file path"),
+    ({"image": True, "prompt": "p"}, "image cell must be a file path, got True"),
+    ({"image": "img0.png", "prompt": ["a", "b"]}, "prompt must be text"),
+    ({"image": "img0.png", "prompt": {"en": "a"}}, "prompt must be text"),
+    ({"image": "img0.png", "prompt": False}, "prompt must be text"),
+    ({"image": "gone.png", "prompt": "p"}, "FileNotFoundError"),
+    ({"image": "text.png", "prompt": "p"}, "UnidentifiedImageError"),
+    ({"image": "truncated.png", "prompt": "p"}, "OSError"),
+    ({"image": "bomb.png", "prompt": "p"}, "DecompressionBombError"),
+    ({"image": "tiny.png", "prompt": "p"}, "too small to train at"),
+    ({"image": "a_folder.png", "prompt": "p"}, "IsADirectoryError"),
+    ({"image": "nul\x00byte.png", "prompt": "p"}, "ValueError"),
+    ({"image": "img0.png", "prompt": "p", "edit_image": [1, 2]}, "edit_image cell must be a file path or a list"),
+    ({"image": "img0.png", "prompt": "p", "context_image": ["img1.png"]}, "context_image cell holds a list"),
+    ({"image": "img0.png", "prompt": "p", "edit_image": ["img1.png", "gone.png"]}, "FileNotFoundError"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row, reason", ROW_ATTACKS, ids=[str(i) for i in range(len(ROW_ATTACKS))])
+def test_a_malformed_row_is_skipped_and_counted(tmp_path, row, reason):
+    from qistudio.training import DataConfig
+    from qistudio.training.data import ImageDataset, Skipped, skip_report
+
+    write_dataset(tmp_path)
+    attack_files(tmp_path)
+    rows = json.loads((write_dataset(tmp_path, fmt="json")).read_text()) + [row]
+    (tmp_path / "metadata.json").write_text(json.dumps(rows))
+    keys = ("image", "edit_image", "context_image")
+    dataset = ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "metadata.json"), data_file_keys=keys))
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all(isinstance(item, dict) and item["image"].size[0] >= 16 for item in items[:3])
+    skipped = items[3]
+    assert isinstance(skipped, Skipped) and skipped.index == 3 and reason in skipped.reason, skipped
+    assert f"skipped 1 sample(s)" in skip_report([skipped]) and reason in skip_report([skipped])
+    strict_config = DataConfig(str(tmp_path), str(tmp_path / "metadata.json"), data_file_keys=keys, strict=True)
+    try:
+        strict = ImageDataset(strict_config)
+    except FileNotFoundError as e:  # strict mode lists the files that are not there before training starts
+        assert "do not exist (strict mode)" in str(e) and row["image"] != "img0.png" or "gone" in str(row)
+    else:
+        with pytest.raises(ValueError, match=r"sample 3: cannot read .*\(strict mode\)"):
+            strict[3]
+
+
+def test_rows_the_request_checks_refuse_are_skipped(tmp_path):
+    """EliGen with two entity prompts and three masks: the pipeline's request check refuses it, the row is skipped."""
+    import functools
+
+    from qistudio.training import DataConfig
+    from qistudio.training.data import ImageDataset, Skipped
+    from qistudio.training.encode import sample_request
+
+    write_dataset(tmp_path)
+    rows = [{"image": "img0.png", "prompt": "p", "eligen_entity_prompts": ["a", "b"],
+             "eligen_entity_masks": ["img1.png", "img1.png", "img1.png"]},
+            {"image": "img0.png", "prompt": "p", "eligen_entity_prompts": ["a"], "eligen_entity_masks": ["img1.png"]}]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    extra = ("eligen_entity_prompts", "eligen_entity_masks")
+    check = functools.partial(sample_request, extra_inputs=extra, zero_cond_t=None)
+    dataset = ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "m.json"),
+                                      data_file_keys=("image", "eligen_entity_masks")), check)
+    assert isinstance(dataset[0], Skipped) and "m.json, sample 0" in dataset[0].path
+    assert "entit" in dataset[0].reason and isinstance(dataset[1], dict)
+    pickle.dumps(dataset)  # DataLoader workers get a copy: the check must travel
+
+
+cells = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+         | st.sampled_from(["img0.png", "img1.png", "", " ", "missing.png", "../img0.png", "text.png"]))
+cell_values = st.recursive(cells, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                             max_size=2), max_leaves=5)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=cell_values, prompt=cell_values, edit=cell_values)
+def test_any_cell_value_gives_a_sample_or_a_skip(tmp_path, image, prompt, edit):
+    """Whatever JSON a row holds, the dataset gives a usable sample (a sized RGB image and a text prompt) or a
+    Skipped with a reason, never an exception."""
+    from qistudio.training import DataConfig
+    from qistudio.training.data import ImageDataset, Skipped
+
+    if not (tmp_path / "img0.png").exists():
+        write_dataset(tmp_path)
+        (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "m.json").write_text(json.dumps([{"image": image, "prompt": prompt, "edit_image": edit}]))
+    dataset = ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "m.json"), data_file_keys=("image", "edit_image")))
+    item = dataset[0]
+    if isinstance(item, Skipped):
+        assert item.reason and item.index == 0
+    else:
+        assert item["image"].mode == "RGB" and isinstance(item["prompt"], str)
+        assert item["edit_image"] in (None, "", []) or all(
+            isinstance(i, Image.Image) for i in (item["edit_image"] if isinstance(item["edit_image"], list)
+                                                 else [item["edit_image"]]))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("m.json", "[{\"image\": \"a.png\", \"prompt\": ", r"m.json: not valid JSON \(Expecting value"),
+    ("m.json", "{\"image\": \"a.png\", \"prompt\": \"p\"}", "m.json: a .json metadata file must hold a list"),
+    ("m.json", "[1, 2]", "m.json: sample 0 needs an 'image' and a 'prompt' field, got 1"),
+    ("m.json", "[]", "m.json: the metadata lists no samples"),
+    ("m.jsonl", "{\"image\": \"a.png\", \"prompt\": \"p\"}\n{oops}\n", r"m.jsonl: line 2 is not valid JSON"),
+    ("m.jsonl", "\n\n", "m.jsonl: the metadata lists no samples"),
+    ("m.csv", "image,prompt\na.png," + "x" * 200_000 + "\n", r"m.csv: not a readable CSV file \(field larger"),
+    ("m.csv", "", "m.csv: the first line of a .csv must name the columns"),
+    ("m.csv", "file,caption\na.png,p\n", "m.csv: the first line of a .csv must name the columns"),
+    ("m.csv", "image,caption\na.png,p\n", "m.csv: sample 0 needs an 'image' and a 'prompt' field"),
+    ("m.csv", b"image,prompt\na.png,\xff\xfe\n", "m.csv: not UTF-8 text"),
+    ("m.txt", "image,prompt\n", "m.txt: metadata must be .csv, .json or .jsonl"),
+])  # fmt: skip
+def test_bad_metadata_files_are_one_error_naming_the_file(tmp_path, capsys, tiny_repo, name, content, message):
+    from qistudio.training.data import read_metadata
+
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
+        read_metadata(path)
+    args = cli_args(tiny_repo, tmp_path, tmp_path / "out")
+    args[args.index("--dataset_metadata_path") + 1] = str(path)
+    assert main(args) == 1  # the CLI: one line, before any model loads
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and name in err and "Traceback" not in err
+
+
+def test_short_and_long_csv_rows_read_as_empty_and_dropped_cells(tmp_path):
+    from qistudio.training import DataConfig
+    from qistudio.training.data import ImageDataset, Skipped, read_metadata
+
+    write_dataset(tmp_path)
+    (tmp_path / "m.csv").write_text("image,prompt\nimg0.png\n,orphan prompt\nimg1.png,p,surplus,cells\n")
+    assert read_metadata(tmp_path / "m.csv") == [{"image": "img0.png", "prompt": None},
+                                                 {"image": "", "prompt": "orphan prompt"},
+                                                 {"image": "img1.png", "prompt": "p"}]
+    dataset = ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "m.csv")))
+    assert dataset[0]["prompt"] == "" and isinstance(dataset[1], Skipped) and dataset[2]["prompt"] == "p"
+
+
+# -- the trainer: malformed rows on resume, NaN losses, non-finite settings --------------------------------------------
+from test_training import base, fresh, make_config, run_killed_at  # noqa: E402,F401 (fixtures)
+
+
+def malformed_dataset(folder) -> None:
+    write_dataset(folder, extra_rows=[{"image": "", "prompt": "empty"}, {"image": 7, "prompt": "number"},
+                                      {"image": ["img0.png"], "prompt": "list"}], fmt="json")
+
+
+def test_malformed_rows_are_skipped_and_counted_on_resume_too(base, tiny_repo, tmp_path):
+    from qistudio.training import Trainer
+
+    data = tmp_path / "data"
+    malformed_dataset(data)
+    options = dict(num_epochs=2, save_steps=2, metadata="metadata.json", data=dict(height=32, width=32))
+    straight = Trainer(make_config(tiny_repo, data, tmp_path / "straight", **options), components=fresh(base),
+                       progress_bar=False)
+    straight.run()
+    assert straight.progress.step == 12 and len(straight.progress.skipped) == 6  # 3 bad rows x 2 epochs
+    assert {s["reason"] for s in straight.progress.skipped} == {
+        "its image cell is empty", "its image cell must be a file path, got 7",
+        "its image cell holds a list (['img0.png']); image takes one file path"}
+
+    config = make_config(tiny_repo, data, tmp_path / "killed", **options)
+    run_killed_at(base, config, 9)
+    resumed = Trainer(config, components=fresh(base), resume="latest", progress_bar=False)
+    assert resumed.progress.step == 8
+    resumed.run()
+    assert resumed.progress.skipped == straight.progress.skipped
+
+
+def test_a_dataset_with_no_usable_row_stops_with_the_skip_report(base, tiny_repo, tmp_path):
+    from qistudio.training import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "m.jsonl").write_text('{"image": "", "prompt": "a"}\n{"image": [1], "prompt": "b"}\n')
+    config = make_config(tiny_repo, data, tmp_path / "out", metadata="m.jsonl")
+    with pytest.raises(ValueError, match=r"(?s)no sample of a whole epoch could be used; skipped 2 sample\(s\) .*"
+                       r"image cell is empty"):
+        Trainer(config, components=fresh(base), progress_bar=False).run()
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_nan_in_the_models_stops_at_the_first_step_and_saves_nothing(base, tiny_repo, tmp_path):
+    from qistudio.training import NonFiniteError, Trainer
+
+    data = tmp_path / "data"
+    write_dataset(data)
+    components = fresh(base)
+    with torch.no_grad():
+        components.dit.proj_out.bias[0] = float("nan")  # a damaged checkpoint
+    config = make_config(tiny_repo, data, tmp_path / "out", save_steps=1)
+    with pytest.raises(NonFiniteError, match=r"^step 1: the loss of the sample with prompt 'prompt \d, with a comma' is "
+                       r"nan; the run stops before it reaches the weights\. No checkpoint was saved yet\. Lower "
+                       r"--learning_rate \(now 0\.001\)"):
+        Trainer(config, components=components, progress_bar=False).run()
+    out = tmp_path / "out"
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("checkpoints/step-*"))
+    assert not (out / ".qistudio-train.lock").exists()  # the lock is given back however the run ends
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_its_last_checkpoint(base, tiny_repo, tmp_path,
+                                                                                          capsys):
+    """A learning rate of 1e30 (finite, so accepted) blows the LoRA up at step 1; step 2's loss is not finite."""
+    from safetensors.torch import load_file
+
+    from qistudio.training import NonFiniteError, Trainer
+
+    data = tmp_path / "data"
+    write_dataset(data)
+    config = make_config(tiny_repo, data, tmp_path / "out", save_steps=1, learning_rate=1e30, lr_scheduler="constant")
+    trainer = Trainer(config, components=fresh(base), progress_bar=False)
+    with pytest.raises(NonFiniteError, match=r"^step 2: the loss of .* is (nan|inf); .* The last checkpoint, "
+                       r".*step-00000001, is intact \(--resume continues from it\)\. Lower --learning_rate \(now 1e\+30\)"):
+        trainer.run()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["step-1.safetensors"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints/step-00000001/weights.safetensors").values())
+    # and the check before each save: weights that hold NaN are never written
+    lora = next(p for name, p in trainer.trained_module.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora.view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step 1: the trained tensor .*lora_B.* holds NaN or infinity; nothing is "
+                       r"saved\. The last checkpoint, .*step-00000001, is intact"):
+        trainer.save("nan.safetensors")
+    assert not (out / "nan.safetensors").exists() and sorted(os.listdir(out / "checkpoints")) == ["latest",
+                                                                                                   "step-00000001"]
+
+
+def test_the_cli_reports_a_non_finite_loss_in_one_line(tiny_repo, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_dataset(data)
+    args = cli_args(tiny_repo, data, tmp_path / "out") + ["--learning_rate", "1e30", "--lr_scheduler", "constant",
+                                                         "--height", "32", "--width", "32", "--max_steps", "3"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("qistudio train: step 2: the loss of ") and "Lower --learning_rate (now 1e+30)" in err
+
+
+@pytest.mark.parametrize("flag", ["--learning_rate", "--weight_decay", "--lora_alpha", "--vram_limit",
+                                  "--validation_cfg_scale"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_non_finite_numbers_are_refused_when_the_arguments_are_read(tiny_repo, tmp_path, capsys, flag, value):
+    data = tmp_path / "data"  # never read: the arguments stop first
+    with pytest.raises(SystemExit) as exit_:
+        main(cli_args(tiny_repo, data, tmp_path / "out") + [f"{flag}={value}"])  # "=": -inf is no option
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be a finite number, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value", [("learning_rate", math.inf), ("learning_rate", math.nan),
+                                          ("weight_decay", math.nan), ("lora_alpha", math.inf),
+                                          ("vram_limit", math.nan), ("validation_cfg_scale", -math.inf)])
+def test_non_finite_settings_are_refused_by_the_config_too(tiny_repo, tmp_path, field, value):
+    config = make_config(tiny_repo, tmp_path, tmp_path / "out", **{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got {value}"):
+        config.check()
+
+
+# -- one run per output folder ----------------------------------------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from qistudio.training.lock import acquire
+acquire(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_output_is_refused_until_the_first_is_killed(tiny_repo, tmp_path, capsys, caplog):
+    from qistudio.training.lock import LOCK_FILE, acquire, read_holder
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(data)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        assert main(cli_args(tiny_repo, data, out)) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"qistudio train: another run is writing to {out} (pid {first.pid} on " in err
+        assert "give another --output_path" in err and not (out / "training_config.json").exists()
+    finally:
+        first.kill()  # kill -9: the lock stays behind
+        first.wait()
+    assert read_holder(out / LOCK_FILE).pid == first.pid
+    with caplog.at_level("WARNING"):
+        lock = acquire(out)
+    assert f"the run that held it (pid {first.pid} on " in caplog.text and "is gone" in caplog.text
+    assert read_holder(out / LOCK_FILE).pid == os.getpid()
+    lock.release()
+    assert not (out / LOCK_FILE).exists()
+
+
+def live_pid():
+    return os.getppid()  # pytest's parent: alive for the whole test
+
+
+@pytest.mark.parametrize("change, outcome", [
+    (dict(pid=None), "live"),  # a live process, its real start time: refused
+    (dict(boot_id="a-boot-before-the-last-reboot"), "stale"),
+    (dict(started=1), "stale"),  # the pid was reused by a process that started at another time
+    (dict(pid=2**22 + 12345, started=None), "stale"),  # beyond pid_max: no such process
+    (dict(host="another-machine"), "unknown"),
+])  # fmt: skip
+def test_a_lock_is_taken_over_only_when_its_run_is_gone(tmp_path, caplog, change, outcome):
+    from qistudio.training import RunLockedError
+    from qistudio.training.lock import LOCK_FILE, Holder, acquire, process_start, read_holder
+
+    if process_start(os.getpid()) is None:
+        pytest.skip("needs Linux's /proc")
+    me = Holder.this_process()
+    pid = change.get("pid") or live_pid()
+    values = {**vars(me), "pid": pid, "started": process_start(pid), **{k: v for k, v in change.items() if k != "pid"}}
+    tmp_path.joinpath(LOCK_FILE).write_text(json.dumps(values))
+    if outcome == "stale":
+        with caplog.at_level("WARNING"):
+            acquire(tmp_path).release()
+        assert "is gone (killed?); this run takes the lock over" in caplog.text
+        assert not (tmp_path / LOCK_FILE).exists()
+        return
+    message = ("another run is writing to" if outcome == "live" else
+               "another run may be writing to .* which cannot be checked from here")
+    with pytest.raises(RunLockedError, match=message):
+        acquire(tmp_path)
+    assert read_holder(tmp_path / LOCK_FILE) == Holder(**values)  # untouched
+
+
+def test_an_unreadable_lock_is_refused_while_fresh_and_taken_over_when_old(tmp_path, caplog):
+    from qistudio.training import RunLockedError
+    from qistudio.training.lock import LOCK_FILE, UNREADABLE_GRACE_S, acquire
+
+    lock = tmp_path / LOCK_FILE
+    lock.write_text("{half a lock")
+    with pytest.raises(RunLockedError, match="names no run readably; if no run is writing to .* delete it"):
+        acquire(tmp_path)
+    old = lock.stat().st_mtime - UNREADABLE_GRACE_S - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        acquire(tmp_path).release()
+    assert "an unreadable lock file" in caplog.text and not lock.exists()
+
+
+def test_one_process_shares_its_lock_and_gives_it_back_with_the_last_holder(tmp_path):
+    from qistudio.training.lock import LOCK_FILE, acquire
+
+    first = acquire(tmp_path)
+    with acquire(tmp_path) as second:
+        assert second is first and (tmp_path / LOCK_FILE).exists()
+    assert (tmp_path / LOCK_FILE).exists()
+    first.release()
+    first.release()  # twice is harmless
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -199,6 +199,17 @@ class Killed(Exception):
     pass
 
 
+def run_killed_at(base, config, step: int) -> None:
+    """A run of `config` that dies right after optimizer step `step` (its checkpoints stay as they were)."""
+
+    def kill(trainer):
+        if trainer.progress.step == step:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(config, components=fresh(base), progress_bar=False).run(on_step=kill)
+
+
 def test_a_killed_run_resumes_to_the_weights_of_a_straight_run(base, tiny_repo, data, tmp_path):
     """8 steps straight vs. killed after step 5 and resumed from the step-3 checkpoint: 2 epochs of 4 samples x 2
     repeats, gradient accumulation 2, a cosine schedule with warm-up, and an unreadable image that is skipped."""
@@ -209,13 +220,8 @@ def test_a_killed_run_resumes_to_the_weights_of_a_straight_run(base, tiny_repo, 
     straight = train(base, make_config(tiny_repo, data, tmp_path / "straight", **options))
     assert straight.progress.step == 8 and len(straight.progress.skipped) == 4
 
-    def kill(trainer):
-        if trainer.progress.step == 5:
-            raise Killed
-
     config = make_config(tiny_repo, data, tmp_path / "killed", **options)
-    with pytest.raises(Killed):
-        Trainer(config, components=fresh(base), progress_bar=False).run(on_step=kill)
+    run_killed_at(base, config, 5)
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["latest", "step-00000003"]  # keep_checkpoints=1, nothing partial
     resumed = Trainer(config, components=fresh(base), resume="latest", progress_bar=False)

@@ -5,6 +5,7 @@ import os
 import runpy
 import re
 import shlex
+import time
 
 import pytest
 import torch
@@ -57,6 +58,8 @@ def test_train_a_lora_then_resume(tiny_repo, tmp_path, capsys):
     (["--trainable_models", "dit"], "one of the two"),
     (["--height", "32"], "give both height and width"),
     (["--model_paths", "[\"/nowhere.safetensors\"]"], "no such file or folder /nowhere.safetensors"),
+    (["--demo"], "--demo brings its own model and dataset; leave out --model_paths, --tokenizer_path, "
+                 "--dataset_base_path, --dataset_metadata_path"),
 ])  # fmt: skip
 def test_unsupported_and_wrong_arguments_stop_before_loading(tiny_repo, tmp_path, capsys, extra, message):
     data = tmp_path / "data"
@@ -146,3 +149,71 @@ def test_a_sigkilled_run_resumes_to_the_weights_of_a_straight_run(tiny_repo, tmp
     straight, resumed = (load_file(tmp_path / run / f"step-{steps}.safetensors") for run in ("straight", "killed"))
     assert straight.keys() == resumed.keys()
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+
+
+def test_the_dataset_is_required_unless_demo(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lora_base_model", "dit", "--output_path", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--dataset_base_path is required (or --demo" in capsys.readouterr().err
+
+
+def test_max_steps_past_the_epochs_runs_further_epochs(tiny_repo, tmp_path, capsys):
+    """3 samples, --num_epochs 1, --max_steps 5: max_steps wins (as in diffusers' scripts), epoch 2 stops at its
+    second sample; the help says so."""
+    data = tmp_path / "data"
+    write_dataset(data)
+    out = tmp_path / "out"
+    args = base_args(tiny_repo, data, out) + ["--lora_base_model", "dit", "--lora_rank", "4", "--height", "32",
+                                              "--width", "32", "--num_epochs", "1", "--max_steps", "5"]
+    assert main(args) == 0
+    assert "trained 5 steps" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["epoch-0.safetensors", "step-5.safetensors"]
+    state = json.loads((out / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert (state["progress"]["epoch"], state["progress"]["position"]) == (1, 2)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "wins over --num_epochs" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture
+def demo_home(tiny_repo, tmp_path, monkeypatch):
+    """An XDG cache whose demo model is the session's tiny repository (the demo's sizes, already built: building
+    the demo itself is test_cli's), so the test times training, not the build."""
+    from qistudio.demo import DEMO_VERSION, MARKER
+
+    folder = tmp_path / "cache" / "qistudio" / "demo"
+    folder.mkdir(parents=True)
+    for name in ("transformer", "text_encoder", "vae", "tokenizer", "processor", "scheduler"):
+        (folder / name).symlink_to(tiny_repo / name, target_is_directory=True)
+    (folder / MARKER).write_text(json.dumps({"version": DEMO_VERSION, "seed": 0}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return folder
+
+
+def test_train_demo_trains_a_lora_in_seconds_that_generate_demo_uses(demo_home, tmp_path, monkeypatch, capsys):
+    from qistudio.training.data import read_metadata
+
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert main(["train", "--demo"]) == 0
+    seconds = time.perf_counter() - start
+    printed = capsys.readouterr().out
+    assert "trained 8 steps" in printed and seconds < 30, seconds
+    out = tmp_path / "models" / "train" / "demo_lora"
+    assert {p.name for p in out.iterdir()} == {"epoch-0.safetensors", "training_config.json", "checkpoints",
+                                               "demo_dataset"}
+    lora = load_file(out / "epoch-0.safetensors")
+    assert len(lora) == 2 * 12 * 2 and all(k.startswith("transformer.") for k in lora)
+    assert all(torch.isfinite(t).all() for t in lora.values()) and any(t.abs().sum() > 0 for t in lora.values())
+    rows = read_metadata(out / "demo_dataset" / "metadata.csv")
+    assert len(rows) == 8 and rows[0] == {"image": "00_red_circle.png", "prompt": "a red circle on a white background"}
+    assert all((out / "demo_dataset" / row["image"]).is_file() for row in rows)
+    # The line it ends with runs as printed (here with fewer, smaller steps).
+    hint = printed.strip().splitlines()[-1]
+    assert hint.startswith("try the LoRA: qistudio generate --demo --lora models/train/demo_lora/epoch-0.safetensors")
+    assert main(shlex.split(hint.split("qistudio ", 1)[1]) + ["--steps", "1", "--size", "64x64"]) == 0
+    assert (tmp_path / "demo_lora.png").is_file()
+    # Again with --resume: the dataset is reused and the run finds nothing left to do.
+    assert main(["train", "--demo", "--resume"]) == 0
+    assert "nothing left to train: the run had done its 8 steps" in capsys.readouterr().out

@@ -102,7 +102,7 @@ def test_unreadable_and_missing_images_are_skipped_or_fail_fast(tmp_path):
     skipped = [item for item in items if isinstance(item, Skipped)]
     assert [(s.index, Path(s.path).name) for s in skipped] == [(3, "broken.png"), (4, "gone.png")]
     report = skip_report(skipped + skipped[:1])
-    assert "skipped 3 sample(s)" in report and "(2 file(s))" in report and "broken.png" in report
+    assert "skipped 3 sample(s)" in report and "(2 file(s) or row(s))" in report and "broken.png" in report
     with pytest.raises(FileNotFoundError, match=r"1 image\(s\) .* do not exist \(strict mode\):\n  .*gone.png"):
         ImageDataset(DataConfig(str(tmp_path), meta, strict=True))
     (tmp_path / "gone.png").write_bytes(b"")

@@ -14,10 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ..training.errors import CheckpointSaveError
+from ..training.errors import CheckpointSaveError, NonFiniteError, RunLockedError
 from ..training.config import (DEFAULT_LORA_TARGETS, LOSS_WEIGHTINGS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS,
                                DataConfig, LossConfig, TrainConfig)
-from .generate import parse_size
+from .generate import finite_float, parse_size
 
 PROG = "qistudio train"
 # The seed's arguments this trainer does not implement yet: flag -> what to do instead.
@@ -42,6 +42,8 @@ NOT_SUPPORTED = {
 FLAGS = {"enable_lora_hot_loading", "enable_model_cpu_offload", "enable_optimizer_cpu_offload", "enable_swanlab_log",
          "enable_wandb_log"}
 BUCKETS = {"auto": None, "on": True, "off": False}
+DEFAULT_OUTPUT, DEMO_OUTPUT = "./models", "./models/train/demo_lora"
+DEMO_DATASET = "demo_dataset"  # inside the output folder: the generated images and metadata.csv
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -53,8 +55,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train", help="train a LoRA on the DiT, the whole DiT or a Blockwise ControlNet",
         description="Train Qwen-Image's DiT (LoRA or full) or a Blockwise ControlNet with the reference's flow-matching loss. Argument names "
         "follow DiffSynth-Studio's train.py; run under `accelerate launch --module qistudio.cli.main train` for "
-        "several GPUs.",
+        "several GPUs. Try it first with --demo: a LoRA on a tiny random model and a generated mini dataset, in "
+        "seconds on a CPU.",
     )  # fmt: skip
+    p.add_argument("--demo", action="store_true",
+                   help=f"train a LoRA on the tiny random demo model (as `generate --demo` uses) and a generated mini "
+                   f"dataset (OUTPUT_PATH/{DEMO_DATASET}: eight drawn shapes with captions), in seconds on the CPU; "
+                   f"output in {DEMO_OUTPUT} unless --output_path says otherwise. Shows the whole flow and the "
+                   "files a run writes; the LoRA learns nothing useful")
     _add_data_and_model_arguments(p)
     _add_training_arguments(p)
     _add_monitoring_arguments(p)
@@ -70,7 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_data_and_model_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("dataset")
-    data.add_argument("--dataset_base_path", required=True, help="folder the metadata's image paths are relative to")
+    data.add_argument("--dataset_base_path", help="folder the metadata's image paths are relative to (required "
+                      "unless --demo)")
     data.add_argument("--dataset_metadata_path", help="metadata file: .csv, .json or .jsonl with image and prompt")
     data.add_argument("--max_pixels", type=int, default=1024 * 1024,
                       help="dynamic resolution: larger images are scaled down to this area (default 1048576)")
@@ -98,10 +107,12 @@ def _add_data_and_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
-    train.add_argument("--learning_rate", type=float, default=1e-4)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--num_epochs", type=int, default=1)
-    train.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--learning_rate", type=finite_float, default=1e-4)
+    train.add_argument("--weight_decay", type=finite_float, default=0.01)
+    train.add_argument("--num_epochs", type=int, default=1, help="passes over the dataset (default 1; --max_steps "
+                       "overrides)")
+    train.add_argument("--max_steps", type=int, help="optimizer steps to train; wins over --num_epochs as in "
+                       "diffusers' and accelerate's scripts: fewer steps end the run early, more run further epochs")
     train.add_argument("--trainable_models", help="train this model in full: dit, or blockwise_controlnet (the "
                        "ControlNet among the models, or a new zero-initialised one; the DiT stays frozen)")
     train.add_argument("--find_unused_parameters", action="store_true", help="DDP: some parameters get no gradient")
@@ -116,7 +127,8 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
                        help="bsmntw: the reference's bump around t=500 (default); none")
     train.add_argument("--seed", type=int, default=0, help="data order, noise, timesteps and LoRA initialisation")
     output = p.add_argument_group("output")
-    output.add_argument("--output_path", default="./models")
+    output.add_argument("--output_path", help=f"folder for the weights, checkpoints and logs (default "
+                        f"{DEFAULT_OUTPUT}; {DEMO_OUTPUT} with --demo); one run at a time writes to it")
     output.add_argument("--remove_prefix_in_ckpt", default="pipe.dit.",
                         help="full training: prefix stripped from the saved names (default pipe.dit.: plain DiT names)")
     output.add_argument("--save_steps", type=int, help="save every N steps (default: at the end of each epoch)")
@@ -131,7 +143,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora_target_modules", default=",".join(DEFAULT_LORA_TARGETS),
                       help="comma-separated module names (default: the seed's Qwen-Image list)")
     lora.add_argument("--lora_rank", type=int, default=32)
-    lora.add_argument("--lora_alpha", type=float, help="default: the rank (scale 1, as the reference)")
+    lora.add_argument("--lora_alpha", type=finite_float, help="default: the rank (scale 1, as the reference)")
     lora.add_argument("--lora_checkpoint", help="continue from this LoRA file (any layout qistudio reads)")
     memory = p.add_argument_group("memory")
     memory.add_argument("--use_gradient_checkpointing", action="store_true")
@@ -142,7 +154,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     memory.add_argument("--gradient_accumulation_steps", type=int, default=1)
     memory.add_argument("--fp8_base", action="store_true",
                         help="store the frozen DiT's block linears in FP8 (e4m3, per-channel scales; LoRA stays float32)")
-    memory.add_argument("--vram_limit", type=float, help="device memory budget in GiB for the DiT: the frozen blocks "
+    memory.add_argument("--vram_limit", type=finite_float, help="device memory budget in GiB for the DiT: the frozen blocks "
                         "that do not fit stream from host memory (0: stream all; needs --use_gradient_checkpointing)")
 
 
@@ -163,7 +175,7 @@ def _add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
     watch.add_argument("--validation_steps", type=int, help="render every N steps (default: at the last step only)")
     watch.add_argument("--validation_size", type=parse_size, default=(1024, 1024), metavar="WxH",
                        help="size of the validation images (default 1024x1024)")
-    watch.add_argument("--validation_cfg_scale", type=float, default=4.0, help="guidance of the validation images")
+    watch.add_argument("--validation_cfg_scale", type=finite_float, default=4.0, help="guidance of the validation images")
     watch.add_argument("--validation_num_inference_steps", type=int, default=30)
     watch.add_argument("--validation_seed", type=int, default=0)
     watch.add_argument("--enable_tensorboard_log", action="store_true",
@@ -201,6 +213,26 @@ def _model_paths(text: str | None, error) -> tuple:
     return tuple(tuple(e) if isinstance(e, list) else e for e in paths)
 
 
+def _demo_arguments(args: argparse.Namespace, error) -> tuple[str, ...]:
+    """--demo: the demo model (built by run()) and the generated dataset in OUTPUT_PATH/demo_dataset stand in for
+    the model and dataset arguments; a LoRA on the DiT unless --trainable_models says otherwise. The model paths."""
+    given = [f"--{name}" for name in ("model_paths", "model_id_with_origin_paths", "tokenizer_path", "processor_path",
+                                      "dataset_base_path", "dataset_metadata_path", "extra_inputs")
+             if getattr(args, name)]
+    if given:
+        error(f"--demo brings its own model and dataset; leave out {', '.join(given)}")
+    from ..demo import default_demo_dir  # torch: the arguments are good by now
+
+    folder = default_demo_dir()
+    args.output_path = args.output_path or DEMO_OUTPUT
+    args.dataset_base_path = str(Path(args.output_path) / DEMO_DATASET)
+    args.dataset_metadata_path = str(Path(args.dataset_base_path) / "metadata.csv")
+    args.tokenizer_path = str(folder / "tokenizer")
+    if not args.trainable_models:
+        args.lora_base_model = args.lora_base_model or "dit"
+    return tuple(str(folder / name) for name in ("transformer", "text_encoder", "vae"))
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the arguments describe, or parser.error (status 2) naming what is wrong."""
     error = args.parser.error
@@ -209,12 +241,16 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         error(f"--{used[0]} is not supported yet: {NOT_SUPPORTED[used[0]]}")
     if args.task != "sft":
         error(f"--task {args.task} is not supported yet; this trainer runs sft (supervised fine-tuning)")
+    model_paths = _demo_arguments(args, error) if args.demo else _model_paths(args.model_paths, error)
+    args.output_path = args.output_path or DEFAULT_OUTPUT
+    if not args.dataset_base_path:
+        error("--dataset_base_path is required (or --demo, to try training on a generated mini dataset)")
     if not args.dataset_metadata_path:
         error("--dataset_metadata_path is required (the reference's cached .pth files are not read; --cache DIR "
               "encodes the samples once and trains from its own cache)")
     for flag, value in (("--dataset_base_path", args.dataset_base_path),
                         ("--dataset_metadata_path", args.dataset_metadata_path)):
-        if not Path(value).exists():
+        if not args.demo and not Path(value).exists():
             error(f"{flag} {value}: no such file or folder")
     data = DataConfig(
         base_path=args.dataset_base_path, metadata_path=args.dataset_metadata_path,
@@ -222,7 +258,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         repeat=args.dataset_repeat, num_workers=args.dataset_num_workers, strict=args.strict,
     )  # fmt: skip
     config = TrainConfig(
-        data=data, output_path=args.output_path, model_paths=_model_paths(args.model_paths, error),
+        data=data, output_path=args.output_path, model_paths=model_paths,
         model_id_with_origin_paths=_split(args.model_id_with_origin_paths), tokenizer_path=args.tokenizer_path,
         processor_path=args.processor_path, extra_inputs=_split(args.extra_inputs), zero_cond_t=args.zero_cond_t,
         trainable_models=args.trainable_models, lora_base_model=args.lora_base_model,
@@ -262,12 +298,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.demo:
+            _write_demo(config)
         trainer = Trainer(config, resume=args.resume)
         history = trainer.run()
-    except CheckpointSaveError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, ImportError) as e:
+    except (CheckpointSaveError, NonFiniteError, RunLockedError, ValueError, OSError, ImportError) as e:
         print(f"{PROG}: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
     if trainer.accelerator.is_main_process:
@@ -277,5 +312,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"nothing left to train: the run had done its {trainer.progress.step} steps; weights in "
                   f"{config.output_path}")
+        if args.demo and trainer.last_saved is not None and config.is_lora:
+            print(f"try the LoRA: qistudio generate --demo --lora {trainer.last_saved} "
+                  f"\"a red circle on a white background\" -o demo_lora.png")
     trainer.accelerator.end_training()  # ends the process group of a multi-process run
     return 0
+
+
+def _write_demo(config: TrainConfig) -> None:
+    """The demo model (shared with `generate --demo`, built once) and the mini dataset, where the config says."""
+    from ..demo import default_demo_dir, write_demo_model
+    from ..training.demo_data import write_demo_dataset
+
+    write_demo_model(default_demo_dir())
+    write_demo_dataset(config.data.base_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 # The seed's recommended LoRA targets for Qwen-Image (every script of its table uses this list).
@@ -68,6 +69,7 @@ class LossConfig:
             raise ValueError(f"timestep_sampling={self.timestep_sampling!r}; use one of {', '.join(TIMESTEP_SAMPLINGS)}")
         if self.weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss weighting {self.weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
+        _check_finite(self, ("reference_mu", "logit_mean", "logit_std"))
         if self.logit_std <= 0:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
 
@@ -143,6 +145,8 @@ class TrainConfig:
         """Every mistake in the settings, raised before any model loads."""
         self.data.check()
         self.loss.check()
+        # NaN passes every comparison below unnoticed (nan <= 0 is False): non-finite numbers are refused first.
+        _check_finite(self, ("learning_rate", "weight_decay", "lora_alpha", "vram_limit", "validation_cfg_scale"))
         if self.is_lora == (self.trainable_models is not None):
             raise ValueError("say what to train: --lora_base_model dit (a LoRA on the DiT) or --trainable_models dit "
                              "(the whole DiT), one of the two")
@@ -250,6 +254,13 @@ class TrainConfig:
         values["data"] = DataConfig(**_tuples(values["data"]))
         values["loss"] = LossConfig(**values.get("loss", {}))
         return cls(**_tuples(values))
+
+
+def _check_finite(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _tuples(values: dict) -> dict:

@@ -21,6 +21,7 @@ step's loss, rate, time and peak memory go to the progress bar and the logs (log
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -41,7 +42,9 @@ from .buckets import bucketed_order, buckets_on, item_sizes
 from .cache import build_cache, encoding_fingerprint, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
-from .encode import EncodedSample, encode_sample, sample_conditions
+from .encode import EncodedSample, encode_sample, sample_conditions, sample_request
+from .errors import NonFiniteError
+from .lock import acquire as acquire_lock
 from .logs import TrainingLog, summary_writer_class
 from .loss import Denoiser, fixed_noise_loss, flow_matching_loss
 from .lowmem import load_device, setup_low_memory
@@ -76,6 +79,13 @@ class StepRecord:
     lr: float
 
 
+def _describe(item) -> str:
+    """A sample for messages: its prompt (the loaded sample keeps no path), or what a cached one is."""
+    if isinstance(item, dict):
+        return f"the sample with prompt {str(item.get('prompt'))[:60]!r}"
+    return "a cached sample"
+
+
 class Trainer:
     """`Trainer(config).run()`. `components` (already loaded; the DiT is trained in place) skips loading;
     `resume` is "latest" or a checkpoint folder; `on_step(trainer)` runs after each optimizer step."""
@@ -88,12 +98,29 @@ class Trainer:
         acc = self.accelerator
         self.device = acc.device
         self.dtype = compute_dtype(config, self.device)
-        self.dataset = ImageDataset(config.data)  # metadata errors (and strict mode's missing files) before loading
+        self.progress_bar = progress_bar
+        # Metadata errors (and strict mode's missing files) before loading; a row the pipeline's request checks
+        # refuse (say, two entity prompts and three masks) is skipped like an unreadable image.
+        check = functools.partial(sample_request, extra_inputs=config.extra_inputs, zero_cond_t=config.zero_cond_t)
+        self.dataset = ImageDataset(config.data, check)
         if self.dataset.missing:
             logger.warning("%d sample(s) list images that do not exist; they will be skipped and listed at the end",
                            len(self.dataset.missing))
         self.total_steps = self._total_steps()  # a dataset too small for the processes stops the run here
         resume_path = self._check_before_loading(resume)
+        # One run per output folder (lock.py): taken before any model loads, given back when run() ends.
+        self._lock = acquire_lock(config.output_path) if acc.is_main_process else None
+        try:
+            self._build(components)
+            if resume_path is not None:
+                self._restore(resume_path)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _build(self, components: Components | None) -> None:
+        """Load (or take) the models, make what trains trainable, and prepare it with its optimizer."""
+        config, acc = self.config, self.accelerator
         # Data order: same-size samples at the same step on every process (buckets.py), from the images' headers.
         bucketed = buckets_on(config.buckets, config.data, acc.num_processes)
         self._item_sizes = item_sizes(self.dataset) if bucketed else None
@@ -131,14 +158,20 @@ class Trainer:
                                        acc.process_index, acc.is_main_process, acc.wait_for_everyone,
                                        partitioned_optimizer=deepspeed_plugin(acc) is not None,
                                        world_size=acc.num_processes)
-        self.progress_bar = progress_bar and acc.is_main_process
+        self.progress_bar = self.progress_bar and acc.is_main_process
         self._last_good = None  # the last readable sample, which stands in for a skipped one under DDP
         self._saved_step = 0
+        self.last_saved: Path | None = None  # the user-facing weights file written last (main process)
+        self._used = 0  # samples trained on since this run started (to stop a run whose every sample is skipped)
         self.cached = None  # with cache_dir: the CachedDataset the DiT trains from, once run() has built it
         self.cache_report = None  # and what building it did (cache.CacheReport)
         self.log = None  # the main process's TrainingLog during run()
-        if resume_path is not None:
-            self._restore(resume_path)
+
+    def release_lock(self) -> None:
+        """Give the output folder's lock back (run() does when it ends; call it for a Trainer never run)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_before_loading(self, resume: str | None) -> Path | None:
         """What can stop the run without any model loaded; returns the checkpoint to resume from (or None)."""
@@ -166,8 +199,11 @@ class Trainer:
         if micro == 0:
             raise ValueError(f"the dataset has {len(self.dataset)} samples for {self.accelerator.num_processes} "
                              "processes; each process needs at least one (raise --dataset_repeat)")
-        steps = math.ceil(micro / self.config.gradient_accumulation_steps) * self.config.num_epochs
-        return min(steps, self.config.max_steps) if self.config.max_steps else steps
+        # max_steps wins over num_epochs, as in diffusers' and accelerate's scripts: fewer steps end the run early,
+        # more run further epochs (each a new order of the data).
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        return math.ceil(micro / self.config.gradient_accumulation_steps) * self.config.num_epochs
 
     def _order(self, epoch: int) -> list[int]:
         acc = self.accelerator
@@ -211,7 +247,8 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def _micro_batch(self, item, scale: float, sync: bool) -> float | None:
-        """Forward and backward of one sample; returns its loss, or None when it was skipped."""
+        """Forward and backward of one sample; returns its loss, or None when it was skipped. A loss that is not
+        finite stops the run before its backward (NonFiniteError): the weights never see it."""
         if isinstance(item, Skipped):
             self.progress.skipped.append(item.__dict__)
             if self.accelerator.num_processes == 1:
@@ -224,6 +261,7 @@ class Trainer:
         else:
             encoded = self._encode(item)
             self._last_good, weight = encoded, 1.0
+            self._used += 1
         sigma, sigma_weight = draw_sigma(self.config.loss, self.generator, encoded.num_target_tokens)
         noise = torch.randn(encoded.latents.shape, generator=self.generator).to(self.device, encoded.latents.dtype)
         with contextlib.ExitStack() as stack:
@@ -231,9 +269,33 @@ class Trainer:
                 stack.enter_context(self.accelerator.no_sync(self.model))
             with self._activation_storage():
                 loss = flow_matching_loss(self.model, encoded, sigma, noise, sigma_weight * weight)
+            self._stop_unless_finite(loss.detach(), item)
             set_boundary(self.accelerator, sync)  # DeepSpeed steps inside backward at a boundary
             self.accelerator.backward(loss * scale)
         return float(loss.detach()) if weight else None
+
+    def _all_processes_fine(self, fine: bool) -> bool:
+        """True when `fine` holds on every process: a process that stops alone would leave the others waiting."""
+        if self.accelerator.num_processes == 1:
+            return fine
+        flag = torch.tensor([0 if fine else 1], device=self.device)
+        return int(self.accelerator.reduce(flag, reduction="sum").item()) == 0
+
+    def _stop_unless_finite(self, loss: torch.Tensor, item) -> None:
+        finite = bool(torch.isfinite(loss).all())
+        if self._all_processes_fine(finite):
+            return
+        step = self.progress.step + 1
+        where = f"the loss of {_describe(item)} is {float(loss):g}" if not finite else "another process's loss is not finite"
+        raise NonFiniteError(f"step {step}: {where}; the run stops before it reaches the weights. "
+                             f"{self._latest_note()} Lower --learning_rate (now {self.config.learning_rate:g}), or "
+                             "check that sample and the models' weights")
+
+    def _latest_note(self) -> str:
+        latest = self.writer.latest()
+        if latest is None:
+            return "No checkpoint was saved yet."
+        return f"The last checkpoint, {latest}, is intact (--resume continues from it)."
 
     def _encode(self, item) -> EncodedSample:
         """A loaded sample through the frozen encoders, or one from the sample cache moved to the device."""
@@ -272,7 +334,8 @@ class Trainer:
 
     # -- saving -----------------------------------------------------------------------------------------------------
     def save(self, file_name: str) -> None:
-        """The user-facing weights file, then the resume checkpoint (both atomic)."""
+        """The user-facing weights file, then the resume checkpoint (both atomic); neither when a trained tensor is
+        not finite (NonFiniteError)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         trained = self.trained_module  # the module itself, whatever wrapper accelerate put around the Denoiser
@@ -280,14 +343,33 @@ class Trainer:
         gathered = gathered_state(acc, self.model, trained) if is_zero3(acc) else {}
         config = dict(self.config.to_dict(), dataset_length=len(self.dataset))
         with holding(trained, gathered):
+            self._check_finite_weights(trained)
             if acc.is_main_process:
-                save_weights(trained, self.config, file_name, self.progress.step)
+                self.last_saved = save_weights(trained, self.config, file_name, self.progress.step)
             self.writer.save(self.progress, trainable_named_parameters(trained), self.optimizer.state_dict(),
                              self.lr_scheduler.state_dict(), rng_state(self.generator), config)
         self._saved_step = self.progress.step
 
+    def _check_finite_weights(self, trained: torch.nn.Module) -> None:
+        """Before a save: every trained tensor finite on every process (one read of each: cheap beside writing)."""
+        bad = next((name for name, tensor in trainable_named_parameters(trained).items()
+                    if not bool(torch.isfinite(tensor.detach()).all())), None)
+        if not self._all_processes_fine(bad is None):
+            what = f"the trained tensor {bad}" if bad else "another process's trained tensors"
+            raise NonFiniteError(f"step {self.progress.step}: {what} holds NaN or infinity; nothing is saved. "
+                                 f"{self._latest_note()} Lower --learning_rate (now {self.config.learning_rate:g})")
+
     # -- the loop ---------------------------------------------------------------------------------------------------
     def run(self, on_step: Callable[["Trainer"], None] | None = None) -> list[StepRecord]:
+        """Train to the last step (saving as configured) and give the output folder's lock back, however it ends."""
+        if self._lock is None and self.accelerator.is_main_process:
+            self._lock = acquire_lock(self.config.output_path)
+        try:
+            return self._run(on_step)
+        finally:
+            self.release_lock()
+
+    def _run(self, on_step) -> list[StepRecord]:
         config, acc = self.config, self.accelerator
         if acc.is_main_process:
             write_config(config, config.output_path)
@@ -302,9 +384,13 @@ class Trainer:
         self._clock = time.perf_counter()
         done = self.progress.step >= self.total_steps
         try:
-            while not done and self.progress.epoch < config.num_epochs:
+            while not done:  # the step count ends the run (max_steps, or num_epochs' worth of steps)
+                fresh_epoch = self.progress.position == 0
                 done = self._run_epoch(bar, on_step)
                 if self.progress.position >= len(self._order(self.progress.epoch)):
+                    if fresh_epoch and self._used == 0:
+                        raise ValueError("no sample of a whole epoch could be used; "
+                                         + skip_report([Skipped(**s) for s in self.progress.skipped]))
                     finished = self.progress.epoch
                     self.progress.epoch += 1  # before saving: a resume starts at the next epoch
                     self.progress.position = 0
