@@ -665,3 +665,17 @@ def test_one_process_shares_its_lock_and_gives_it_back_with_the_last_holder(tmp_
     first.release()
     first.release()  # twice is harmless
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_sample_cache_keys_any_row(tmp_path):
+    """Cache keys hash each row and its files' sizes: names no file can have, lists and numbers do not stop them."""
+    from qistudio.training import DataConfig
+    from qistudio.training.cache import row_keys
+    from qistudio.training.data import ImageDataset
+
+    write_dataset(tmp_path)
+    rows = [{"image": "img0.png", "prompt": "p"}, {"image": "nul\x00byte.png", "prompt": "p"},
+            {"image": ["img0.png", 3], "prompt": None}, {"image": 1.5, "prompt": {"a": 1}}]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    keys = row_keys(ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "m.json"))), {"format": 1})
+    assert len(set(keys)) == 4

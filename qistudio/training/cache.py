@@ -142,7 +142,7 @@ def row_keys(dataset: ImageDataset, fingerprint: dict) -> list[str]:
             try:
                 stat = os.stat(dataset.base_path / name)
                 files.append([name, stat.st_size, stat.st_mtime_ns])
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a name no file can have (a NUL byte); the row is skipped
                 files.append([name, None, None])  # missing: the key changes once the file appears
         keys.append(_text_digest([common, row, files]))
     return keys
