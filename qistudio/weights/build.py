@@ -1,15 +1,16 @@
 """Checkpoint files -> a ready module: recognise, build on the meta device, check every tensor, assign.
 
 Nothing is allocated until the checkpoint has been matched against the model in full: a missing tensor, a tensor
-of the wrong shape or one that belongs nowhere raises one `CheckpointError` listing them all, before any weight
-reaches the GPU. Then each tensor goes from the memory map straight to its device and dtype, one at a time, so
-peak host memory stays near one tensor rather than the model's size.
+of the wrong shape or dtype (integer or bool where a weight is float) or one that belongs nowhere raises one
+`CheckpointError` listing them all, before any weight reaches the GPU. Then each tensor goes from the memory map
+straight to its device and dtype, one at a time, so peak host memory stays near one tensor rather than the model's
+size. Every placed weight is checked for NaN and infinity where it lands (finite.py: one aminmax pass, one
+synchronisation for the whole model); weights streamed from disk are checked the first time they are read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from ..models.instantx_controlnet import QwenImageInstantXControlNet, instantx_c
 from ..models.text_encoder import QwenImageTextEncoder, text_encoder_config_from_shapes
 from ..models.vae import QwenImageVAE, VAEConfig
 from .errors import CheckpointError
+from .finite import FiniteCheck, is_finite
 from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
-from .safetensors_io import TensorSource
+from .jsonfile import read_json
+from .safetensors_io import TensorSource, is_float_dtype
 
 _FLOAT8 = {"F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2"}
 
@@ -45,9 +48,23 @@ def empty_parameters():
         nn.Module.register_parameter = original
 
 
-def _read_config_json(files: list[Path]) -> dict | None:
+def _config_path(files: list[Path]) -> Path | None:
     path = files[0].parent / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return path if path.exists() else None
+
+
+def build_described(kind: str, shapes: dict[str, tuple[int, ...]], source: TensorSource) -> nn.Module:
+    """`build_empty` for a checkpoint's files and the config.json beside them; a config or a set of tensors that
+    describes no buildable model is one `CheckpointError` naming the files."""
+    config_path = _config_path(source.files)
+    config_json = read_json(config_path) if config_path is not None else None
+    try:
+        return build_empty(kind, shapes, config_json)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        described = ", ".join(str(f) for f in source.files) + (f" with {config_path}" if config_path else "")
+        raise CheckpointError(f"cannot build a {kind} model from {described}: {type(e).__name__}: {e}") from None
 
 
 def build_empty(kind: str, shapes: dict[str, tuple[int, ...]], config_json: dict | None) -> nn.Module:
@@ -81,27 +98,48 @@ class Match:
     ignored: list[str]
 
 
+def _fp8_scale_problem(source: TensorSource, key: str) -> str | None:
+    """Why the scale stored beside a float8 weight cannot dequantise it, or None."""
+    scale_key = fp8_scale_key(key, source)
+    if scale_key is None:
+        return None
+    shape, rows = source.shapes[scale_key], source.shapes[key][0] if source.shapes[key] else None
+    if not is_float_dtype(source.dtypes[scale_key]):
+        return f"{scale_key}: the scale of {key} is {source.dtypes[scale_key]}, not a float"
+    if shape not in ((), (1,)) and not (len(source.shapes[key]) == 2 and shape == (rows,)):
+        return f"{scale_key}: scale {list(shape)} for weight {list(source.shapes[key])} (one per tensor or per row)"
+    return None
+
+
 def match_checkpoint(model: nn.Module, source: TensorSource, layout: Layout) -> Match:
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     sources: dict[str, str] = {}
-    ignored, unexpected, mismatched = [], [], []
+    ignored, unexpected, mismatched, not_float, seen = [], [], [], [], set()
     for key in source.keys():
         ours = layout.key_map(key)
+        where = source.file_of[key].name
         if ours == IGNORED:
             ignored.append(key)
-        elif ours not in expected:
-            unexpected.append(f"{key} {list(source.shapes[key])} ({source.file_of[key].name})")
-        elif source.shapes[key] != expected[ours]:
-            mismatched.append(
-                f"{key}: file {list(source.shapes[key])} ({source.file_of[key].name}), model {list(expected[ours])}"
-            )
+            continue
+        if ours not in expected:
+            unexpected.append(f"{key} {list(source.shapes[key])} ({where})")
+            continue
+        seen.add(ours)
+        if source.shapes[key] != expected[ours]:
+            mismatched.append(f"{key}: file {list(source.shapes[key])} ({where}), model {list(expected[ours])}")
+        elif not is_float_dtype(source.dtypes[key]):
+            not_float.append(f"{key}: {source.dtypes[key]} ({where}); a weight must be a float")
+        elif source.dtypes[key] in _FLOAT8 and (problem := _fp8_scale_problem(source, key)):
+            mismatched.append(f"{problem} ({where})")
         else:
             sources[ours] = key
-    missing = sorted(set(expected) - set(sources) - {m.split(":")[0] for m in mismatched})
-    if missing or unexpected or mismatched:
+    missing = sorted(set(expected) - seen)
+    problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
+                ("not floating point", not_float))
+    if any(items for _, items in problems):
         files = ", ".join(str(f) for f in source.files)
         lines = [f"checkpoint {files} does not fit the {layout.name} model built from it:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        for title, items in problems:
             if items:
                 shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
                 lines.append(f"  {len(items)} {title}:\n    {shown}")
@@ -125,9 +163,38 @@ def _read_weight(source: TensorSource, key: str, dtype: torch.dtype, device) -> 
     return tensor.to(device)
 
 
+def _not_finite_reason(source: TensorSource, key: str, dtype: torch.dtype) -> str:
+    """Why weight `key` is not finite once loaded: in the file, in its FP8 scale, or overflowing `dtype`."""
+    if not is_finite(source.get(key)):
+        return f"{source.where(key)} holds NaN or infinity"
+    scale_key = fp8_scale_key(key, source) if source.dtypes[key] in _FLOAT8 else None
+    if scale_key is not None and not is_finite(source.get(scale_key)):
+        return f"{source.where(scale_key)} (the scale of {key!r}) holds NaN or infinity"
+    largest = float(_read_weight(source, key, torch.float32, "cpu").abs().max())
+    return (f"{source.where(key)} holds values up to {largest:.4g}, beyond {dtype}'s range (largest "
+            f"{torch.finfo(dtype).max:.4g}): load it in torch.bfloat16 or torch.float32")
+
+
+def _raise_not_finite(source: TensorSource, keys: list[str], dtype: torch.dtype) -> None:
+    reasons = [_not_finite_reason(source, key, dtype) for key in keys[:10]]
+    more = f"\n  ... and {len(keys) - 10} more tensors" if len(keys) > 10 else ""
+    if len(reasons) == 1:
+        raise CheckpointError(f"{reasons[0]}; the model would produce NaN images")
+    raise CheckpointError(f"{len(keys)} weights are not finite (the model would produce NaN images):\n  "
+                          + "\n  ".join(reasons) + more)
+
+
 def read_weight(source: TensorSource, key: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
-    """One checkpoint tensor as the model holds it (FP8 files dequantised), on `device` in `dtype`."""
-    return _read_weight(source, key, dtype, device)
+    """One checkpoint tensor as the model holds it (FP8 files dequantised), on `device` in `dtype`.
+
+    A tensor is checked for NaN and infinity the first time it is read from `source`.
+    """
+    tensor = _read_weight(source, key, dtype, device)
+    if key not in source.verified:
+        if tensor.is_floating_point() and not is_finite(tensor):
+            _raise_not_finite(source, [key], dtype)
+        source.verified.add(key)
+    return tensor
 
 
 def assign_weights(model: nn.Module, source: TensorSource, match: Match, dtype: torch.dtype, device,
@@ -135,9 +202,11 @@ def assign_weights(model: nn.Module, source: TensorSource, match: Match, dtype: 
     """Replace every meta parameter by its tensor from the checkpoint, on `device` in `dtype`.
 
     Parameters for which `defer(name)` is true are not read: they get an empty placeholder, and the returned
-    {name: (checkpoint key, shape)} says where to read them later (weights streamed from disk).
+    {name: (checkpoint key, shape)} says where to read them later (weights streamed from disk). Every placed
+    weight is checked for NaN and infinity, on its device, with one synchronisation at the end.
     """
     deferred = {}
+    check = FiniteCheck()
     for name, key in match.sources.items():
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -146,7 +215,12 @@ def assign_weights(model: nn.Module, source: TensorSource, match: Match, dtype: 
             value = torch.empty(0, dtype=dtype)
         else:
             value = _read_weight(source, key, dtype, device)
+            check.add(key, value)
         module._parameters[param_name] = nn.Parameter(value, requires_grad=False)
+    failures = check.failures()
+    if failures:
+        _raise_not_finite(source, failures, dtype)
+    source.verified.update(check.names)
     for module in model.modules():
         for buffer_name, buffer in list(module._buffers.items()):
             if buffer is not None:
@@ -171,7 +245,7 @@ def load_model_deferred(files, dtype: torch.dtype = torch.bfloat16, device="cpu"
     if kind is not None and layout.kind != kind:
         raise CheckpointError(f"{', '.join(map(str, source.files))} holds a {layout.name}, not a {kind}")
     our_shapes = {layout.key_map(k): s for k, s in source.shapes.items() if layout.key_map(k) != IGNORED}
-    model = build_empty(layout.kind, our_shapes, _read_config_json(source.files))
+    model = build_described(layout.kind, our_shapes, source)
     match = match_checkpoint(model, source, layout)
     deferred = assign_weights(model, source, match, dtype, device, defer)
     return layout.kind, model.eval(), deferred, source
