@@ -261,9 +261,12 @@ def load_lora(
     targets = [make_target(module)]
     if text_encoder is not None:
         targets.append(make_target(text_encoder, TEXT_ENCODER, "text encoder"))
-    placement = place(lora_file.tensors, targets, lora_file.peft_config)
-    _report(name, placement, len(lora_file.tensors), text_encoder is not None)
-    check_fits(placement, fuse)
+    try:
+        placement = place(lora_file.tensors, targets, lora_file.peft_config)
+        _report(name, placement, len(lora_file.tensors), text_encoder is not None)
+        check_fits(placement, fuse)
+    except LoRAError as e:  # name the file: the tensor names alone do not say which LoRA is at fault
+        raise LoRAError(f"{lora_file.description}: {e}") from None
     for layer in placement.layers:
         other = getattr(layer.module, _LAYER, None)
         if other is not None and name in other.attached:

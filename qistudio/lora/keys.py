@@ -92,10 +92,47 @@ def _squeeze_1x1(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# How many dimensions each part has once 1x1 kernels are squeezed (lokr_w1/w2 are whole Kronecker factors).
+_PART_DIMS = {"down": 2, "up": 2, "hada_w1_a": 2, "hada_w1_b": 2, "hada_w2_a": 2, "hada_w2_b": 2, "lokr_w1": 2,
+              "lokr_w1_a": 2, "lokr_w1_b": 2, "lokr_w2": 2, "lokr_w2_a": 2, "lokr_w2_b": 2, "diff_b": 1}
+
+
+def _file_alpha(entry: LayerEntry) -> float | None:
+    """The layer's alpha from the file: one positive finite number (the tensors were checked finite on read)."""
+    if "alpha" not in entry.parts:
+        return None
+    tensor = entry.parts["alpha"]
+    name = entry.names[list(entry.parts).index("alpha")]
+    if tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
+        raise LoRAError(f"{name}: the alpha is {tensor.dtype} {list(tensor.shape)}; an alpha is one number")
+    alpha = float(tensor.double().item())
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise LoRAError(f"{name}: the alpha is {alpha}; it scales the layer's LoRA by alpha / rank and must be a "
+                        "positive finite number")
+    return alpha
+
+
+def _check_parts(entry: LayerEntry) -> None:
+    """Each matrix of the layer is a float tensor of the dimensions its part has (errors name the tensor)."""
+    for (part, tensor), name in zip(entry.parts.items(), entry.names):
+        if part == "alpha":
+            continue
+        if not tensor.is_floating_point():
+            raise LoRAError(f"{name}: {tensor.dtype} where a LoRA holds float weights")
+        dims = _PART_DIMS.get(part)
+        shape = _squeeze_1x1(tensor).shape if dims == 2 else tensor.shape
+        if dims is not None and len(shape) != dims:
+            raise LoRAError(f"{name}: shape {list(tensor.shape)}; a {part} tensor has {dims} dimension"
+                            f"{'s' if dims > 1 else ''}")
+        if dims is not None and 0 in shape:
+            raise LoRAError(f"{name}: shape {list(tensor.shape)} is empty")
+
+
 def build_updates(entry: LayerEntry, peft_config: dict | None = None) -> list[Update]:
     """The updates one layer entry describes (empty when it holds only an alpha); errors name the keys."""
     parts = entry.parts
-    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+    alpha = _file_alpha(entry)
+    _check_parts(entry)
     shown = ", ".join(entry.names)
     if "dora_scale" in parts:
         raise LoRAError(

@@ -10,7 +10,7 @@ import torch.nn as nn
 from .errors import LoRAError
 from .keys import build_updates, group_by_layer
 from .names import Target, resolve
-from .updates import LowRank, Update
+from .updates import Update
 
 
 @dataclass
@@ -81,8 +81,9 @@ def check_fusable(layers: list[tuple[str, nn.Module]]) -> None:
 
 def _mismatch(update: Update, module: nn.Module) -> str | None:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if isinstance(update, LowRank) and update.up.shape[1] != update.down.shape[0]:
-        return f"lora_A {list(update.down.shape)} and lora_B {list(update.up.shape)} have different ranks"
+    inner = update.inner_problem()
+    if inner is not None:
+        return inner
     if update.weight_shape is not None:
         if not isinstance(weight, torch.Tensor):
             return f"{type(module).__name__} has no weight to change"

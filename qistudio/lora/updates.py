@@ -21,6 +21,12 @@ def _file_scale(alpha: float | None, rank: int) -> float:
     return 1.0 if alpha is None else alpha / rank
 
 
+def _product_problem(left_name: str, left: torch.Tensor, right_name: str, right: torch.Tensor) -> str | None:
+    if left.shape[1] != right.shape[0]:
+        return f"{left_name} {list(left.shape)} and {right_name} {list(right.shape)} have different ranks"
+    return None
+
+
 class Update:
     """Base class. `tensors` holds the file's tensors under their part names (for export); `alpha` the file's."""
 
@@ -43,6 +49,10 @@ class Update:
     def weight_delta(self) -> torch.Tensor | None:
         """The full weight delta, float32, on the update's device."""
         raise NotImplementedError
+
+    def inner_problem(self) -> str | None:
+        """Why the update's own factors do not multiply together (ranks that differ), or None."""
+        return None
 
     def bias_delta(self) -> torch.Tensor | None:
         return None
@@ -91,6 +101,9 @@ class LowRank(Update):
     def weight_delta(self):
         return (self.up.float() @ self.down.float()) * self.scale
 
+    def inner_problem(self):
+        return _product_problem("lora_B", self.up, "lora_A", self.down)
+
     def output_delta(self, x, dtype, scale):
         down = self.down.to(x.device, dtype)
         up = self.up.to(x.device, dtype)
@@ -116,6 +129,14 @@ class LoHa(Update):
     @property
     def weight_shape(self):
         return (self.w1_a.shape[0], self.w1_b.shape[1])
+
+    def inner_problem(self):
+        problem = (_product_problem("hada_w1_a", self.w1_a, "hada_w1_b", self.w1_b)
+                   or _product_problem("hada_w2_a", self.w2_a, "hada_w2_b", self.w2_b))
+        second = (self.w2_a.shape[0], self.w2_b.shape[1])
+        if problem is None and self.weight_shape != second:
+            problem = f"hada_w1 gives {list(self.weight_shape)}, hada_w2 {list(second)}"
+        return problem
 
     def weight_delta(self):
         first = self.w1_a.float() @ self.w1_b.float()
@@ -160,6 +181,13 @@ class LoKr(Update):
         if self.w1 is None:
             return _file_scale(self.alpha, self.w1_b.shape[0])
         return 1.0
+
+    def inner_problem(self):
+        if self.w1 is None and (problem := _product_problem("lokr_w1_a", self.w1_a, "lokr_w1_b", self.w1_b)):
+            return problem
+        if self.w2 is None:
+            return _product_problem("lokr_w2_a", self.w2_a, "lokr_w2_b", self.w2_b)
+        return None
 
     def weight_delta(self):
         w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
