@@ -317,16 +317,16 @@ ROW_ATTACKS = [  # (metadata row, what the Skipped reason says)
     ({"image": "img0.png", "prompt": ["a", "b"]}, "prompt must be text"),
     ({"image": "img0.png", "prompt": {"en": "a"}}, "prompt must be text"),
     ({"image": "img0.png", "prompt": False}, "prompt must be text"),
-    ({"image": "gone.png", "prompt": "p"}, "FileNotFoundError"),
-    ({"image": "text.png", "prompt": "p"}, "UnidentifiedImageError"),
-    ({"image": "truncated.png", "prompt": "p"}, "OSError"),
-    ({"image": "bomb.png", "prompt": "p"}, "DecompressionBombError"),
+    ({"image": "gone.png", "prompt": "p"}, "image: cannot read image"),
+    ({"image": "text.png", "prompt": "p"}, "cannot identify image file"),
+    ({"image": "truncated.png", "prompt": "p"}, "image: cannot read image"),
+    ({"image": "bomb.png", "prompt": "p"}, "is too large to read safely"),
     ({"image": "tiny.png", "prompt": "p"}, "too small to train at"),
-    ({"image": "a_folder.png", "prompt": "p"}, "IsADirectoryError"),
-    ({"image": "nul\x00byte.png", "prompt": "p"}, "ValueError"),
+    ({"image": "a_folder.png", "prompt": "p"}, "Is a directory"),
+    ({"image": "nul\x00byte.png", "prompt": "p"}, "embedded null byte"),
     ({"image": "img0.png", "prompt": "p", "edit_image": [1, 2]}, "edit_image cell must be a file path or a list"),
     ({"image": "img0.png", "prompt": "p", "context_image": ["img1.png"]}, "context_image cell holds a list"),
-    ({"image": "img0.png", "prompt": "p", "edit_image": ["img1.png", "gone.png"]}, "FileNotFoundError"),
+    ({"image": "img0.png", "prompt": "p", "edit_image": ["img1.png", "gone.png"]}, "edit_image: cannot read image"),
 ]  # fmt: skip
 
 
@@ -679,3 +679,31 @@ def test_the_sample_cache_keys_any_row(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(rows))
     keys = row_keys(ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "m.json"))), {"format": 1})
     assert len(set(keys)) == 4
+
+
+def test_training_images_are_read_as_inference_reads_them(tmp_path):
+    """A portrait stored sideways with its EXIF orientation, a 16-bit grey ramp, a transparent picture and a mask
+    on transparent black: upright, scaled (not clipped white), flattened on white, and kept black."""
+    import numpy as np
+
+    from qistudio.training import DataConfig
+    from qistudio.training.data import ImageDataset
+
+    stored = Image.new("RGB", (64, 32), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    stored.save(tmp_path / "sideways.jpg", exif=exif.tobytes())
+    Image.fromarray(np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))).save(tmp_path / "depth16.png")
+    clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    rows = [{"image": "sideways.jpg", "prompt": "p"}, {"image": "depth16.png", "prompt": "p"},
+            {"image": "clear.png", "prompt": "p", "blockwise_controlnet_inpaint_mask": "clear.png"}]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    keys = ("image", "blockwise_controlnet_inpaint_mask")
+    dataset = ImageDataset(DataConfig(str(tmp_path), str(tmp_path / "m.json"), data_file_keys=keys))
+    assert dataset[0]["image"].size == (32, 64)  # upright: a portrait
+    ramp = np.asarray(dataset[1]["image"])[0, :, 0]
+    assert ramp[0] < 20 and 100 < ramp[16] < 160 and ramp[-1] > 235  # a ramp, not white
+    with pytest.warns(UserWarning, match="alpha channel; it is flattened on white"):
+        sample = dataset[2]
+    assert np.asarray(sample["image"]).min() == 255 and np.asarray(sample["blockwise_controlnet_inpaint_mask"]).max() == 0

@@ -1,8 +1,9 @@
 """Training samples: a metadata file (csv, json, jsonl) over a folder of images, sized as the reference sizes them.
 
 A row is a dict: `image`, `prompt` and any extra columns (`edit_image`, ...), passed through. Columns named in
-`data_file_keys` are image paths (or lists of them, in json) relative to the base path; they are loaded as RGB and
-cropped/resized with the reference's ImageCropAndResize rule (`crop_and_resize`).
+`data_file_keys` are image paths (or lists of them, in json) relative to the base path; they are read as inference
+reads them (imageio: EXIF orientation applied, 16-bit and float images scaled, pictures' alpha flattened on white,
+masks' dropped), as RGB, and cropped/resized with the reference's ImageCropAndResize rule (`crop_and_resize`).
 
 A row that cannot be used comes back as a `Skipped` marker, not an exception, so that DataLoader workers can
 report it to the main process; the trainer counts and lists them at the end (and a resumed run goes on counting).
@@ -26,10 +27,12 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..imageio import load_image, load_mask
 from .config import DataConfig
 
 SIZE_MULTIPLE = 16  # the VAE downsamples by 8 and the DiT patchifies 2x2
 LIST_KEYS = ("edit_image", "eligen_entity_masks")  # file columns that may hold several paths (a json list)
+MASK_KEYS = ("blockwise_controlnet_inpaint_mask", "eligen_entity_masks")  # read as masks: alpha dropped, not flattened
 
 
 def read_metadata(path: str | os.PathLike) -> list[dict]:
@@ -141,12 +144,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows) * self.config.repeat
 
-    def _load(self, path: Path) -> Image.Image:
+    def _load(self, path: Path, key: str) -> Image.Image:
         try:
-            with Image.open(path) as f:
-                image = f.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise _Unreadable(str(path), f"{type(e).__name__}: {e}") from None
+            image = (load_mask if key in MASK_KEYS else load_image)(path, key)
+        except ValueError as e:  # imageio's InputError: missing, not an image, damaged, too large; names the file
+            raise _Unreadable(str(path), str(e)) from None
         if image.width < 1 or image.height < 1:
             raise _Unreadable(str(path), "zero-sized image")
         height, width = target_size(image.width, image.height, self.config)
@@ -177,8 +179,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """A file column's value loaded: a path, or a list of paths (several edit images, one mask per entity) loaded
         element-wise, each sized by its own dimensions as the reference's operators do."""
         if isinstance(value, list):
-            return [self._load(self.base_path / v) for v in value]
-        return self._load(self.base_path / value)
+            return [self._load(self.base_path / v, key) for v in value]
+        return self._load(self.base_path / value, key)
 
     def __getitem__(self, index: int):
         row_index = index % len(self.rows)
