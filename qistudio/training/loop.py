@@ -16,6 +16,10 @@ boundary is handed to it: zero.py).
 Around the steps: with cache_dir the samples are encoded once into a folder and the DiT trains from it with the
 text encoder and VAE released (cache.py); validation images are rendered on the main process (samples.py); each
 step's loss, rate, time and peak memory go to the progress bar and the logs (logs.py).
+
+Nothing non-finite is trained on or saved: a loss that is NaN or infinite stops the run before its backward
+(NonFiniteError, naming the step and the sample), and every save first checks the trained tensors. Under several
+processes both checks agree across all of them (one tiny all-reduce), so none is left waiting for the others.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def _describe(item) -> str:
 
 class Trainer:
     """`Trainer(config).run()`. `components` (already loaded; the DiT is trained in place) skips loading;
-    `resume` is "latest" or a checkpoint folder; `on_step(trainer)` runs after each optimizer step."""
+    `resume` is "latest" or a checkpoint folder; `on_step(trainer)` runs after each optimizer step. The output
+    folder is locked (lock.py) from construction until run() ends; `release_lock()` frees it for a Trainer not run."""
 
     def __init__(self, config: TrainConfig, components: Components | None = None, resume: str | None = None,
                  accelerator=None, progress_bar: bool = True):
