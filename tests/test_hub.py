@@ -309,3 +309,45 @@ def test_offline_with_files_already_downloaded_uses_them(tmp_path):
     missing = _Config(model_id="Org/Model", origin_file_pattern="transformer/*", local_model_path=str(tmp_path))
     with _pytest.raises(DownloadError, match="Org/Model"):
         _resolve(missing, client=Offline())
+
+
+# A listing comes from the network: each of these names must be refused before a byte is requested or written.
+BAD_LISTED_NAMES = [".", "", "x/..", "..", "../x", "x/../..", "x/../../y", "/etc/passwd", "//x", "a//b", "a/./b",
+                    "a/", "a\\..\\..\\b", "..\\x", "C:x", "c:/x", "a\x00b"]
+
+
+@pytest.mark.parametrize("name", BAD_LISTED_NAMES)
+def test_listing_entries_that_are_not_files_inside_the_folder_are_refused(tmp_path, name):
+    good = "transformer/config.json"
+    fake = FakeHub({good: b"{}", name: b"overwrite me"})
+    models = tmp_path / "models"
+    with pytest.raises(DownloadError, match=r"lists .* which is not a file path inside .*refusing it"):
+        resolve_files(ModelConfig(model_id=MODEL_ID, origin_file_pattern="", local_model_path=str(models)),
+                      client=fake)
+    assert fake.requests == []  # refused before the first download, good files included
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+def test_a_listed_name_through_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    root = tmp_path / "models" / MODEL_ID
+    root.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    fake = FakeHub({"link/weights.safetensors": b"x"})
+    with pytest.raises(DownloadError, match="link/weights.safetensors"):
+        resolve_files(ModelConfig(model_id=MODEL_ID, local_model_path=str(tmp_path / "models")), client=fake)
+    assert list((tmp_path / "elsewhere").iterdir()) == [] and fake.requests == []
+
+
+@pytest.mark.parametrize("size", [-1, "12", None, True])
+def test_a_listed_size_that_is_not_a_byte_count_is_refused(tmp_path, size):
+    fake = FakeHub({"a.json": b"{}"})
+    fake.list_files = lambda model_id: [RemoteFile("a.json", size)]
+    with pytest.raises(DownloadError, match="size"):
+        resolve_files(hub_config(tmp_path, "a.json"), client=fake)
+
+
+@pytest.mark.parametrize("model_id", ["../outside", "Qwen/../../x", "/abs/name", "a/b/c", "a\\b", "", ".", "a/"])
+def test_a_model_id_that_would_leave_the_model_folder_is_refused(tmp_path, model_id):
+    with pytest.raises(ValueError, match="is not a hub repository id"):
+        ModelConfig(model_id=model_id, local_model_path=str(tmp_path))

@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import glob
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # model_config imports torch; this module stays bytes and pat
     from .model_config import ModelConfig
 
 PARTIAL_SUFFIX = ".incomplete"
+_DRIVE = re.compile(r"^[A-Za-z]:")  # "C:x" names a drive on Windows
 _GLOB_CHARS = "*?["
 
 
@@ -238,13 +240,31 @@ def _call(operation, config: ModelConfig, root: Path, *args):
         ) from error
 
 
+def local_target(root: Path, name, model_id: str) -> Path:
+    """Where the listed hub file `name` lands: a plain relative path strictly inside `root`, else a DownloadError.
+
+    A listing comes from the network, so it is refused unless every part is an ordinary name: no "", ".", ".."
+    (so neither "x/.." nor "" can stand for the folder itself or its parent), no absolute path, no backslash or
+    drive letter (which some systems read as separators), no NUL; and the resolved path (symlinks followed) must
+    lie below the resolved root, not at it.
+    """
+    parts = name.split("/") if isinstance(name, str) else None
+    plain = bool(parts) and not (_DRIVE.match(name) or "\\" in name or "\0" in name) and all(
+        part not in ("", ".", "..") for part in parts)
+    target = (root / name).resolve() if plain else None
+    base = root.resolve()
+    if target is None or target == base or base not in target.parents:
+        raise DownloadError(f"{model_id!r} lists {name!r}, which is not a file path inside {root}; refusing it")
+    return target
+
+
 def _download(client: HubClient, config: ModelConfig, root: Path, files: list[RemoteFile]) -> None:
     """Fetch each file not yet complete, resuming from its `.incomplete` bytes; one progress bar for all."""
     todo = []
     for file in files:
-        target = (root / file.path).resolve()
-        if not target.is_relative_to(root.resolve()):
-            raise DownloadError(f"{config.model_id!r} lists {file.path!r}, which points outside {root}; refusing it")
+        target = local_target(root, file.path, config.model_id)
+        if isinstance(file.size, bool) or not isinstance(file.size, int) or file.size < 0:
+            raise DownloadError(f"{config.model_id!r} lists {file.path!r} with size {file.size!r}; refusing it")
         if not (target.is_file() and target.stat().st_size == file.size):
             todo.append((file, target))
     if not todo:

@@ -48,6 +48,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig got both path={self.path!r} and model_id={self.model_id!r}; give one of them"
             )
+        if self.model_id is not None:
+            parts = self.model_id.split("/") if isinstance(self.model_id, str) else []
+            if not 1 <= len(parts) <= 2 or "\\" in self.model_id or any(p in ("", ".", "..") for p in parts):
+                # It becomes a folder under local_model_path: "../x" would download outside it.
+                raise ValueError(f"model_id={self.model_id!r} is not a hub repository id such as 'Qwen/Qwen-Image'")
         if self.download_source is None:
             env = os.environ.get(DOWNLOAD_SOURCE_ENV) or os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE") or "modelscope"
             self.download_source = env
