@@ -10,7 +10,6 @@ Times: resident, disk with a hot page cache, and disk after dropping the page ca
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.offload import inputs  # noqa: E402
-from bench.dit_forward import cuda_time  # noqa: E402
+from bench.report import caption, markdown_table, write_report  # noqa: E402
+from bench.timing import MIN_RUNS, measure  # noqa: E402
 from qistudio.components import load_components  # noqa: E402
 from qistudio.memory.manager import MemoryManager  # noqa: E402
 from qistudio.memory.plan import GiB, MemoryPlan, ModelPlan  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
         with torch.no_grad():
             return model(tokens, text, sigma, rotary)
 
-    resident = cuda_time(lambda: forward(dit))
+    resident = measure(lambda: forward(dit))
     expected = forward(dit).float()
     del dit
     torch.cuda.empty_cache()
@@ -74,12 +74,12 @@ def main() -> None:
     blocks = len(disk_dit.transformer_blocks)
     plan = MemoryPlan(0, {"dit": ModelPlan("stream", resident_blocks=0, num_blocks=blocks)})
     manager = MemoryManager({"dit": disk_dit}, "cuda", plan, components.disk_sources)
-    rows = [("resident", resident, 0.0)]
+    rows = [("resident", resident.text(), resident.median, 0.0)]
     with manager.phase("denoising", "dit"):
         torch.cuda.reset_peak_memory_stats()
-        hot = cuda_time(lambda: forward(disk_dit), warmup=1, iters=3)
+        hot = measure(lambda: forward(disk_dit))
         err = ((forward(disk_dit).float() - expected).norm() / expected.norm()).item()
-        rows.append(("disk, page cache hot", hot, err))
+        rows.append(("disk, page cache hot", hot.text(), hot.median, err))
         peak = torch.cuda.max_memory_allocated() / GiB
     manager.release()
     if drop_page_cache():
@@ -89,22 +89,15 @@ def main() -> None:
             torch.cuda.synchronize()
             cold = time.perf_counter() - t0
             err = ((out.float() - expected).norm() / expected.norm()).item()
-            rows.append(("disk, page cache dropped (first forward)", cold, err))
-    lines = [
-        f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}; "
-        f"DiT with {blocks} full-width blocks ({nbytes / 1e9:.1f} GB bf16 on disk), 1328x1328, batch 2; "
-        f"peak while streaming {peak:.2f} GiB",
-        "",
-        "| case | forward | GB/s read | rel. err vs resident |",
-        "|---|---|---|---|",
-    ]
-    for name, t, e in rows:
-        rate = "" if name == "resident" else f"{nbytes / t / 1e9:.1f}"
-        lines.append(f"| {name} | {t:.3f} s | {rate} | {e:.1e} |")
-    table = "\n".join(lines)
-    print(table)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "disk_offload.md").write_text(table + "\n")
+            rows.append(("disk, page cache dropped (first forward, one run)", f"{cold:.3f} s (n=1)", cold, err))
+    what = (f"DiT with {blocks} full-width blocks ({nbytes / 1e9:.1f} GB bf16 on disk) streamed from disk, "
+            f"1328x1328, batch 2; peak while streaming {peak:.2f} GiB.")
+    method = (f"median (min-max) of {MIN_RUNS} forwards after a warm-up, CUDA events; the dropped-cache row is one "
+              "forward by its nature (the cache fills as it reads)")
+    table = markdown_table(["case", "forward", "GB/s read", "rel. err vs resident"],
+                           [[name, text, "" if name == "resident" else f"{nbytes / t / 1e9:.1f}", f"{e:.1e}"]
+                            for name, text, t, e in rows])
+    write_report("disk_offload.md", caption(what, method) + "\n\n" + table)
 
 
 if __name__ == "__main__":

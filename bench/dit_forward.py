@@ -1,280 +1,312 @@
-"""GPU benchmark: the full-size Qwen-Image DiT forward, qistudio against diffusers, one process, one card.
+"""GPU benchmark: the Qwen-Image DiT forward, qistudio against diffusers at its best, one process, one card.
 
-Random weights (real config, 20.4B parameters, bf16) are built once by diffusers' class on the GPU and shared by
-assignment with our module (same tensor names), so both run on identical weights with one copy in memory.
-Timings: CUDA events, median of N after warm-ups. Writes a Markdown table to $OUT/dit_forward.md (or stdout).
+Random full-size weights (real config, 20.4B parameters, bf16), built once by diffusers' class and shared by
+assignment with our module, so both run identical weights with one copy in memory. Three sections, each a table
+whose rows name the attention kernel they run, so that rows running the same kernel on both sides can be read
+side by side (the "same kernel" column):
 
-    python bench/dit_forward.py [--sizes 1328 1024] [--batches 1 2] [--compile]
+  eager     diffusers with every attention backend its dispatcher can run here (native SDPA, SDPA forced to
+            cuDNN / flash / mem-efficient, sage and _flash_3 where installed, FlashAttention 4 from the same
+            flash-attn-4 wheel we use), and ours with each of ours. Ranks the kernels.
+  compiled  both under regional torch.compile (diffusers' `compile_repeated_blocks`, static shapes as ours), for
+            each attention pair in --pairs (diffusers backend:our backend; default the cuDNN pair and the
+            FlashAttention 4 pair): diffusers' best configuration against ours, and the same kernels side by side.
+  fp8       diffusers' FP8 route (torchao float8 dynamic activation + weight, per-row scales, compiled) against our
+            FP8 compute (W8A8, compiled) with the same attention kernels, and ours with cuDNN's FP8 attention.
+            Quantises both models in place, so it runs last.
+
+Timing (bench/timing.py): per case, every row's warm-up first (compilation included, untimed), then --runs
+rounds in which each row is timed once, in turn (CUDA events); median and min-max. Errors: relative L2 against
+diffusers' eager bf16 output (native SDPA). Writes $OUT/dit_forward.md after every case (a run cut short keeps
+what it finished).
+
+    python bench/dit_forward.py [--sections eager compiled fp8] [--batches 1 2] [--eager-batches 1] [--runs 5]
+    python bench/dit_forward.py --scale tiny --compile-backend aot_eager --runs 1   # plumbing check on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fast_paths import FUSED_SWITCHES, reset  # noqa: E402
+from bench.pair import dit_call, dit_flops, our_dit, reference_dit, rel_err, scale_named  # noqa: E402
+from bench.peers import (DIFFUSERS_KERNEL, KERNELS, OURS_KERNEL, diffusers_backend_problem,  # noqa: E402
+                         diffusers_backends, ours_backends, set_diffusers_backend, torchao_fp8)
+from bench.report import caption, markdown_table, write_report  # noqa: E402
+from bench.timing import card_load, interleaved, measure  # noqa: E402
 from qistudio.compile import compile_repeated_blocks  # noqa: E402
-from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
-from qistudio.models.packed_linears import set_packed_text_qkv  # noqa: E402
-from qistudio.ops.ada_norm import set_fused_ada_norm  # noqa: E402
-from qistudio.ops.attention import available_backends, set_attention_backend  # noqa: E402
-from qistudio.ops.linear_gelu import set_fused_linear_gelu, set_quack_linear_gelu  # noqa: E402
-from qistudio.ops.qk_norm_rope import set_fused_qk_norm_rope  # noqa: E402
-from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
-from qistudio.weights.build import empty_parameters  # noqa: E402
+from qistudio.ops.attention import available_backends, set_attention_backend, set_fp8_attention  # noqa: E402
 
 TEXT_LEN = 128
-# Ablations (--without): each fused op's switch.
-FUSED_SWITCHES = {"ada_norm": set_fused_ada_norm, "linear_gelu": set_fused_linear_gelu,
-                  "quack_gelu": set_quack_linear_gelu, "qk_norm_rope": set_fused_qk_norm_rope,
-                  "text_qkv": set_packed_text_qkv}
 
 
-def cuda_time(fn, warmup=2, iters=5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+@dataclass
+class Variant:
+    """One row: who runs (diffusers or qistudio), with which attention kernel, set up how, called how."""
+
+    side: str
+    label: str
+    kernel: str
+    setup: Callable[[], None]
+    run: Callable[[], torch.Tensor]
 
 
-def matmul_ceiling() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = cuda_time(lambda: a @ b, warmup=3, iters=10)
-    return 2 * 8192**3 / t / 1e12
+@dataclass
+class Row:
+    case: str
+    variant: Variant
+    timing: object  # bench.timing.Timing
+    error: float
+    flops: float
 
 
-def dit_flops(tokens: int, text: int, batch: int, layers=60, dim=3072, mlp=12288) -> float:
-    per_token_linear = 2 * (4 * dim * dim + 2 * dim * mlp)  # q, k, v, out + MLP in and out, per stream
-    linear = per_token_linear * (tokens + text)
-    attention = 2 * 2 * (tokens + text) ** 2 * dim  # QK^T and PV
-    return batch * layers * (linear + attention)
+def matmul_ceiling(device) -> float:
+    """TFLOP/s of an 8192^3 bf16 GEMM on this card now (the table's '% of ceiling')."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / measure(lambda: a @ b, runs=5, warmup=3, calls=10).median / 1e12
 
 
-def without_fused(name: str, fn):
-    """fn run with one fused op switched off (its blocks recompile on first use: the switch is a guarded global)."""
-    def run():
-        FUSED_SWITCHES[name](False)
+def time_rows(case: str, variants: list[Variant], expected: torch.Tensor, flops: float, args) -> list[Row]:
+    """Warm up each variant (its first call compiles) and take its error, then time all in interleaved rounds."""
+    errors = {}
+    for v in variants:
+        started = time.time()
         try:
-            return fn()
-        finally:
-            FUSED_SWITCHES[name](True)
-    return run
+            v.setup()
+            errors[v.label] = rel_err(v.run().float(), expected)
+        except Exception as e:  # an optional kernel failing is a note, not the end of the run
+            print(f"  {case} {v.label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
+            continue
+        print(f"  {case} {v.label}: first call {time.time() - started:.1f} s, rel. err {errors[v.label]:.2e}",
+              flush=True)
+    runnable = [v for v in variants if v.label in errors]
+    setups = {v.label: v.setup for v in runnable}
+    timings = interleaved({v.label: v.run for v in runnable}, runs=args.runs, warmup=args.warmup,
+                          before=lambda label: setups[label]())
+    rows = [Row(case, v, timings[v.label], errors[v.label], flops) for v in runnable]
+    for row in rows:
+        print(f"  {case} {row.variant.label}: {row.timing.text()}", flush=True)
+    return rows
 
 
-def time_variants(variants, rounds: int, ref_out: torch.Tensor) -> list[tuple[str, float, float]]:
-    """(name, median seconds, rel. error vs ref_out) per variant, timed round-robin: a power-limited card's clock
-    drifts within seconds, and the ratios should not depend on which variant ran when."""
-    errors = {name: ((fn().float() - ref_out).norm() / ref_out.norm()).item() for name, fn in variants}
-    times = {name: [] for name, _ in variants}
-    for _ in range(rounds):
-        for name, fn in variants:
-            times[name].append(cuda_time(fn, iters=5 if rounds == 1 else 3))
-    return [(name, statistics.median(times[name]), errors[name]) for name, _ in variants]
+def table(rows: list[Row], ceiling: float, bf16_best: dict[str, float] | None = None) -> str:
+    """Each row against diffusers' fastest row of its case and against diffusers' row with the same kernel."""
+    best, same = {}, {}
+    for r in rows:
+        if r.variant.side == "diffusers":
+            best[r.case] = min(best.get(r.case, float("inf")), r.timing.median)
+            same[(r.case, r.variant.kernel)] = r.timing.median
+    header = ["case", "implementation", "attention kernel", "forward: median (min-max, n)", "x diffusers' best",
+              "x diffusers, same kernel", "TFLOP/s", "% of ceiling", "rel. err vs diffusers eager"]
+    if bf16_best:
+        header.insert(6, "x diffusers' best bf16")
+    lines = []
+    for r in rows:
+        t = r.timing.median
+        same_kernel = same.get((r.case, r.variant.kernel))
+        tflops = r.flops / t / 1e12
+        cells = [r.case, r.variant.label, KERNELS[r.variant.kernel], r.timing.text(),
+                 f"{best[r.case] / t:.3f}" if r.case in best else "",
+                 f"{same_kernel / t:.3f}" if same_kernel and r.variant.side == "qistudio" else "",
+                 f"{tflops:.0f}", f"{100 * tflops / ceiling:.0f}%" if ceiling == ceiling else "", f"{r.error:.2e}"]
+        if bf16_best:
+            cells.insert(6, f"{bf16_best[r.case] / t:.3f}" if r.case in bf16_best else "")
+        lines.append(cells)
+    return markdown_table(header, lines)
 
 
-def graphed(fn):
-    """fn (fixed inputs) captured as one CUDA graph after a warm-up; returns the replaying function."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.scale = scale_named(args.scale)
+        self.ref = reference_dit(self.scale)
+        self.ours = our_dit(self.ref, self.scale)
+        self.sections: list[str] = []
+        self.skipped: list[str] = []
+        self.load = None  # bench.timing.CardLoad, filled when the timed sections end
+        self.calls, self.expected = {}, {}
+        for batch in sorted(set(args.batches) | set(args.eager_batches)):
+            call = dit_call(self.scale, batch, seed=10 + batch, text_len=args.text_len)
+            self.calls[batch] = call
+            set_diffusers_backend(self.ref, "native")
+            self.expected[batch] = call.diffusers(self.ref).float()
+        cfg = self.ours.config
+        h, w = self.scale.grid
+        self.flops = {b: dit_flops(h * w, args.text_len, b, cfg.num_layers, cfg.dim, cfg.mlp_hidden)
+                      for b in self.calls}
+        self.ceiling = matmul_ceiling(self.scale.device)
 
-    def replay():
-        graph.replay()
-        return out
-    return replay
+    def case(self, batch: int) -> str:
+        return f"{self.scale.height}² b={batch}"
+
+    def diffusers_variant(self, batch: int, backend: str, mode: str) -> Variant:
+        call = self.calls[batch]
+        return Variant("diffusers", f"diffusers {mode}", DIFFUSERS_KERNEL[backend],
+                       lambda: set_diffusers_backend(self.ref, backend), lambda: call.diffusers(self.ref))
+
+    def ours_variant(self, batch: int, backend: str, mode: str, fp8: bool = False, without: str | None = None):
+        call = self.calls[batch]
+        fp8_attention = backend == "cudnn_fp8"
+
+        def setup():
+            reset()
+            set_attention_backend(None if fp8_attention else backend)
+            if fp8:
+                set_fp8_attention(self.ours, fp8_attention)
+            if without:
+                FUSED_SWITCHES[without](False)
+
+        label = f"qistudio {mode}" + (f", without fused {without}" if without else "")
+        return Variant("qistudio", label, OURS_KERNEL[backend], setup, lambda: call.ours(self.ours))
+
+    def write(self, final: bool = False) -> None:
+        args = self.args
+        what = (f"DiT forward, {self.scale.name} scale ({self.scale.height}x{self.scale.width}, text {args.text_len} "
+                f"tokens, {self.ours.config.num_layers} blocks, random weights shared by both libraries); bf16 "
+                f"matmul ceiling measured {self.ceiling:.0f} TFLOP/s (8192^3 GEMM, idle card); peak memory "
+                f"{torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.1f} GiB."
+                + ("" if final else " (Incomplete: the run is still going or was cut short.)"))
+        method = (f"per case, each row warmed up ({args.warmup} untimed runs after the first call, which compiles), "
+                  f"then {args.runs} rounds timing every row once in turn "
+                  f"({'CUDA events' if self.scale.device == 'cuda' else 'host clock'}); median (min-max, n)")
+        notes = [f"Not run: {s}." for s in self.skipped]
+        text = caption(what, method, self.load.text() if final and self.load else None)
+        text += "\n\n" + "\n\n".join(self.sections) + ("\n\n" + "\n".join(notes) if notes else "")
+        write_report("dit_forward.md", text, echo=final)
+
+    # --- sections -------------------------------------------------------------------------------------------------
+
+    def eager(self) -> None:
+        diffusers, skipped = diffusers_backends(eager=True)
+        self.skipped += [f"diffusers eager {name} ({why})" for name, why in skipped.items()]
+        rows = []
+        for batch in self.args.eager_batches:
+            variants = [self.diffusers_variant(batch, name, f"eager, {name} backend") for name in diffusers]
+            variants += [self.ours_variant(batch, name, f"eager, {name} backend") for name in ours_backends()]
+            rows += time_rows(self.case(batch), variants, self.expected[batch], self.flops[batch], self.args)
+            self.sections.append("### Eager, every attention backend\n\n" + table(rows, self.ceiling))
+            self.write()
+            self.sections.pop()
+        self.sections.append("### Eager, every attention backend\n\n" + table(rows, self.ceiling))
+
+    def pairs(self, wanted: list[str]) -> list[tuple[str, str]]:
+        pairs = []
+        for pair in wanted:
+            theirs, _, ours = pair.partition(":")
+            problem = diffusers_backend_problem(theirs)
+            if problem or ours not in available_backends():
+                self.skipped.append(f"pair {pair} ({problem or f'our {ours} backend cannot run here'})")
+            else:
+                pairs.append((theirs, ours))
+        return pairs
+
+    def compiled_bf16(self) -> dict[str, float]:
+        args = self.args
+        mode = "regional compile" + (f" ({args.compile_mode})" if args.compile_mode else "")
+        # diffusers' own regional compile, static shapes (each batch size its own graph, as ours: a graph generic
+        # in the batch ran slower, bench/RESULTS.md sixth pass).
+        self.ref.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=args.compile_mode,
+                                         backend=args.compile_backend)
+        compile_repeated_blocks(self.ours, mode=args.compile_mode, backend=args.compile_backend)
+        pairs = self.pairs(args.pairs)
+        rows, title = [], f"### Regional compile, bf16 ({mode})"
+        for batch in args.batches:
+            variants = [self.diffusers_variant(batch, theirs, f"{mode}, {theirs} backend") for theirs, _ in pairs]
+            variants += [self.ours_variant(batch, ours, f"{mode}, {ours} backend") for _, ours in pairs]
+            last = pairs[-1][1] if pairs else "sdpa"
+            variants += [self.ours_variant(batch, last, f"{mode}, {last} backend", without=op) for op in args.without]
+            rows += time_rows(self.case(batch), variants, self.expected[batch], self.flops[batch], args)
+            self.sections.append(f"{title}\n\n" + table(rows, self.ceiling))
+            self.write()
+            self.sections.pop()
+        self.sections.append(f"{title}\n\n" + table(rows, self.ceiling))
+        best = {}
+        for r in rows:
+            if r.variant.side == "diffusers":
+                best[r.case] = min(best.get(r.case, float("inf")), r.timing.median)
+        return best
+
+    def fp8(self, bf16_best: dict[str, float]) -> None:
+        from qistudio.memory.fp8_linear import quantize_linears, set_fp8_compute
+
+        args = self.args
+        if self.scale.device != "cuda":
+            self.skipped.append("FP8 section (torch._scaled_mm needs CUDA)")
+            return
+        if "compiled" not in args.sections:
+            self.ref.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=args.compile_mode,
+                                             backend=args.compile_backend)
+            compile_repeated_blocks(self.ours, mode=args.compile_mode, backend=args.compile_backend)
+        quantize_linears(self.ours)  # ours drops its references to the shared bf16 block weights...
+        set_fp8_compute(self.ours, True)
+        described = torchao_fp8(self.ref, args.torchao_scope)  # ...and these replace diffusers' (freed)
+        torch.cuda.empty_cache()
+        pairs = self.pairs(args.fp8_pairs)
+        mode = "regional compile"
+        rows, title = [], f"### FP8, regional compile: diffusers + {described} against qistudio W8A8"
+        for batch in args.batches:
+            variants = [self.diffusers_variant(batch, theirs, f"+ torchao FP8, {mode}, {theirs} backend")
+                        for theirs, _ in pairs]
+            variants += [self.ours_variant(batch, ours, f"FP8 W8A8, {mode}, {ours} backend", fp8=True)
+                         for _, ours in pairs]
+            if "cudnn_fp8" in available_backends():
+                variants.append(self.ours_variant(batch, "cudnn_fp8", f"FP8 W8A8 + FP8 attention, {mode}", fp8=True))
+            rows += time_rows(self.case(batch), variants, self.expected[batch], self.flops[batch], args)
+            self.sections.append(f"{title}\n\n" + table(rows, self.ceiling, bf16_best))
+            self.write()
+            self.sections.pop()
+        self.sections.append(f"{title}\n\n" + table(rows, self.ceiling, bf16_best))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1328, 1024])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--compile", action="store_true", help="also time regional torch.compile of both")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for our blocks (diffusers' keeps "
-                        "the default), e.g. max-autotune-no-cudagraphs")
-    parser.add_argument("--fp8", action="store_true", help="then time ours with FP8 (W8A8) block linears")
-    parser.add_argument("--no-bf16", action="store_true", help="time only diffusers' bf16 (the baseline) and ours "
-                        "in FP8 (--fp8), for long max-autotune warm-ups")
-    parser.add_argument("--cuda-graph", action="store_true", help="also ours with the forward captured as one CUDA "
-                        "graph (launch gaps removed; an experiment, not yet a pipeline option)")
-    parser.add_argument("--no-sdpa", action="store_true", help="bf16 rows: only the --attention backends (each "
-                        "backend is a compilation of its own: long max-autotune warm-ups)")
-    parser.add_argument("--attention", nargs="*", default=[], help="also time ours with these attention backends "
-                        "forced (e.g. flash4), where installed")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", default="full", choices=["full", "tiny"])
+    parser.add_argument("--sections", nargs="+", default=["eager", "compiled", "fp8"],
+                        choices=["eager", "compiled", "fp8"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="compiled and FP8 sections")
+    parser.add_argument("--eager-batches", type=int, nargs="*", default=[1, 2], help="eager section")
+    parser.add_argument("--text-len", type=int, default=TEXT_LEN)
+    parser.add_argument("--pairs", nargs="+", default=["native:sdpa", "flash4:flash4"],
+                        help="compiled bf16 rows as DIFFUSERS_BACKEND:OUR_BACKEND, each side timed")
+    parser.add_argument("--fp8-pairs", nargs="+", default=["flash4:flash4"],
+                        help="FP8 rows as DIFFUSERS_BACKEND:OUR_BACKEND (ours also with cuDNN FP8 attention)")
+    parser.add_argument("--torchao-scope", default="blocks", choices=["blocks", "all"],
+                        help="which of diffusers' linears torchao quantises (blocks: the ones our FP8 covers)")
     parser.add_argument("--without", nargs="*", default=[], choices=sorted(FUSED_SWITCHES),
-                        help="also time ours (last attention backend) with each of these fused ops switched off")
-    parser.add_argument("--rounds", type=int, default=1, help="time the variants round-robin this many times "
-                        "(median of the rounds)")
+                        help="compiled section: also ours (last pair's backend) with each fused op off")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for both, e.g. "
+                        "max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager for a CPU plumbing check")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds (median and min-max of these)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each row after its first call")
     args = parser.parse_args()
+    for value in args.pairs + args.fp8_pairs:
+        if value.count(":") != 1:
+            parser.error(f"a pair is DIFFUSERS_BACKEND:OUR_BACKEND (e.g. flash4:flash4), got {value!r}")
+    torch._dynamo.config.recompile_limit = 64  # each (batch, backend, precision) is a graph of its own
+    torch._dynamo.config.cache_size_limit = 64
 
-    import diffusers
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    t0 = time.time()
-    with torch.device("cuda"):
-        ref = QwenImageTransformer2DModel(num_layers=60).eval()
-    torch.set_default_dtype(torch.float32)
-    print(f"built reference DiT in {time.time() - t0:.0f}s", flush=True)
-    with empty_parameters():
-        ours = QwenImageDiT(DiTConfig())
-    ours.load_state_dict(ref.state_dict(), assign=True, strict=True)
-    ours.eval().requires_grad_(False)
-    ref.requires_grad_(False)
-
-    # Errors are measured against diffusers' eager bf16 output (its own compiled output is 1.8% from it at 1328²
-    # b=2: bf16 rounds differently along the fused path, and random weights amplify it through 60 blocks; against
-    # a float32 run both are about 1% off, bench/fused_norm_check.py).
-    cases = {}
-    for size in args.sizes:
-        h = w = size // 16
-        for batch in args.batches:
-            g = torch.Generator("cuda").manual_seed(size * 10 + batch)
-            tokens = torch.randn(batch, h * w, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-            text = torch.randn(batch, TEXT_LEN, 3584, device="cuda", dtype=torch.bfloat16, generator=g)
-            sigma = torch.full((batch,), 0.5, device="cuda")
-            with torch.no_grad():
-                eager_out = ref(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma,
-                                img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0].float()
-            cases[(size, batch)] = (tokens, text, sigma, eager_out)
-
-    if args.compile:
-        # Each (size, batch, bf16/FP8) case is its own graph: allow more than dynamo's default 8 per code object.
-        torch._dynamo.config.recompile_limit = 64
-        torch._dynamo.config.cache_size_limit = 64
-        # Regional compile of the repeated block, diffusers' best configuration; ours the same way.
-        ref.compile_repeated_blocks(fullgraph=True)
-        compile_repeated_blocks(ours, mode=args.compile_mode)
-
-    extra_attention = [name for name in args.attention if name in available_backends()]
-    ceiling = matmul_ceiling()
-    device_name = torch.cuda.get_device_name()
-    rows = []
-    for size in args.sizes:
-        h = w = size // 16
-        for batch in args.batches:
-            tokens, text, sigma, ref_out = cases[(size, batch)]
-            rotary = qwen_rotary([ImageGrid(0, h, w)], TEXT_LEN, device="cuda")
-            flops = dit_flops(h * w, TEXT_LEN, batch)
-
-            def run_ref():
-                with torch.no_grad():
-                    return ref(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma,
-                               img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0]
-
-            def run_ours():
-                with torch.no_grad():
-                    return ours(tokens, text, sigma, rotary)
-
-            def ours_with(backend):
-                def run():
-                    set_attention_backend(backend)
-                    return run_ours()
-                return run
-
-            ref_mode = "regional compile" if args.compile else "eager (mask=None)"
-            mode = ("regional compile" + (f" ({args.compile_mode})" if args.compile_mode else "")
-                    if args.compile else "eager")
-            variants = [(f"diffusers {ref_mode}", run_ref)]
-            if not args.no_bf16:
-                # Each row names its attention kernel: the automatic choice differs by what is installed.
-                variants += [(f"qistudio {mode}, {name} attention", ours_with(name))
-                             for name in ([] if args.no_sdpa else ["sdpa"]) + [n for n in extra_attention
-                                                                               if n != "sdpa"]]
-            for fused_op in [] if args.no_bf16 else args.without:
-                backend = extra_attention[-1] if extra_attention else "sdpa"
-                variants.append((f"qistudio {mode}, {backend} attention, without fused {fused_op}",
-                                 without_fused(fused_op, ours_with(backend))))
-            if args.cuda_graph and not args.no_bf16:
-                backend = extra_attention[-1] if extra_attention else "sdpa"
-                variants.append((f"qistudio {mode}, {backend} attention, the whole forward as one CUDA graph",
-                                 graphed(ours_with(backend))))
-            for name, t, err in time_variants(variants, args.rounds, ref_out):
-                rows.append((f"{size}² b={batch}", name, t, flops / t / 1e12, err))
-                print(rows[-1], flush=True)
-            set_attention_backend(None)
-    if args.fp8:
-        from qistudio.memory.fp8_linear import quantize_linears, set_fp8_compute
-
-        quantize_linears(ours)  # our block linears get FP8 copies; diffusers' model keeps the bf16 weights
-        set_fp8_compute(ours, True)
-        set_attention_backend(None)
-        for size in args.sizes:
-            h = w = size // 16
-            for batch in args.batches:
-                tokens, text, sigma, ref_out = cases[(size, batch)]
-                rotary = qwen_rotary([ImageGrid(0, h, w)], TEXT_LEN, device="cuda")
-
-                def run_ref():
-                    with torch.no_grad():
-                        return ref(hidden_states=tokens, encoder_hidden_states=text, timestep=sigma,
-                                   img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0]
-
-                def fp8_with(backend, fast):
-                    def run():
-                        set_attention_backend(backend)
-                        set_fp8_compute(ours, True, fast_accumulation=fast)
-                        with torch.no_grad():
-                            return ours(tokens, text, sigma, rotary)
-                    return run
-
-                fp8_backends = ["sdpa"] + [n for n in extra_attention if n != "sdpa"]
-                fp8_backends += ["cudnn_fp8"] if "cudnn_fp8" in available_backends() else []
-                # The last backend (the fastest where installed) also with the GEMMs' float32 accumulation. The
-                # baseline is timed again among these rows, minutes after the bf16 rows.
-                variants = [(f"diffusers {ref_mode}, timed again beside the FP8 rows", run_ref)]
-                for backend, fast in [(name, True) for name in fp8_backends] + [(fp8_backends[-1], False)]:
-                    label = {"cudnn_fp8": " + cuDNN FP8 attention"}.get(backend, f" + {backend} attention")
-                    label += "" if fast else ", float32 accumulation (not fast)"
-                    variants.append((f"qistudio {mode}, FP8 W8A8 block linears{label}", fp8_with(backend, fast)))
-                for name, t, err in time_variants(variants, args.rounds, ref_out):
-                    rows.append((f"{size}² b={batch}", name, t, dit_flops(h * w, TEXT_LEN, batch) / t / 1e12, err))
-                    print(rows[-1], flush=True)
-                set_fp8_compute(ours, True, fast_accumulation=True)
-                set_attention_backend(None)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    lines = [
-        f"Card: {device_name}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-        f"date {time.strftime('%Y-%m-%d')}; bf16 matmul ceiling measured {ceiling:.0f} TFLOP/s; text {TEXT_LEN} tokens; "
-        f"peak {peak:.1f} GiB (shared weights)",
-        "",
-        "| case | implementation | forward | x diffusers | TFLOP/s | % of ceiling "
-        "| rel. err vs diffusers eager (bf16) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    baseline = {}  # each row against the latest diffusers timing of its case
-    for case, name, t, tf, err in rows:
-        if name.startswith("diffusers"):
-            baseline[case] = t
-        lines.append(f"| {case} | {name} | {t:.3f} s | {baseline[case] / t:.2f} | {tf:.0f} | "
-                     f"{100 * tf / ceiling:.0f}% | {err:.2e} |")
-    table = "\n".join(lines)
-    print(table)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "dit_forward.md").write_text(table + "\n")
+    started = time.time()
+    bench = Bench(args)
+    print(f"built both DiTs and the eager references in {time.time() - started:.0f} s", flush=True)
+    with card_load() as bench.load:
+        if "eager" in args.sections:
+            bench.eager()
+        bf16_best = bench.compiled_bf16() if "compiled" in args.sections else {}
+        if "fp8" in args.sections:
+            bench.fp8(bf16_best)
+    bench.write(final=True)
 
 
 if __name__ == "__main__":

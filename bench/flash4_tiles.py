@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels_check import timed  # noqa: E402
+from bench.timing import MIN_RUNS, interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -34,24 +34,20 @@ def main() -> None:
                         ((True, True), (False, True))] + [((192, 128), False, True), ((192, 112), False, True),
                                                           ((64, 256), True, True)]
     reference = _flash_attn_fwd(q, k, v)[0]
-    runs, times = {}, {}
+    runs = {}
     for config in configs:
         kwargs = {} if config is None else dict(tile_mn=config[0], mma_pv_is_rs=config[1], intra_wg_overlap=config[2])
         try:
             out = _flash_attn_fwd(q, k, v, **kwargs)[0]
             err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
             runs[config] = (lambda kw=kwargs: _flash_attn_fwd(q, k, v, **kw), err)
-            times[config] = []
         except Exception as exc:  # a tile the kernel cannot build (registers, shared memory)
             print(f"{config}: {type(exc).__name__}: {str(exc)[:120]}")
-    for _ in range(5):
-        for config, (fn, _) in runs.items():
-            times[config].append(timed(fn, n=10, repeats=1))
+    timings = interleaved({config: fn for config, (fn, _) in runs.items()}, runs=MIN_RUNS, calls=10)
     print(f"{torch.cuda.get_device_name()}, B={args.batch}, S={args.seq}, 24 heads of 128")
-    ranked = sorted(((sorted(t)[2], c) for c, t in times.items()), key=lambda item: item[0])
-    for ms, config in ranked:
-        print(f"  {str(config or 'default (128, 128) RS OL'):36s} {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  "
-              f"rel L2 vs default {runs[config][1]:.1e}")
+    for config, t in sorted(timings.items(), key=lambda item: item[1].median):
+        print(f"  {str(config or 'default (128, 128) RS OL'):36s} {t.text('ms')}  {flops / t.median / 1e12:.0f} "
+              f"TFLOP/s  rel L2 vs default {runs[config][1]:.1e}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels_check import interleaved_medians, timed  # noqa: E402
+from bench.timing import MIN_RUNS, interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -44,11 +44,13 @@ def main() -> None:
         def three():
             return [F.linear(x, w, b) for w, b in zip(weights, biases)]
 
-        separate, packed = timed(three), timed(lambda: F.linear(x, packed_w, packed_b))
+        cases = {"q/k/v three GEMMs": three, "q/k/v one packed": lambda: F.linear(x, packed_w, packed_b),
+                 f"one {dim}->{dim}": lambda: F.linear(x, weights[0]), "up": lambda: F.linear(x, up_w),
+                 "down": lambda: F.linear(hidden, down_w)}
+        timings = interleaved(cases, runs=MIN_RUNS, calls=100)
         same = torch.equal(torch.cat(three(), dim=-1), F.linear(x, packed_w, packed_b))
-        print(f"{rows:6d} rows: q/k/v three GEMMs {separate:.4f} ms, one packed {packed:.4f} ms "
-              f"({separate / packed:.2f}x, bit-equal {same}); one {dim}->{dim} {timed(lambda: F.linear(x, weights[0])):.4f} ms,"
-              f" up {timed(lambda: F.linear(x, up_w)):.4f} ms, down {timed(lambda: F.linear(hidden, down_w)):.4f} ms")
+        print(f"{rows:6d} rows (packed bit-equal to three: {same}): "
+              + ", ".join(f"{name} {t.text('ms', 4)}" for name, t in timings.items()))
 
 
 def mlp_splits() -> None:
@@ -89,8 +91,8 @@ def mlp_splits() -> None:
         "qkv-size (13778x3072x3072) x4": lambda: [F.linear(x, w) for w in down_w.view(dim, 4, dim).unbind(1)],
     }
     flops = 2 * rows * dim * 4 * dim
-    for name, ms in interleaved_medians(cases, n=10).items():
-        print(f"  {name:40s} {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
+    for name, t in interleaved(cases, runs=7, calls=10).items():
+        print(f"  {name:40s} {t.text('ms')}  {flops / t.median / 1e12:.0f} TFLOP/s")
 
 
 def modulation_forms() -> None:
@@ -107,8 +109,8 @@ def modulation_forms() -> None:
         "one packed GEMV": lambda: F.linear(temb, packed_w, packed_b),
         "two GEMVs, one row": lambda: (F.linear(temb[:1], img_w, img_b), F.linear(temb[:1], txt_w, txt_b)),
     }
-    for name, ms in interleaved_medians(cases, n=20).items():
-        print(f"  {name:24s} {ms * 1000:.1f} us  {packed_w.numel() * 2 / ms / 1e9:.2f} TB/s")
+    for name, t in interleaved(cases, runs=7, calls=20).items():
+        print(f"  {name:24s} {t.text('us', 1)}  {packed_w.numel() * 2 / t.median / 1e12:.2f} TB/s")
 
 
 if __name__ == "__main__":

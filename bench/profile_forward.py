@@ -24,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.dit_forward import TEXT_LEN, cuda_time  # noqa: E402
+from bench.dit_forward import TEXT_LEN  # noqa: E402
+from bench.timing import measure  # noqa: E402
 from qistudio.compile import compile_repeated_blocks  # noqa: E402
 from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
 from qistudio.ops.rope import ImageGrid, qwen_rotary  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
         with torch.no_grad():
             return dit(tokens, text, sigma, rotary, text_lengths=args.text_lengths)
 
-    wall = cuda_time(forward)
+    wall = measure(forward, warmup=2).median
     sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu",
                                 "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True)
     for _ in range(10):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels_check import interleaved_medians  # noqa: E402
+from bench.timing import interleaved  # noqa: E402
 from qistudio.ops.linear_gelu import quack_available  # noqa: E402
 
 
@@ -60,8 +60,8 @@ def main() -> None:
             err = ((out.float() - ref).norm() / ref.norm()).item()
             print(f"  {name}: first call {time.perf_counter() - start:.1f} s, rel. L2 vs cuBLAS {err:.2e}", flush=True)
     flops = {"qkv-size": 2 * rows * dim * dim, "up+gelu": 2 * rows * dim * 4 * dim, "down": 2 * rows * dim * 4 * dim}
-    for name, ms in interleaved_medians(cases, n=10).items():
-        print(f"  {name:20s} {ms:.3f} ms  {flops[name.split()[0]] / ms / 1e9:.0f} TFLOP/s")
+    for name, t in interleaved(cases, runs=7, calls=10).items():
+        print(f"  {name:20s} {t.text('ms')}  {flops[name.split()[0]] / t.median / 1e12:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -65,9 +65,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(filename: str, text: str) -> Path | None:
-    """Print `text`; where $OUT is set, also write it to $OUT/filename (temporary file, then rename)."""
-    print(text, flush=True)
+def write_report(filename: str, text: str, echo: bool = True) -> Path | None:
+    """Print `text` (if echo); where $OUT is set, also write it to $OUT/filename (temporary file, then rename)."""
+    if echo:
+        print(text, flush=True)
     out = os.environ.get("OUT")
     if not out:
         return None

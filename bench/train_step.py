@@ -1,6 +1,6 @@
 """GPU benchmark: one LoRA training step of the full-size Qwen-Image DiT, qistudio against DiffSynth-Studio 2.1.12.
 
-One process, one card. Random weights in the real shapes (../shared/reference/checkpoints listing; DiTConfig's
+One process, one card. Random weights in the real shapes (tests/data/checkpoints listing; DiTConfig's
 defaults, the same numbers, where that is absent), a 1024x1024 target (4096 image tokens), 64 random text states
 (the text encoder and VAE are not part of a step when their outputs are cached), LoRA rank 32 on the 12 standard
 targets, batch 1, AdamW over the LoRA, gradient checkpointing on and off. Modes:
@@ -10,8 +10,11 @@ targets, batch 1, AdamW over the LoRA, gradient checkpointing on and off. Modes:
   lowmem-compile  the same with compiled blocks
   diffsynth       DiffSynth-Studio's QwenImageDiT, peft LoRA cast to bf16 as its trainer does, its model function and
                   its gradient checkpointing (eager, as it trains)
-Each row: seconds per step (wall clock, synchronised; median of --steps after --warmup), peak device memory
-(allocated and reserved, over warm-up and steps, weights included). A mode that fails (out of memory) is reported in
+  diffsynth-compile  the same with each of its blocks under torch.compile from outside (nn.Module.compile of the
+                  block, as our regional compile; its trainer has no such switch)
+Each row: seconds per step (wall clock between synchronisations; median and min-max of --steps after --warmup
+untimed steps; the modes cannot be interleaved, each is its own model in memory), peak device memory (allocated
+and reserved, over warm-up and steps, weights included). Ratios are speed-ups (the other's time over this row's). A mode that fails (out of memory) is reported in
 its row; the others go on. Appends a dated section to bench/RESULTS.md (atomically) on a GPU, and writes it to
 $OUT/train_step.md when OUT is set.
 
@@ -27,8 +30,6 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
-import os
-import statistics
 import sys
 import time
 import types
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import caption, markdown_table, write_report  # noqa: E402
+from bench.timing import Timing  # noqa: E402
 from qistudio.memory.plan import GiB  # noqa: E402
 from qistudio.models.dit import DiTConfig, QwenImageDiT, dit_config_from_shapes  # noqa: E402
 from qistudio.ops.packing import patchify  # noqa: E402
@@ -49,8 +52,8 @@ from qistudio.training.config import DEFAULT_LORA_TARGETS, DataConfig, TrainConf
 from qistudio.training.lowmem import prepare_dit  # noqa: E402
 from qistudio.training.outputs import write_text_atomic  # noqa: E402
 
-LISTING = ROOT.parent / "shared" / "reference" / "checkpoints" / "qwen_image_transformer.json"
-MODES = ("ours", "ours-compile", "lowmem", "lowmem-compile", "diffsynth")
+LISTING = ROOT / "tests" / "data" / "checkpoints" / "qwen_image_transformer.json"
+MODES = ("ours", "ours-compile", "lowmem", "lowmem-compile", "diffsynth", "diffsynth-compile")
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
@@ -200,7 +203,8 @@ def time_training(dit, loss_fn, device, warmup: int, steps: int) -> dict:
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer
-    result = {"step": statistics.median(times), "lora_params": sum(p.numel() for p in parameters)}
+    timing = Timing(tuple(times))
+    result = {"step": timing.median, "timing": timing, "lora_params": sum(p.numel() for p in parameters)}
     if cuda:
         result["allocated"] = torch.cuda.max_memory_allocated() / GiB
         result["reserved"] = torch.cuda.max_memory_reserved() / GiB
@@ -299,18 +303,21 @@ def run_ours(args, cfg, inputs, rows) -> None:
 
 
 def run_diffsynth(args, inputs, rows) -> None:
-    if "diffsynth" not in args.modes:
+    wanted = [m for m in ("diffsynth", "diffsynth-compile") if m in args.modes]
+    if not wanted:
         return
     try:
         dit, model_fn = build_diffsynth(args.blocks, args.device, args.rank)
     except Exception as e:  # noqa: BLE001
         rows.append(dict(mode="diffsynth", checkpointing="-", error=f"setup: {type(e).__name__}: {e}"))
         return
-    for checkpointing in args.checkpointing:
-        loss = diffsynth_loss(dit, model_fn, inputs, checkpointing)
-        run_case(rows, "diffsynth", checkpointing,
-                 lambda: time_training(dit, loss, args.device, args.warmup, args.steps))
-        cleanup(args.device)
+    for mode in wanted:
+        compile_blocks(dit.transformer_blocks, mode.endswith("compile"))
+        for checkpointing in args.checkpointing:
+            loss = diffsynth_loss(dit, model_fn, inputs, checkpointing)
+            run_case(rows, mode, checkpointing,
+                     lambda: time_training(dit, loss, args.device, args.warmup, args.steps))
+            cleanup(args.device)
 
 
 def table(rows: list, args, header: str) -> str:
@@ -318,35 +325,30 @@ def table(rows: list, args, header: str) -> str:
         return next((r["step"] for r in rows if r["mode"] == mode and r["checkpointing"] == checkpointing
                      and "step" in r), None)
 
-    def resident(mode):  # ours resident, compiled or not as `mode` is
-        return "ours-compile" if mode.endswith("compile") else "ours"
+    def compiled(mode):
+        return mode.endswith("compile")
 
-    lines = [header, "", "| mode | grad ckpt | s/step | x DiffSynth (same ckpt) | x ours resident (same ckpt and "
-             "compile) | peak alloc GiB | peak reserved GiB | LoRA params | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    header_row = ["mode", "grad ckpt", "s/step: median (min-max, n)", "speed-up vs DiffSynth eager",
+                  "speed-up vs DiffSynth, same compile", "x ours resident (time; same ckpt and compile)",
+                  "peak alloc GiB", "peak reserved GiB", "LoRA params", "notes"]
+    lines = []
     for r in rows:
         if "error" in r or "skipped" in r:
             outcome, why = ("failed", r["error"]) if "error" in r else ("n/a", r["skipped"])
-            lines.append(f"| {r['mode']} | {r['checkpointing']} | {outcome} | | | | | | {why} |")
+            lines.append([r["mode"], r["checkpointing"], outcome, "", "", "", "", "", "", why])
             continue
-        ratios = []
-        for base in ("diffsynth", resident(r["mode"])):
-            value = reference(base, r["checkpointing"])
-            ratios.append(f"{r['step'] / value:.2f}" if value else "")
-        alloc = f"{r['allocated']:.1f}" if "allocated" in r else ""
-        reserved = f"{r['reserved']:.1f}" if "reserved" in r else ""
-        lines.append(f"| {r['mode']} | {r['checkpointing']} | {r['step']:.3f} | {ratios[0]} | {ratios[1]} | {alloc} | "
-                     f"{reserved} | {r['lora_params'] / 1e6:.1f} M | {r.get('note', '')} |")
-    return "\n".join(lines)
-
-
-def versions() -> str:
-    found = []
-    for package in ("torch", "peft", "diffusers", "diffsynth"):
-        try:
-            found.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return ", ".join(found)
+        eager_base = reference("diffsynth", r["checkpointing"])
+        same_base = reference("diffsynth-compile" if compiled(r["mode"]) else "diffsynth", r["checkpointing"])
+        resident = (reference("ours-compile" if compiled(r["mode"]) else "ours", r["checkpointing"])
+                    if not r["mode"].startswith("diffsynth") else None)
+        lines.append([r["mode"], r["checkpointing"], r["timing"].text(),
+                      f"{eager_base / r['step']:.2f}" if eager_base else "",
+                      f"{same_base / r['step']:.2f}" if same_base else "",
+                      f"{r['step'] / resident:.2f}" if resident else "",
+                      f"{r['allocated']:.1f}" if "allocated" in r else "",
+                      f"{r['reserved']:.1f}" if "reserved" in r else "",
+                      f"{r['lora_params'] / 1e6:.1f} M", r.get("note", "")])
+    return header + "\n\n" + markdown_table(header_row, lines)
 
 
 def main() -> None:
@@ -387,18 +389,16 @@ def main() -> None:
     run_diffsynth(args, inputs, rows)
 
     cuda = torch.device(args.device).type == "cuda"
-    card = f"{torch.cuda.get_device_name()} (host to device {h2d_bandwidth():.0f} GB/s pinned)" if cuda else "CPU"
-    header = (f"## LoRA training step (`bench/train_step.py`), {time.strftime('%Y-%m-%d')}\n\n"
-              f"Card: {card}; {versions()}. DiT: {args.blocks} blocks ({source}), random bf16 weights; "
-              f"{args.size}x{args.size} ({inputs.image_tokens} image tokens), {args.text_len} text tokens, batch 1, "
-              f"LoRA rank {args.rank} on the 12 standard targets, AdamW; median of {args.steps} steps after "
-              f"{args.warmup}; lowmem budget {args.vram_limit:g} GiB; float32 matmuls "
-              f"{'TF32' if args.tf32 else 'full precision (default)'}. Run took {time.time() - started:.0f} s.")
-    text = table(rows, args, header)
-    print(text)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "train_step.md").write_text(text + "\n")
+    link = f"host to device {h2d_bandwidth():.0f} GB/s pinned" if cuda else None
+    what = (f"## LoRA training step (`bench/train_step.py`), {time.strftime('%Y-%m-%d')}\n\n"
+            f"DiT: {args.blocks} blocks ({source}), random bf16 weights; {args.size}x{args.size} "
+            f"({inputs.image_tokens} image tokens), {args.text_len} text tokens, batch 1, LoRA rank {args.rank} on "
+            f"the 12 standard targets, AdamW; lowmem budget {args.vram_limit:g} GiB; float32 matmuls "
+            f"{'TF32' if args.tf32 else 'full precision (default)'}. Run took {time.time() - started:.0f} s.")
+    method = (f"each mode in turn (each is its own model in memory), {args.steps} steps after {args.warmup} untimed, "
+              "wall clock between synchronisations; median (min-max, n)")
+    text = table(rows, args, caption(what, method, link))
+    write_report("train_step.md", text)
     if cuda and not args.quick and not args.no_results:
         results = ROOT / "bench" / "RESULTS.md"
         write_text_atomic(results, results.read_text().rstrip("\n") + "\n\n" + text + "\n")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from bench.fast_paths import FUSED_SWITCHES, attention_backend, compiled, fused_off
-from bench.pair import dit_call, on_device, our_dit, perturb, pipeline_pair, share_weights
+from bench.pair import dit_call, on_device, our_dit, perturb, pipeline_pair
 from bench.peers import KERNELS
 from suite import COMPILE_BACKEND, COMPILE_LEVEL, RUNS_HERE
 from qistudio.ops.attention import available_backends, set_fp8_attention
