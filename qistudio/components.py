@@ -16,8 +16,10 @@ from .models.vae import QwenImageVAE
 from .tokenizer_build import QWEN25_IMAGE_PROCESSOR
 from .memory.disk import DiskSource
 from .weights.build import load_model, load_model_deferred
+from .weights.errors import CheckpointError
 from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE, detect_layout
 from .weights.hub import resolve_files
+from .weights.jsonfile import read_json
 from .weights.model_config import ModelConfig
 
 _ATTRIBUTE = {DIT: "dit", VAE: "vae", TEXT_ENCODER: "text_encoder"}
@@ -92,20 +94,38 @@ def default_processor(tokenizer):
     )
 
 
+# The JSON files of a tokenizer or processor folder; each is read strictly first, so a bad one is named with the
+# line and column instead of surfacing as whatever transformers or tokenizers raise.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json")
+
+
+def _load_folder(config: ModelConfig, what: str, loader):
+    """`loader(folder)` for the folder `config` resolves to; any failure of a bad folder is one CheckpointError."""
+    folder = resolve_files(config)[0]
+    folder = folder if folder.is_dir() else folder.parent
+    for name in _TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name)
+    try:
+        return loader(str(folder))
+    except ImportError:
+        raise  # a missing optional package: its own message says what to install
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for one cause: a bad folder
+        raise CheckpointError(f"{folder}: cannot load the {what} ({type(e).__name__}: {e})") from None
+
+
 def load_tokenizer(config: ModelConfig):
     from transformers import AutoTokenizer
 
-    folder = resolve_files(config)[0]
-    folder = folder if folder.is_dir() else folder.parent
-    return AutoTokenizer.from_pretrained(str(folder))
+    return _load_folder(config, "tokenizer", AutoTokenizer.from_pretrained)
 
 
 def load_processor(config: ModelConfig):
     from transformers import AutoProcessor
 
-    folder = resolve_files(config)[0]
-    folder = folder if folder.is_dir() else folder.parent
-    return AutoProcessor.from_pretrained(str(folder))
+    return _load_folder(config, "processor", AutoProcessor.from_pretrained)
 
 
 # Parameter-name prefixes of the blocks that stream from disk (the memory manager's streamable lists).

@@ -14,19 +14,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-
 from ..fileio import unwritable_folder_reason
 from .generate import (DOWNLOAD_SOURCES, DTYPES, HUB_MODEL, finite_float, model_configs, parse_size, positive_int,
                        resolve_device, seed_int)
 
 
 def is_lora_file(path: Path) -> bool:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if "qistudio_lora_format" in metadata:
-            return True
-        return any(".lora_" in key or "lora_down" in key or "lora_A" in key for key in f.keys())
+    from ..weights.safetensors_io import read_safetensors_layout  # a bad file: one CheckpointError naming it
+
+    header, metadata = read_safetensors_layout(path)
+    if "qistudio_lora_format" in metadata:
+        return True
+    return any(".lora_" in key or "lora_down" in key or "lora_A" in key for key in header)
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -42,11 +41,12 @@ def checkpoint_kind(path: Path) -> str:
 def controlnet_extra_channels(path: Path) -> int:
     """Input channels of a ControlNet file beyond the 64 of the control latents, from its header: 4 for an Inpaint
     ControlNet (the mask), 0 otherwise."""
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        for name in ("img_in.weight", "controlnet_x_embedder.weight"):  # Blockwise, InstantX
-            if name in names:
-                return f.get_slice(name).get_shape()[1] - 64
+    from ..weights.safetensors_io import read_safetensors_header
+
+    header = read_safetensors_header(path)
+    for name in ("img_in.weight", "controlnet_x_embedder.weight"):  # Blockwise, InstantX
+        if name in header and len(header[name]["shape"]) == 2:
+            return header[name]["shape"][1] - 64
     return 0
 
 
