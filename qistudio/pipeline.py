@@ -12,6 +12,7 @@ from .components import Components, load_components
 from .conditioning.control import control_image_and_mask, blurred_mask, control_tokens, inpaint_mask_tensor
 from .conditioning.control_residuals import ControlResiduals
 from .conditioning.edit import encode_edit_prompts
+from .conditioning.edit_inpaint import edit_inpaint_mask, edit_inpaint_start, renoised_blend_step
 from .conditioning.eligen import entity_text
 from .conditioning.prompt import concat_text_states, encode_prompts
 from .conditioning.sequence import DiTSequence, build_sequence
@@ -201,7 +202,11 @@ def encode_images(components: Components, request: GenerationRequest, noise, sig
         inputs.input_latents = _encode(components, request, request.input_image.resize((request.width, request.height)),
                                        device, dtype)
         inputs.start = (1 - sigma0) * inputs.input_latents + sigma0 * noise
-    if request.inpaint_mask is not None:
+    if request.edit_inpainting:
+        inputs.input_latents, inputs.start = edit_inpaint_start(inputs.conditions, noise, sigma0)
+        mask = edit_inpaint_mask(request.inpaint_mask, request.height, request.width, device)
+        inputs.inpaint_mask = blurred_mask(mask, request.inpaint_blur_size, request.inpaint_blur_sigma).to(dtype)
+    elif request.inpaint_mask is not None:
         mask = inpaint_mask_tensor(request.inpaint_mask, h, w, device)
         inputs.inpaint_mask = blurred_mask(mask, request.inpaint_blur_size, request.inpaint_blur_sigma).to(dtype)
     for control in request.controlnet_inputs:
@@ -226,7 +231,9 @@ def generate_latents(
         velocity = make_velocity_fn(components, request, positive, negative, images.conditions, images.controls,
                                     len(sigmas) - 1)
         step_fn = None
-        if images.inpaint_mask is not None:
+        if request.edit_inpainting:
+            step_fn = renoised_blend_step(images.input_latents, noise, images.inpaint_mask, sigmas)
+        elif images.inpaint_mask is not None:
             step_fn = _inpaint_step(images.input_latents, images.inpaint_mask, sigmas)
         return sample_euler(velocity, images.start, sigmas, callback=request.callback,
                             progress=request.progress_bar_cmd, step_fn=step_fn)

@@ -14,6 +14,7 @@ from PIL import Image
 from .conditioning.control import ControlNetInput, fit_image, with_context_trigger
 from .conditioning.eligen import EntityControl, entity_control
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
+from .conditioning.edit_inpaint import edit_inpaint_size
 from .imageio import load_image, round_size
 from .sampling.schedule import custom_sigmas
 from .validation import (InputError, device, finite_tensor, flag, function, int_or_pair, integer, number, optional,
@@ -70,6 +71,11 @@ class GenerationRequest:
     @property
     def use_cfg(self) -> bool:
         return self.cfg_scale != 1.0 and self.negative_prompt is not None
+
+    @property
+    def edit_inpainting(self) -> bool:
+        """An Edit model repaints the masked region of its (last) edit image (conditioning/edit_inpaint.py)."""
+        return self.inpaint_mask is not None and self.input_image is None and self.edit_rows is not None
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -201,6 +207,15 @@ def _check_sizes(request: GenerationRequest) -> None:
                          f"{request.latent_size[1]}x{request.latent_size[0]} (the output size / 8)")
 
 
+def _edit_inpaint_size(request: GenerationRequest) -> None:
+    """Edit inpainting keeps pixels of the edited image, so the output is that image's working size."""
+    size = edit_inpaint_size(request.edit_rows, request.edit_image_auto_resize)
+    if request.height is not None and (request.height, request.width) != size:
+        raise InputError(f"edit inpainting makes the edit image's working size {size[1]}x{size[0]}; got "
+                         f"height={request.height}, width={request.width} (leave them unset)")
+    request.height, request.width = size
+
+
 def _negative_prompt_note(request: GenerationRequest) -> None:
     if request.negative_prompt is None and request.cfg_scale != 1.0:
         warnings.warn(f"negative_prompt=None: no negative prompt, so no classifier-free guidance and cfg_scale="
@@ -217,7 +232,7 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
     eligen_enable_on_negative = flag("eligen_enable_on_negative", eligen_enable_on_negative)
     if edit_image is not None:
         request.edit_rows = edit_rows_from(edit_image, len(prompts))
-    if request.denoising_strength < 1 and request.input_image is None:
+    if request.denoising_strength < 1 and request.input_image is None and not request.edit_inpainting:
         raise InputError(
             f"denoising_strength={request.denoising_strength} needs input_image (image-to-image); "
             "without one, use denoising_strength=1"
@@ -225,6 +240,8 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
     if (request.height is None) != (request.width is None):
         raise InputError(f"give both height and width, or neither; got height={request.height}, "
                          f"width={request.width}")
+    if request.edit_inpainting:
+        _edit_inpaint_size(request)
     if request.height is None:
         request.height, request.width = (
             output_size_for_edit(request.edit_rows) if request.edit_rows else (DEFAULT_SIZE, DEFAULT_SIZE)
@@ -238,8 +255,9 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
     if request.input_image is not None:
         request.input_image = load_image(request.input_image, "input_image")
     if request.inpaint_mask is not None:
-        if request.input_image is None:
-            raise InputError("inpaint_mask needs input_image: the image whose unmasked region is kept")
+        if request.input_image is None and request.edit_rows is None:
+            raise InputError("inpaint_mask needs input_image (the image whose unmasked region is kept) or "
+                             "edit_image (edit inpainting: the edit image's unmasked region is kept)")
         request.inpaint_mask = load_image(request.inpaint_mask, "inpaint_mask")
     _check_sizes(request)
     request.controlnet_inputs = _control_inputs(blockwise_controlnet_inputs)
