@@ -18,7 +18,7 @@ side by side (the "same kernel" column):
 Timing (bench/timing.py): per case, every row's warm-up first (compilation included, untimed), then --runs
 rounds in which each row is timed once, in turn (CUDA events); median and min-max. Errors: relative L2 against
 diffusers' eager bf16 output (native SDPA). Writes $OUT/dit_forward.md after every case (a run cut short keeps
-what it finished).
+what it finished; --report names the file).
 
     python bench/dit_forward.py [--sections eager compiled fp8] [--batches 1 2] [--eager-batches 1] [--runs 5]
     python bench/dit_forward.py --scale tiny --compile-backend aot_eager --runs 1   # plumbing check on the CPU
@@ -183,7 +183,7 @@ class Bench:
         notes = [f"Not run: {s}." for s in self.skipped]
         text = caption(what, method, self.load.text() if final and self.load else None)
         text += "\n\n" + "\n\n".join(self.sections) + ("\n\n" + "\n".join(notes) if notes else "")
-        write_report("dit_forward.md", text, echo=final)
+        write_report(self.args.report, text, echo=final)
 
     # --- sections -------------------------------------------------------------------------------------------------
 
@@ -290,6 +290,7 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager for a CPU plumbing check")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (median and min-max of these)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each row after its first call")
+    parser.add_argument("--report", default="dit_forward.md", help="file name of the report under $OUT")
     args = parser.parse_args()
     for value in args.pairs + args.fp8_pairs:
         if value.count(":") != 1:

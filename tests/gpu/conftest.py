@@ -12,9 +12,7 @@ from suite import SCALE, Report
 
 @pytest.fixture(scope="session")
 def report():
-    collected = Report()
-    yield collected
-    collected.write()
+    return Report()
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ class Report:
         err = rel_err(ours, ref)
         verdict = "pass" if math.isfinite(err) and err <= tolerance else "FAIL"
         self.rows.append((test, path, err, tolerance, verdict))
+        self.write()  # after every row: a run cut short keeps what it measured
         assert verdict == "pass", f"{path}: rel. err {err:.3e} > tolerance {tolerance:.1e}"
         return err
 
