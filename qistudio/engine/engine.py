@@ -1,0 +1,336 @@
+"""The engine every face submits to: one bounded queue of jobs and a pool of worker processes, one per device.
+
+Design note. All state (the waiting jobs, each worker slot and the jobs it runs) lives here under one lock. Work
+is handed out whenever it may have become possible: on submit, when a worker reports idle or ready, after a death.
+One dispatcher thread waits on every worker's connection and process sentinel at once
+(multiprocessing.connection.wait) and applies what it reads: progress, results, failures, deaths. A dead worker's
+unfinished jobs go back to the front of the queue once (`max_attempts` runs in all, alone on the retry, so one
+job that kills its worker cannot take a batch of others with it again) and fail with a clear error after that;
+the slot gets a new process, unless it died RESTART_LIMIT times within RESTART_WINDOW seconds. Shutdown refuses new
+jobs, cancels the waiting ones, lets running batches finish (drain), then stops the workers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+from PIL import Image
+
+from . import pool
+from .batching import Capacity, batch_key, select_batch
+from .jobs import Job, JobError, JobResult, JobState
+from .loras import LoRACatalog
+from .models import ModelSpec
+from .spec import JobSpec, to_wire, validate
+from .stats import EngineStats
+
+RESTART_LIMIT, RESTART_WINDOW = 5, 300.0
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve: no worker could load the model, or it is shut down."""
+
+
+class QueueFull(EngineError):
+    """The queue holds `max_queue` waiting jobs; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelSpec
+    devices: tuple[str, ...] = ("cpu",)  # one worker per entry
+    max_queue: int = 64  # waiting jobs; one more is refused (QueueFull)
+    max_batch_images: int = 8  # images in one DiT call (1: no batching)
+    max_attempts: int = 2  # runs of a job whose worker dies under it
+    preview_every: int = 1  # a preview every this many steps (0: none)
+    threads_per_worker: int | None = None  # torch threads in each CPU worker
+    max_loaded_loras: int = 8  # per worker, unfused beside the DiT
+    keep_finished: int = 1000  # finished jobs kept for GET /v1/jobs/{id}
+    finished_ttl: float = 3600.0  # seconds a finished job is kept
+    lora_dirs: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.loras = LoRACatalog(config.lora_dirs)
+        self.stats = EngineStats()
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # notified when a batch or a worker start ends
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}
+        self._finished: deque[Job] = deque()
+        self._slots = [pool.WorkerSlot(i, device) for i, device in enumerate(config.devices)]
+        self._accepting = False
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._options = {"threads": config.threads_per_worker, "preview_every": config.preview_every,
+                         "max_loras": config.max_loaded_loras}
+
+    # --- life cycle ------------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 900.0) -> "Engine":
+        """Spawn the workers and wait until each has loaded the model; EngineError if any cannot."""
+        with self._lock:
+            for slot in self._slots:
+                pool.spawn(slot, self.config.model, self._options)
+            self._running = True
+        self._thread = threading.Thread(target=self._dispatch_loop, name="qistudio-engine", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(s.state == pool.STARTING for s in self._slots) and time.monotonic() < deadline:
+                self._idle.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            failed = [s for s in self._slots if s.state != pool.IDLE]
+        if failed:
+            reason = failed[0].error or f"did not start within {timeout:g} s"
+            self.shutdown(timeout=5)
+            raise EngineError(f"worker {failed[0].index} on {failed[0].device} could not load "
+                              f"{self.config.model.name}: {reason}")
+        self._accepting = True
+        return self
+
+    def shutdown(self, timeout: float = 600.0) -> None:
+        """Refuse new jobs, cancel waiting ones, let running batches finish (up to `timeout`), stop the workers."""
+        with self._lock:
+            self._accepting = False
+            while self._waiting:
+                job = self._waiting.popleft()
+                self._finish(job, JobState.CANCELLED, error=JobError("the server shut down before the job started",
+                                                                       "shutdown"))
+            deadline = time.monotonic() + timeout
+            while any(s.state == pool.BUSY for s in self._slots) and time.monotonic() < deadline:
+                self._idle.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._running = False
+        if self._thread is not None:
+            self._thread.join(5)
+        pool.stop(self._slots, timeout=10)
+        with self._lock:
+            for slot in self._slots:  # anything still running was cut off by the timeout
+                for job in slot.jobs:
+                    if not job.done:
+                        self._finish(job, JobState.FAILED, error=JobError(
+                            "the server shut down while the job ran", "shutdown"))
+                slot.jobs = []
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # --- what faces call -------------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Check and queue a job. InputError for a bad value; QueueFull when full; EngineError when shut down."""
+        request = validate(spec, self.loras)
+        job = Job(spec, request)
+        job.wire = {"id": job.id, "arguments": to_wire(spec.arguments), "scheduler": spec.scheduler,
+                    "loras": [list(pair) for pair in spec.loras],
+                    "lora_paths": {name: str(self.loras.path(name)) for name, _ in spec.loras}}
+        with self._lock:
+            if not self._accepting:
+                raise EngineError("the server is shutting down" if self._running else "the engine is not running")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); try again later",
+                                self._retry_after())
+            self._jobs[job.id] = job
+            self._waiting.append(job)
+            self._schedule()
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._forget_old()
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a job: at once if it waits, at its next step if it runs; None if no such job."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            job.cancel_requested = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._finish(job, JobState.CANCELLED)
+            else:
+                slot = self._slots[job.worker]
+                pool.send(slot, {"type": "cancel", "jobs": [job.id]})
+                job.emit("cancelling")
+            return job
+
+    def health(self) -> dict:
+        with self._lock:
+            alive = [s for s in self._slots if s.alive]
+            return {"status": "ok" if alive and self._accepting else "unavailable",
+                    "model": self.config.model.name, "queue": len(self._waiting),
+                    "running": sum(len(s.jobs) for s in self._slots), "max_queue": self.config.max_queue,
+                    "workers": [s.summary() for s in self._slots]}
+
+    def snapshot(self) -> dict:
+        """Numbers for metrics, read consistently."""
+        with self._lock:
+            images_per_second, steps_per_second = self.stats.per_second()
+            return {"queue": len(self._waiting), "running": sum(len(s.jobs) for s in self._slots),
+                    "stats": self.stats, "images_per_second": images_per_second,
+                    "steps_per_second": steps_per_second,
+                    "workers": [s.summary() for s in self._slots]}
+
+    # --- scheduling (under the lock) -------------------------------------------------------------------------
+
+    def _key(self, job: Job):
+        if job.attempts > 0 or self.config.max_batch_images <= 1:
+            return None  # a retry runs alone; max_batch_images=1 turns batching off
+        return batch_key(job.request, job.spec.scheduler, job.spec.loras)
+
+    def _schedule(self) -> None:
+        for slot in self._slots:
+            if not self._waiting:
+                return
+            if slot.state != pool.IDLE:
+                continue
+            batch = select_batch(list(self._waiting), slot.capacity, self._key, lambda j: j.request)
+            for job in batch:
+                self._waiting.remove(job)
+            slot.jobs, slot.state = batch, pool.BUSY
+            for job in batch:
+                job.mark_running(slot.index, len(batch))
+            self.stats.batch_sizes[len(batch)] += 1
+            if not pool.send(slot, {"type": "run", "jobs": [job.wire for job in batch]}):
+                slot.state = pool.DEAD  # its sentinel fires next; _on_death requeues the batch
+                return
+
+    def _retry_after(self) -> int:
+        latency = self.stats.latency_seconds
+        mean = latency.total / latency.count if latency.count else 10.0
+        workers = max(1, sum(s.alive for s in self._slots))
+        return int(min(60, max(1, mean * len(self._waiting) / workers / max(1, self.config.max_batch_images))))
+
+    def _finish(self, job: Job, state: JobState, result: JobResult | None = None, error: JobError | None = None):
+        job.finish(state, result, error)
+        self.stats.record_job(state.value, len(result.images) if result else 0, job.finished - job.created)
+        self._finished.append(job)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        horizon = time.time() - self.config.finished_ttl
+        while self._finished and (len(self._finished) > self.config.keep_finished
+                                  or self._finished[0].finished < horizon):
+            self._jobs.pop(self._finished.popleft().id, None)
+
+    # --- the dispatcher thread -------------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+                watched = {}
+                for slot in self._slots:
+                    if slot.process is not None and slot.state not in (pool.FAILED, pool.STOPPED):
+                        watched[slot.conn] = slot
+                        watched[slot.process.sentinel] = slot
+            for ready in wait(list(watched), timeout=0.2):
+                slot = watched[ready]
+                with self._lock:
+                    if ready is slot.conn:
+                        self._read(slot)
+                    elif slot.process is not None and ready == slot.process.sentinel:
+                        self._read(slot)  # what it sent before dying counts
+                        self._on_death(slot)
+
+    def _read(self, slot: pool.WorkerSlot) -> None:
+        try:
+            while slot.conn.poll():
+                self._on_message(slot, slot.conn.recv())
+        except (EOFError, OSError):
+            pass  # the worker is gone: its sentinel says so next
+
+    def _on_message(self, slot: pool.WorkerSlot, message: dict) -> None:
+        kind = message["type"]
+        jobs = {job.id: job for job in slot.jobs}
+        if kind == "ready":
+            slot.state, slot.pid, slot.memory, slot.error = pool.IDLE, message["pid"], message["memory"], None
+            slot.capacity = Capacity(self.config.max_batch_images, message["free_bytes"],
+                                     message["bytes_per_row_pixel"])
+            self._idle.notify_all()
+            self._schedule()
+        elif kind == "load_failed":
+            self._on_load_failed(slot, f"{message['kind']}: {message['error']}")
+        elif kind == "progress":
+            self.stats.record_step(message["seconds"], message["images"])
+            slot.memory = message["memory"]
+            for job_id in message["jobs"]:
+                if job_id in jobs:
+                    jobs[job_id].mark_progress(message["step"], message["total"], message["previews"].get(job_id))
+        elif kind == "result" and message["job"] in jobs:
+            images = [Image.frombytes(mode, (w, h), data) for mode, w, h, data in message["images"]]
+            self._finish(jobs[message["job"]], JobState.SUCCEEDED,
+                         JobResult(images, message["device"], message["dtype"], message["seconds"]))
+        elif kind == "failed" and message["job"] in jobs:
+            error = JobError(message["error"], message["code"], message["user"])
+            self._finish(jobs[message["job"]], JobState.FAILED, error=error)
+        elif kind == "cancelled" and message["job"] in jobs:
+            self._finish(jobs[message["job"]], JobState.CANCELLED)
+        elif kind == "capacity" and slot.capacity is not None and slot.capacity.free_bytes is not None:
+            slot.capacity.free_bytes = int(slot.capacity.free_bytes * message["shrink"])
+        elif kind == "idle":
+            slot.jobs, slot.memory = [], message["memory"]
+            slot.state = pool.IDLE
+            self._idle.notify_all()
+            if self._running and self._accepting:
+                self._schedule()
+            elif not self._accepting and not slot.stop_sent:
+                slot.stop_sent = pool.send(slot, {"type": "stop"})
+
+    def _on_load_failed(self, slot: pool.WorkerSlot, reason: str) -> None:
+        slot.state, slot.error = pool.FAILED, reason
+        slot.process.join(5)
+        self._idle.notify_all()
+        if self._accepting and not any(s.alive for s in self._slots):
+            while self._waiting:
+                self._finish(self._waiting.popleft(), JobState.FAILED,
+                             error=JobError(f"no worker can run jobs: {reason}", "no_workers"))
+
+    def _on_death(self, slot: pool.WorkerSlot) -> None:
+        if slot.state in (pool.FAILED, pool.STOPPED):
+            return
+        how = pool.exit_description(slot.process)
+        slot.error = f"worker {slot.index} (pid {slot.pid}) {how}"
+        self.stats.worker_deaths += 1
+        unfinished = [job for job in slot.jobs if not job.done]
+        slot.jobs, slot.state = [], pool.DEAD
+        for job in reversed(unfinished):  # back to the front, in their order
+            if job.cancel_requested:
+                self._finish(job, JobState.CANCELLED)
+            elif job.attempts < self.config.max_attempts and self._accepting:
+                job.mark_requeued(f"{slot.error} while running it; retrying (attempt {job.attempts + 1} of "
+                                  f"{self.config.max_attempts})")
+                self._waiting.appendleft(job)
+            else:
+                self._finish(job, JobState.FAILED, error=JobError(
+                    f"the worker running this job died ({slot.error}) on each of its {job.attempts} attempt(s)",
+                    "worker_died"))
+        self._idle.notify_all()
+        now = time.time()
+        slot.deaths = [t for t in slot.deaths if t > now - RESTART_WINDOW] + [now]
+        if not (self._running and self._accepting):
+            return
+        if len(slot.deaths) > RESTART_LIMIT:
+            slot.state = pool.FAILED
+            slot.error += f"; not restarted: it died {len(slot.deaths)} times in {RESTART_WINDOW:g} s"
+            self._on_load_failed(slot, slot.error)
+            return
+        slot.conn.close()
+        slot.restarts += 1
+        pool.spawn(slot, self.config.model, self._options)
+        self._schedule()
