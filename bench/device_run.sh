@@ -16,7 +16,8 @@
 # Without the DSL set installed (a fresh machine), FlashAttention 4 and quack are absent: their rows and tests say so.
 #
 # Stages: attention (bench/attention.py), suite (tests/gpu), bf16 (dit_forward eager + compiled), fp8 (dit_forward
-# FP8), train (train_step against DiffSynth-Studio, eager and compiled), e2e (end_to_end), lowvram (offload.py).
+# FP8), train (train_step against DiffSynth-Studio, eager and compiled), e2e (end_to_end), lowvram (offload.py),
+# eligen (eligen.py eager and compiled).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qistudio_out}
@@ -115,7 +116,7 @@ run_stage() {  # name, minimum seconds, cap seconds, command...
     fi
 }
 
-[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 fp8 train e2e lowvram)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 fp8 train e2e lowvram eligen)"; exit 2; }
 say "device_run: $*"
 install
 if [ "$INSTALLED_NOW" = 1 ] || [ ! -f "$STATE/probe.done" ]; then
@@ -132,6 +133,7 @@ for stage in "$@"; do
         train) run_stage train 300 540 python3 bench/train_step.py --modes ours ours-compile diffsynth \
                    diffsynth-compile --checkpointing on --no-results ;;
         e2e) run_stage e2e 480 540 python3 bench/end_to_end.py --runs 5 ;;
+        eligen) run_stage eligen 120 300 bash -c "python3 bench/eligen.py && python3 bench/eligen.py --compile" ;;
         lowvram) run_stage lowvram 240 540 python3 bench/offload.py --batches 2 1 --budgets 24 4 --fp8 --diffusers ;;
         *) say "unknown stage $stage" ;;
     esac

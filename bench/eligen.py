@@ -9,6 +9,7 @@ for comparison; with --compile, the compiled blocks' FlexAttention block mask. R
 interleaved rounds (bench/timing.py). Writes $OUT/eligen_{eager,compile}.md.
 
     python bench/eligen.py [--compile] [--batches 1 2]
+    python bench/eligen.py --scale tiny --runs 1    # plumbing check on the CPU
 """
 
 from __future__ import annotations
@@ -21,31 +22,32 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pair import rel_err  # noqa: E402
+from bench.pair import on_device, rel_err, scale_named  # noqa: E402
 from bench.report import caption, markdown_table, write_report  # noqa: E402
 from bench.timing import MIN_RUNS, card_load, interleaved  # noqa: E402
 from qistudio.conditioning.sequence import build_sequence  # noqa: E402
-from qistudio.models.dit import DiTConfig, QwenImageDiT  # noqa: E402
+from qistudio.models.dit import QwenImageDiT  # noqa: E402
 from qistudio.models.text_encoder import TextStates  # noqa: E402
 from qistudio.ops.rope import ImageGrid  # noqa: E402
 
-GLOBAL, ENTITY, ENTITIES = 128, 32, 4
+ENTITIES = 4
 
 
-def cases(dit, batch: int, compiled: bool):
+def cases(dit, scale, batch: int, compiled: bool):
     """{row name: callable} for one batch size, and the masked row's reference output (eager split attention)."""
-    h = w = 1328 // 16
+    h, w = scale.grid
     target = ImageGrid(0, h, w)
-    full = GLOBAL + ENTITY * ENTITIES
-    g = torch.Generator("cuda").manual_seed(batch)
-    tokens = torch.randn(batch, h * w, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    text = torch.randn(batch, full, 3584, device="cuda", dtype=torch.bfloat16, generator=g)
-    sigma = torch.full((batch,), 0.5, device="cuda")
-    regions = torch.zeros(ENTITIES, h, w, dtype=torch.bool, device="cuda")
+    base, entity = scale.text_len, scale.text_len // 4  # full size: a 128-token global prompt, 32-token entities
+    full = base + entity * ENTITIES
+    g = torch.Generator(scale.device).manual_seed(batch)
+    tokens = torch.randn(batch, h * w, 64, device=scale.device, dtype=scale.dtype, generator=g)
+    text = torch.randn(batch, full, scale.text_dim, device=scale.device, dtype=scale.dtype, generator=g)
+    sigma = torch.full((batch,), 0.5, device=scale.device)
+    regions = torch.zeros(ENTITIES, h, w, dtype=torch.bool, device=scale.device)
     regions[0, : h // 2, : w // 2] = regions[1, : h // 2, w // 2:] = regions[2, h // 2:, : w // 2] = True
     regions[3, h // 3:, w // 3:] = True  # overlaps the others
-    lengths = [full, GLOBAL][:batch]
-    segments = [[ENTITY] * ENTITIES + [GLOBAL], [GLOBAL]][:batch]
+    lengths = [full, base][:batch]
+    segments = [[entity] * ENTITIES + [base], [base]][:batch]
     eligen = build_sequence(target, [[]] * batch, TextStates(text, lengths, segments=segments), dit.config.axes_dim,
                             entity_token_masks=regions.view(ENTITIES, h * w))
     same = build_sequence(target, [[]] * batch, TextStates(text, lengths), dit.config.axes_dim)
@@ -58,8 +60,9 @@ def cases(dit, batch: int, compiled: bool):
         return run
 
     reference = None if compiled else call(eligen, eligen.attention_mask)().float()
-    rows = {f"plain, the same text lengths ({'+'.join(map(str, lengths))})": call(same, None),
-            f"plain, {full} text tokens in every row": call(longest, None)}
+    rows = {f"plain, the same text lengths ({'+'.join(map(str, lengths))})": call(same, None)}
+    if batch > 1:  # the earlier passes' baseline: every row as long as the EliGen row
+        rows[f"plain, {full} text tokens in every row"] = call(longest, None)
     if compiled:
         rows["EliGen, FlexAttention block mask (the compiled blocks' path)"] = call(eligen, eligen.attention_mask)
     else:
@@ -72,34 +75,34 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--scale", default="full", choices=["full", "tiny"])
+    parser.add_argument("--runs", type=int, default=MIN_RUNS)
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager for a CPU plumbing check")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        dit = QwenImageDiT(DiTConfig()).eval().requires_grad_(False)
-    torch.set_default_dtype(torch.float32)
+    scale = scale_named(args.scale)
+    dit = on_device(lambda: QwenImageDiT(scale.our_config()), scale).eval().requires_grad_(False)
     references = {}
     if args.compile:  # the eager split attention's outputs first: the compiled masked rows are compared with them
-        references = {batch: cases(dit, batch, compiled=False)[1] for batch in args.batches}
+        references = {batch: cases(dit, scale, batch, compiled=False)[1] for batch in args.batches}
         from qistudio.compile import compile_repeated_blocks
 
-        compile_repeated_blocks(dit)
+        compile_repeated_blocks(dit, backend=args.compile_backend)
     table_rows = []
     with card_load() as load:
         for batch in args.batches:
-            rows, reference = cases(dit, batch, args.compile)
+            rows, reference = cases(dit, scale, batch, args.compile)
             reference = references.get(batch, reference)
             errors = {name: rel_err(fn().float(), reference) for name, fn in rows.items() if "EliGen" in name}
-            timings = interleaved(rows, runs=MIN_RUNS, warmup=2)
+            timings = interleaved(rows, runs=args.runs, warmup=2)
             base = next(iter(timings.values())).median  # the plain call over the same lengths
             for name, t in timings.items():
                 table_rows.append([f"b={batch}", name, t.text(), f"{t.median / base:.2f}",
                                    f"{errors[name]:.1e}" if name in errors else ""])
     mode = "regional compile" if args.compile else "eager"
-    what = (f"EliGen DiT forward, 1328x1328, bf16, {mode}; {ENTITIES} entities of {ENTITY} tokens plus a {GLOBAL}-token "
-            f"global prompt; at b=2 a plain {GLOBAL}-token row beside it. Errors of the masked rows against the eager "
-            "split attention.")
-    method = f"rows of a batch size interleaved, {MIN_RUNS} rounds after 2 warm-ups, CUDA events; median (min-max, n)"
+    what = (f"EliGen DiT forward, {scale.height}x{scale.width}, {str(scale.dtype).removeprefix('torch.')}, {mode}; "
+            f"{ENTITIES} entities of {scale.text_len // 4} tokens plus a {scale.text_len}-token global prompt; at b=2 "
+            f"a plain {scale.text_len}-token row beside it. Errors of the masked rows against the eager split attention.")
+    method = f"rows of a batch size interleaved, {args.runs} rounds after 2 warm-ups; median (min-max, n)"
     table = markdown_table(["batch", "case", "forward", "x plain, same lengths", "rel. err"], table_rows)
     write_report(f"eligen_{'compile' if args.compile else 'eager'}.md",
                  caption(what, method, load.text()) + "\n\n" + table)
