@@ -317,12 +317,13 @@ def _control_image(scale, seed: int) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-def _give_zero_weights_values(model: torch.nn.Module, std: float) -> torch.nn.Module:
-    """Zero-initialised output layers (a fresh ControlNet's) get small random values, so the control acts."""
+def _initialise_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh ControlNet's zero-initialised output layers get PyTorch's default Linear initialisation (as a trained
+    one has weights of that order), so the control acts; their biases stay zero."""
     with torch.no_grad():
         for p in model.parameters():
-            if not p.any():
-                p.normal_(0, std)
+            if p.dim() >= 2 and not p.any():
+                torch.nn.init.kaiming_uniform_(p, a=5 ** 0.5)
     return model
 
 
@@ -340,7 +341,7 @@ def test_instantx_controlnet(scale, pipes, models, report):
     net = on_device(lambda: diffusers.QwenImageControlNetModel(**config), scale, seed=4)
     if scale.name == "tiny":
         perturb(net)
-    net = _give_zero_weights_values(net, 0.005).eval().requires_grad_(False)
+    net = _initialise_zero_layers(net).eval().requires_grad_(False)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     layout = detect_layout(shapes)
     # Its config.json (as the loader reads it beside the weights) gives the RoPE split shapes cannot.
@@ -376,7 +377,7 @@ def test_blockwise_controlnet(scale, pipes, models, report):
     net = on_device(lambda: QwenImageBlockwiseControlNet(config), scale, seed=6)
     if scale.name == "tiny":
         perturb(net)
-    net = _give_zero_weights_values(net, 0.005).eval().requires_grad_(False)
+    net = _initialise_zero_layers(net).eval().requires_grad_(False)
     controls = [ControlNetInput(image=_control_image(scale, 2), scale=1.0)]
     ours_pipe.components.controlnets.append(net)
     try:
