@@ -4,6 +4,7 @@ the exact command and the date; the table itself; and where it is written ($OUT,
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import os
 import shlex
@@ -23,6 +24,7 @@ def command_line() -> str:
     return shlex.join(["python", *sys.argv])
 
 
+@functools.cache  # asked for by every rewrite of a report
 def versions() -> str:
     found, absent = [], []
     for package in PACKAGES:
@@ -35,6 +37,7 @@ def versions() -> str:
     return ", ".join(found) + (f"; not installed: {', '.join(absent)}" if absent else "")
 
 
+@functools.cache  # the first reading (before the timed work: the idle clock) stands for the run
 def card() -> str:
     """The GPU as nvidia-smi reports it (name, driver, SM clock now and max, power limit now and default)."""
     if not torch.cuda.is_available():
