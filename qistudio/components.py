@@ -40,6 +40,8 @@ class Components:
     memory: Any = None  # a memory.manager.MemoryManager once VRAM management is on
     # Models loaded with offload_device="disk": their block weights stay in the files (memory.disk.DiskSource).
     disk_sources: dict[str, Any] = field(default_factory=dict)
+    # Per model, the checkpoint files it was read from (a caption reads the text encoder's unloaded lm_head there).
+    files: dict[str, list] = field(default_factory=dict)
 
     def phase(self, phase: str, model_name: str):
         """Context in which `model_name` is on the device (a no-op without VRAM management)."""
@@ -94,26 +96,35 @@ def default_processor(tokenizer):
     )
 
 
-# The JSON files of a tokenizer or processor folder; each is read strictly first, so a bad one is named with the
-# line and column instead of surfacing as whatever transformers or tokenizers raise.
+# The JSON files of a tokenizer or processor folder. The small ones (settings, where a NaN image mean would pass
+# silently) are read strictly before loading; the large vocabularies (tokenizer.json is 11 MB, ~0.7 s to parse)
+# only when loading failed, to name the bad file with its line and column instead of whatever transformers raises.
 _TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
                    "video_preprocessor_config.json")
+_READ_FIRST_BYTES = 1 << 20
+
+
+def _check_json_files(folder, everything: bool) -> None:
+    for name in _TOKENIZER_JSON:
+        path = folder / name
+        if path.is_file() and (everything or path.stat().st_size <= _READ_FIRST_BYTES):
+            read_json(path)
 
 
 def _load_folder(config: ModelConfig, what: str, loader):
     """`loader(folder)` for the folder `config` resolves to; any failure of a bad folder is one CheckpointError."""
     folder = resolve_files(config)[0]
     folder = folder if folder.is_dir() else folder.parent
-    for name in _TOKENIZER_JSON:
-        if (folder / name).is_file():
-            read_json(folder / name)
+    _check_json_files(folder, everything=False)
     try:
         return loader(str(folder))
     except ImportError:
         raise  # a missing optional package: its own message says what to install
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for one cause: a bad folder
-        raise CheckpointError(f"{folder}: cannot load the {what} ({type(e).__name__}: {e})") from None
+        _check_json_files(folder, everything=True)
+        raise CheckpointError(f"{folder}: cannot load the {what} ({type(e).__name__}: {' '.join(str(e).split())})"
+                              ) from None
 
 
 def load_tokenizer(config: ModelConfig):
@@ -141,7 +152,7 @@ def detect_kind(files) -> str:
 
     source = TensorSource(files)
     try:
-        return detect_layout(source.keys()).kind
+        return detect_layout(source.keys(), ", ".join(map(str, source.files))).kind
     finally:
         source.close()
 
@@ -184,6 +195,7 @@ def load_components(
         setattr(components, attribute, model)
         components.sources[attribute] = config.model_id or str(files[0].parent)
         components.offload[attribute] = (config.offload_device, config.offload_dtype)
+        components.files[attribute] = files
     if tokenizer_config is not None:
         components.tokenizer = load_tokenizer(tokenizer_config)
     if processor_config is not None:

@@ -351,3 +351,10 @@ def test_a_listed_size_that_is_not_a_byte_count_is_refused(tmp_path, size):
 def test_a_model_id_that_would_leave_the_model_folder_is_refused(tmp_path, model_id):
     with pytest.raises(ValueError, match="is not a hub repository id"):
         ModelConfig(model_id=model_id, local_model_path=str(tmp_path))
+
+
+def test_a_listing_with_one_name_as_both_file_and_folder_is_refused(tmp_path):
+    fake = FakeHub({"a": b"1", "a/b.json": b"{}"})
+    with pytest.raises(DownloadError, match="lists 'a' both as a file and as the folder of 'a/b.json'"):
+        resolve_files(hub_config(tmp_path, ""), client=fake)
+    assert fake.requests == []

@@ -103,7 +103,7 @@ def _state_dict_tensors(source: dict) -> dict[str, torch.Tensor]:
         elif str(key).endswith(".alpha"):
             tensors[str(key)] = torch.tensor(_number(value, "the given LoRA state dict", f"{key!r}"))
         else:
-            raise LoRAError(f"the given LoRA state dict holds {describe_type(value)} under {key!r}, not a tensor")
+            raise LoRAError(f"the given LoRA state dict holds a {type(value).__name__} under {key!r}, not a tensor")
     if not tensors:
         raise LoRAError("the LoRA state dict holds no tensors")
     return tensors

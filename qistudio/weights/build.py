@@ -11,6 +11,7 @@ synchronisation for the whole model); weights streamed from disk are checked the
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,29 +63,59 @@ def build_described(kind: str, shapes: dict[str, tuple[int, ...]], source: Tenso
         return build_empty(kind, shapes, config_json)
     except CheckpointError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError, RuntimeError) as e:
         described = ", ".join(str(f) for f in source.files) + (f" with {config_path}" if config_path else "")
         raise CheckpointError(f"cannot build a {kind} model from {described}: {type(e).__name__}: {e}") from None
+
+
+def _check_rope_axes(axes, head_dim: int) -> None:
+    """config.json's `axes_dims_rope`: three positive even sizes (RoPE rotates pairs) that fill the head."""
+    sizes = list(axes) if isinstance(axes, (list, tuple)) else None
+    if (sizes is None or len(sizes) != 3 or sum(1 for n in sizes if type(n) is int and n > 0 and n % 2 == 0) != 3
+            or sum(sizes) != head_dim):
+        raise ValueError(f"axes_dims_rope={axes!r}: expected three positive even sizes summing to the head size "
+                         f"{head_dim}")
+
+
+def _check_latent_statistics(cfg: VAEConfig) -> None:
+    """The VAE's per-channel latent mean and std (VAEConfig checks their count): finite numbers, the std positive
+    (latents are divided by it)."""
+    for name in ("latents_mean", "latents_std"):
+        values = getattr(cfg, name)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not numbers or (name == "latents_std" and min(values) <= 0):
+            shown = list(values)[:4] + (["..."] if len(values) > 4 else [])
+            rule = "positive numbers" if name == "latents_std" else "finite numbers"
+            raise ValueError(f"{name} must hold {rule} (one per latent channel); got {shown}")
 
 
 def build_empty(kind: str, shapes: dict[str, tuple[int, ...]], config_json: dict | None) -> nn.Module:
     """The model a checkpoint describes, with meta parameters. `shapes` are in our names."""
     with empty_parameters():
         if kind == DIT:
-            return QwenImageDiT(dit_config_from_shapes(shapes, config_json))
+            config = dit_config_from_shapes(shapes, config_json)
+            _check_rope_axes(config.axes_dim, config.head_dim)
+            return QwenImageDiT(config)
         if kind == VAE:
             cfg = VAEConfig.from_shapes(shapes)
             if config_json and "latents_mean" in config_json:
                 cfg = VAEConfig.from_diffusers_config(config_json)
+            _check_latent_statistics(cfg)
             return QwenImageVAE(cfg)
         if kind == TEXT_ENCODER:
             if config_json and "vision_config" in config_json:
                 from transformers import Qwen2_5_VLConfig
 
-                return QwenImageTextEncoder(Qwen2_5_VLConfig.from_dict(config_json))
+                try:
+                    config = Qwen2_5_VLConfig.from_dict(config_json)
+                except Exception as e:  # noqa: BLE001 - transformers' field validators raise their own types
+                    raise ValueError(f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+                return QwenImageTextEncoder(config)
             return QwenImageTextEncoder(text_encoder_config_from_shapes(shapes))
         if kind == CONTROLNET and "controlnet_x_embedder.weight" in shapes:
-            return QwenImageInstantXControlNet(instantx_config_from_shapes(shapes, config_json))
+            config = instantx_config_from_shapes(shapes, config_json)
+            _check_rope_axes(config.axes_dim, config.head_dim)
+            return QwenImageInstantXControlNet(config)
         if kind == CONTROLNET:
             return QwenImageBlockwiseControlNet(controlnet_config_from_shapes(shapes))
     raise CheckpointError(f"loading a {kind!r} checkpoint is not supported yet")
@@ -241,7 +272,7 @@ def load_model_deferred(files, dtype: torch.dtype = torch.bfloat16, device="cpu"
                         defer=None) -> tuple[str, nn.Module, dict, TensorSource]:
     """As `load_model`, leaving the parameters `defer(name)` selects unread; returns them and the open source."""
     source = TensorSource(files)
-    layout = detect_layout(source.keys())
+    layout = detect_layout(source.keys(), ", ".join(map(str, source.files)))
     if kind is not None and layout.kind != kind:
         raise CheckpointError(f"{', '.join(map(str, source.files))} holds a {layout.name}, not a {kind}")
     our_shapes = {layout.key_map(k): s for k, s in source.shapes.items() if layout.key_map(k) != IGNORED}

@@ -70,8 +70,9 @@ def _legacy_text_encoder_key(key: str) -> str:
     return key
 
 
-def detect_layout(keys) -> Layout:
-    """The layout of a checkpoint from its tensor names; a clear error when it holds no model we know."""
+def detect_layout(keys, where: str | None = None) -> Layout:
+    """The layout of a checkpoint from its tensor names; a clear error (naming `where`, the files) when it holds no
+    model we know."""
     keys = set(keys)
     # Before the DiT: InstantX's ControlNet holds DiT blocks (`transformer_blocks.N.img_mod.1`) and, like the
     # Blockwise one, `controlnet_blocks.N`; its control embedder is the name only it has.
@@ -90,8 +91,8 @@ def detect_layout(keys) -> Layout:
         if legacy:
             return Layout(TEXT_ENCODER, "Qwen2.5-VL (transformers 4 names)", _legacy_text_encoder_key)
         return Layout(TEXT_ENCODER, "Qwen2.5-VL", lambda k: IGNORED if k.startswith("lm_head.") else k)
-    sample = ", ".join(sorted(keys)[:8])
+    sample = ", ".join(sorted(keys)[:8]) or "(none: the file holds no tensors)"
     raise CheckpointError(
-        "the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or InstantX "
+        (f"{where}: " if where else "") + "the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or InstantX "
         f"ControlNet); first names: {sample}"
     )

@@ -258,11 +258,22 @@ def local_target(root: Path, name, model_id: str) -> Path:
     return target
 
 
+def _parents(path: str) -> list[str]:
+    """"a/b/c" -> ["a", "a/b"]."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _download(client: HubClient, config: ModelConfig, root: Path, files: list[RemoteFile]) -> None:
     """Fetch each file not yet complete, resuming from its `.incomplete` bytes; one progress bar for all."""
     todo = []
+    listed = {file.path for file in files}
     for file in files:
         target = local_target(root, file.path, config.model_id)
+        folder = next((parent for parent in _parents(file.path) if parent in listed), None)
+        if folder is not None:
+            raise DownloadError(f"{config.model_id!r} lists {folder!r} both as a file and as the folder of "
+                                f"{file.path!r}; refusing it")
         if isinstance(file.size, bool) or not isinstance(file.size, int) or file.size < 0:
             raise DownloadError(f"{config.model_id!r} lists {file.path!r} with size {file.size!r}; refusing it")
         if not (target.is_file() and target.stat().st_size == file.size):

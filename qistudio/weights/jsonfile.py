@@ -37,9 +37,12 @@ def describe_type(value) -> str:
 
 
 def parse_json(text: str | bytes, where: str, error: type[Exception] = CheckpointError, expect: type | None = dict,
-               object_pairs_hook=None):
+               object_pairs_hook=None, encoding: str = "utf-8-sig"):
     """`text` parsed as strict JSON; any failure raises `error` naming `where` (a file) and the position."""
     try:
+        # JSON files are UTF-8 (a byte-order mark from a Windows editor is tolerated where `encoding` says so);
+        # json.loads would guess UTF-16 or UTF-32 from the first bytes.
+        text = text.decode(encoding) if isinstance(text, bytes) else text
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            object_pairs_hook=object_pairs_hook)
     except UnicodeDecodeError as e:

@@ -110,7 +110,8 @@ def read_safetensors_layout(path: Path) -> tuple[dict[str, dict], dict[str, str]
             )
         raw = f.read(header_len)
     try:
-        header = parse_json(raw, f"{path}: corrupt safetensors header", object_pairs_hook=_no_duplicates)
+        header = parse_json(raw, f"{path}: corrupt safetensors header", object_pairs_hook=_no_duplicates,
+                            encoding="utf-8")
     except CheckpointError as e:
         message = str(e)
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -168,7 +169,7 @@ def _torch_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds {describe_type(state)}, not a state dict of tensors")
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     # Bookkeeping entries (an epoch, a step count) are not weights.
     return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
