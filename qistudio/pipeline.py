@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from . import lora
+from .caching import start_cache
 from .components import Components, load_components
 from .conditioning.control import control_image_and_mask, blurred_mask, control_tokens, inpaint_mask_tensor
 from .conditioning.control_residuals import ControlResiduals
@@ -97,8 +98,9 @@ def encode_edit_latents(components: Components, request: GenerationRequest, devi
 
 
 def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative, conditions,
-                     controls=(), num_steps: int = 1):
-    """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in and ControlNets injected."""
+                     controls=(), num_steps: int = 1, cache=None):
+    """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in and ControlNets injected;
+    `cache` (caching.start_cache) may skip DiT work, deciding per guidance branch."""
     dit = components.dit
     h, w = request.latent_size
     target = ImageGrid(0, h // 2, w // 2)
@@ -118,12 +120,17 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
         cond_seq = sequence(positive, conditions)
         uncond_seq = None if negative is None else sequence(negative, conditions)
 
-    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor, hook) -> torch.Tensor:
+    def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor, hook, gate=None) -> torch.Tensor:
         if seq.condition_tokens is not None:
             tokens = torch.cat([tokens, seq.condition_tokens.to(tokens.dtype)], dim=1)
         return dit(tokens, seq.text.states, timestep, seq.rotary, seq.text_lengths,
                    num_target_tokens=seq.num_target_tokens, condition_token_mask=seq.condition_token_mask,
-                   attention_mask=seq.attention_mask, block_hook=hook)
+                   attention_mask=seq.attention_mask, block_hook=hook, block_gate=gate)
+
+    def cached_run(step: int, branches: tuple[str, ...], seq, tokens, timestep, hook) -> torch.Tensor:
+        if cache is None:
+            return run(seq, tokens, timestep, hook)
+        return cache.forward(step, branches, lambda gate: run(seq, tokens, timestep, hook, gate))
 
     def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         tokens = patchify(x)  # (B, N, 64)
@@ -131,10 +138,12 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
         with torch.no_grad():
             hook = residuals.hook(step, tokens, timestep)  # InstantX ControlNets run here, once per step
             if batched:
-                cond, uncond = run(both, torch.cat([tokens, tokens]), timestep.repeat(2), hook).chunk(2)
+                cond, uncond = cached_run(step, ("cond", "uncond"), both, torch.cat([tokens, tokens]),
+                                          timestep.repeat(2), hook).chunk(2)
             else:
-                cond = run(cond_seq, tokens, timestep, hook)
-                uncond = None if uncond_seq is None else run(uncond_seq, tokens, timestep, hook)
+                cond = cached_run(step, ("cond",), cond_seq, tokens, timestep, hook)
+                uncond = None if uncond_seq is None else cached_run(step, ("uncond",), uncond_seq, tokens, timestep,
+                                                                    hook)
         if uncond is not None:
             cond = guide(cond, uncond, request.cfg_scale, request.cfg_norm_rescale)
         return unpatchify(cond, h // 2, w // 2)
@@ -221,6 +230,7 @@ def generate_latents(
 ) -> torch.Tensor:
     """The denoised latents (B, 16, h, w) of a request."""
     require_components(components, request)
+    cache = request.extras["step_cache"] = start_cache(request.cache, components.dit.config.num_layers)
     sigmas = _sigmas(request, scheduler or FlowMatchScheduler())
     noise = _initial_noise(request, dtype, device)
     with components.phase("text encoding", "text_encoder"):
@@ -229,7 +239,7 @@ def generate_latents(
         images = encode_images(components, request, noise, float(sigmas[0]), device, dtype)
     with components.phase("denoising", "dit"):
         velocity = make_velocity_fn(components, request, positive, negative, images.conditions, images.controls,
-                                    len(sigmas) - 1)
+                                    len(sigmas) - 1, cache)
         step_fn = None
         if request.edit_inpainting:
             step_fn = renoised_blend_step(images.input_latents, noise, images.inpaint_mask, sigmas)
@@ -386,6 +396,12 @@ class QwenImagePipeline:
     def last_seed(self) -> int | None:
         return None if self.last_request is None else self.last_request.seed
 
+    @property
+    def last_cache_report(self) -> dict | None:
+        """The last call's step cache: its settings and, per guidance branch, the steps that ran the DiT in full."""
+        cache = None if self.last_request is None else self.last_request.extras.get("step_cache")
+        return None if cache is None else cache.report()
+
     # LoRA: thin wrappers over qistudio.lora, with the seed's names. A LoRA's registry lives on the module it
     # was loaded into (normally the DiT); text-encoder layers in the same file follow it.
     def load_lora(self, module, lora_config=None, alpha: float = 1.0, hotload: bool | None = None,
@@ -452,6 +468,7 @@ class QwenImagePipeline:
         callback=None,
         cfg_batch: bool = True,
         output_type: str = "pil",
+        cache=None,
     ):
         """Generate; returns a PIL image (a list when several images are made; latents with output_type="latent").
 
@@ -475,6 +492,7 @@ class QwenImagePipeline:
             inpaint_blur_size=inpaint_blur_size, inpaint_blur_sigma=inpaint_blur_sigma, context_image=context_image,
             tiled=tiled, tile_size=tile_size,
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
+            cache=cache,
         )
         self.last_request = request
         if self._plan_on_first_call:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from .caching import cache_argument
 from .conditioning.control import ControlNetInput, fit_image, with_context_trigger
 from .conditioning.eligen import EntityControl, entity_control
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
@@ -60,6 +61,7 @@ class GenerationRequest:
     tile_size: int | tuple = 128
     tile_stride: int | tuple = 64
     cfg_batch: bool = True  # run both guidance branches as one batched DiT call
+    cache: Any = None  # step caching (qistudio/caching): a setting, checked from a preset name, text or setting
     callback: Callable | None = None
     progress_bar_cmd: Callable = field(default=lambda it: it)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +173,7 @@ ARGUMENT_CHECKS = {
     "tile_size": int_or_pair,
     "tile_stride": int_or_pair,
     "cfg_batch": flag,
+    "cache": cache_argument,
     "callback": optional(function),
     "progress_bar_cmd": function,
 }

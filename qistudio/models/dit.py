@@ -12,7 +12,7 @@ D = heads * head_dim model width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,10 @@ class DiTConfig:
     # Edit-2511: condition tokens are modulated with the t=0 embedding. A default for the pipeline, which may
     # override it per call; the weights are the same either way.
     zero_cond_t: bool = False
+    # Qwen-Image-Layered: a learned row added to the timestep embedding (time_text_embed.addition_t_embedding), and
+    # RoPE whose frame axis counts layers (built outside the model: ops/rope.py layer_rotary).
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
 
     @property
     def dim(self) -> int:
@@ -205,11 +209,25 @@ class AdaNormOut(nn.Module):
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+class BlockGate(Protocol):
+    """Decides between blocks what runs (step caching, qistudio/caching). Boundary i lies before block i; boundary
+    num_layers after the last. Where `watches(i)`, the gate gets the streams (img, txt) at boundary i and returns
+    the streams to continue with; block i runs only if `runs(i)`."""
+
+    def watches(self, boundary: int) -> bool: ...
+
+    def __call__(self, boundary: int, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def runs(self, index: int) -> bool: ...
+
+
 class QwenImageDiT(nn.Module):
     def __init__(self, cfg: DiTConfig = DiTConfig()):
         super().__init__()
         self.config = cfg
         self.time_text_embed = TimeTextEmbed(cfg.dim)
+        if cfg.use_additional_t_cond:  # under the checkpoint's name, beside the timestep MLP
+            self.time_text_embed.addition_t_embedding = nn.Embedding(2, cfg.dim)
         self.txt_norm = RMSNorm(cfg.text_dim, cfg.eps)
         self.img_in = nn.Linear(cfg.in_channels, cfg.dim)
         self.txt_in = nn.Linear(cfg.text_dim, cfg.dim)
@@ -230,8 +248,10 @@ class QwenImageDiT(nn.Module):
         text_lengths: list[int] | None = None,
         num_target_tokens: int | None = None,
         condition_token_mask: torch.Tensor | None = None,
+        additional_t_cond: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         block_hook: BlockHook | None = None,
+        block_gate: BlockGate | None = None,
     ) -> torch.Tensor:
         """Velocity of the target image tokens.
 
@@ -239,8 +259,11 @@ class QwenImageDiT(nn.Module):
         text_states (B, L, text_dim): text encoder states, right-padded; text_lengths[i] valid tokens of row i.
         timestep (B,): sigma in [0, 1].
         condition_token_mask (N,) bool: tokens modulated with the t=0 embedding (Edit-2511 zero_cond_t).
+        additional_t_cond (B,) long: the row of addition_t_embedding added to the timestep embedding (Layered DiTs
+            only; default row 0, the one both reference pipelines use).
         attention_mask over [image, text]: a SplitMask (EliGen's structure) or a (B, 1, 1, N+L) bool key mask (rows
             with different condition layouts); else None.
+        block_gate: skips blocks (step caching); block_hook does not run after a skipped block.
         Returns (B, num_target_tokens, out_channels).
         """
         num_img = image_tokens.shape[1]
@@ -250,12 +273,12 @@ class QwenImageDiT(nn.Module):
         img = self.img_in(image_tokens.to(dtype))
         txt = self.txt_in(self.txt_norm(text_states.to(dtype)))
 
-        temb = self.time_text_embed(timestep, img.dtype)  # (B, D)
+        temb = self._timestep_embedding(timestep, img.dtype, additional_t_cond)  # (B, D)
         txt_temb = temb[:, None]
         if condition_token_mask is None:
             img_temb = txt_temb
         else:
-            zero_temb = self.time_text_embed(torch.zeros_like(timestep), img.dtype)
+            zero_temb = self._timestep_embedding(torch.zeros_like(timestep), img.dtype, additional_t_cond)
             img_temb = torch.where(condition_token_mask[None, :, None], zero_temb[:, None], temb[:, None])
 
         rotary = rotary.with_joint()  # once per forward, not per block
@@ -276,6 +299,10 @@ class QwenImageDiT(nn.Module):
         defer = block_hook is None and not torch.is_grad_enabled()
         pending = None
         for index, block in enumerate(self.transformer_blocks):
+            if block_gate is not None:
+                img, txt, pending = _at_boundary(block_gate, index, img, txt, pending)
+                if not block_gate.runs(index):
+                    continue  # a deferred residual stays pending across skipped blocks: they add nothing
             if self.gradient_checkpointing and torch.is_grad_enabled() and index < checkpointed:
                 img, txt = torch.utils.checkpoint.checkpoint(
                     block, img, txt, img_temb, txt_temb, rotary, key_lengths, attention_mask, use_reentrant=False
@@ -294,9 +321,31 @@ class QwenImageDiT(nn.Module):
         if pending is not None:
             update, gate = pending
             img = img + gate * update
+        if block_gate is not None:
+            img, txt, _ = _at_boundary(block_gate, len(self.transformer_blocks), img, txt, None)
 
         img = self.norm_out(img[:, :num_target], txt_temb)
         return self.proj_out(img)
+
+    def _timestep_embedding(self, timestep: torch.Tensor, dtype: torch.dtype, additional_t_cond=None) -> torch.Tensor:
+        """(B, D): the sinusoidal MLP embedding of sigma, plus a Layered DiT's learned row (cast to `dtype`)."""
+        temb = self.time_text_embed(timestep, dtype)
+        if not self.config.use_additional_t_cond:
+            return temb
+        if additional_t_cond is None:
+            additional_t_cond = torch.zeros(timestep.shape[0], dtype=torch.long, device=timestep.device)
+        return temb + self.time_text_embed.addition_t_embedding(additional_t_cond).to(dtype)
+
+
+def _at_boundary(gate: BlockGate, boundary: int, img, txt, pending):
+    """Hand the streams to `gate` where it watches, with a deferred image residual added first."""
+    if not gate.watches(boundary):
+        return img, txt, pending
+    if pending is not None:
+        update, scale = pending
+        img = img + scale * update
+    img, txt = gate(boundary, img, txt)
+    return img, txt, None
 
 
 def _static_batch(*tensors: torch.Tensor) -> None:
@@ -342,4 +391,8 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict
         **block_sizes_from_shapes(shapes, config_json),
         out_channels=shapes["proj_out.weight"][0],
         zero_cond_t=bool((config_json or {}).get("zero_cond_t", False)),
+        # Only Qwen-Image-Layered has the embedding, so it also tells the RoPE when no config.json says.
+        use_additional_t_cond="time_text_embed.addition_t_embedding.weight" in shapes,
+        use_layer3d_rope=bool((config_json or {}).get("use_layer3d_rope",
+                                                      "time_text_embed.addition_t_embedding.weight" in shapes)),
     )
