@@ -127,7 +127,8 @@ fi
 for stage in "$@"; do
     case "$stage" in
         attention) run_stage attention 60 180 python3 bench/attention.py ;;
-        suite) run_stage suite 240 420 python3 -m pytest -m gpu tests/gpu -q -rA -p no:logging -p no:cacheprovider ;;
+        suite) run_stage suite 240 420 python3 -m pytest tests/gpu/test_fast_paths.py \
+                   tests/test_compile.py::test_fused_kernels_agree_on_gpu -q -rA -p no:logging -p no:cacheprovider ;;
         bf16) run_stage bf16 200 480 python3 bench/dit_forward.py --sections compiled --batches 2 \
                   --pairs flash4:flash4 native:sdpa --report dit_forward_bf16_b2.md ;;
         bf16b1) run_stage bf16b1 200 480 python3 bench/dit_forward.py --sections eager compiled --eager-batches 1 \

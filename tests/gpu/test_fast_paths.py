@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.fast_paths import FUSED_SWITCHES, attention_backend, compiled, fused_off
-from bench.pair import dit_call, on_device, our_dit, perturb, pipeline_pair
+from bench.fast_paths import FUSED_SWITCHES, attention_backend, compiled, fused_off, reset
+from bench.pair import dit_call, on_device, our_dit, perturb, pipeline_pair, reference_dit
 from bench.peers import KERNELS
-from suite import COMPILE_BACKEND, COMPILE_LEVEL, RUNS_HERE
+from suite import COMPILE_BACKEND, COMPILE_LEVEL, RUNS_HERE, SCALE, Report
 from qistudio.ops.attention import available_backends, set_fp8_attention
 from qistudio.ops.packing import patchify, unpatchify
 
@@ -47,6 +47,35 @@ BACKEND_TOLERANCE = {"sdpa": BF16, "flash4": BF16, "flash3": BF16, "cudnn_fp8": 
                      "sage": LOSSY_ATTENTION}
 PROMPT, NEGATIVE = "A watercolour fox in a snowy birch forest at dawn, soft light", "blurry, low quality"
 STEPS = 4
+
+
+# (The fixtures live here, not in a conftest.py: a second conftest module would shadow tests/conftest.py for the
+# test files that import helpers from it.)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return Report()
+
+
+@pytest.fixture(scope="module")
+def scale():
+    return SCALE
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(diffusers' DiT, ours) on one set of weights. Ours is quantised to FP8 by the FP8 tests, which run last."""
+    ref = reference_dit(SCALE)
+    return ref, our_dit(ref, SCALE)
+
+
+@pytest.fixture(autouse=True)
+def _library_defaults():
+    """Each test starts and ends with the library's defaults (fused ops on, automatic attention)."""
+    reset()
+    yield
+    reset()
 
 
 def _cuda_only(scale, what: str) -> None:
