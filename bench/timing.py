@@ -133,7 +133,7 @@ def card_load(interval_ms: int = 200):
     query = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu"
     try:
         sampler = subprocess.Popen(["nvidia-smi", f"--id={torch.cuda.current_device()}", f"--query-gpu={query}",
-                                    "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
+                                    "--format=csv,noheader,nounits", f"--loop-ms={interval_ms}"],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     except OSError:
         yield load
