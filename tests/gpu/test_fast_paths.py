@@ -36,7 +36,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 # does not.
 BF16 = 1e-2  # measured 4.1e-3 eager, 5.4e-3 compiled with the fused norms: two bf16 rounding orders
 FP8 = 3e-2  # measured 1.3e-2 (FP8 storage) to 1.94e-2 (W8A8 + cuDNN FP8 attention)
-LOSSY_ATTENTION = 3e-2  # bf16 compute with a quantised attention (cuDNN FP8: 6% alone; SageAttention INT8 QK)
+# bf16 compute with a quantised attention forced (cuDNN FP8 on per-tensor-quantised q/k/v, SageAttention's INT8 QK):
+# the kernels' own error on random q/k/v (6.0e-2 and 1.4e-2, bench/attention.py); their DiT-level error has not been
+# measured yet, the first run records it.
+LOSSY_ATTENTION = 6e-2
 COMPILED_MASK = 3e-2  # FlexAttention block mask under compile against the eager split attention: measured 1.8e-2
 PIPELINE_BF16 = 1e-2  # final latents after 4 steps (after 40 steps: 8.2e-3)
 PIPELINE_FP8 = 3e-2  # (after 40 steps: 9.1e-3 from our bf16)
