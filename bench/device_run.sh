@@ -129,11 +129,11 @@ for stage in "$@"; do
         attention) run_stage attention 60 180 python3 bench/attention.py ;;
         suite) run_stage suite 240 420 python3 -m pytest tests/gpu/test_fast_paths.py \
                    tests/test_compile.py::test_fused_kernels_agree_on_gpu -q -rA -p no:logging -p no:cacheprovider ;;
-        bf16) run_stage bf16 200 480 python3 bench/dit_forward.py --sections compiled --batches 2 \
+        bf16) run_stage bf16 270 480 python3 bench/dit_forward.py --sections compiled --batches 2 \
                   --pairs flash4:flash4 native:sdpa --report dit_forward_bf16_b2.md ;;
-        bf16b1) run_stage bf16b1 200 480 python3 bench/dit_forward.py --sections eager compiled --eager-batches 1 \
+        bf16b1) run_stage bf16b1 270 480 python3 bench/dit_forward.py --sections eager compiled --eager-batches 1 \
                     --batches 1 --pairs flash4:flash4 native:sdpa --report dit_forward_bf16_b1.md ;;
-        fp8) run_stage fp8 240 540 python3 bench/dit_forward.py --sections fp8 --batches 2 1 \
+        fp8) run_stage fp8 300 540 python3 bench/dit_forward.py --sections fp8 --batches 2 1 \
                  --fp8-pairs flash4:flash4 --report dit_forward_fp8.md ;;
         train) run_stage train 300 540 python3 bench/train_step.py --modes ours ours-compile diffsynth \
                    diffsynth-compile --checkpointing on --no-results ;;
