@@ -252,6 +252,30 @@ def test_random_byte_changes_in_a_real_file_load_or_fail_by_name(flips, dit_file
         assert all(torch.isfinite(p).all() for p in pipe.dit.parameters())
 
 
+# --- the finite check itself ---------------------------------------------------------------------------------------
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@FUZZ
+@given(tensors=st.lists(st.tuples(st.sampled_from(FLOATS), st.lists(st.integers(0, 70), max_size=3),
+                                  st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["nan", "inf", "-inf"])),
+                                           max_size=2)), min_size=1, max_size=6))
+def test_finite_check_finds_exactly_the_tensors_with_nan_or_infinity(tensors):
+    from qistudio.weights.finite import FiniteCheck
+
+    check, expected = FiniteCheck(), []
+    for index, (dtype, shape, pokes) in enumerate(tensors):
+        tensor = torch.randn(shape).to(dtype)
+        for position, value in pokes if tensor.numel() else []:
+            tensor.view(-1)[position % tensor.numel()] = float(value)  # float8_e4m3fn turns infinity into NaN
+        check.add(f"t{index}", tensor)
+        if not torch.isfinite(tensor.float()).all():
+            expected.append(f"t{index}")
+    check.add("integers are not weights", torch.arange(3))
+    assert check.failures() == expected
+
+
 # --- weights that are not floats, or not finite -------------------------------------------------------------------
 
 
@@ -570,8 +594,10 @@ def test_bad_json_in_each_file_the_loaders_read(relative, content, expected, dem
     ("transformer/config.json", {"axes_dims_rope": "abc"},
      r"axes_dims_rope=\('a', 'b', 'c'\): expected three positive even"),
     ("transformer/config.json", {"axes_dims_rope": [8, 12, 14]}, r"summing to the head size 32"),
-    ("vae/config.json", {"latents_mean": [0.0] * 3, "latents_std": [1.0] * 16}, r"latents_mean has 3 values but z_dim is 16"),
-    ("vae/config.json", {"latents_mean": [0.0] * 16, "latents_std": [0.0] * 16}, r"latents_std must hold positive numbers"),
+    ("vae/config.json", {"latents_mean": [0.0] * 3, "latents_std": [1.0] * 16},
+     r"latents_mean has 3 values but z_dim is 16"),
+    ("vae/config.json", {"latents_mean": [0.0] * 16, "latents_std": [0.0] * 16},
+     r"latents_std must hold positive numbers"),
     ("vae/config.json", {"latents_mean": ["a"] * 16}, r"latents_mean must hold finite numbers"),
     ("text_encoder/config.json", {"vision_config": "tiny"},
      r"cannot build a text_encoder model from .*vision_config"),

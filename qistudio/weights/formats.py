@@ -92,7 +92,8 @@ def detect_layout(keys, where: str | None = None) -> Layout:
             return Layout(TEXT_ENCODER, "Qwen2.5-VL (transformers 4 names)", _legacy_text_encoder_key)
         return Layout(TEXT_ENCODER, "Qwen2.5-VL", lambda k: IGNORED if k.startswith("lm_head.") else k)
     sample = ", ".join(sorted(keys)[:8]) or "(none: the file holds no tensors)"
+    prefix = f"{where}: " if where else ""
     raise CheckpointError(
-        (f"{where}: " if where else "") + "the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or InstantX "
-        f"ControlNet); first names: {sample}"
+        f"{prefix}the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or "
+        f"InstantX ControlNet); first names: {sample}"
     )
