@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import convert_lora, generate, train, validate
+from . import convert_lora, generate, serve, train, validate
 
 # What a user can cause, and so is reported as one line: bad values and files (ValueError: the loaders'
 # CheckpointError, LoRAError and InputError are ValueErrors), the file system (OSError), a missing optional
@@ -21,7 +21,8 @@ from . import convert_lora, generate, train, validate
 USER_ERRORS = (ValueError, OSError, ImportError, MemoryError)
 # Optional packages (by import name) -> the extra of pyproject.toml that installs them.
 EXTRAS = {"peft": "train", "accelerate": "train", "cv2": "annotators", "tensorboard": "tensorboard",
-          "cudnn": "hopper", "flash_attn": "hopper", "quack": "hopper"}
+          "cudnn": "hopper", "flash_attn": "hopper", "quack": "hopper", "fastapi": "serve", "uvicorn": "serve",
+          "prometheus_client": "serve", "multipart": "serve", "python_multipart": "serve", "ray": "ray"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_lora.add_parser(subparsers)
     train.add_parser(subparsers)
     validate.add_parser(subparsers)
+    serve.add_parser(subparsers)
     return parser
 
 
