@@ -47,8 +47,9 @@ def test_batch_key_joins_only_requests_that_share_one_call():
     assert key(prompt="another prompt, longer than the first", seed=3, num_images=2) == base
     assert key(prompt=["two", "prompts"]) == base
     for different in (key(height=80), key(num_inference_steps=3), key(cfg_scale=2.0), key(negative_prompt="x"),
-                      key(negative_prompt=None, cfg_scale=1.0), key(cfg_norm_rescale=False), key(exponential_shift_mu=1.0),
-                      key(scheduler="Qwen-Image-Lightning"), key(loras=(("style", 0.5),)), key(tiled=True)):
+                      key(negative_prompt=None, cfg_scale=1.0), key(cfg_norm_rescale=False),
+                      key(exponential_shift_mu=1.0), key(scheduler="Qwen-Image-Lightning"), key(loras=(("style", 0.5),)),
+                      key(tiled=True)):
         assert different != base
     assert key(loras=(("a", 1.0), ("b", 0.5))) == key(loras=(("b", 0.5), ("a", 1.0)))
     image = Image.new("RGB", (64, 64), "gray")

@@ -2,7 +2,8 @@
 
 OpenAI's fields: prompt, model, n, size ("WxH" or "auto"), response_format (b64_json), output_format (png),
 background (auto/opaque), stream (false), partial_images (0); quality, style, user, moderation, safety_identifier,
-output_compression and input_fidelity are accepted and have no effect. Edits add image (one or several) and mask.
+output_compression and input_fidelity are accepted and have no effect. Edits add image (one or several), mask,
+and edit_image_auto_resize (false: the edit images' latents at their own size, not about 1024x1024).
 Extra fields (the openai client's `extra_body`): negative_prompt (null: no guidance), seed, num_inference_steps,
 cfg_scale (or true_cfg_scale), cfg_norm_rescale, scheduler, exponential_shift_mu, loras ([{"name", "scale"}] or
 {name: scale}), entity_prompts with entity_masks (EliGen). Anything else is refused, as OpenAI refuses an unknown
@@ -32,7 +33,7 @@ FIELDS = frozenset({"prompt", "model", "n", "size", "response_format", "output_f
                     "partial_images", "negative_prompt", "seed", "num_inference_steps", "cfg_scale",
                     "true_cfg_scale", "cfg_norm_rescale", "scheduler", "exponential_shift_mu", "loras",
                     "entity_prompts", "entity_masks"}) | IGNORED
-EDIT_FIELDS = frozenset({"image", "mask"})
+EDIT_FIELDS = frozenset({"image", "mask", "edit_image_auto_resize"})
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -252,6 +253,8 @@ async def _edit_images(body: dict, arguments: dict, settings: ServerSettings) ->
     pictures = await images_of("image", body["image"], settings)
     several = len(pictures) > 1 or settings.picture_template
     arguments["edit_image"] = pictures if several else pictures[0]
+    if "edit_image_auto_resize" in body:
+        arguments["edit_image_auto_resize"] = boolean("edit_image_auto_resize", body["edit_image_auto_resize"])
     if body.get("mask") is not None:
         mask = (await images_of("mask", body["mask"], settings))[0]
         if mask.size != pictures[0].size:
