@@ -32,14 +32,18 @@ def six_blocks(tiny_repo, tmp_path_factory):
     return save(reference_dit(num_layers=LAYERS), tmp_path_factory.mktemp("six_blocks") / "transformer")
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_repo, six_blocks):
+def load_pipe(tiny_repo, transformer) -> QwenImagePipeline:
     return QwenImagePipeline.from_pretrained(
         torch_dtype=torch.float32, device="cpu",
-        model_configs=[ModelConfig(path=str(six_blocks)), ModelConfig(path=str(tiny_repo / "text_encoder")),
+        model_configs=[ModelConfig(path=str(transformer)), ModelConfig(path=str(tiny_repo / "text_encoder")),
                        ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"))],
         tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
     )
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_repo, six_blocks):
+    return load_pipe(tiny_repo, six_blocks)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..fileio import unwritable_folder_reason
+from ..caching.config import PRESETS, parse_setting, setting_text
 from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
 
 if TYPE_CHECKING:
@@ -122,6 +123,14 @@ def control_spec(text) -> str:
     return f"{kind}:{path}:{value:g}"
 
 
+def cache_spec(text: str) -> str:
+    """A step-cache preset or METHOD:FIELD=VALUE,... (qistudio/caching/config.py), returned in its full form."""
+    try:
+        return setting_text(parse_setting(str(text)))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' (or 'N' for a square) -> (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(text))
@@ -141,6 +150,7 @@ STORED = {
     "scheduler": str, "entities": lambda items: [str(e) for e in items],
     "entity_masks": lambda paths: [str(p) for p in paths], "controls": lambda specs: [control_spec(c) for c in specs],
     "inpaint_mask": str, "context_image": str, "controlnets": lambda specs: [str(c) for c in specs],
+    "cache": cache_spec,
 }  # fmt: skip
 CONTROL_KINDS = {"canny": "Canny", "depth": "Depth", "inpaint": "Inpaint"}  # -> DiffSynth-Studio repository suffix
 SCHEDULERS = ("Qwen-Image", "Qwen-Image-Lightning")  # FlowMatchScheduler.TEMPLATES
@@ -200,6 +210,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="use the files under --model-dir as they are; never contact the hub")
     p.add_argument("--from-png", metavar="PNG", help="reuse the parameters stored in a PNG made by qistudio; "
                    "flags given explicitly override them")  # fmt: skip
+    p.add_argument("--cache", type=cache_spec, metavar="PRESET|METHOD:FIELD=VALUE,...",
+                   help=f"skip DiT work on steps that change little: {', '.join(PRESETS)}, or e.g. "
+                        "dbcache:front_blocks=1,residual_diff_threshold=0.12 (methods first-block, dbcache, "
+                        "taylorseer, fixed; default: off)")
     add_speed_arguments(p)
     p.set_defaults(run=run, parser=p)
     return p
@@ -506,10 +520,13 @@ def run(args: argparse.Namespace) -> int:
         context_image=settings.get("context_image_data"),
         blockwise_controlnet_inputs=control_inputs(settings, controlnet_configs(settings, args)[1]),
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
-        progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"),
+        progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"), cache=settings.get("cache"),
     )  # fmt: skip
     from ..imageio import save_png
 
-    path = save_png(image, output, png_parameters(settings, image))
+    parameters = png_parameters(settings, image)
+    if pipe.last_cache_report is not None:  # per guidance branch, the steps that ran the DiT in full
+        parameters["cache_computed_steps"] = pipe.last_cache_report["computed_steps"]
+    path = save_png(image, output, parameters)
     print(f"saved {path} ({image.width}x{image.height}, seed {settings['seed']})")
     return 0

@@ -190,6 +190,8 @@ class BlockStreamer(_StreamedBlocks):
         if rank in self.pending:
             return
         slot = rank % self.num_slots
+        # This copy replaces what was prefetched into the slot: blocks run out of order when a step cache skips some.
+        self.pending -= {r for r in self.pending if r % self.num_slots == slot}
         weights = self.weights[self.streamed[rank]]
         target = self.slots[slot][: weights.nbytes]
         if self.copy_stream is None:
