@@ -37,6 +37,22 @@ def assert_same_image(got, expected) -> None:
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
+# --- layout -----------------------------------------------------------------------------------------------------
+
+def test_the_engine_knows_no_face_and_the_faces_no_model_code():
+    """engine/ imports no face (cli, server); server/ reaches models only through the engine (and the CLI's PNG
+    parameters), never the model, conditioning or sampling code itself."""
+    from test_architecture import PACKAGE, _imports
+
+    for path in (PACKAGE / "engine").glob("*.py"):
+        bad = [n for n in _imports(path) if n.startswith(("qistudio.cli", "qistudio.server"))]
+        assert not bad, f"{path.name} imports {bad}"
+    for path in (PACKAGE / "server").glob("*.py"):
+        bad = [n for n in _imports(path) if n.startswith(("qistudio.models", "qistudio.pipeline",
+                                                          "qistudio.conditioning", "qistudio.sampling"))]
+        assert not bad, f"{path.name} imports {bad}"
+
+
 # --- batching ---------------------------------------------------------------------------------------------------
 
 def test_batch_key_joins_only_requests_that_share_one_call():
@@ -48,8 +64,8 @@ def test_batch_key_joins_only_requests_that_share_one_call():
     assert key(prompt=["two", "prompts"]) == base
     for different in (key(height=80), key(num_inference_steps=3), key(cfg_scale=2.0), key(negative_prompt="x"),
                       key(negative_prompt=None, cfg_scale=1.0), key(cfg_norm_rescale=False),
-                      key(exponential_shift_mu=1.0), key(scheduler="Qwen-Image-Lightning"), key(loras=(("style", 0.5),)),
-                      key(tiled=True)):
+                      key(exponential_shift_mu=1.0), key(scheduler="Qwen-Image-Lightning"),
+                      key(loras=(("style", 0.5),)), key(tiled=True)):
         assert different != base
     assert key(loras=(("a", 1.0), ("b", 0.5))) == key(loras=(("b", 0.5), ("a", 1.0)))
     image = Image.new("RGB", (64, 64), "gray")
