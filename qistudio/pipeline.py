@@ -434,7 +434,7 @@ class QwenImagePipeline:
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | None = "",
         cfg_scale: float = 4.0,
         input_image=None,
@@ -457,13 +457,17 @@ class QwenImagePipeline:
         inpaint_blur_size: int | None = None,
         inpaint_blur_sigma: float | None = None,
         context_image=None,
+        image=None,
+        layers: int | None = None,
+        resolution: int = 640,
+        use_en_prompt: bool = False,
         tiled: bool = False,
         tile_size: int | tuple = 128,
         tile_stride: int | tuple = 64,
         progress_bar_cmd=tqdm,
         noise: torch.Tensor | None = None,
         num_images: int = 1,
-        cfg_norm_rescale: bool = True,
+        cfg_norm_rescale: bool | None = None,
         sigmas: list[float] | None = None,
         callback=None,
         cfg_batch: bool = True,
@@ -471,6 +475,11 @@ class QwenImagePipeline:
         cache=None,
     ):
         """Generate; returns a PIL image (a list when several images are made; latents with output_type="latent").
+
+        With `image=` and `layers=N` (Qwen-Image-Layered's DiT and VAE loaded) it splits the image into N RGBA
+        layers instead, at `resolution` (640 or 1024) squared pixels: a list of layers, bottom first (a list of such
+        lists for several prompts or num_images); an empty prompt becomes a caption the text encoder writes of the
+        image, in English with `use_en_prompt=True`, else in Chinese (conditioning/caption.py).
 
         Every argument is checked before any model runs; a wrong type, a NaN or infinity, or an out-of-range value
         is one `qistudio.validation.InputError` (a ValueError) naming the argument. `negative_prompt=None` means
@@ -490,6 +499,7 @@ class QwenImagePipeline:
             eligen_entity_masks=eligen_entity_masks, eligen_enable_on_negative=eligen_enable_on_negative,
             blockwise_controlnet_inputs=blockwise_controlnet_inputs, inpaint_mask=inpaint_mask,
             inpaint_blur_size=inpaint_blur_size, inpaint_blur_sigma=inpaint_blur_sigma, context_image=context_image,
+            image=image, layers=layers, resolution=resolution, use_en_prompt=use_en_prompt,
             tiled=tiled, tile_size=tile_size,
             tile_stride=tile_stride, cfg_batch=cfg_batch, callback=callback, progress_bar_cmd=progress_bar_cmd,
             cache=cache,
@@ -498,6 +508,10 @@ class QwenImagePipeline:
         if self._plan_on_first_call:
             self.enable_vram_management()
         try:
+            if request.layered is not None:  # Qwen-Image-Layered: RGBA layers of the image (qistudio/layered.py)
+                from .layered import generate_layers
+
+                return generate_layers(self.components, request, self.device, self.torch_dtype, output_type)
             latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler)
             if output_type == "latent":
                 return latents

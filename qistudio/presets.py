@@ -67,10 +67,10 @@ MODEL_PRESETS = {
 # (generate_with_diffusers.py's scheduler_config), i.e. the "Qwen-Image-Lightning" template; cfg 1 (no guidance).
 LORA_PRESETS = {
     "Qwen-Image-2512-Lightning-4steps": LoRAPreset(
-        "Qwen/Qwen-Image-2512", "lightx2v/Qwen-Image-2512-Lightning", "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors",
-        "Qwen-Image-Lightning", 4, 1.0,
-        f"{LIGHTNING_README}: released 2026-01-01 (fp32 and bf16 files), \"Run 4-step Qwen-Image-2512 Model\": 4 steps, "
-        "cfg 1.0"),
+        "Qwen/Qwen-Image-2512", "lightx2v/Qwen-Image-2512-Lightning",
+        "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors", "Qwen-Image-Lightning", 4, 1.0,
+        f"{LIGHTNING_README}: released 2026-01-01 (fp32 and bf16 files), \"Run 4-step Qwen-Image-2512 Model\": "
+        "4 steps, cfg 1.0"),
     "Qwen-Image-Edit-2511-Lightning-4steps": LoRAPreset(
         "Qwen/Qwen-Image-Edit-2511", "lightx2v/Qwen-Image-Edit-2511-Lightning",
         "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors", "Qwen-Image-Lightning", 4, 1.0,

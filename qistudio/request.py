@@ -14,6 +14,7 @@ from PIL import Image
 from .caching import cache_argument
 from .conditioning.control import ControlNetInput, fit_image, with_context_trigger
 from .conditioning.eligen import EntityControl, entity_control
+from .conditioning.layered import LayeredInput, layered_input
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
 from .conditioning.edit_inpaint import edit_inpaint_size
 from .imageio import load_image, round_size
@@ -35,7 +36,7 @@ class GenerationRequest:
     prompts: list[str]
     negative_prompt: str | None = ""  # None: no negative prompt, hence no guidance (diffusers' rule)
     cfg_scale: float = 4.0
-    cfg_norm_rescale: bool = True
+    cfg_norm_rescale: bool | None = None  # None: on, but off for Layered (diffusers' defaults); build_request decides
     num_inference_steps: int = 30
     height: int | None = None  # None: from the edit image (see output_size_for_edit), else DEFAULT_SIZE
     width: int | None = None
@@ -57,6 +58,7 @@ class GenerationRequest:
     inpaint_blur_size: int | None = None
     inpaint_blur_sigma: float | None = None
     context_image: Image.Image | None = None  # In-Context control map, at the output size
+    layered: LayeredInput | None = None  # Qwen-Image-Layered: the image to split into layers, and how
     tiled: bool = False
     tile_size: int | tuple = 128
     tile_stride: int | tuple = 64
@@ -153,7 +155,7 @@ def _control_inputs(inputs) -> list[ControlNetInput]:
 ARGUMENT_CHECKS = {
     "negative_prompt": optional(text),
     "cfg_scale": number,
-    "cfg_norm_rescale": flag,
+    "cfg_norm_rescale": optional(flag),  # None: diffusers' default (on; off for Layered, its cfg_normalize)
     "num_inference_steps": with_bounds(integer, minimum=1, maximum=MAX_STEPS),
     "height": optional(integer, minimum=1, maximum=MAX_SIZE),
     "width": optional(integer, minimum=1, maximum=MAX_SIZE),
@@ -219,6 +221,21 @@ def _edit_inpaint_size(request: GenerationRequest) -> None:
     request.height, request.width = size
 
 
+def _layered(request: GenerationRequest, image, layers, resolution, use_en_prompt, others: dict) -> None:
+    """Qwen-Image-Layered's inputs, alone: the output size follows the image at `resolution`."""
+    if image is None or layers is None:
+        raise InputError(f"layer decomposition needs image= (the picture to split) and layers= (how many layers); "
+                         f"{'image' if image is None else 'layers'} is missing")
+    others.update(input_image=request.input_image, inpaint_mask=request.inpaint_mask, height=request.height,
+                  width=request.width)
+    given = [name for name, value in others.items() if value is not None and value != []]
+    if given:
+        raise InputError(f"layer decomposition (layers=) takes none of {', '.join(given)} (the size follows "
+                         "resolution=)")
+    request.layered = layered_input(image, layers, resolution, use_en_prompt)
+    request.height, request.width = request.layered.size
+
+
 def _negative_prompt_note(request: GenerationRequest) -> None:
     if request.negative_prompt is None and request.cfg_scale != 1.0:
         warnings.warn(f"negative_prompt=None: no negative prompt, so no classifier-free guidance and cfg_scale="
@@ -228,10 +245,16 @@ def _negative_prompt_note(request: GenerationRequest) -> None:
 
 def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_entity_masks=None,
                   eligen_enable_on_negative: bool = False, blockwise_controlnet_inputs=None, context_image=None,
-                  **kwargs) -> GenerationRequest:
+                  image=None, layers=None, resolution=640, use_en_prompt=False, **kwargs) -> GenerationRequest:
     """Normalise and check the caller's arguments; every error a caller can cause is raised here (InputError)."""
-    prompts = _prompts(prompt)
+    prompts = _prompts("" if prompt is None and layers is not None else prompt)  # Layered captions an empty one
     request = GenerationRequest(prompts=prompts, **check_arguments(kwargs))
+    if image is not None or layers is not None:
+        _layered(request, image, layers, resolution, use_en_prompt, dict(
+            edit_image=edit_image, eligen_entity_prompts=eligen_entity_prompts, eligen_entity_masks=eligen_entity_masks,
+            blockwise_controlnet_inputs=blockwise_controlnet_inputs, context_image=context_image))
+    if request.cfg_norm_rescale is None:
+        request.cfg_norm_rescale = request.layered is None
     eligen_enable_on_negative = flag("eligen_enable_on_negative", eligen_enable_on_negative)
     if edit_image is not None:
         request.edit_rows = edit_rows_from(edit_image, len(prompts))
@@ -271,9 +294,11 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
     if request.seed is None:
         request.seed = random.randrange(2**31)
     if request.noise is not None:
-        expected = (request.batch_size, 16, *request.latent_size)
+        frames = () if request.layered is None else (request.layered.frames,)
+        expected = (request.batch_size, *frames, 16, *request.latent_size)
         if tuple(request.noise.shape) != expected:
-            raise InputError(f"noise must have shape {expected} (batch, 16, height/8, width/8), "
+            raise InputError(f"noise must have shape {expected} (batch, {'layers + 1, ' if frames else ''}16, "
+                             "height/8, width/8), "
                              f"got {tuple(request.noise.shape)}")
     _negative_prompt_note(request)
     return request

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import convert_lora, generate, serve, train, validate
+from . import convert_lora, generate, layers, serve, train, validate
 
 # What a user can cause, and so is reported as one line: bad values and files (ValueError: the loaders'
 # CheckpointError, LoRAError and InputError are ValueErrors), the file system (OSError), a missing optional
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qistudio {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_parser(subparsers)
+    layers.add_parser(subparsers)
     convert_lora.add_parser(subparsers)
     train.add_parser(subparsers)
     validate.add_parser(subparsers)

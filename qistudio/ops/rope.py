@@ -125,6 +125,19 @@ class Rotary:
         return Rotary(self.image, self.text, torch.view_as_real(torch.cat([image, text], dim=-2)).clone())
 
 
+def layer_rotary(layers: list[ImageGrid], condition: ImageGrid, text_length: int, device=None,
+                 axes_dim: tuple[int, ...] = AXES_DIM) -> Rotary:
+    """Qwen-Image-Layered's layer-3D RoPE over [layer groups..., input image] then text.
+
+    The frame axis counts layers: the generated groups take frames 0, 1, ... (their `frame`), the input image
+    frame -1; the text starts past the largest half-extent and past the number of layer groups.
+    """
+    grids = [*layers, condition]
+    image = rope_tables(torch.cat([image_positions(grid, device) for grid in grids]), axes_dim)
+    offset = max(text_offset(grids), len(layers))
+    return Rotary(image, rope_tables(text_positions(offset, text_length, device), axes_dim))
+
+
 def qwen_rotary(
     grids: list[ImageGrid],
     text_length: int,
