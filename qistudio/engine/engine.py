@@ -2,12 +2,12 @@
 
 Design note. All state (the waiting jobs, each worker slot and the jobs it runs) lives here under one lock. Work
 is handed out whenever it may have become possible: on submit, when a worker reports idle or ready, after a death.
-One dispatcher thread waits on every worker's connection and process sentinel at once
-(multiprocessing.connection.wait) and applies what it reads: progress, results, failures, deaths. A dead worker's
-unfinished jobs go back to the front of the queue once (`max_attempts` runs in all, alone on the retry, so one
-job that kills its worker cannot take a batch of others with it again) and fail with a clear error after that;
-the slot gets a new process, unless it died RESTART_LIMIT times within RESTART_WINDOW seconds. Shutdown refuses new
-jobs, cancels the waiting ones, lets running batches finish (drain), then stops the workers.
+Where the work runs is the pool's business: local processes (pool.py, the default) or Ray Serve replicas
+(ray_pool.py); a pool reports each worker's messages (progress, results, failures), a lost worker and a slot
+that cannot run at all. A lost worker's unfinished jobs go back to the front of the queue once (`max_attempts`
+runs in all, alone on the retry, so one job that kills its worker cannot take a batch of others with it again) and
+fail with a clear error after that. Shutdown refuses new jobs, cancels the waiting ones, lets running batches
+finish (drain), then stops the pool.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 from PIL import Image
 
@@ -27,9 +26,6 @@ from .loras import LoRACatalog
 from .models import ModelSpec
 from .spec import JobSpec, to_wire, validate
 from .stats import EngineStats
-
-RESTART_LIMIT, RESTART_WINDOW = 5, 300.0
-
 
 class EngineError(RuntimeError):
     """The engine cannot serve: no worker could load the model, or it is shut down."""
@@ -59,34 +55,34 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, workers=None):
+        """`workers`: the pool batches run on (default: pool.ProcessPool, a local process per config.devices)."""
         self.config = config
         self.loras = LoRACatalog(config.lora_dirs)
         self.stats = EngineStats()
-        self._lock = threading.RLock()
-        self._idle = threading.Condition(self._lock)  # notified when a batch or a worker start ends
+        self.lock = threading.RLock()
+        self._idle = threading.Condition(self.lock)  # notified when a batch or a worker start ends
         self._waiting: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._finished: deque[Job] = deque()
-        self._slots = [pool.WorkerSlot(i, device) for i, device in enumerate(config.devices)]
-        self._accepting = False
-        self._running = False
-        self._thread: threading.Thread | None = None
-        self._options = {"threads": config.threads_per_worker, "preview_every": config.preview_every,
-                         "max_loras": config.max_loaded_loras}
+        options = {"threads": config.threads_per_worker, "preview_every": config.preview_every,
+                   "max_loras": config.max_loaded_loras}
+        self.pool = workers if workers is not None else pool.ProcessPool(config.model, config.devices, options)
+        self.accepting = False
+        self._started = False
+
+    @property
+    def _slots(self) -> list:
+        return self.pool.slots
 
     # --- life cycle ------------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 900.0) -> "Engine":
-        """Spawn the workers and wait until each has loaded the model; EngineError if any cannot."""
-        with self._lock:
-            for slot in self._slots:
-                pool.spawn(slot, self.config.model, self._options)
-            self._running = True
-        self._thread = threading.Thread(target=self._dispatch_loop, name="qistudio-engine", daemon=True)
-        self._thread.start()
+        """Start the pool and wait until each worker has loaded the model; EngineError if any cannot."""
+        self.pool.start(self)
+        self._started = True
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self.lock:
             while any(s.state == pool.STARTING for s in self._slots) and time.monotonic() < deadline:
                 self._idle.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             failed = [s for s in self._slots if s.state != pool.IDLE]
@@ -95,25 +91,28 @@ class Engine:
             self.shutdown(timeout=5)
             raise EngineError(f"worker {failed[0].index} on {failed[0].device} could not load "
                               f"{self.config.model.name}: {reason}")
-        self._accepting = True
+        with self.lock:
+            self.accepting = True
+            self._schedule()
         return self
 
     def shutdown(self, timeout: float = 600.0) -> None:
         """Refuse new jobs, cancel waiting ones, let running batches finish (up to `timeout`), stop the workers."""
-        with self._lock:
-            self._accepting = False
+        with self.lock:
+            self.accepting = False
             while self._waiting:
                 job = self._waiting.popleft()
                 self._finish(job, JobState.CANCELLED, error=JobError("the server shut down before the job started",
                                                                        "shutdown"))
+            for slot in self._slots:
+                if slot.state == pool.IDLE:
+                    self.pool.drain(slot)
             deadline = time.monotonic() + timeout
             while any(s.state == pool.BUSY for s in self._slots) and time.monotonic() < deadline:
                 self._idle.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-            self._running = False
-        if self._thread is not None:
-            self._thread.join(5)
-        pool.stop(self._slots, timeout=10)
-        with self._lock:
+        if self._started:
+            self.pool.stop(timeout=10)
+        with self.lock:
             for slot in self._slots:  # anything still running was cut off by the timeout
                 for job in slot.jobs:
                     if not job.done:
@@ -136,9 +135,9 @@ class Engine:
         job.wire = {"id": job.id, "arguments": to_wire(spec.arguments), "scheduler": spec.scheduler,
                     "loras": [list(pair) for pair in spec.loras],
                     "lora_paths": {name: str(self.loras.path(name)) for name, _ in spec.loras}}
-        with self._lock:
-            if not self._accepting:
-                raise EngineError("the server is shutting down" if self._running else "the engine is not running")
+        with self.lock:
+            if not self.accepting:
+                raise EngineError("the server is shutting down" if self._started else "the engine is not running")
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); try again later",
                                 self._retry_after())
@@ -148,13 +147,13 @@ class Engine:
         return job
 
     def job(self, job_id: str) -> Job | None:
-        with self._lock:
+        with self.lock:
             self._forget_old()
             return self._jobs.get(job_id)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a job: at once if it waits, at its next step if it runs; None if no such job."""
-        with self._lock:
+        with self.lock:
             job = self._jobs.get(job_id)
             if job is None or job.done:
                 return job
@@ -163,22 +162,21 @@ class Engine:
                 self._waiting.remove(job)
                 self._finish(job, JobState.CANCELLED)
             else:
-                slot = self._slots[job.worker]
-                pool.send(slot, {"type": "cancel", "jobs": [job.id]})
+                self.pool.cancel(self._slots[job.worker], [job.id])
                 job.emit("cancelling")
             return job
 
     def health(self) -> dict:
-        with self._lock:
+        with self.lock:
             alive = [s for s in self._slots if s.alive]
-            return {"status": "ok" if alive and self._accepting else "unavailable",
+            return {"status": "ok" if alive and self.accepting else "unavailable",
                     "model": self.config.model.name, "queue": len(self._waiting),
                     "running": sum(len(s.jobs) for s in self._slots), "max_queue": self.config.max_queue,
                     "workers": [s.summary() for s in self._slots]}
 
     def snapshot(self) -> dict:
         """Numbers for metrics, read consistently."""
-        with self._lock:
+        with self.lock:
             images_per_second, steps_per_second = self.stats.per_second()
             return {"queue": len(self._waiting), "running": sum(len(s.jobs) for s in self._slots),
                     "stats": self.stats, "images_per_second": images_per_second,
@@ -193,21 +191,23 @@ class Engine:
         return batch_key(job.request, job.spec.scheduler, job.spec.loras)
 
     def _schedule(self) -> None:
+        if not self.accepting:
+            return
         for slot in self._slots:
             if not self._waiting:
                 return
             if slot.state != pool.IDLE:
                 continue
-            batch = select_batch(list(self._waiting), slot.capacity, self._key, lambda j: j.request)
+            capacity = slot.capacity or Capacity(self.config.max_batch_images)
+            batch = select_batch(list(self._waiting), capacity, self._key, lambda j: j.request)
             for job in batch:
                 self._waiting.remove(job)
             slot.jobs, slot.state = batch, pool.BUSY
             for job in batch:
                 job.mark_running(slot.index, len(batch))
             self.stats.batch_sizes[len(batch)] += 1
-            if not pool.send(slot, {"type": "run", "jobs": [job.wire for job in batch]}):
-                slot.state = pool.DEAD  # its sentinel fires next; _on_death requeues the batch
-                return
+            if not self.pool.dispatch(slot, {"type": "run", "jobs": [job.wire for job in batch]}):
+                return  # the pool reports the lost worker, which requeues the batch
 
     def _retry_after(self) -> int:
         latency = self.stats.latency_seconds
@@ -227,35 +227,9 @@ class Engine:
                                   or self._finished[0].finished < horizon):
             self._jobs.pop(self._finished.popleft().id, None)
 
-    # --- the dispatcher thread -------------------------------------------------------------------------------
+    # --- what pools report (under the lock) ------------------------------------------------------------------
 
-    def _dispatch_loop(self) -> None:
-        while True:
-            with self._lock:
-                if not self._running:
-                    return
-                watched = {}
-                for slot in self._slots:
-                    if slot.process is not None and slot.state not in (pool.FAILED, pool.STOPPED):
-                        watched[slot.conn] = slot
-                        watched[slot.process.sentinel] = slot
-            for ready in wait(list(watched), timeout=0.2):
-                slot = watched[ready]
-                with self._lock:
-                    if ready is slot.conn:
-                        self._read(slot)
-                    elif slot.process is not None and ready == slot.process.sentinel:
-                        self._read(slot)  # what it sent before dying counts
-                        self._on_death(slot)
-
-    def _read(self, slot: pool.WorkerSlot) -> None:
-        try:
-            while slot.conn.poll():
-                self._on_message(slot, slot.conn.recv())
-        except (EOFError, OSError):
-            pass  # the worker is gone: its sentinel says so next
-
-    def _on_message(self, slot: pool.WorkerSlot, message: dict) -> None:
+    def on_message(self, slot: pool.WorkerSlot, message: dict) -> None:
         kind = message["type"]
         jobs = {job.id: job for job in slot.jobs}
         if kind == "ready":
@@ -264,8 +238,6 @@ class Engine:
                                      message["bytes_per_row_pixel"])
             self._idle.notify_all()
             self._schedule()
-        elif kind == "load_failed":
-            self._on_load_failed(slot, f"{message['kind']}: {message['error']}")
         elif kind == "progress":
             self.stats.record_step(message["seconds"], message["images"])
             slot.memory = message["memory"]
@@ -287,50 +259,34 @@ class Engine:
             slot.jobs, slot.memory = [], message["memory"]
             slot.state = pool.IDLE
             self._idle.notify_all()
-            if self._running and self._accepting:
+            if self.accepting:
                 self._schedule()
-            elif not self._accepting and not slot.stop_sent:
-                slot.stop_sent = pool.send(slot, {"type": "stop"})
+            else:
+                self.pool.drain(slot)
 
-    def _on_load_failed(self, slot: pool.WorkerSlot, reason: str) -> None:
-        slot.state, slot.error = pool.FAILED, reason
-        slot.process.join(5)
+    def on_slot_failed(self, slot: pool.WorkerSlot) -> None:
+        """The slot cannot run jobs (its worker could not load, or kept dying); with none left, waiting jobs fail."""
         self._idle.notify_all()
-        if self._accepting and not any(s.alive for s in self._slots):
+        if self.accepting and not any(s.alive for s in self._slots):
             while self._waiting:
                 self._finish(self._waiting.popleft(), JobState.FAILED,
-                             error=JobError(f"no worker can run jobs: {reason}", "no_workers"))
+                             error=JobError(f"no worker can run jobs: {slot.error}", "no_workers"))
 
-    def _on_death(self, slot: pool.WorkerSlot) -> None:
-        if slot.state in (pool.FAILED, pool.STOPPED):
-            return
-        how = pool.exit_description(slot.process)
-        slot.error = f"worker {slot.index} (pid {slot.pid}) {how}"
+    def on_worker_lost(self, slot: pool.WorkerSlot, description: str) -> None:
+        """The worker under `slot` is gone: its unfinished jobs are retried once (at the queue's front) or fail."""
         self.stats.worker_deaths += 1
         unfinished = [job for job in slot.jobs if not job.done]
         slot.jobs, slot.state = [], pool.DEAD
         for job in reversed(unfinished):  # back to the front, in their order
             if job.cancel_requested:
                 self._finish(job, JobState.CANCELLED)
-            elif job.attempts < self.config.max_attempts and self._accepting:
-                job.mark_requeued(f"{slot.error} while running it; retrying (attempt {job.attempts + 1} of "
+            elif job.attempts < self.config.max_attempts and self.accepting:
+                job.mark_requeued(f"{description} while running it; retrying (attempt {job.attempts + 1} of "
                                   f"{self.config.max_attempts})")
                 self._waiting.appendleft(job)
             else:
                 self._finish(job, JobState.FAILED, error=JobError(
-                    f"the worker running this job died ({slot.error}) on each of its {job.attempts} attempt(s)",
+                    f"the worker running this job died ({description}) on each of its {job.attempts} attempt(s)",
                     "worker_died"))
         self._idle.notify_all()
-        now = time.time()
-        slot.deaths = [t for t in slot.deaths if t > now - RESTART_WINDOW] + [now]
-        if not (self._running and self._accepting):
-            return
-        if len(slot.deaths) > RESTART_LIMIT:
-            slot.state = pool.FAILED
-            slot.error += f"; not restarted: it died {len(slot.deaths)} times in {RESTART_WINDOW:g} s"
-            self._on_load_failed(slot, slot.error)
-            return
-        slot.conn.close()
-        slot.restarts += 1
-        pool.spawn(slot, self.config.model, self._options)
         self._schedule()
