@@ -230,7 +230,8 @@ def generate_latents(
 ) -> torch.Tensor:
     """The denoised latents (B, 16, h, w) of a request."""
     require_components(components, request)
-    cache = request.extras["step_cache"] = start_cache(request.cache, components.dit.config.num_layers)
+    cache = start_cache(request.cache, components.dit.config.num_layers)
+    request.extras["step_cache"] = None if cache is None else cache.log  # for last_cache_report: no tensors kept
     sigmas = _sigmas(request, scheduler or FlowMatchScheduler())
     noise = _initial_noise(request, dtype, device)
     with components.phase("text encoding", "text_encoder"):
@@ -399,8 +400,8 @@ class QwenImagePipeline:
     @property
     def last_cache_report(self) -> dict | None:
         """The last call's step cache: its settings and, per guidance branch, the steps that ran the DiT in full."""
-        cache = None if self.last_request is None else self.last_request.extras.get("step_cache")
-        return None if cache is None else cache.report()
+        log = None if self.last_request is None else self.last_request.extras.get("step_cache")
+        return None if log is None else log.report()
 
     # LoRA: thin wrappers over qistudio.lora, with the seed's names. A LoRA's registry lives on the module it
     # was loaded into (normally the DiT); text-encoder layers in the same file follow it.
@@ -485,7 +486,9 @@ class QwenImagePipeline:
         is one `qistudio.validation.InputError` (a ValueError) naming the argument. `negative_prompt=None` means
         no negative prompt, so no guidance (diffusers' rule: a warning if cfg_scale is not 1); the default ""
         guides against the empty prompt (the seed's). Images (PIL or paths) are read upright (EXIF), 16-bit and float
-        images scaled to 8 bits (qistudio.imageio.read_image).
+        images scaled to 8 bits (qistudio.imageio.read_image). `cache` skips DiT work on steps that change little
+        (qistudio.caching: a preset such as "compute-every-2", or FirstBlockCache, DBCache, TaylorSeer, FixedSchedule);
+        `pipe.last_cache_report` then says which steps ran the DiT in full.
         """
         if output_type not in ("pil", "latent"):
             raise InputError(f"output_type must be 'pil' or 'latent', got {output_type!r}")

@@ -42,24 +42,36 @@ class Record:
         (self.computed if computed else self.skipped).append(step)
 
 
+@dataclass
+class CacheLog:
+    """What a step cache did in one call: its setting and each branch's record. It outlives the call (the pipeline
+    keeps it for `last_cache_report`); the cache's tensors do not."""
+
+    setting: StepCacheSetting
+    records: dict[str, Record] = field(default_factory=dict)
+
+    def record(self, branch: str) -> Record:
+        return self.records.setdefault(branch, Record())
+
+    def report(self) -> dict:
+        """The setting (full text form) and, per branch, the steps computed: for PNG metadata and benchmarks."""
+        return {"cache": setting_text(self.setting),
+                "computed_steps": {name: list(r.computed) for name, r in self.records.items()}}
+
+
 class StepCache:
     """One call's step cache: `forward(step, branches, call)` runs one DiT call (the rows of `branches`, equal
     parts of the batch in that order) through `call(block_gate)` or serves it from the cache."""
 
     def __init__(self, setting: StepCacheSetting):
         self.setting = setting
-        self.records: dict[str, Record] = {}
-
-    def record(self, branch: str) -> Record:
-        return self.records.setdefault(branch, Record())
+        self.log = CacheLog(setting)
 
     def forward(self, step: int, branches: tuple[str, ...], call: Callable) -> torch.Tensor:
         raise NotImplementedError
 
     def report(self) -> dict:
-        """The setting (full text form) and, per branch, the steps computed: for PNG metadata and benchmarks."""
-        return {"cache": setting_text(self.setting),
-                "computed_steps": {name: list(r.computed) for name, r in self.records.items()}}
+        return self.log.report()
 
 
 def _rows(tensor: torch.Tensor, part: int, parts: int) -> torch.Tensor:
@@ -192,6 +204,6 @@ class MiddleCache(StepCache):
         for name in branches:
             if name not in self.branches:
                 self.branches[name] = self.new_branch()
-                self.records[name] = self.branches[name].record
+                self.log.records[name] = self.branches[name].record
             states.append(self.branches[name])
         return call(MiddleGate(step, states, self.start, self.end, self.needs_front_residual))

@@ -65,7 +65,7 @@ class TaylorSeerStepCache(StepCache):
         states = [self.branches.setdefault(name, TaylorBranch(self.setting)) for name in branches]
         compute = [state.begin() for state in states]
         for name, runs in zip(branches, compute):
-            self.record(name).add(step, runs)
+            self.log.record(name).add(step, runs)
         if not any(compute):
             return torch.cat([state.predict() for state in states]) if len(states) > 1 else states[0].predict()
         output = call(None)
