@@ -37,14 +37,17 @@ def rgba_vae():
 
 
 def write_tiny_layered(folder: Path, base: Path) -> Path:
-    """transformer/ and vae/ of Qwen-Image-Layered; text_encoder/, tokenizer/, processor/ linked from `base` (the
-    tiny Qwen-Image repository: Layered uses the same Qwen2.5-VL)."""
+    """transformer/ and vae/ of Qwen-Image-Layered; text_encoder/, tokenizer/, processor/ from `base` (the tiny
+    Qwen-Image repository: Layered uses the same Qwen2.5-VL), hard-linked: real folders, as a download makes."""
+    import os
+    import shutil
+
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     save(layered_dit(), folder / "transformer")
     save(rgba_vae(), folder / "vae")
     for name in ("text_encoder", "tokenizer", "processor"):
-        (folder / name).symlink_to(base / name, target_is_directory=True)
+        shutil.copytree(base / name, folder / name, copy_function=os.link)
     FlowMatchEulerDiscreteScheduler(**LAYERED_SCHEDULER).save_pretrained(folder / "scheduler")
     return folder
 
