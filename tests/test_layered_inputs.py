@@ -101,3 +101,49 @@ def test_layers_need_the_layered_models(tiny_pipe):
     """The plain Qwen-Image DiT has neither the extra timestep row nor the layer RoPE: one message, no model run."""
     with pytest.raises(InputError, match="layers= needs Qwen-Image-Layered's DiT"):
         tiny_pipe("x", image=rgba(), layers=2, num_inference_steps=1, progress_bar_cmd=lambda x: x)
+
+
+def test_the_released_layouts_are_recognised_at_full_size():
+    """Qwen-Image-Layered's DiT is the base DiT's tensors plus time_text_embed.addition_t_embedding (2, 3072), its
+    VAE the base VAE's with 4 image channels: both read as Layered from their shapes alone (no config.json)."""
+    from conftest import checkpoint_listing
+    from qistudio.models.dit import dit_config_from_shapes
+    from qistudio.models.vae import VAEConfig
+
+    shapes = {**checkpoint_listing("qwen_image_transformer"), "time_text_embed.addition_t_embedding.weight": (2, 3072)}
+    config = dit_config_from_shapes(shapes)
+    assert config.use_additional_t_cond and config.use_layer3d_rope and config.num_layers == 60
+    assert not dit_config_from_shapes(checkpoint_listing("qwen_image_transformer")).use_layer3d_rope
+    vae = checkpoint_listing("qwen_image_vae")
+    rgba_vae = {**vae, "encoder.conv_in.weight": (96, 4, 3, 3, 3), "decoder.conv_out.weight": (4, 96, 3, 3, 3),
+                "decoder.conv_out.bias": (4,)}
+    assert VAEConfig.from_shapes(rgba_vae).image_channels == 4 and VAEConfig.from_shapes(vae).image_channels == 3
+
+
+def test_a_caption_needs_the_text_encoders_head(tiny_repo, tmp_path, monkeypatch):
+    """A text encoder saved without lm_head.weight (and untied) loads and encodes prompts, but cannot write a caption:
+    an empty prompt is then one message saying to give a prompt."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import qistudio.conditioning.layered as layered
+    from tiny_layered import load_layered_pipe, write_tiny_layered
+
+    monkeypatch.setattr(layered, "RESOLUTION_AREAS", {k: v // 64 for k, v in layered.RESOLUTION_AREAS.items()})
+    folder = write_tiny_layered(tmp_path / "Qwen-Image-Layered", tiny_repo)
+    shutil.rmtree(folder / "text_encoder")
+    (folder / "text_encoder").mkdir()
+    for source in (tiny_repo / "text_encoder").iterdir():
+        if source.suffix == ".safetensors":
+            state = {k: v for k, v in load_file(source).items() if k != "lm_head.weight"}
+            save_file(state, str(folder / "text_encoder" / source.name), metadata={"format": "pt"})
+        elif source.name != "model.safetensors.index.json":
+            shutil.copy(source, folder / "text_encoder" / source.name)
+    pipe = load_layered_pipe(folder)
+    kwargs = dict(image=rgba(), layers=1, num_inference_steps=1, cfg_scale=1.0, output_type="latent",
+                  progress_bar_cmd=lambda x: x)
+    assert pipe("a described picture", **kwargs).shape[1] == 2  # a prompt needs no head
+    with pytest.raises(InputError, match="hold no lm_head.weight, which writing a caption for an empty prompt needs; "
+                                         "give a prompt"):
+        pipe("", **kwargs)
