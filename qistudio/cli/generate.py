@@ -516,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
         edit_image=edit_image, eligen_entity_prompts=settings.get("entities") or None,
-        eligen_entity_masks=settings.get("entity_images"), inpaint_mask=settings.get("inpaint_mask_data") if settings.get("image") else None,
+        eligen_entity_masks=settings.get("entity_images"), inpaint_mask=settings.get("inpaint_mask_data") if settings.get("image") or settings.get("edit") else None,
         context_image=settings.get("context_image_data"),
         blockwise_controlnet_inputs=control_inputs(settings, controlnet_configs(settings, args)[1]),
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
