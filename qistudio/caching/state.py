@@ -115,20 +115,19 @@ class MiddleGate:
 
     def __init__(self, step: int, branches: list[MiddleBranch], start: int, end: int, needs_front_residual: bool):
         self.step, self.branches, self.start, self.end = step, branches, start, end
-        self.watch_input = needs_front_residual and start > 0
-        self.needs_front_residual = needs_front_residual
+        self.needs_front_residual = needs_front_residual  # then start >= 1 (the settings' rule)
         self.run_middle = True
         self.compute: list[bool] = []
         self.input = self.front = None
 
     def watches(self, boundary: int) -> bool:
-        return boundary == self.start or boundary == self.end or (self.watch_input and boundary == 0)
+        return boundary == self.start or boundary == self.end or (self.needs_front_residual and boundary == 0)
 
     def runs(self, index: int) -> bool:
         return self.run_middle or not self.start <= index < self.end
 
     def __call__(self, boundary: int, img: torch.Tensor, txt: torch.Tensor):
-        if boundary == 0 and self.watch_input:
+        if boundary == 0 and self.needs_front_residual:
             self.input = img
         if boundary == self.start:
             img, txt = self._decide(img, txt)
@@ -138,9 +137,7 @@ class MiddleGate:
 
     def _decide(self, img, txt):
         parts = len(self.branches)
-        residual = None
-        if self.needs_front_residual:
-            residual = img - (img if self.input is None else self.input)  # start == 0: nothing in front
+        residual = img - self.input if self.needs_front_residual else None
         fronts = [None if residual is None else _rows(residual, k, parts) for k in range(parts)]
         measured = [b.measure(self.step, f) for b, f in zip(self.branches, fronts)]
         pending = [m for m in measured if isinstance(m, torch.Tensor)]
@@ -156,8 +153,7 @@ class MiddleGate:
         self.run_middle = any(self.compute)
         if not self.run_middle:
             cached = [b.recall() for b in self.branches]
-            return (_join(img, [c[0] for c in cached], parts, lambda x, r: r + x),
-                    _join(txt, [c[1] for c in cached], parts, lambda x, r: r + x))
+            return _plus_cached(img, [c[0] for c in cached]), _plus_cached(txt, [c[1] for c in cached])
         self.front = (img, txt)
         return img, txt
 
@@ -180,11 +176,11 @@ class MiddleGate:
         return torch.cat(out_img), torch.cat(out_txt)
 
 
-def _join(tensor: torch.Tensor, cached: list[torch.Tensor], parts: int, combine) -> torch.Tensor:
-    """`combine(rows, cached part)` over the branches' rows, joined back into one batch."""
-    if parts == 1:
-        return combine(tensor, cached[0])
-    return torch.cat([combine(_rows(tensor, k, parts), c) for k, c in enumerate(cached)])
+def _plus_cached(tensor: torch.Tensor, cached: list[torch.Tensor]) -> torch.Tensor:
+    """Each branch's rows plus its cached residual (residual + rows: the references' order of the sum)."""
+    if len(cached) == 1:
+        return cached[0] + tensor
+    return torch.cat([c + _rows(tensor, k, len(cached)) for k, c in enumerate(cached)])
 
 
 class MiddleCache(StepCache):
