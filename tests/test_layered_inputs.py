@@ -147,3 +147,12 @@ def test_a_caption_needs_the_text_encoders_head(tiny_repo, tmp_path, monkeypatch
     with pytest.raises(InputError, match="hold no lm_head.weight, which writing a caption for an empty prompt needs; "
                                          "give a prompt"):
         pipe("", **kwargs)
+
+
+def test_the_layered_dit_is_named_in_messages():
+    from qistudio.weights.formats import DIT, detect_layout
+
+    base = ["transformer_blocks.0.img_mod.1.weight", "img_in.weight"]
+    assert detect_layout(base).name == "Qwen-Image DiT (diffusers)"
+    layered_keys = detect_layout([*base, "time_text_embed.addition_t_embedding.weight"])
+    assert layered_keys.kind == DIT and layered_keys.name == "Qwen-Image-Layered DiT (diffusers)"

@@ -81,7 +81,10 @@ def detect_layout(keys, where: str | None = None) -> Layout:
     stripped = {_strip(_DIT_PREFIXES, k) for k in keys}
     if any(k.startswith("transformer_blocks.") and ".img_mod.1." in k for k in stripped):
         prefixed = next((p for p in _DIT_PREFIXES if any(k.startswith(p) for k in keys)), None)
-        return Layout(DIT, f"Qwen-Image DiT ({'prefix ' + repr(prefixed) if prefixed else 'diffusers'})", _dit_key)
+        # Qwen-Image-Layered's DiT is the only one with the extra timestep row; say so in messages.
+        layered = "time_text_embed.addition_t_embedding.weight" in stripped
+        family = "Qwen-Image-Layered DiT" if layered else "Qwen-Image DiT"
+        return Layout(DIT, f"{family} ({'prefix ' + repr(prefixed) if prefixed else 'diffusers'})", _dit_key)
     if any(k.startswith("controlnet_blocks.") for k in keys):
         return Layout(CONTROLNET, BLOCKWISE_CONTROLNET_LAYOUT, lambda k: k)
     if "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
