@@ -76,36 +76,43 @@ def lora_dir(demo_cache, reference):
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(demo_cache, lora_dir):
+def start_server(cache: Path, *arguments: str, extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`qistudio serve --demo ARGUMENTS` on a free loopback port, once /health answers 200."""
     port = free_port()
-    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "qistudio.cli.main", "serve", "--demo", "--port", str(port), "--workers", "2",
-               "--threads", "1", "--max-queue", str(MAX_QUEUE), "--max-steps", "5000", "--max-upload-mb", "2",
-               "--lora-dir", str(lora_dir)]
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    command = [sys.executable, "-m", "qistudio.cli.main", "serve", "--demo", "--port", str(port), *arguments]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the server exited ({process.returncode}): {process.stdout.read().decode()}")
+            pytest.fail(f"the server exited ({process.returncode}): {process.stdout.read().decode()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return process, url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not start within {START_TIMEOUT} s")
-    yield process, url
+    process.kill()
+    pytest.fail(f"the server did not start within {START_TIMEOUT} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(60)
+            process.wait(120)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(demo_cache, lora_dir):
+    process, url = start_server(demo_cache, "--workers", "2", "--threads", "1", "--max-queue", str(MAX_QUEUE),
+                                "--max-steps", "5000", "--max-upload-mb", "2", "--lora-dir", str(lora_dir))
+    yield process, url
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")

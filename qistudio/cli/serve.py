@@ -10,7 +10,9 @@ served by name from the folders given with --lora-dir, never from a path in a re
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -64,6 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "./models)")
     p.add_argument("--skip-download", action="store_true", default=None,
                    help="use the files under --model-dir as they are; never contact the hub")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve (the cluster at $RAY_ADDRESS, else a local one): a replica per GPU, "
+                   "autoscaled between --workers and --max-workers on the requests waiting")
+    p.add_argument("--max-workers", type=positive_int, help="with --ray: most replicas (default: --workers)")
     group = p.add_argument_group("speed and memory (each worker)")
     group.add_argument("--vram-limit", type=vram_gib, metavar="GiB", help="fit the models into this much GPU memory")
     group.add_argument("--fp8", action="store_true", help="FP8 compute for the DiT (Hopper or newer)")
@@ -106,8 +112,9 @@ def devices(args: argparse.Namespace) -> tuple[str, ...]:
     return ("cpu",) * count
 
 
-def model_spec(args: argparse.Namespace):
-    """The ModelSpec for the workers; hub files are downloaded here, once."""
+def model_spec(args: argparse.Namespace, fetch: bool = True):
+    """The ModelSpec for the workers; hub files are downloaded here, once (with `fetch`; on Ray each node
+    downloads its own)."""
     from ..engine import ModelSpec
     from ..weights.hub import resolve_files
     from .generate import model_configs
@@ -116,7 +123,7 @@ def model_spec(args: argparse.Namespace):
     settings = {"demo": args.demo, "model": model, "edit": bool(model and "edit" in model.lower())}
     configs, tokenizer, processor = model_configs(settings, args)
     hub = [c for c in (*configs, tokenizer, processor) if c is not None and c.model_id is not None]
-    for config in hub:
+    for config in hub if fetch else ():
         print(f"fetching {config.model_id} {config.origin_file_pattern}", file=sys.stderr)
         resolve_files(config)
         config.skip_download = True  # the workers read what is now on disk
@@ -141,22 +148,29 @@ def server_settings(args: argparse.Namespace, spec):
     )  # fmt: skip
 
 
+def engine_config(args: argparse.Namespace, spec, slots: tuple[str, ...], threads: int | None):
+    from ..engine import EngineConfig
+
+    return EngineConfig(model=spec, devices=slots, max_queue=args.max_queue, max_batch_images=args.max_batch,
+                        preview_every=args.preview_every, threads_per_worker=threads, lora_dirs=tuple(args.lora_dirs))
+
+
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    spec = model_spec(args, fetch=not args.ray)
+    settings = server_settings(args, spec)
+    if args.ray:
+        return serve_on_ray(args, spec, settings)
     import uvicorn
 
-    from ..engine import Engine, EngineConfig
+    from ..engine import Engine
     from ..server.app import create_app
 
-    spec = model_spec(args)
     slots = devices(args)
     threads = args.threads or (max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] == "cpu" else None)
-    config = EngineConfig(model=spec, devices=slots, max_queue=args.max_queue, max_batch_images=args.max_batch,
-                          preview_every=args.preview_every, threads_per_worker=threads,
-                          lora_dirs=tuple(args.lora_dirs))
     print(f"loading {spec.name} on {len(slots)} worker(s): {', '.join(slots)}", file=sys.stderr)
-    engine = Engine(config).start()
-    app = create_app(engine, server_settings(args, spec))
+    engine = Engine(engine_config(args, spec, slots, threads)).start()
+    app = create_app(engine, settings)
     print(f"serving {spec.name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops; running jobs finish first)",
           file=sys.stderr)
     try:
@@ -165,5 +179,38 @@ def run(args: argparse.Namespace) -> int:
         pass  # uvicorn raises the Ctrl-C again once it has stopped: the stop asked for, complete
     finally:
         engine.shutdown()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def serve_on_ray(args: argparse.Namespace, spec, settings) -> int:
+    """The application on Ray Serve: the cluster at $RAY_ADDRESS, else a local one started here."""
+    import ray
+    from ray import serve
+
+    from ..server.ray_app import build
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING)
+    gpus = args.device != "cpu" and int(ray.cluster_resources().get("GPU", 0)) > 0
+    if args.device == "cuda" and not gpus:
+        args.parser.error("--device cuda: the Ray cluster has no GPU; use --device cpu")
+    workers = args.workers if args.workers != "auto" else max(1, int(ray.cluster_resources().get("GPU", 0)))
+    most = max(workers, args.max_workers or workers)
+    threads = None if gpus else (args.threads or 1)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build(engine_config(args, spec, ("ray",), threads), settings, workers, most, gpus, threads)
+    print(f"loading {spec.name} on {workers} to {most} Ray Serve replica(s), each on "
+          f"{'a GPU' if gpus else f'{threads} CPU(s)'}", file=sys.stderr)
+    serve.run(app, name="qistudio", route_prefix="/", blocking=False)
+    print(f"serving {spec.name} on http://{args.host}:{args.port}/v1 through Ray Serve (Ctrl-C stops)",
+          file=sys.stderr)
+    stop = {signal.SIGINT, signal.SIGTERM}
+    try:
+        # Blocked only now, after Ray's processes started (they would inherit the mask), then waited for.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     print("stopped", file=sys.stderr)
     return 0
