@@ -475,6 +475,18 @@ def test_full_queue_answers_429_with_retry_after(client, url):
     assert health(url)["queue"] == 0
 
 
+def test_a_client_that_hangs_up_cancels_its_job(url):
+    cancelled = lambda: metric_samples(url)["qistudio_jobs_total"][(("status", "cancelled"),)]  # noqa: E731
+    before = cancelled()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/images/generations", timeout=3,
+                   json={"prompt": "nobody waits", "size": "64x64", "num_inference_steps": 4000})
+    deadline = time.monotonic() + 60
+    while (health(url)["running"] or cancelled() == before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health(url)["running"] == 0 and cancelled() == before + 1
+
+
 # --- worker deaths and shutdown (last: they restart workers and stop the server) -----------------------------------
 
 def _running_worker_pid(url, job_id) -> tuple[int, int]:
