@@ -50,6 +50,8 @@ def worker_main(index: int, device: str, spec, options: dict, conn) -> None:
 
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # kernels that use "the current device" use this worker's
     try:
         runner = _start(device, spec, options, conn)
     except BaseException as error:  # noqa: BLE001  (reported to the engine, which decides)
