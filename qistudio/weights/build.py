@@ -23,6 +23,7 @@ from ..models.dit import QwenImageDiT, dit_config_from_shapes
 from ..models.instantx_controlnet import QwenImageInstantXControlNet, instantx_config_from_shapes
 from ..models.text_encoder import QwenImageTextEncoder, text_encoder_config_from_shapes
 from ..models.vae import QwenImageVAE, VAEConfig
+from .build21 import build_qwen21
 from .errors import CheckpointError
 from .finite import FiniteCheck, is_finite
 from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
@@ -92,6 +93,8 @@ def _check_latent_statistics(cfg: VAEConfig) -> None:
 def build_empty(kind: str, shapes: dict[str, tuple[int, ...]], config_json: dict | None) -> nn.Module:
     """The model a checkpoint describes, with meta parameters. `shapes` are in our names."""
     with empty_parameters():
+        if (qwen21 := build_qwen21(kind, shapes, config_json)) is not None:  # Qwen-Image 2.1's models
+            return qwen21
         if kind == DIT:
             config = dit_config_from_shapes(shapes, config_json)
             _check_rope_axes(config.axes_dim, config.head_dim)

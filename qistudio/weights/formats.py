@@ -74,6 +74,10 @@ def detect_layout(keys, where: str | None = None) -> Layout:
     """The layout of a checkpoint from its tensor names; a clear error (naming `where`, the files) when it holds no
     model we know."""
     keys = set(keys)
+    from .formats21 import detect_qwen21_layout  # Qwen-Image 2.1's DiT, VAE and Qwen3-VL encoder
+
+    if (qwen21 := detect_qwen21_layout(keys)) is not None:
+        return qwen21
     # Before the DiT: InstantX's ControlNet holds DiT blocks (`transformer_blocks.N.img_mod.1`) and, like the
     # Blockwise one, `controlnet_blocks.N`; its control embedder is the name only it has.
     if "controlnet_x_embedder.weight" in keys:
@@ -98,5 +102,5 @@ def detect_layout(keys, where: str | None = None) -> Layout:
     prefix = f"{where}: " if where else ""
     raise CheckpointError(
         f"{prefix}the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or "
-        f"InstantX ControlNet); first names: {sample}"
+        f"InstantX ControlNet, Qwen-Image-2.1 DiT, VAE, Qwen3-VL text encoder); first names: {sample}"
     )

@@ -1,0 +1,326 @@
+"""The Qwen-Image 2.1 DiT: single-stream blocks over one interleaved text/image sequence, block-causal attention.
+
+Design note. The sequence is [prefix; target]: the prefix holds the text states with each condition image's latent
+tokens in the vision slots the text encoder reserved (models/layout21.py), the target is the image being denoised.
+Attention is block-causal: each text token sees what precedes it, each image block also sees itself in full, and
+the target, last, sees everything. Two facts follow. The prefix never attends to the target, and with
+`causal_condition` it is modulated from t = 0, so its activations do not depend on the step or the noise: its keys
+and values can be computed once (`prefill`) and reused at every step, when only the target's tokens run
+(`forward`). Without the cache the prefix is simply prefilled again at each step (`causal_condition=False` needs
+that: its prefix is modulated from the step's timestep). The reference's single joint pass computes exactly these
+numbers: its prefix rows never read target rows, and their outputs are discarded.
+
+Blocks hold no modulation of their own: one shared `modulation` projection of the timestep embedding gives
+[scale1, gate1, scale2, gate2] for every block (no shift; gates through tanh). Module names follow the diffusers
+checkpoint (`transformer_blocks.N.attn.to_q`, `img_mlp.gate_layer`, `txt_in.text_norm`, ...), so it loads by
+identity. No linear has a bias.
+
+Shapes: B batch, P prefix tokens, T target tokens, D = heads * head_dim, H heads, C latent channels (64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.attention import attention
+from ..ops.rope import apply_rotation, rope_tables
+from .layers import RMSNorm
+from .layout21 import ImageBlock, JointLayout, joint_positions
+
+
+@dataclass(frozen=True)
+class DiT21Config:
+    num_layers: int = 32
+    num_heads: int = 32
+    head_dim: int = 128
+    in_channels: int = 64  # latent channels; the released model reads latents unpatched (patch size 1)
+    out_channels: int = 64
+    text_dim: int = 4096  # Qwen3-VL-8B hidden size
+    mlp_ratio: int = 3
+    axes_dim: tuple[int, int, int] = (16, 56, 56)
+    eps: float = 1e-6
+    # Text and condition tokens are modulated from t = 0, which makes their keys and values cacheable.
+    causal_condition: bool = True
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+def _linear(dim_in: int, dim_out: int) -> nn.Linear:
+    return nn.Linear(dim_in, dim_out, bias=False)
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    """RMSNorm whose stored weight is `scale - 1` (zero-centred), all in float32, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (self.weight.float() + 1)).to(x.dtype)
+
+
+class TextProjection(nn.Module):
+    """text_norm -> in_layer -> GELU(tanh) -> out_layer: text encoder states (B, L, text_dim) -> (B, L, D)."""
+
+    def __init__(self, text_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.text_norm = ZeroCenteredRMSNorm(text_dim, eps)
+        self.in_layer = _linear(text_dim, dim)
+        self.out_layer = _linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.gelu(self.in_layer(self.text_norm(x)), approximate="tanh"))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = _linear(in_dim, dim)
+        self.linear_2 = _linear(dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class TimeEmbed(nn.Module):
+    """sigma (B,) -> (B, D): [cos, sin] of 1000 sigma times 128 log-spaced frequencies, then the MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.timestep_embedder = TimestepEmbedder(frequency_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+        # The reference rounds sigma to the compute dtype, then scales in float32 before the frequencies.
+        angle = (1000.0 * timestep.to(dtype).float())[:, None] * freqs[None]
+        return self.timestep_embedder(torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1).to(dtype))
+
+
+class SwiGLU(nn.Module):
+    """out(silu(gate_layer(x)) * proj(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = _linear(dim, hidden)
+        self.gate_layer = _linear(dim, hidden)
+        self.out = _linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.gate_layer(x)) * self.proj(x))
+
+
+class Attention21(nn.Module):
+    """q/k/v projections with RMSNorm on q and k per head; `to_out.0` projects back (index 1 was dropout)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q, self.to_k, self.to_v = _linear(dim, dim), _linear(dim, dim), _linear(dim, dim)
+        self.to_out = nn.ModuleList([_linear(dim, dim)])
+        self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+
+    def qkv(self, x: torch.Tensor, rotation: torch.Tensor):
+        """x (B, S, D) -> query, key, value (B, S, H, head_dim); q and k normed then rotated (float32 math)."""
+        value = self.to_v(x).unflatten(-1, (-1, self.head_dim))
+        query = self.norm_q(self.to_q(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
+        key = self.norm_k(self.to_k(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
+        return apply_rotation(query, rotation), apply_rotation(key, rotation), value
+
+
+@dataclass
+class Modulation:
+    """One row set of the shared modulation, each (B | 1, 1, D)."""
+
+    scale1: torch.Tensor
+    gate1: torch.Tensor
+    scale2: torch.Tensor
+    gate2: torch.Tensor
+
+
+class QwenImage21Block(nn.Module):
+    def __init__(self, cfg: DiT21Config):
+        super().__init__()
+        dim = cfg.dim
+        # Parameter-free LayerNorms, kept as modules so the reference's names and eps hold.
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.eps)
+        self.attn = Attention21(dim, cfg.num_heads, cfg.head_dim, cfg.eps)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.eps)
+        self.img_mlp = SwiGLU(dim, dim * cfg.mlp_ratio)
+
+    def project(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor):
+        """The attention inputs of x (B, S, D): query, key, value (B, S, H, head_dim)."""
+        return self.attn.qkv(self.img_norm1(x) * (1 + mod.scale1), rotation)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        """The rest of the block after attention: attended (B, S, H, head_dim) -> x (B, S, D)."""
+        x = x + mod.gate1.tanh() * self.attn.to_out[0](attended.flatten(2))
+        x = x + mod.gate2.tanh() * self.img_mlp(self.img_norm2(x) * (1 + mod.scale2))
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+    def forward(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, prefix_key: torch.Tensor,
+                prefix_value: torch.Tensor) -> torch.Tensor:
+        """Target tokens x (B, T, D) attending to [prefix keys (B | 1, P, H, hd); their own] -> (B, T, D)."""
+        query, key, value = self.project(x, mod, rotation)
+        key = torch.cat([prefix_key.expand(x.shape[0], -1, -1, -1), key], dim=1)
+        value = torch.cat([prefix_value.expand(x.shape[0], -1, -1, -1), value], dim=1)
+        return self.finish(x, attention(query, key, value), mod)
+
+
+def block_causal_attention(query, key, value, segments: list[tuple[int, int, bool]]) -> torch.Tensor:
+    """Attention within the prefix (B, P, H, hd): a span's queries see every key before it and, for an image
+    block, all of its own keys; a text span's own keys causally. One unmasked call per image block."""
+    outputs = []
+    for start, end, is_text in segments:
+        mask = None
+        if is_text:
+            span = end - start
+            mask = torch.ones(span, end, dtype=torch.bool, device=query.device).tril(diagonal=start)[None, None]
+        outputs.append(attention(query[:, start:end], key[:, :end], value[:, :end], mask=mask))
+    return torch.cat(outputs, dim=1)
+
+
+@dataclass
+class PrefixCache:
+    """Per block, the prefix's keys and values (B | 1, P, H, head_dim), post norm and RoPE.
+
+    step_independent: modulated from t = 0 (causal_condition), so valid at every step; else only at its own.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    layout: JointLayout
+    step_independent: bool
+
+
+class QwenImage21DiT(nn.Module):
+    def __init__(self, cfg: DiT21Config = DiT21Config()):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.dim
+        self.time_text_embed = TimeEmbed(dim)
+        self.txt_in = TextProjection(cfg.text_dim, dim, cfg.eps)
+        self.img_in = _linear(cfg.in_channels, dim)
+        self.modulation = nn.Sequential(nn.SiLU(), _linear(dim, 4 * dim))  # [scale1, gate1, scale2, gate2]
+        self.transformer_blocks = nn.ModuleList([QwenImage21Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = nn.Module()  # holds `linear` under the checkpoint's name: a scale only, no shift
+        self.norm_out.linear = _linear(dim, dim)
+        self.proj_out = _linear(dim, cfg.out_channels)
+        self.gradient_checkpointing = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.txt_in.text_norm.weight.dtype  # a norm weight: never stored in FP8
+
+    def _temb(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.time_text_embed(timestep, self.compute_dtype)
+
+    def _modulation(self, temb: torch.Tensor) -> Modulation:
+        return Modulation(*self.modulation(temb)[:, None].chunk(4, dim=-1))
+
+    def rotations(self, layout: JointLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) pairs of prefix and target, (P, head_dim/2, 2) and (T, head_dim/2, 2), float32."""
+        prefix, target = joint_positions(layout)
+        return tuple(torch.view_as_real(rope_tables(p.to(device), self.config.axes_dim)) for p in (prefix, target))
+
+    def embed_prefix(self, text_states: torch.Tensor, condition_tokens: torch.Tensor | None,
+                     layout: JointLayout) -> torch.Tensor:
+        """text_states (B, L, text_dim) with L = the layout's text tokens in order; condition_tokens (B, N, C) the
+        condition images' latent tokens in order (None without any) -> the prefix (B, P, D) in sequence order."""
+        dtype = self.compute_dtype
+        if text_states.shape[1] != layout.num_text_tokens:
+            raise ValueError(f"{text_states.shape[1]} text states for a layout of {layout.num_text_tokens} text tokens")
+        text = self.txt_in(text_states.to(dtype))
+        images = None if condition_tokens is None else self.img_in(condition_tokens.to(dtype))
+        pieces, text_at, image_at = [], 0, 0
+        for run in layout.prefix:
+            if isinstance(run, ImageBlock):
+                pieces.append(images[:, image_at:image_at + run.num_tokens])
+                image_at += run.num_tokens
+            else:
+                pieces.append(text[:, text_at:text_at + run])
+                text_at += run
+        if images is not None and image_at != images.shape[1]:
+            raise ValueError(f"{images.shape[1]} condition tokens for a layout of {image_at}")
+        return torch.cat(pieces, dim=1)
+
+    def prefill(self, text_states: torch.Tensor, condition_tokens: torch.Tensor | None, layout: JointLayout,
+                timestep: torch.Tensor | None = None) -> PrefixCache:
+        """Run the prefix through every block (block-causal) and keep each block's keys and values.
+
+        timestep (B,): used only without causal_condition (the prefix is then modulated from it); with it the
+        prefix is modulated from t = 0 and the cache serves every step.
+        """
+        x = self.embed_prefix(text_states, condition_tokens, layout)  # (B, P, D)
+        independent = self.config.causal_condition
+        if independent or timestep is None:
+            if not independent:
+                raise ValueError("this DiT has causal_condition=False: its prefix needs the step's timestep")
+            timestep = torch.zeros(1, device=x.device)
+        mod = self._modulation(self._temb(timestep))
+        rotation, _ = self.rotations(layout, x.device)
+        segments = layout.segments()
+        keys, values = [], []
+        last = len(self.transformer_blocks) - 1
+        for index, block in enumerate(self.transformer_blocks):
+            query, key, value = block.project(x, mod, rotation)
+            keys.append(key)
+            values.append(value)
+            if index < last:  # the last block's prefix output is never read: only its keys and values are
+                x = block.finish(x, block_causal_attention(query, key, value, segments), mod)
+        return PrefixCache(keys, values, layout, independent)
+
+    def forward(self, target_tokens: torch.Tensor, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        """Velocity of the target: target_tokens (B, T, C) latent tokens row-major, timestep (B,) sigma in [0, 1],
+        cache: `prefill`'s (batch B or 1). Returns (B, T, out_channels)."""
+        if target_tokens.shape[1] != cache.layout.target.num_tokens:
+            raise ValueError(f"{target_tokens.shape[1]} target tokens for a {cache.layout.target} target block")
+        x = self.img_in(target_tokens.to(self.compute_dtype))  # (B, T, D)
+        temb = self._temb(timestep)  # (B, D)
+        mod = self._modulation(temb)
+        _, rotation = self.rotations(cache.layout, x.device)
+        for index, block in enumerate(self.transformer_blocks):
+            keys, values = cache.keys[index], cache.values[index]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mod, rotation, keys, values, use_reentrant=False)
+            else:
+                x = block(x, mod, rotation, keys, values)
+        scale = self.norm_out.linear(F.silu(temb))[:, None]  # (B, 1, D)
+        return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.config.eps) * (1 + scale))
+
+
+def dit21_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiT21Config:
+    """The 2.1 DiT's size from its tensor shapes; a diffusers config.json supplies RoPE axes and causal_condition."""
+    config_json = config_json or {}
+    if config_json.get("patch_size", 1) != 1:
+        raise ValueError(f"patch_size={config_json['patch_size']}: only the released unpatched layout (1) is supported")
+    num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+    dim, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    mlp_hidden = shapes["transformer_blocks.0.img_mlp.proj.weight"][0]
+    if mlp_hidden % dim:
+        raise ValueError(f"MLP width {mlp_hidden} is not a multiple of the model width {dim}")
+    axes = tuple(config_json.get("axes_dims_rope", DiT21Config.axes_dim if head_dim == 128 else ()))
+    if not axes:  # the released (16, 56, 56) split scaled to the head, each axis even
+        frame = max(2, (head_dim * 16 // 128) // 2 * 2)
+        axes = (frame, (head_dim - frame) // 2, (head_dim - frame) // 2)
+    return DiT21Config(
+        num_layers=num_layers, num_heads=dim // head_dim, head_dim=head_dim, in_channels=in_channels,
+        out_channels=shapes["proj_out.weight"][0], text_dim=shapes["txt_in.in_layer.weight"][1],
+        mlp_ratio=mlp_hidden // dim, axes_dim=axes, eps=float(config_json.get("eps", DiT21Config.eps)),
+        causal_condition=bool(config_json.get("causal_condition", True)),
+    )

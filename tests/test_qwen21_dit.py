@@ -1,0 +1,125 @@
+"""Qwen-Image 2.1 DiT parity: diffusers' QwenImage21Transformer2DModel (tiny, random, saved with save_pretrained)
+against ours loaded from those files, text-to-image and with condition images, with the reference's KV cache and
+without causal_condition."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from qistudio.models.dit21 import QwenImage21DiT
+from qistudio.models.layout21 import ImageBlock, JointLayout
+from qistudio.weights.build import load_model
+from tiny_qwen21 import LATENT_CHANNELS, TEXT_DIM, reference_dit21, save
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_dit21()
+
+
+@pytest.fixture(scope="module")
+def ours(reference, tmp_path_factory):
+    folder = save(reference, tmp_path_factory.mktemp("qwen21_dit"), max_shard_size="200KB")
+    kind, model = load_model(sorted(folder.glob("*.safetensors")), dtype=torch.float32)
+    assert kind == "dit" and isinstance(model, QwenImage21DiT)
+    return model
+
+
+def reference_inputs(layout: JointLayout, text_states, condition_tokens, target_tokens):
+    """diffusers' arguments for one layout: the text encoder's sequence with (random, ignored) states in each
+    image's vision slots, one slot per 2x2 latent tokens, the target's slots appended."""
+    batch = target_tokens.shape[0]
+    states, slots, text_at = [], [], 0
+    for run in layout.prefix:
+        if isinstance(run, ImageBlock):
+            states.append(torch.randn(1, run.num_tokens // 4, TEXT_DIM))
+            slots += [True] * (run.num_tokens // 4)
+        else:
+            states.append(text_states[:, text_at:text_at + run])
+            slots += [False] * run
+            text_at += run
+    slots += [True] * (layout.target.num_tokens // 4)
+    blocks = [*layout.condition_blocks, layout.target]
+    image_tokens = target_tokens if condition_tokens is None else torch.cat(
+        [condition_tokens.expand(batch, -1, -1), target_tokens], dim=1)
+    return dict(
+        hidden_states=image_tokens, encoder_hidden_states=torch.cat(states, dim=1).expand(batch, -1, -1),
+        img_shapes=[[(1, b.height, b.width) for b in blocks]] * batch,
+        img_mask=torch.tensor(slots)[None].expand(batch, -1), return_dict=False,
+    )
+
+
+def random_inputs(layout: JointLayout, batch: int = 2):
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(1, layout.num_text_tokens, TEXT_DIM, generator=g)
+    num_condition = sum(b.num_tokens for b in layout.condition_blocks)
+    condition = torch.randn(1, num_condition, LATENT_CHANNELS, generator=g) if num_condition else None
+    target = torch.randn(batch, layout.target.num_tokens, LATENT_CHANNELS, generator=g)
+    return text, condition, target
+
+
+TEXT_TO_IMAGE = JointLayout((11,), ImageBlock(4, 6))
+# Two condition images with text before, between and after them; the second one smaller, with an odd side.
+EDIT = JointLayout((5, ImageBlock(4, 6), 3, ImageBlock(2, 6), 7), ImageBlock(6, 4))
+
+
+@pytest.mark.parametrize("layout", [TEXT_TO_IMAGE, EDIT], ids=["text-to-image", "two-condition-images"])
+def test_forward_matches_diffusers(reference, ours, layout):
+    text, condition, target = random_inputs(layout)
+    timestep = torch.tensor([0.73, 0.73])
+    with torch.no_grad():
+        expected = reference(timestep=timestep, **reference_inputs(layout, text, condition, target))[0]
+        got = ours(target, timestep, ours.prefill(text, condition, layout))
+    assert rel_err(got, expected[:, -layout.target.num_tokens:]) <= TOLERANCE
+
+
+def test_one_prefill_serves_every_step_as_the_reference_cache(reference, ours):
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    text, condition, target = random_inputs(EDIT)
+    cache = QwenImage21KVCache(len(reference.transformer_blocks))
+    with torch.no_grad():
+        ours_cache = ours.prefill(text, condition, EDIT)
+        for step, (sigma, noise_scale) in enumerate([(0.9, 1.0), (0.4, 0.5), (0.05, 0.1)]):
+            tokens, timestep = target * noise_scale, torch.full((2,), sigma)
+            mode = "extract" if step == 0 else "cached"
+            expected = reference(timestep=timestep, kv_cache=cache, kv_cache_mode=mode,
+                                 **reference_inputs(EDIT, text, condition, tokens))[0]
+            got = ours(tokens, timestep, ours_cache)
+            assert rel_err(got, expected[:, -EDIT.target.num_tokens:]) <= TOLERANCE
+
+
+def test_without_causal_condition_the_prefix_follows_the_timestep(tmp_path):
+    reference = reference_dit21(causal_condition=False)
+    folder = save(reference, tmp_path)
+    _, ours = load_model(sorted(folder.glob("*.safetensors")), dtype=torch.float32)
+    assert not ours.config.causal_condition
+    text, condition, target = random_inputs(EDIT)
+    timestep = torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        expected = reference(timestep=timestep, **reference_inputs(EDIT, text, condition, target))[0]
+        got = ours(target, timestep, ours.prefill(text, condition, EDIT, timestep[:1]))
+        with pytest.raises(ValueError, match="causal_condition=False"):
+            ours.prefill(text, condition, EDIT)
+    assert rel_err(got, expected[:, -EDIT.target.num_tokens:]) <= TOLERANCE
+
+
+def test_rows_of_a_batch_are_independent(ours):
+    text, condition, target = random_inputs(EDIT, batch=3)
+    timestep = torch.tensor([0.9, 0.5, 0.1])
+    with torch.no_grad():
+        cache = ours.prefill(text, condition, EDIT)
+        together = ours(target, timestep, cache)
+        for row in range(3):
+            alone = ours(target[row:row + 1], timestep[row:row + 1], cache)
+            assert rel_err(together[row:row + 1], alone) <= TOLERANCE
+
+
+def test_layout_mismatches_are_named(ours):
+    text, condition, target = random_inputs(EDIT)
+    with torch.no_grad(), pytest.raises(ValueError, match="text states"):
+        ours.prefill(text[:, 1:], condition, EDIT)
+    with torch.no_grad(), pytest.raises(ValueError, match="target tokens"):
+        ours(target[:, 1:], torch.ones(2), ours.prefill(text, condition, EDIT))
