@@ -11,8 +11,9 @@ import importlib
 _EXPORTS = {
     "QwenImagePipeline": "pipeline", "ModelConfig": "weights.model_config",
     "FlowMatchScheduler": "sampling.schedule", "ControlNetInput": "conditioning.control",
+    "InputError": "validation",
 }  # fmt: skip
-__all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler", "ControlNetInput"]
+__all__ = ["QwenImagePipeline", "ModelConfig", "FlowMatchScheduler", "ControlNetInput", "InputError"]
 __version__ = "0.1.0"
 
 

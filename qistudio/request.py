@@ -17,7 +17,7 @@ from .conditioning.eligen import EntityControl, entity_control
 from .conditioning.layered import LayeredInput, layered_input
 from .conditioning.edit import TRAINED_MAX_EDIT_IMAGES, EditRow, output_size_for_edit
 from .conditioning.edit_inpaint import edit_inpaint_size
-from .imageio import load_image, round_size
+from .imageio import load_image, load_mask, round_size
 from .sampling.schedule import custom_sigmas
 from .validation import (InputError, device, finite_tensor, flag, function, int_or_pair, integer, number, optional,
                          shown, text, with_bounds)
@@ -145,7 +145,7 @@ def _control_inputs(inputs) -> list[ControlNetInput]:
         if end > start:
             raise InputError(f"{name}[{k}]: need 0 <= end <= start <= 1, got start={start}, end={end}")
         controlnet_id = integer(f"{name}[{k}].controlnet_id", control.controlnet_id, 0)
-        mask = None if control.inpaint_mask is None else load_image(control.inpaint_mask, f"{name}[{k}].inpaint_mask")
+        mask = None if control.inpaint_mask is None else load_mask(control.inpaint_mask, f"{name}[{k}].inpaint_mask")
         checked.append(dataclasses.replace(control, image=load_image(image, f"{name}[{k}].image"), inpaint_mask=mask,
                                            scale=scale, start=start, end=end, controlnet_id=controlnet_id))
     return checked
@@ -284,7 +284,7 @@ def build_request(prompt, edit_image=None, eligen_entity_prompts=None, eligen_en
         if request.input_image is None and request.edit_rows is None:
             raise InputError("inpaint_mask needs input_image (the image whose unmasked region is kept) or "
                              "edit_image (edit inpainting: the edit image's unmasked region is kept)")
-        request.inpaint_mask = load_image(request.inpaint_mask, "inpaint_mask")
+        request.inpaint_mask = load_mask(request.inpaint_mask, "inpaint_mask")
     _check_sizes(request)
     request.controlnet_inputs = _control_inputs(blockwise_controlnet_inputs)
     if context_image is not None:

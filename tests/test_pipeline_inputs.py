@@ -94,3 +94,16 @@ def test_one_step_schedule_is_finite(tiny_pipe):
     latents = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent",
                         progress_bar_cmd=lambda x: x)
     assert torch.isfinite(latents).all()
+
+
+def test_transparent_inpaint_mask_reads_as_its_opaque_form(tiny_pipe):
+    """A white region drawn on a transparent canvas is that region, not the whole picture (alpha is dropped)."""
+    source = Image.new("RGB", (48, 32), (120, 80, 40))
+    opaque = Image.new("RGB", (48, 32), (0, 0, 0))
+    opaque.paste((255, 255, 255), (0, 0, 16, 16))
+    transparent = Image.new("RGBA", (48, 32), (0, 0, 0, 0))
+    transparent.paste((255, 255, 255, 255), (0, 0, 16, 16))
+    args = dict(FAST, input_image=source, denoising_strength=1.0, seed=3, output_type="latent")
+    from_opaque = tiny_pipe("a cat", inpaint_mask=opaque, **args)
+    from_transparent = tiny_pipe("a cat", inpaint_mask=transparent, **args)
+    assert torch.equal(from_opaque, from_transparent)

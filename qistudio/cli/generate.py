@@ -11,7 +11,6 @@ argument errors answer at once (the choices below are the library's, kept equal 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import re
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..fileio import unwritable_folder_reason
 from ..caching.config import PRESETS, parse_setting, setting_text
+from .parallel_launch import add_parallel_argument, start_parallel
 from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
 
 if TYPE_CHECKING:
@@ -215,6 +215,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "dbcache:front_blocks=1,residual_diff_threshold=0.12 (methods first-block, dbcache, "
                         "taylorseer, fixed; default: off)")
     add_speed_arguments(p)
+    add_parallel_argument(p)
     p.set_defaults(run=run, parser=p)
     return p
 
@@ -262,7 +263,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         error(f"{len(entities)} --entity prompts but {len(masks)} --entity-mask files; give one mask per entity")
     if masks:
         try:
-            settings["entity_images"] = [_read_image(path) for path in masks]
+            settings["entity_images"] = [_read_mask(path) for path in masks]
         except ValueError as e:
             error(f"entity mask: {e}")
         settings["entity_masks"] = [str(Path(path).expanduser().resolve()) for path in masks]
@@ -320,12 +321,19 @@ def _read_image(path):
     return load_image(path)
 
 
+def _read_mask(path):
+    # Masks keep black where they are transparent (a picture would be flattened on white: the whole mask white).
+    from ..imageio import load_mask
+
+    return load_mask(path)
+
+
 def _resolve_controls(settings: dict, error) -> None:
     """Read the control, mask and context images (errors before loading); paths stored absolute."""
     for key in ("inpaint_mask", "context_image"):
         if settings.get(key):
             try:
-                settings[key + "_data"] = _read_image(settings[key])
+                settings[key + "_data"] = (_read_mask if key == "inpaint_mask" else _read_image)(settings[key])
             except ValueError as e:
                 error(f"--{key.replace('_', '-')}: {e}")
             settings[key] = str(Path(settings[key]).expanduser().resolve())
@@ -448,10 +456,11 @@ def uses_picture_template(settings: dict) -> bool:
     if model in PICTURE_TEMPLATE_MODELS:
         return True
     index = Path(model).expanduser() / "model_index.json" if model else None
-    try:
-        return json.loads(index.read_text()).get("_class_name") in PICTURE_TEMPLATE_PIPELINES
-    except (AttributeError, OSError, ValueError):
+    if index is None or not index.is_file():
         return False
+    from ..weights.jsonfile import read_json
+
+    return read_json(index).get("_class_name") in PICTURE_TEMPLATE_PIPELINES  # bad JSON: one error naming the file
 
 
 def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline | None:
@@ -491,10 +500,14 @@ def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.parser.error)
     settings = resolve_settings(args)
     check_speed_arguments(args, args.parser.error)
+    ranks = start_parallel(args, settings)  # --parallel: starts the ranks here and waits; under torchrun: joins
+    if ranks.exit_code is not None:
+        return ranks.exit_code
     print(f"seed: {settings['seed']}")
     pipe = load_pipeline(settings, args)
     if pipe is None:
         return 1
+    ranks.enable(pipe)
     apply_before_loras(pipe, args)
     width, height = settings.get("size") or (None, None)  # None: the pipeline sizes an edit by its image
     edit_image = None
@@ -522,6 +535,8 @@ def run(args: argparse.Namespace) -> int:
         seed=settings["seed"], num_inference_steps=settings["steps"], tiled=settings["tiled"],
         progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"), cache=settings.get("cache"),
     )  # fmt: skip
+    if image is None:  # a parallel run's other ranks: rank 0 writes the PNG
+        return 0
     from ..imageio import save_png
 
     parameters = png_parameters(settings, image)
