@@ -304,7 +304,9 @@ class QwenImagePipeline:
         """Load the models. With `vram_limit` (GiB) or any ModelConfig's `offload_device`, VRAM management is on."""
         device = device or default_device()
         components = load_components(list(model_configs), tokenizer_config, processor_config, torch_dtype, device)
-        pipe = cls(components, device, torch_dtype)
+        from .pipeline21 import pipeline_class  # a Qwen-Image 2.1 DiT gets 2.1's call (pipeline21.py)
+
+        pipe = pipeline_class(cls, components)(components, device, torch_dtype)
         if vram_limit is not None:
             pipe.enable_vram_management(vram_limit=vram_limit)
         # Models given an offload_device were loaded into host memory; unless the caller plans memory first
