@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import rel_err
 from qistudio import ModelConfig, QwenImagePipeline
 from qistudio.validation import InputError
-from tiny_qwen21 import LATENT_CHANNELS, model_configs21, reference_pipeline21, write_tiny_qwen_image21
+from tiny_qwen21 import LATENT_CHANNELS, model_configs21, reference_pipeline21, tiny_repository21
 
 TOLERANCE = 1e-4
 QUIET = dict(progress_bar_cmd=lambda steps: steps)
@@ -18,7 +18,7 @@ QUIET = dict(progress_bar_cmd=lambda steps: steps)
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    return write_tiny_qwen_image21(tmp_path_factory.mktemp("Qwen-Image-2.1"))
+    return tiny_repository21(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

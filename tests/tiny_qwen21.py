@@ -106,3 +106,13 @@ def model_configs21(folder: Path):
         ModelConfig(path=str(folder / "text_encoder")),
         ModelConfig(path=str(folder / "vae" / "diffusion_pytorch_model.safetensors")),
     ]
+
+
+_REPOSITORY: list[Path] = []
+
+
+def tiny_repository21(tmp_path_factory) -> Path:
+    """The tiny repository, written once per test session (several test modules read it)."""
+    if not _REPOSITORY:
+        _REPOSITORY.append(write_tiny_qwen_image21(tmp_path_factory.mktemp("Qwen-Image-2.1")))
+    return _REPOSITORY[0]

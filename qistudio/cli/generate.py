@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..fileio import unwritable_folder_reason
 from ..caching.config import PRESETS, parse_setting, setting_text
+from .generate21 import is_qwen21_model, pipe_call, qwen21_model_configs, qwen21_settings
 from .parallel_launch import add_parallel_argument, start_parallel
 from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
 
@@ -240,6 +241,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     if "demo" in explicit:
         stored.pop("model", None)
     settings = {**DEFAULTS, **stored, **explicit}
+    qwen21_settings(settings, {*stored, *explicit}, error)  # Qwen-Image 2.1's defaults and refusals
     if not settings.get("prompt"):
         error("a prompt is needed: qistudio generate \"a cat on a sofa\" (or --from-png old.png)")
     if settings.get("input_image"):
@@ -424,6 +426,8 @@ def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelC
     if settings["demo"]:
         return _folder_configs(write_demo_model(default_demo_dir()))
     model = settings["model"]
+    if is_qwen21_model(model):  # processor/, no tokenizer/ (generate21.py)
+        return qwen21_model_configs(model, args)
     folder = Path(model).expanduser()
     if folder.is_dir():
         missing = [name + "/" for name in SUBFOLDERS if not (folder / name).is_dir()]
@@ -525,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
 
         pipe.scheduler = FlowMatchScheduler(settings["scheduler"])
     apply_after_loras(pipe, args)
-    image = pipe(
+    image = pipe_call(pipe, settings)(
         settings["prompt"], negative_prompt=settings["negative"], cfg_scale=settings["cfg"],
         input_image=settings.get("image"), denoising_strength=settings["strength"], height=height, width=width,
         edit_image=edit_image, eligen_entity_prompts=settings.get("entities") or None,
