@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from qistudio.models.layout21 import ImageBlock, JointLayout
 from tiny_models import QWEN_IMAGE_SCHEDULER, _perturb, save
 
 TEXT_DIM = 64  # the tiny Qwen3-VL's hidden size = the DiT's context_in_dim
@@ -106,6 +107,42 @@ def model_configs21(folder: Path):
         ModelConfig(path=str(folder / "text_encoder")),
         ModelConfig(path=str(folder / "vae" / "diffusion_pytorch_model.safetensors")),
     ]
+
+
+# --- one DiT call in both forms ----------------------------------------------------------------------------------
+
+
+def reference_inputs(layout: JointLayout, text_states, condition_tokens, target_tokens):
+    """diffusers' arguments for one layout: the text encoder's sequence with (random, ignored) states in each
+    image's vision slots, one slot per 2x2 latent tokens, the target's slots appended."""
+    batch = target_tokens.shape[0]
+    states, slots, text_at = [], [], 0
+    for run in layout.prefix:
+        if isinstance(run, ImageBlock):
+            states.append(torch.randn(1, run.num_tokens // 4, TEXT_DIM))
+            slots += [True] * (run.num_tokens // 4)
+        else:
+            states.append(text_states[:, text_at:text_at + run])
+            slots += [False] * run
+            text_at += run
+    slots += [True] * (layout.target.num_tokens // 4)
+    blocks = [*layout.condition_blocks, layout.target]
+    image_tokens = target_tokens if condition_tokens is None else torch.cat(
+        [condition_tokens.expand(batch, -1, -1), target_tokens], dim=1)
+    return dict(
+        hidden_states=image_tokens, encoder_hidden_states=torch.cat(states, dim=1).expand(batch, -1, -1),
+        img_shapes=[[(1, b.height, b.width) for b in blocks]] * batch,
+        img_mask=torch.tensor(slots)[None].expand(batch, -1), return_dict=False,
+    )
+
+
+def random_inputs(layout: JointLayout, batch: int = 2):
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(1, layout.num_text_tokens, TEXT_DIM, generator=g)
+    num_condition = sum(b.num_tokens for b in layout.condition_blocks)
+    condition = torch.randn(1, num_condition, LATENT_CHANNELS, generator=g) if num_condition else None
+    target = torch.randn(batch, layout.target.num_tokens, LATENT_CHANNELS, generator=g)
+    return text, condition, target
 
 
 _REPOSITORY: list[Path] = []

@@ -172,13 +172,25 @@ class QwenImage21Block(nn.Module):
             x = x.clip(-65504, 65504)
         return x
 
-    def forward(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, prefix_key: torch.Tensor,
-                prefix_value: torch.Tensor) -> torch.Tensor:
-        """Target tokens x (B, T, D) attending to [prefix keys (B | 1, P, H, hd); their own] -> (B, T, D)."""
+    def forward(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, prefix_key=None, prefix_value=None,
+                segments: list[tuple[int, int, bool]] | None = None, finish: bool = True):
+        """One block over the prefix or over the target (every use goes through here, so hooks on blocks, weight
+        streaming's among them, see each).
+
+        Prefix: x (B, P, D) with its `segments`, attending block-causally within itself. Target: x (B, T, D)
+        attending to [prefix_key / prefix_value (B | 1, P, H, hd); its own]. Returns (x after the block, or None
+        with finish=False; this block's key and value of x, (B, S, H, hd)).
+        """
         query, key, value = self.project(x, mod, rotation)
-        key = torch.cat([prefix_key.expand(x.shape[0], -1, -1, -1), key], dim=1)
-        value = torch.cat([prefix_value.expand(x.shape[0], -1, -1, -1), value], dim=1)
-        return self.finish(x, attention(query, key, value), mod)
+        if not finish:
+            return None, key, value
+        if segments is not None:
+            attended = block_causal_attention(query, key, value, segments)
+        else:
+            batch = x.shape[0]
+            attended = attention(query, torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=1),
+                                 torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=1))
+        return self.finish(x, attended, mod), key, value
 
 
 def block_causal_attention(query, key, value, segments: list[tuple[int, int, bool]]) -> torch.Tensor:
@@ -277,11 +289,10 @@ class QwenImage21DiT(nn.Module):
         keys, values = [], []
         last = len(self.transformer_blocks) - 1
         for index, block in enumerate(self.transformer_blocks):
-            query, key, value = block.project(x, mod, rotation)
+            # The last block's prefix output is never read: only its keys and values are.
+            x, key, value = block(x, mod, rotation, segments=segments, finish=index < last)
             keys.append(key)
             values.append(value)
-            if index < last:  # the last block's prefix output is never read: only its keys and values are
-                x = block.finish(x, block_causal_attention(query, key, value, segments), mod)
         return PrefixCache(keys, values, layout, independent)
 
     def forward(self, target_tokens: torch.Tensor, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
@@ -296,9 +307,9 @@ class QwenImage21DiT(nn.Module):
         for index, block in enumerate(self.transformer_blocks):
             keys, values = cache.keys[index], cache.values[index]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, mod, rotation, keys, values, use_reentrant=False)
+                x, _, _ = torch.utils.checkpoint.checkpoint(block, x, mod, rotation, keys, values, use_reentrant=False)
             else:
-                x = block(x, mod, rotation, keys, values)
+                x, _, _ = block(x, mod, rotation, keys, values)
         scale = self.norm_out.linear(F.silu(temb))[:, None]  # (B, 1, D)
         return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.config.eps) * (1 + scale))
 
