@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import convert_lora, generate, layers, serve, train, validate
+from . import convert_lora, generate, layers, serve, train, ui, validate
 
 # What a user can cause, and so is reported as one line: bad values and files (ValueError: the loaders'
 # CheckpointError, LoRAError and InputError are ValueErrors), the file system (OSError), a missing optional
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(subparsers)
     validate.add_parser(subparsers)
     serve.add_parser(subparsers)
+    ui.add_parser(subparsers)
     return parser
 
 
