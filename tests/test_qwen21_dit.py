@@ -90,3 +90,17 @@ def test_layout_mismatches_are_named(ours):
         ours.prefill(text[:, 1:], condition, EDIT)
     with torch.no_grad(), pytest.raises(ValueError, match="target tokens"):
         ours(target[:, 1:], torch.ones(2), ours.prefill(text, condition, EDIT))
+
+
+def test_regional_compile_equals_eager(reference, tmp_path):
+    from qistudio.compile import compile_repeated_blocks
+
+    _, dit = load_model(sorted(save(reference, tmp_path).glob("*.safetensors")), dtype=torch.float32)
+    text, condition, target = random_inputs(EDIT)
+    timestep = torch.tensor([0.6, 0.6])
+    with torch.no_grad():
+        eager = dit(target, timestep, dit.prefill(text, condition, EDIT))
+        # fullgraph=True: a graph break in the prefix or the target pass would be an error
+        assert compile_repeated_blocks(dit, backend="aot_eager") == 2
+        compiled = dit(target, timestep, dit.prefill(text, condition, EDIT))
+    assert rel_err(compiled, eager) <= 1e-6
