@@ -164,3 +164,14 @@ def test_a_qwen25_processor_is_refused(pipe, tmp_path):
             pipe("a cat", height=32, width=32, num_inference_steps=1, **QUIET)
     finally:
         pipe.components.processor = loaded
+
+
+def test_without_a_processor_one_is_built_from_the_tokenizer(repo, pipe):
+    built = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                              model_configs=model_configs21(repo),
+                                              tokenizer_config=ModelConfig(path=str(repo / "processor")))
+    kwargs = dict(height=32, width=64, num_inference_steps=2, seed=3, output_type="latent", **QUIET)
+    with pytest.warns(UserWarning, match="no processor_config"):
+        got = built("a lighthouse", **kwargs)
+    assert built.components.processor.image_processor.patch_size == 16
+    assert torch.equal(got, pipe("a lighthouse", **kwargs))
