@@ -1,6 +1,7 @@
 """`qistudio train`: the seed's train.py arguments (same names, same meanings) -> a TrainConfig -> a Trainer.
 
-Runs as is on one device, or under `accelerate launch --module qistudio.cli.main train ...` on several. Every
+Runs as is on one device, or on several under `torchrun --standalone --nproc_per_node N -m qistudio.cli.main
+train ...` or `accelerate launch --module qistudio.cli.main train ...` (gloo on the CPU). Every
 argument of the seed's parser is accepted; those this trainer does not implement yet stop with a clear message
 (status 2) before anything loads, rather than being silently ignored. Settings errors are argparse errors
 (status 2); a failure while loading or saving prints one message and gives status 1.
@@ -14,9 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..training.errors import CheckpointSaveError, NonFiniteError, RunLockedError
-from ..training.config import (DEFAULT_LORA_TARGETS, LOSS_WEIGHTINGS, LORA_FORMATS, LR_SCHEDULERS, TIMESTEP_SAMPLINGS,
-                               DataConfig, LossConfig, TrainConfig)
+from ..training.errors import CheckpointSaveError, NonFiniteError, ProcessGroupError, RunLockedError, RunStopped
+from ..training.config import (DEFAULT_LORA_TARGETS, LOSS_WEIGHTINGS, LORA_FORMATS, LR_SCHEDULERS, OPTIMIZERS,
+                               TIMESTEP_SAMPLINGS, DataConfig, LossConfig, TrainConfig)
 from .generate import finite_float, parse_size
 
 PROG = "qistudio train"
@@ -26,13 +27,13 @@ NOT_SUPPORTED = {
     "offload_models": "two-stage split training is not supported yet",
     "resume_from_checkpoint": "use --resume (continues a run of this trainer from output_path/checkpoints)",
     "quant_options": "quantised bases are not supported yet",
-    "customized_optimizer": "this trainer uses torch.optim.AdamW",
+    "customized_optimizer": f"choose one with --optimizer ({', '.join(OPTIMIZERS)})",
     "preset_lora_path": "differential LoRA training is not supported yet",
     "preset_lora_model": "differential LoRA training is not supported yet",
     "template_model_id_or_path": "template models are not supported yet",
     "enable_lora_hot_loading": "LoRA hot loading during training is not supported yet",
     "enable_model_cpu_offload": "model CPU offload during training is not supported yet",
-    "enable_optimizer_cpu_offload": "optimizer CPU offload is not supported yet (use DeepSpeed through accelerate)",
+    "enable_optimizer_cpu_offload": "use --fsdp --fsdp_cpu_offload, or a DeepSpeed config with offload",
     "cpu_offload_split_threshold": "model CPU offload during training is not supported yet",
     "enable_swanlab_log": "logging backends are not supported yet",
     "swanlab_project": "logging backends are not supported yet",
@@ -152,6 +153,13 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoint only the first N DiT blocks; the rest keep their activations (less recompute, "
                         "more memory; default: all)")
     memory.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    memory.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                        help="adamw (states in the weights' dtype; default); adamw_bf16 (states in bfloat16); "
+                        "adamw_8bit (bitsandbytes, 8-bit states: pip install 'qistudio[lowmem]'); adafactor "
+                        "(factored second moments, no first)")
+    memory.add_argument("--fused_optimizer_step", action="store_true",
+                        help="step each parameter as soon as its gradient is complete in the backward and free that "
+                        "gradient (no gradient held for the whole model; needs --gradient_accumulation_steps 1)")
     memory.add_argument("--fp8_base", action="store_true",
                         help="store the frozen DiT's block linears in FP8 (e4m3, per-channel scales; LoRA stays float32)")
     memory.add_argument("--vram_limit", type=finite_float, help="device memory budget in GiB for the DiT: the frozen blocks "
@@ -167,6 +175,16 @@ def _add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--buckets", choices=tuple(BUCKETS), default="auto",
                        help="dynamic resolution: give all processes samples of one size at each step (auto: on with "
                        "dynamic resolution and several processes)")
+    scale = p.add_argument_group("several processes (torchrun or accelerate launch)")
+    scale.add_argument("--fsdp", action="store_true",
+                       help="full DiT training with FSDP2: one unit per DiT block, each process holding 1/N of the "
+                       "weights, gradients and optimizer state, read from the files by shard (also set by an "
+                       "accelerate config with fsdp_version: 2)")
+    scale.add_argument("--fsdp_cpu_offload", action="store_true",
+                       help="with --fsdp: keep the shards, their gradients and optimizer state in host memory")
+    scale.add_argument("--process_group_timeout", type=int, default=1800, metavar="SECONDS",
+                       help="how long a process waits for the others before the run stops with a message "
+                       "(default 1800)")
     speed.add_argument("--initialize_model_on_cpu", action="store_true",
                        help="load the models into host memory first (DeepSpeed ZeRO-3 partitions the DiT from there)")
     watch = p.add_argument_group("validation images and logs")
@@ -279,7 +297,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         validation_size=args.validation_size, validation_cfg_scale=args.validation_cfg_scale,
         validation_num_inference_steps=args.validation_num_inference_steps, validation_seed=args.validation_seed,
         enable_tensorboard_log=args.enable_tensorboard_log, enable_csv_log=args.enable_csv_log,
-        initialize_model_on_cpu=args.initialize_model_on_cpu,
+        initialize_model_on_cpu=args.initialize_model_on_cpu, process_group_timeout=args.process_group_timeout,
+        fsdp=args.fsdp, fsdp_cpu_offload=args.fsdp_cpu_offload, optimizer=args.optimizer,
+        fused_optimizer_step=args.fused_optimizer_step,
     )  # fmt: skip
     try:
         config.check()
@@ -302,9 +322,13 @@ def run(args: argparse.Namespace) -> int:
             _write_demo(config)
         trainer = Trainer(config, resume=args.resume)
         history = trainer.run()
-    except (CheckpointSaveError, NonFiniteError, RunLockedError, ValueError, OSError, ImportError) as e:
+    except (CheckpointSaveError, NonFiniteError, ProcessGroupError, RunLockedError, ValueError, OSError,
+            ImportError) as e:
         print(f"{PROG}: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
+    except RunStopped as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 143
     if trainer.accelerator.is_main_process:
         if history:
             print(f"trained {trainer.progress.step} steps, last loss {history[-1].loss:.4f}; weights in "

@@ -118,12 +118,30 @@ def make_trainable(components: Components, config: TrainConfig) -> tuple[nn.Modu
     dit = components.dit
     if config.is_lora:
         modules = add_lora(dit, config)
+        freeze_unreachable(dit)
         return dit, [f"LoRA rank {config.lora_rank} on {len(modules)} layers of the DiT"]
     dit.requires_grad_(False)
     model = components.controlnets[0] if config.trainable_models == "blockwise_controlnet" else dit
     model.requires_grad_(True)
+    freeze_unreachable(dit)
     name = "the Blockwise ControlNet (DiT frozen)" if model is not dit else "the whole DiT"
     return model, [f"{name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)"]
+
+
+def freeze_unreachable(dit: nn.Module) -> list[str]:
+    """Freeze the parameters no loss can reach; returns their names.
+
+    The DiT returns image tokens only, so the last block's text-stream output (its attention's `to_add_out` and its
+    `txt_mlp`, with any LoRA on them) feeds nothing and never gets a gradient. One process passes over them anyway
+    (AdamW skips a parameter without gradient), but DDP would wait for their gradients forever (the "unused
+    parameters" error at the second step) and FSDP would reduce them for nothing; frozen, every trained parameter
+    gets a gradient at every step and the result is unchanged."""
+    last = len(dit.transformer_blocks) - 1
+    prefixes = tuple(f"transformer_blocks.{last}.{name}." for name in ("attn.to_add_out", "txt_mlp"))
+    frozen = [name for name, p in dit.named_parameters() if name.startswith(prefixes) and p.requires_grad]
+    for name in frozen:
+        dit.get_parameter(name).requires_grad_(False)
+    return frozen
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

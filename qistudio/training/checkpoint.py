@@ -5,7 +5,7 @@ Design note. A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   optimizer.safetensors           optimizer and LR-scheduler state
   optimizer-rank{R}.safetensors   the optimizer part instead, when the optimizer is partitioned across processes
                                   (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes
-  rng-rank{R}.safetensors         each process's random states: torch, CUDA, Python and the trainer's noise generator
+  rng-rank{R}.safetensors         each process's random states: torch, CUDA and Python
   state.json                      step, epoch, position in the epoch's order, skipped samples, the run's config
 Nothing is pickled: the state files are tree.py's safetensors (tensors, and a JSON tree of the numbers, lists and
 dicts around them in the header), and the only classes they may name are DeepSpeed's few (DEEPSPEED_CLASSES), so a
@@ -89,17 +89,17 @@ def optimizer_file(rank: int) -> str:
     return f"optimizer-rank{rank}.safetensors"
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}
+def rng_state() -> dict:
+    """The process's random states. (The trainer's noise has its own seed per sample: loop._sample_generator.)"""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict, generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -190,6 +190,7 @@ class LoadedCheckpoint:
     scheduler_state: dict
     rng: dict | None
     config: dict
+    world_size: int = 1  # the processes that wrote it (positions count items per process)
 
 
 def find_checkpoint(output_path: str | os.PathLike, resume: str) -> Path:
@@ -257,7 +258,14 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedChe
     except SafetensorError as e:
         raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from None
     return LoadedCheckpoint(path, Progress(**state["progress"]), weights, states["optimizer"], states["scheduler"],
-                            rng, state["config"])
+                            rng, state["config"], _world_size(state, path))
+
+
+def _world_size(state: dict, path: Path) -> int:
+    size = state.get("world_size", 1)
+    if type(size) is not int or size < 1:
+        raise ValueError(f"{path / STATE}: world_size must be a positive integer, got {size!r}")
+    return size
 
 
 def _required(file: Path) -> Path:

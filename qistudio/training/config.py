@@ -16,6 +16,7 @@ TIMESTEP_SAMPLINGS = ("reference", "uniform", "logit_normal", "resolution_shift"
 LOSS_WEIGHTINGS = ("bsmntw", "none")
 LR_SCHEDULERS = ("reference", "constant", "cosine")
 LORA_FORMATS = ("diffusers", "diffsynth")
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit", "adafactor")  # optim.py says what each keeps per parameter
 # What this trainer feeds the model besides image and prompt (the seed's --extra_inputs names). All but the entity
 # prompts are image files, so they must be data_file_keys too.
 EXTRA_INPUTS = ("edit_image", "context_image", "blockwise_controlnet_image", "blockwise_controlnet_inpaint_mask",
@@ -136,6 +137,16 @@ class TrainConfig:
     enable_tensorboard_log: bool = False  # output_path/tensorboard_log
     enable_csv_log: bool = False  # output_path/loss.csv
     initialize_model_on_cpu: bool = False  # load on the CPU; accelerate places the DiT (ZeRO-3 partitions it)
+    # Several processes (distributed.py, fsdp.py): how long any process waits for the others before the run stops
+    # with a message; FSDP2 (one unit per DiT block, each process holding 1/N of the weights, gradients and
+    # optimizer state), optionally with that state in host memory.
+    process_group_timeout: int = 1800
+    fsdp: bool = False
+    fsdp_cpu_offload: bool = False
+    # Memory-lean optimisation (optim.py): the optimizer, and its step taken in the backward as each parameter's
+    # gradient is complete (the gradient freed at once instead of held for a step at the end).
+    optimizer: str = "adamw"
+    fused_optimizer_step: bool = False
 
     @property
     def is_lora(self) -> bool:
@@ -195,6 +206,26 @@ class TrainConfig:
                              f"--use_gradient_checkpointing (streamed blocks are read again in the backward); got "
                              f"vram_limit={self.vram_limit}, use_gradient_checkpointing={self.use_gradient_checkpointing}")
         self._check_validation()
+        self._check_scale()
+
+    def _check_scale(self) -> None:
+        """The multi-process and optimizer settings."""
+        if self.process_group_timeout < 1:
+            raise ValueError(f"process_group_timeout must be >= 1 second, got {self.process_group_timeout}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError("fsdp_cpu_offload keeps FSDP2's shards in host memory: it needs --fsdp")
+        if self.fsdp and self.trainable_models != "dit":
+            raise ValueError("fsdp shards the whole DiT (--trainable_models dit); a LoRA or a ControlNet trains with "
+                             "plain data parallelism: leave out --fsdp")
+        if self.fsdp and (self.compile or self.initialize_model_on_cpu):
+            raise ValueError("fsdp builds the DiT on the meta device and reads each process's shard from the files: "
+                             "leave out " + ("--compile (not supported with fsdp yet)" if self.compile
+                                             else "--initialize_model_on_cpu"))
+        if self.fused_optimizer_step and self.gradient_accumulation_steps > 1:
+            raise ValueError("fused_optimizer_step applies each gradient as soon as it is computed, so there is none "
+                             f"to accumulate: use gradient_accumulation_steps 1 (got {self.gradient_accumulation_steps})")
 
     def _check_validation(self) -> None:
         """The validation-image settings."""
@@ -274,4 +305,4 @@ def _tuple(value):
 
 # Settings that change what a resume checkpoint means: a run may only resume from one that agrees on all of them.
 RESUME_KEYS = ("trainable_models", "lora_base_model", "lora_target_modules", "lora_rank", "lora_alpha",
-               "gradient_accumulation_steps", "seed", "lr_scheduler", "lr_warmup_steps", "buckets")
+               "gradient_accumulation_steps", "seed", "lr_scheduler", "lr_warmup_steps", "buckets", "optimizer")

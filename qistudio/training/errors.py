@@ -13,3 +13,11 @@ class NonFiniteError(RuntimeError):
 
 class RunLockedError(RuntimeError):
     """Another run is writing to the same output folder."""
+
+
+class ProcessGroupError(RuntimeError):
+    """Another process of a multi-process run died or stopped answering; this one stops too."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """The launcher stopped this process (SIGTERM), most often because another process of the run failed."""

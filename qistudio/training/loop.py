@@ -1,13 +1,15 @@
 """The training loop: data order -> encode -> loss -> backward -> optimizer step -> outputs and checkpoints.
 
 Design note. Randomness is owned, not ambient: the data order of epoch e is a function of (seed, e) alone
-(data.epoch_order; with size buckets, buckets.bucketed_order of the same and the images' sizes), and every noise
-tensor and sigma comes from the trainer's own generator (seeded per process), whose state goes into each
-checkpoint with torch's, CUDA's and Python's. A checkpoint is taken only between
-optimizer steps, recording the epoch and how far into its order each process is, so a resumed run replays
-exactly what the killed one would have done next. With several processes (accelerate launch), process r takes
-items r, r + P, ... of the epoch's order (the tail that does not divide evenly is dropped, so all processes run
-the same number of steps) and DDP averages the gradients.
+(data.epoch_order; with size buckets, buckets.bucketed_order of the same and the images' sizes), and the noise and
+sigma of the sample at place i of that order come from a generator seeded with (seed, e, i) alone. A checkpoint
+is taken only between optimizer steps, recording the epoch and how far into its order the run is, so a resumed
+run replays exactly what the killed one would have done next. With several processes (torchrun or accelerate
+launch), process r takes items r, r + P, ... of the epoch's order (the tail that does not divide evenly is
+dropped, so all processes run the same number of steps) and DDP or FSDP averages the gradients: N processes train
+exactly what one process accumulating N micro-batches trains (up to float rounding), and a checkpoint resumes
+under another number of processes at the same place of the order. distributed.py joins the processes (and stops
+them all when one fails); fsdp.py shards the DiT.
 
 Gradient accumulation is done by hand (loss / K, DDP's no_sync between boundaries) rather than by accelerate's
 counter, so its state is just the position; the last, partial group of an epoch steps too (under DeepSpeed the
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 from ..compile import compile_repeated_blocks
 from ..components import Components
+from . import distributed
 from .adapters import make_trainable, trainable_named_parameters
 from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, read_state,
                          restore_rng, rng_state)
@@ -65,11 +68,7 @@ logger = logging.getLogger(__name__)
 
 
 def make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)]
-    return Accelerator(cpu=config.device == "cpu", kwargs_handlers=handlers)
+    return distributed.make_accelerator(config.device, config.process_group_timeout, config.find_unused_parameters)
 
 
 def _identity(item):
@@ -129,7 +128,7 @@ class Trainer:
         # Data order: same-size samples at the same step on every process (buckets.py), from the images' headers.
         bucketed = buckets_on(config.buckets, config.data, acc.num_processes)
         self._item_sizes = item_sizes(self.dataset) if bucketed else None
-        load_on = load_device(config, self.device, acc.num_processes)  # host memory when the DiT is placed by parts
+        load_on = load_device(config, self.device)  # host memory when the DiT is placed by parts
         if config.initialize_model_on_cpu:
             load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
         if components is None:
@@ -155,8 +154,8 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(self.optimizer, config, self.total_steps)
         placement = None if self.low_memory is None else self.low_memory.device_placement
         prepare_deepspeed(acc)
+        distributed.ignore_frozen(denoiser)  # DDP: the frozen base is every process's own (distributed.py)
         self.model, self.optimizer = acc.prepare(denoiser, self.optimizer, device_placement=placement)
-        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + acc.process_index)
         self.progress = Progress()
         self.history: list[StepRecord] = []
         self.writer = CheckpointWriter(Path(config.output_path) / CHECKPOINTS, config.keep_checkpoints,
@@ -222,7 +221,8 @@ class Trainer:
         """The checkpoint's settings, dataset length and process count against this run's (state.json only)."""
         saved = read_state(path, self.accelerator.num_processes, self.accelerator.process_index)["config"]
         ours = json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
-        different = [k for k in RESUME_KEYS if saved.get(k) != ours.get(k)]
+        defaults = json.loads(TrainConfig(self.config.data).to_json())  # a setting older checkpoints did not record
+        different = [k for k in RESUME_KEYS if saved.get(k, defaults[k]) != ours.get(k)]
         if different:
             shown = ", ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} now" for k in different)
             raise ValueError(f"cannot resume from {path}: it was trained with other settings ({shown})")
@@ -243,12 +243,25 @@ class Trainer:
             load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
             self.lr_scheduler.load_state_dict(loaded.scheduler_state)
             if loaded.rng is not None:
-                restore_rng(loaded.rng, self.generator)
+                restore_rng(loaded.rng)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # well-formed files, wrong contents
             raise ValueError(f"cannot resume from {path}: its state does not fit this run ({type(e).__name__}: "
                              f"{e})") from None
         self.progress = loaded.progress
+        self.progress.position = self._local_position(loaded.progress.position, loaded.world_size)
         logger.info("resumed from %s at step %d", path, self.progress.step)
+
+    def _local_position(self, position: int, saved_processes: int) -> int:
+        """A checkpoint's position (items each of its processes had taken) as this run's: the same place in the
+        epoch's order under another number of processes (at most P - 1 items are taken twice)."""
+        processes = self.accelerator.num_processes
+        if saved_processes == processes:
+            return position
+        taken = position * saved_processes
+        if taken % processes:
+            logger.warning("resuming %d processes' checkpoint with %d: %d sample(s) of the epoch are trained again",
+                           saved_processes, processes, taken % processes)
+        return taken // processes
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def _micro_batch(self, item, scale: float, sync: bool) -> float | None:
@@ -267,8 +280,9 @@ class Trainer:
             encoded = self._encode(item)
             self._last_good, weight = encoded, 1.0
             self._used += 1
-        sigma, sigma_weight = draw_sigma(self.config.loss, self.generator, encoded.num_target_tokens)
-        noise = torch.randn(encoded.latents.shape, generator=self.generator).to(self.device, encoded.latents.dtype)
+        generator = self._sample_generator()
+        sigma, sigma_weight = draw_sigma(self.config.loss, generator, encoded.num_target_tokens)
+        noise = torch.randn(encoded.latents.shape, generator=generator).to(self.device, encoded.latents.dtype)
         with contextlib.ExitStack() as stack:
             if not sync:
                 stack.enter_context(self.accelerator.no_sync(self.model))
@@ -278,6 +292,15 @@ class Trainer:
             set_boundary(self.accelerator, sync)  # DeepSpeed steps inside backward at a boundary
             self.accelerator.backward(loss * scale)
         return float(loss.detach()) if weight else None
+
+    def _sample_generator(self) -> torch.Generator:
+        """The noise and sigma of the micro-batch just taken, from (seed, epoch, its place in the epoch's order)
+        alone: the same sample draws the same noise whichever process takes it, so N processes equal one process
+        accumulating N micro-batches, and a resume with another number of processes continues alike."""
+        acc = self.accelerator
+        index = (self.progress.position - 1) * acc.num_processes + acc.process_index  # in the epoch's whole order
+        seed = (self.config.seed * 1_000_003 + self.progress.epoch) * 1_000_003 + index
+        return torch.Generator().manual_seed(seed % 2**63)
 
     def _all_processes_fine(self, fine: bool) -> bool:
         """True when `fine` holds on every process: a process that stops alone would leave the others waiting."""
@@ -352,7 +375,7 @@ class Trainer:
             if acc.is_main_process:
                 self.last_saved = save_weights(trained, self.config, file_name, self.progress.step)
             self.writer.save(self.progress, trainable_named_parameters(trained), self.optimizer.state_dict(),
-                             self.lr_scheduler.state_dict(), rng_state(self.generator), config)
+                             self.lr_scheduler.state_dict(), rng_state(), config)
         self._saved_step = self.progress.step
 
     def _check_finite_weights(self, trained: torch.nn.Module) -> None:
@@ -369,8 +392,11 @@ class Trainer:
         """Train to the last step (saving as configured) and give the output folder's lock back, however it ends."""
         if self._lock is None and self.accelerator.is_main_process:
             self._lock = acquire_lock(self.config.output_path)
+        acc = self.accelerator
         try:
-            return self._run(on_step)
+            with distributed.failures_explained(acc.process_index, self.config.process_group_timeout,
+                                                self._latest_note):
+                return self._run(on_step)
         finally:
             self.release_lock()
 

@@ -11,7 +11,8 @@ base frozen (a LoRA on the DiT, or a ControlNet training beside it); full DiT tr
   the LoRA's training state (weights, gradients, AdamW's two moments) and an activation estimate says how many
   blocks stay resident; the others keep their frozen tensors in pinned host memory and pass through two device
   slots in the forward and again, in reverse, in the backward (memory.training_stream). LoRA factors and the
-  optimizer state stay on the device. Streaming needs gradient checkpointing and one process.
+  optimizer state stay on the device. Streaming needs gradient checkpointing. With several processes (DDP) each
+  streams its own copy: DDP is told to leave the frozen tensors alone (distributed.ignore_frozen).
 
 The activation estimate is for the largest sample the data settings allow: with checkpointing, every block's
 input (image and text tokens) is kept for the backward, and one block's recompute and backward work at a time.
@@ -60,11 +61,8 @@ def wants_low_memory(config: TrainConfig) -> bool:
     return config.fp8_base or config.vram_limit is not None
 
 
-def load_device(config: TrainConfig, device: torch.device, num_processes: int) -> torch.device:
+def load_device(config: TrainConfig, device: torch.device) -> torch.device:
     """Where to load the models: host memory when the DiT is to be placed piece by piece (FP8, streaming)."""
-    if config.vram_limit is not None and num_processes > 1:
-        raise ValueError(f"vram_limit streams the DiT's blocks in one process; this run has {num_processes} "
-                         "(train with one process, or leave vram_limit out)")
     return torch.device("cpu") if wants_low_memory(config) else device
 
 
