@@ -155,3 +155,26 @@ def test_qwen3_tokenizer_adds_four_tokens_and_renders_the_system_turn(processor)
     inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]
     assert int((inputs["input_ids"] == 151655).sum()) == 6
+
+
+def test_released_dit_and_vae_are_read_from_their_shapes_alone():
+    """The full-size 2.1 DiT and VAE (diffusers' defaults are the released configuration) built on the meta
+    device: names and shapes alone give our released configs, and the layouts are named."""
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+
+    from qistudio.models.dit21 import DiT21Config, dit21_config_from_shapes
+    from qistudio.weights.build import build_empty
+
+    with torch.device("meta"):
+        dit, vae = QwenImage21Transformer2DModel(), AutoencoderKLQwenImage21()
+    dit_shapes = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert dit21_config_from_shapes(dit_shapes) == DiT21Config()
+    assert sum(p.numel() for p in dit.parameters()) / 1e9 == pytest.approx(7.0, abs=0.5)
+    assert VAE21Config.from_shapes(vae_shapes) == VAE21Config()  # with the released latent statistics
+    assert detect_layout(dit_shapes).name == "Qwen-Image-2.1 DiT (diffusers)"
+    assert detect_layout({"model.diffusion_model." + k for k in dit_shapes}).name.startswith("Qwen-Image-2.1 DiT")
+    ours = build_empty("dit", dit_shapes, None)
+    assert {k: tuple(p.shape) for k, p in ours.named_parameters()} == dit_shapes
+    ours = build_empty("vae", vae_shapes, None)
+    assert {k: tuple(p.shape) for k, p in ours.named_parameters()} == vae_shapes
