@@ -98,10 +98,12 @@ def encode_edit_latents(components: Components, request: GenerationRequest, devi
 
 
 def make_velocity_fn(components: Components, request: GenerationRequest, positive, negative, conditions,
-                     controls=(), num_steps: int = 1, cache=None):
+                     controls=(), num_steps: int = 1, cache=None, parallel=None):
     """velocity(x, sigma, step) over latents (B, 16, h, w), with guidance folded in and ControlNets injected;
-    `cache` (caching.start_cache) may skip DiT work, deciding per guidance branch."""
+    `cache` (caching.start_cache) may skip DiT work, deciding per guidance branch; `parallel` (a
+    parallel.runtime.ParallelRuntime) splits each DiT call across ranks."""
     dit = components.dit
+    model = dit if parallel is None else parallel.dit(dit)
     h, w = request.latent_size
     target = ImageGrid(0, h // 2, w // 2)
     zero_cond_t = dit.config.zero_cond_t if request.zero_cond_t is None else request.zero_cond_t
@@ -123,7 +125,7 @@ def make_velocity_fn(components: Components, request: GenerationRequest, positiv
     def run(seq: DiTSequence, tokens: torch.Tensor, timestep: torch.Tensor, hook, gate=None) -> torch.Tensor:
         if seq.condition_tokens is not None:
             tokens = torch.cat([tokens, seq.condition_tokens.to(tokens.dtype)], dim=1)
-        return dit(tokens, seq.text.states, timestep, seq.rotary, seq.text_lengths,
+        return model(tokens, seq.text.states, timestep, seq.rotary, seq.text_lengths,
                    num_target_tokens=seq.num_target_tokens, condition_token_mask=seq.condition_token_mask,
                    attention_mask=seq.attention_mask, block_hook=hook, block_gate=gate)
 
@@ -226,21 +228,27 @@ def encode_images(components: Components, request: GenerationRequest, noise, sig
 
 
 def generate_latents(
-    components: Components, request: GenerationRequest, device, dtype, scheduler: FlowMatchScheduler | None = None
+    components: Components, request: GenerationRequest, device, dtype, scheduler: FlowMatchScheduler | None = None,
+    parallel=None,
 ) -> torch.Tensor:
-    """The denoised latents (B, 16, h, w) of a request."""
+    """The denoised latents (B, 16, h, w) of a request; with `parallel`, this rank's part of a parallel run."""
     require_components(components, request)
+    if parallel is not None:
+        parallel.prepare(request)
     cache = start_cache(request.cache, components.dit.config.num_layers)
     request.extras["step_cache"] = None if cache is None else cache.log  # for last_cache_report: no tensors kept
     sigmas = _sigmas(request, scheduler or FlowMatchScheduler())
     noise = _initial_noise(request, dtype, device)
     with components.phase("text encoding", "text_encoder"):
-        positive, negative = encode_text(components, request, device, dtype)
+        if parallel is None:
+            positive, negative = encode_text(components, request, device, dtype)
+        else:  # once, on rank 0, and broadcast
+            positive, negative = parallel.encode_once(lambda: encode_text(components, request, device, dtype))
     with components.phase("image encoding", "vae"):
         images = encode_images(components, request, noise, float(sigmas[0]), device, dtype)
     with components.phase("denoising", "dit"):
         velocity = make_velocity_fn(components, request, positive, negative, images.conditions, images.controls,
-                                    len(sigmas) - 1, cache)
+                                    len(sigmas) - 1, cache, parallel)
         step_fn = None
         if request.edit_inpainting:
             step_fn = renoised_blend_step(images.input_latents, noise, images.inpaint_mask, sigmas)
@@ -290,6 +298,7 @@ class QwenImagePipeline:
         self.last_request: GenerationRequest | None = None
         self.scheduler = FlowMatchScheduler("Qwen-Image")  # replaceable, as in the seed: FlowMatchScheduler(...)
         self._plan_on_first_call = False
+        self.parallel = None  # a parallel.runtime.ParallelRuntime after enable_parallelism
 
     @classmethod
     def from_pretrained(
@@ -355,6 +364,33 @@ class QwenImagePipeline:
         from .memory.setup import enable_fp8_compute
 
         enable_fp8_compute(self.components, attention, fast_accumulation)
+
+    def enable_parallelism(self, degrees: str | dict | None = "auto", *, data: int | None = None,
+                           cfg: int | None = None, ulysses: int | None = None, ring: int | None = None,
+                           timeout: float = 300.0):
+        """Split every later call across the ranks of a `torchrun --nproc_per_node N` run (one GPU per rank; load
+        with `device=qistudio.parallel.local_device()`). Every rank makes the same calls, with the same arguments.
+
+        Degrees, whose product is the number of ranks (missing ones are 1; "auto": cfg=2 on an even count, then
+        Ulysses as far as it divides the heads, ring for the rest): `cfg` 2 runs the positive and the negative
+        guidance branch on different ranks; `ulysses` splits the attention heads (it must divide the model's 24);
+        `ring` passes keys and values around a ring (any count); `data` splits the batch's images (prompts x
+        num_images). Image tokens are sharded across the ulysses x ring ranks, the text replicated; the text
+        encoder runs once, on rank 0. A collective that gets no answer within `timeout` seconds (a rank died) ends
+        every rank with qistudio.parallel.ParallelError. Returns the Degrees used.
+
+        Afterwards `pipe(...)` returns the images on rank 0 and None on every other rank (with
+        output_type="latent", every rank returns the same latents). Step caching (cache=) does not run split yet;
+        Qwen-Image-Layered runs whole on every rank.
+        """
+        from .parallel.runtime import enable_parallelism
+
+        self.components.require("dit")
+        given = {name: value for name, value in dict(data=data, cfg=cfg, ulysses=ulysses, ring=ring).items()
+                 if value is not None}
+        self.parallel = enable_parallelism(self.device, self.components.dit.config.num_heads, given or degrees,
+                                           timeout)
+        return self.parallel.degrees
 
     def disable_vram_management(self) -> None:
         """Every model back on the device (when it fits), hooks removed."""
@@ -517,11 +553,17 @@ class QwenImagePipeline:
                 from .layered import generate_layers
 
                 return generate_layers(self.components, request, self.device, self.torch_dtype, output_type)
-            latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler)
+            latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler,
+                                       self.parallel)
             if output_type == "latent":
                 return latents
-            images = decode(self.components, request, latents)
+            if self.parallel is None:
+                images = decode(self.components, request, latents)
+            else:  # rank 0 decodes; the other ranks get None
+                images = self.parallel.decode(lambda x: decode(self.components, request, x), latents)
         finally:
             if self.components.memory is not None:
                 self.components.memory.release()
+        if images is None:
+            return None
         return images[0] if len(images) == 1 else images

@@ -8,6 +8,8 @@ Softmax attention is invariant to the order of keys, so this equals the referenc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -160,6 +162,21 @@ def _kernel(query: torch.Tensor):
     return _KERNELS[name]
 
 
+# Sequence parallelism (qistudio/parallel) stands in for this entry during a sharded DiT forward: a callable with
+# attention's signature, set by `attention_override` for the forward's duration (None inside it: plain again).
+_override = None
+
+
+@contextmanager
+def attention_override(fn):
+    global _override
+    previous, _override = _override, fn
+    try:
+        yield
+    finally:
+        _override = previous
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -173,6 +190,8 @@ def attention(
     mask: an explicit boolean mask (B, 1|H, S_q, S_k), True = may attend; or a SplitMask (EliGen's structure,
     computed without a dense mask); or a FlexMask (either, as FlexAttention's block mask: inside compiled blocks).
     """
+    if _override is not None:
+        return _override(query, key, value, key_lengths, mask)
     seq_k = key.shape[1]
     if isinstance(mask, FlexMask):
         return flex_masked_attention(query, key, value, mask)

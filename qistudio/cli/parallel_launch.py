@@ -1,0 +1,169 @@
+"""`qistudio generate --parallel cfg=2,ulysses=2`: degrees checked, the ranks started, each rank set up.
+
+Two ways in, one code path per rank:
+- `qistudio generate ... --parallel DEGREES` (no launcher around it): after the flags are checked, this process
+  starts one rank per visible GPU (with --device cpu: as many gloo processes as the degrees make, 2 for auto)
+  through torch.distributed's elastic launcher, each running the same command, and waits; rank 0 writes the PNG.
+- `torchrun --nproc_per_node N -m qistudio generate ... [--parallel DEGREES]`: this process is one rank already
+  (RANK and WORLD_SIZE set); without --parallel the degrees are "auto".
+Every rank takes rank 0's seed, loads the pipeline on its own device and calls enable_parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+from ..parallel.degrees import QWEN_IMAGE_HEADS, ParallelConfigError, parse_degrees, resolve_degrees
+
+
+def parallel_spec(text: str):
+    """--parallel's value: 'cfg=2,ulysses=2' or 'auto'."""
+    try:
+        return parse_degrees(text)
+    except ParallelConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--parallel", type=parallel_spec, metavar="cfg=2,ulysses=2|auto",
+        help="split the image over several GPUs, one process each (started here, or by torchrun): cfg=1|2 (one "
+             "guidance branch per GPU), ulysses=N (attention heads split; N divides 24), ring=N (keys and values "
+             "passed around a ring), data=N (images of the batch split); their product is the number of GPUs. "
+             "auto: cfg=2, then Ulysses, then ring. With --device cpu: as many gloo processes")
+
+
+class ParallelRun:
+    """What generate.run does differently under --parallel (or torchrun); inactive otherwise."""
+
+    def __init__(self, degrees=None, exit_code: int | None = None):
+        self.degrees, self.exit_code = degrees, exit_code  # exit_code: this process only launched the ranks
+
+    @property
+    def active(self) -> bool:
+        return self.degrees is not None
+
+    def enable(self, pipe) -> None:
+        if self.active:
+            pipe.enable_parallelism(self.degrees)
+
+
+def _under_launcher() -> bool:
+    """Whether this process is a rank torchrun (or our launcher) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _model_heads(settings: dict) -> int:
+    """The DiT's head count, from the demo's config or a folder's transformer/config.json (else Qwen-Image's)."""
+    if settings.get("demo"):
+        from ..demo import DEMO_DIT
+
+        return DEMO_DIT.num_heads
+    config = Path(str(settings.get("model"))).expanduser() / "transformer" / "config.json"
+    try:
+        return int(json.loads(config.read_text())["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return QWEN_IMAGE_HEADS
+
+
+def _process_count(spec, device: str, error) -> int:
+    if device.startswith("cuda"):
+        from ..parallel.launch import visible_gpus
+
+        gpus = visible_gpus()
+        wanted = gpus if spec == "auto" else _product(spec)
+        if wanted > gpus:
+            error(f"--parallel {_text(spec)} needs {wanted} GPUs but {gpus} are visible")
+        return wanted
+    return 2 if spec == "auto" else _product(spec)
+
+
+def _product(spec: dict) -> int:
+    total = 1
+    for value in spec.values():
+        total *= value
+    return total
+
+
+def _text(spec) -> str:
+    return spec if spec == "auto" else ",".join(f"{k}={v}" for k, v in spec.items())
+
+
+def start_parallel(args: argparse.Namespace, settings: dict) -> ParallelRun:
+    """After the flags are checked, before any model loads: launch the ranks (returning their exit status), or
+    set up this rank (device, process group, rank 0's seed), or nothing without parallelism."""
+    spec = getattr(args, "parallel", None)
+    if spec is None and not _under_launcher():
+        return ParallelRun()
+    error = args.parser.error
+    heads = _model_heads(settings)
+    if not _under_launcher():
+        count = _process_count(spec, settings["device"], error)
+        try:
+            resolve_degrees(spec, count, heads)
+        except ParallelConfigError as e:
+            error(f"--parallel: {e}")
+        return ParallelRun(exit_code=_launch(args, count))
+    spec = "auto" if spec is None else spec
+    try:
+        resolve_degrees(spec, int(os.environ["WORLD_SIZE"]), heads)
+    except ParallelConfigError as e:
+        error(f"--parallel: {e}")
+    _join(settings)
+    return ParallelRun(degrees=spec)
+
+
+def _join(settings: dict) -> None:
+    """This rank's device (its own GPU), the process group, and rank 0's seed."""
+    import torch
+
+    from ..parallel.mesh import init_distributed, local_device
+    from ..parallel.collectives import broadcast_json
+
+    if settings["device"].startswith("cuda"):
+        settings["device"] = str(local_device())
+    device = torch.device(settings["device"])
+    init_distributed(device)
+    settings["seed"] = int(broadcast_json(settings["seed"], "seed broadcast", device))
+
+
+def _launch(args: argparse.Namespace, count: int) -> int:
+    """Run this generate command on `count` local ranks; rank 0 writes the PNG. Returns the exit status."""
+    from ..parallel.launch import launch
+
+    values = {key: value for key, value in vars(args).items() if key not in ("parser", "run")}
+    outcomes = launch(_rank_main, (values,), count)
+    failed = [(rank, message) for rank, (code, message) in sorted(outcomes.items()) if code]
+    if not failed:
+        return 0
+    # A rank that failed on its own says why; the others only lost contact with it.
+    own = [item for item in failed if "with the other ranks failed" not in item[1]]
+    rank, message = (own or failed)[0]
+    print(f"{args.parser.prog}: rank {rank}: {message}", file=sys.stderr)
+    return 1
+
+
+def _rank_main(values: dict) -> tuple[int, str]:
+    """One spawned rank: the generate command from its parsed flags; (exit status, one-line error or "")."""
+    from . import generate
+    from .main import is_user_error, one_line
+
+    root = argparse.ArgumentParser(prog="qistudio")
+    parser = generate.add_parser(root.add_subparsers())
+    args = argparse.Namespace(**values, parser=parser, run=generate.run)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    with open(os.devnull, "w") as sink, redirect_stdout(sink if quiet else sys.stdout), \
+            redirect_stderr(sink if quiet else sys.stderr):
+        try:
+            return generate.run(args), ""
+        except SystemExit as e:  # parser.error: the parent checked the same flags, so rare
+            return int(e.code or 0), "invalid arguments"
+        except Exception as e:  # noqa: BLE001 - reported by the launching process, in one line
+            if not is_user_error(e) or os.environ.get("QISTUDIO_DEBUG"):
+                raise
+            return 1, one_line(e)

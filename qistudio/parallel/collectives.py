@@ -1,0 +1,111 @@
+"""The collectives of a parallel run, over torch's functional collectives; a failed one is one clear error.
+
+Layouts: attention tensors are (B, S, H, D) as ops/attention takes them. Functional collectives return at once
+(an AsyncCollectiveTensor); `wait` makes the result real, and is where a dead or silent peer shows: a gloo
+peer that exits closes its sockets (an error at once), one that stops answering hits the process group's timeout
+(NCCL's watchdog likewise). Either way every rank raises ParallelError naming the step, never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+
+class ParallelError(RuntimeError):
+    """Talking to the other ranks failed: one of them died, ran out of memory or stopped answering."""
+
+
+def _fail(what: str, error: Exception) -> ParallelError:
+    reason = " ".join(str(error).split())
+    if len(reason) > 240:
+        reason = reason[:237] + "..."
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return ParallelError(f"rank {rank}: {what} with the other ranks failed ({type(error).__name__}: {reason}); "
+                         "another rank died or stopped answering within the timeout: its own output says why")
+
+
+def wait(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """The result of a functional collective, raising ParallelError if the collective failed."""
+    try:
+        if isinstance(tensor, funcol.AsyncCollectiveTensor):
+            return tensor.wait()
+        return funcol.wait_tensor(tensor)  # traced code gets plain tensors
+    except (RuntimeError, dist.DistError) as error:
+        raise _fail(what, error) from None
+
+
+def _issue(fn, what: str, *args) -> torch.Tensor:
+    try:
+        return fn(*args)
+    except (RuntimeError, dist.DistError) as error:
+        raise _fail(what, error) from None
+
+
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    """Chunk i of dim 0 goes to group rank i; returns the chunks received, in group rank order (same shape)."""
+    shape = x.shape
+    # all_to_all_single splits the flat buffer by dim 0 of what it is given; flat avoids a stride check.
+    out = _issue(funcol.all_to_all_single, what, x.contiguous().flatten(), None, None, group)
+    return wait(out, what).reshape(shape)
+
+
+def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int, what: str = "ulysses all-to-all"):
+    """(..., B, n, H, D) holding n tokens of every head -> (..., B, size n, H / size, D): every token, the heads
+    of this group rank. Leading dimensions (q, k, v stacked) travel in the same collective."""
+    *lead, batch, tokens, heads, dim = x.shape
+    parts = x.reshape(*lead, batch, tokens, size, heads // size, dim).movedim(-3, 0)  # (size, ..., B, n, h, D)
+    received = all_to_all(parts, group, what)  # chunk j: group rank j's tokens, our heads
+    return received.movedim(0, -4).reshape(*lead, batch, size * tokens, heads // size, dim)
+
+
+def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, size: int, what: str = "ulysses all-to-all back"):
+    """The inverse of sequence_to_heads: (B, size n, h, D) -> (B, n, size h, D)."""
+    batch, tokens, heads, dim = x.shape
+    parts = x.reshape(batch, size, tokens // size, heads, dim).movedim(1, 0)  # (size, B, n, h, D)
+    received = all_to_all(parts, group, what)  # chunk j: our tokens, group rank j's heads
+    return received.movedim(0, 2).reshape(batch, tokens // size, size * heads, dim)
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    """(size, *x.shape): every group rank's x, in group rank order."""
+    size = dist.get_world_size(group)
+    if size == 1:
+        return x[None]
+    out = _issue(funcol.all_gather_single, what, x.contiguous(), 0, group)
+    return wait(out, what).reshape(size, *x.shape)
+
+
+class RingShift:
+    """x sent to the next rank of the ring while the previous rank's arrives; `result()` waits for it."""
+
+    def __init__(self, x: torch.Tensor, group: dist.ProcessGroup, size: int, what: str = "ring K/V pass"):
+        self.shape, self.what = x.shape, what
+        self.pending = _issue(funcol.permute_tensor, what, x.contiguous().flatten(),
+                              [(m + 1) % size for m in range(size)], group)
+
+    def result(self) -> torch.Tensor:
+        return wait(self.pending, self.what).reshape(self.shape)
+
+
+def broadcast(x: torch.Tensor, what: str, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s x on every rank of the world (x gives the shape and dtype elsewhere)."""
+    if dist.get_world_size() == 1:
+        return x
+    out = _issue(funcol.broadcast, what, x.contiguous(), src, dist.group.WORLD)
+    return wait(out, what)
+
+
+def broadcast_json(value, what: str, device: torch.device, src: int = 0):
+    """Rank `src`'s JSON-able value on every rank (length first, then the UTF-8 bytes; no pickle)."""
+    if dist.get_world_size() == 1:
+        return value
+    data = json.dumps(value).encode() if dist.get_rank() == src else b""
+    length = broadcast(torch.tensor([len(data)], dtype=torch.int64, device=device), what)
+    buffer = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
+    if data:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return json.loads(bytes(broadcast(buffer, what).cpu().tolist()).decode())

@@ -1,0 +1,116 @@
+"""What a parallel pipeline asks of the mesh: text encoded once and broadcast, a sharded DiT, the decode on rank 0.
+
+Every rank runs the same generation; this object decides the few places where ranks differ. It knows no
+pipeline: the pipeline hands it callables (encode, decode) and its DiT.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ..models.text_encoder import TextStates
+from ..ops.attention import set_fp8_attention
+from .collectives import broadcast, broadcast_json
+from .degrees import Degrees, resolve_degrees
+from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed
+from .shard import ShardedDiT
+
+
+class ParallelRuntime:
+    def __init__(self, mesh: ParallelMesh, device: torch.device):
+        self.mesh, self.device = mesh, device
+
+    @property
+    def degrees(self) -> Degrees:
+        return self.mesh.degrees
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.mesh.rank == 0
+
+    def prepare(self, request) -> None:
+        """Refuse, before any model runs, what does not run split yet; quiet progress bars off rank 0."""
+        if getattr(request, "cache", None) is not None:
+            raise NotImplementedError("step caching (cache=...) does not run under parallelism yet: ranks would "
+                                      "decide on their own shares; drop cache= or call without parallelism")
+        if self.degrees.cfg > 1:
+            request.cfg_batch = True  # the cfg ranks split the batched call's rows: one branch each
+        if not self.is_main:
+            request.progress_bar_cmd = lambda steps: steps
+
+    def encode_once(self, encode) -> tuple[TextStates, TextStates | None]:
+        """`encode()` -> (positive, negative) run on rank 0 only, its states broadcast to every rank."""
+        if self.mesh.world_size == 1:
+            return encode()
+        states = encode() if self.is_main else None
+        header = None
+        if self.is_main:
+            header = [None if s is None else {"shape": list(s.states.shape), "dtype": str(s.states.dtype),
+                                              "lengths": list(s.lengths), "segments": s.segments} for s in states]
+        header = broadcast_json(header, "text states broadcast", self.device)
+        received = []
+        for index, info in enumerate(header):
+            if info is None:
+                received.append(None)
+                continue
+            if self.is_main:
+                tensor = states[index].states.contiguous()
+            else:
+                dtype = getattr(torch, info["dtype"].removeprefix("torch."))
+                tensor = torch.empty(info["shape"], dtype=dtype, device=self.device)
+            received.append(TextStates(broadcast(tensor, "text states broadcast"), info["lengths"], info["segments"]))
+        return tuple(received)
+
+    def dit(self, dit) -> ShardedDiT:
+        """The DiT as the velocity function calls it, split across the mesh."""
+        if self.degrees.sequence > 1 and any(getattr(m, "fp8_attention", False) for m in dit.modules()):
+            set_fp8_attention(dit, False)
+            _warn_once("FP8 attention is off under sequence parallelism (the FP8 linears stay on): the Ulysses and "
+                       "ring paths run the compute-dtype attention")
+        return ShardedDiT(dit, self.mesh)
+
+    def decode(self, decode, latents: torch.Tensor):
+        """`decode(latents)` on rank 0 (its images); None on every other rank."""
+        return decode(latents) if self.is_main else None
+
+    def broadcast_seed(self, seed: int) -> int:
+        """Rank 0's seed on every rank (a random seed drawn per process would differ)."""
+        return int(broadcast_json(seed, "seed broadcast", self.device))
+
+    def barrier(self) -> None:
+        if self.mesh.world_size > 1:
+            dist.barrier()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelRuntime:
+    """Join the process group (torchrun's environment) and build the mesh of `degrees` for a DiT of `num_heads`
+    heads. Every rank calls this, with the same degrees. Raises ParallelConfigError for degrees that cannot run."""
+    device = torch.device(device)
+    rank, world, local_rank = environment_world()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if world > 1 and index != local_rank:
+            raise RuntimeError(f"rank {rank} (LOCAL_RANK {local_rank}) has its pipeline on cuda:{index}; load each "
+                               "rank's pipeline on its own GPU: device=qistudio.parallel.local_device()")
+        device = torch.device("cuda", index)
+    if not dist.is_initialized():
+        resolve_degrees(degrees, world, num_heads)  # bad degrees: one error before any process group exists
+    init_distributed(device, timeout_s)
+    resolved = resolve_degrees(degrees, dist.get_world_size(), num_heads)
+    return ParallelRuntime(build_mesh(resolved, device, timeout_s), device)

@@ -1,0 +1,113 @@
+"""A DiT forward split across the mesh: batch rows over data x cfg, image tokens over ring x ulysses, joined after.
+
+Design note. `ShardedDiT` takes the DiT's own arguments, gives each rank its share and calls the unchanged DiT:
+- Rows: the B rows of the call (2B with both guidance branches batched: positive rows, then negative) are cut
+  into data x cfg equal shares, cfg-major, so with cfg=2 one rank group runs the positive branch and the other the
+  negative. A count that does not divide is padded by repeating the last row (computed, then dropped).
+- Tokens: each sequence rank keeps its chunk of image tokens (layout.py) with the matching RoPE rows and
+  zero-cond-t flags; the text stays whole. Attention joins the chunks (attention.py); a ControlNet's block hook
+  sees the whole image (an all-gather per block) and each rank keeps its chunk of what it returns.
+- Output: every rank's (rows, tokens) piece is all-gathered and laid back in place, so every rank ends with the
+  velocity of the whole batch, as one process computes it, and the sampler runs identically everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops.attention import attention_override
+from ..ops.rope import Rotary
+from ..ops.split_attention import SplitMask
+from .attention import SequenceParallelAttention
+from .collectives import all_gather
+from .layout import TokenLayout
+from .mesh import ParallelMesh
+
+
+class RowShare:
+    """This rank's rows of a batch of `total` rows cut into `groups` equal shares (the last row repeated to fill)."""
+
+    def __init__(self, total: int, groups: int, index: int, device):
+        self.total, self.groups = total, groups
+        self.per_group = -(-total // groups)
+        self.indices = [min(index * self.per_group + i, total - 1) for i in range(self.per_group)]
+        self.index_tensor = torch.tensor(self.indices, device=device)
+
+    def take(self, x):
+        """x's rows (dim 0) of this share; None and tensors broadcast over rows (dim 0 of 1) pass unchanged."""
+        if x is None or self.groups == 1:
+            return x
+        if isinstance(x, list):
+            return [x[i] for i in self.indices]
+        if isinstance(x, SplitMask):
+            return SplitMask(x.num_image, self.take(x.text_to_image), self.take(x.text_to_text))
+        if x.shape[0] != self.total:
+            return x
+        return x.index_select(0, self.index_tensor.to(x.device))
+
+    def take_table(self, table: torch.Tensor) -> torch.Tensor:
+        """A RoPE table: (S, D/2) shared by the rows, or (B, S, D/2) per row."""
+        return self.take(table) if table.dim() == 3 else table
+
+
+class ShardedDiT:
+    """Calls `dit` on this rank's share of the call and returns the whole call's output, like `dit` itself."""
+
+    def __init__(self, dit, mesh: ParallelMesh):
+        self.dit, self.mesh = dit, mesh
+        self.config = dit.config
+
+    def __call__(self, image_tokens, text_states, timestep, rotary: Rotary, text_lengths=None,
+                 num_target_tokens=None, condition_token_mask=None, additional_t_cond=None, attention_mask=None,
+                 block_hook=None, block_gate=None) -> torch.Tensor:
+        if block_gate is not None:
+            raise NotImplementedError("step caching (cache=...) does not run under parallelism yet")
+        mesh, degrees = self.mesh, self.mesh.degrees
+        num_target = image_tokens.shape[1] if num_target_tokens is None else num_target_tokens
+        rows = RowShare(image_tokens.shape[0], mesh.row_groups, mesh.row_rank, image_tokens.device)
+        layout = TokenLayout(image_tokens.shape[1], degrees.ulysses, degrees.ring, mesh.sequence_rank)
+        sharded = layout.ranks > 1
+        if condition_token_mask is not None and sharded:
+            condition_token_mask = layout.local(condition_token_mask, 0, False)
+        local_rotary = Rotary(rows.take_table(rotary.image), rows.take_table(rotary.text))
+        if sharded:
+            local_rotary = Rotary(layout.local(local_rotary.image, -2, 1), local_rotary.text)
+        override = SequenceParallelAttention(mesh, layout) if sharded else None
+        with attention_override(override):
+            out = self.dit(
+                layout.local(rows.take(image_tokens), 1) if sharded else rows.take(image_tokens),
+                rows.take(text_states), rows.take(timestep), local_rotary, rows.take(text_lengths),
+                num_target_tokens=None if sharded else num_target, condition_token_mask=condition_token_mask,
+                additional_t_cond=rows.take(additional_t_cond), attention_mask=rows.take(attention_mask),
+                block_hook=self._sequence_hook(block_hook, layout) if sharded else block_hook,
+            )  # (rows of this share, image tokens of this rank, out channels)
+        return self._gather(out, rows, layout)[: rows.total, :num_target]
+
+    def _gather(self, out: torch.Tensor, rows: RowShare, layout: TokenLayout) -> torch.Tensor:
+        """Every rank's piece of the output laid back in place: (row shares x rows, sequence ranks x tokens)."""
+        mesh = self.mesh
+        if mesh.world_size == 1:
+            return out
+        pieces = all_gather(out, dist.group.WORLD, "gather of the DiT output")  # (world, rows, tokens, C)
+        grid = [[None] * layout.ranks for _ in range(rows.groups)]
+        for rank in range(mesh.world_size):
+            coordinate = mesh.coordinates_of(rank)
+            row_rank = coordinate["cfg"] * mesh.degrees.data + coordinate["data"]
+            grid[row_rank][coordinate["ring"] * layout.ulysses + coordinate["ulysses"]] = pieces[rank]
+        return torch.cat([torch.cat(share, dim=1) for share in grid], dim=0)
+
+    def _sequence_hook(self, hook, layout: TokenLayout):
+        """The block hook over the whole image: gathered from the sequence ranks, each keeping its chunk after."""
+        if hook is None:
+            return None
+        group = self.mesh.sequence_group
+
+        def sharded_hook(index: int, image: torch.Tensor) -> torch.Tensor:
+            whole = all_gather(image, group, "ControlNet hook gather")  # (P, rows, chunk, D)
+            whole = whole.movedim(0, 1).flatten(1, 2)[:, : layout.num_image]
+            with attention_override(None):
+                whole = hook(index, whole)
+            return layout.local(whole, 1)
+
+        return sharded_hook

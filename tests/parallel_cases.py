@@ -1,0 +1,167 @@
+"""The calls tests/test_parallel.py makes split across ranks and in one process, and the rank side of it.
+
+Imported by the test process and by the spawned ranks (qistudio.parallel.launch), so every case is built the same
+way on both sides: same pipeline files, same arguments, same seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+STEPS = 3
+# Both guidance branches on, with a negative prompt whose length differs from the prompt's: batched CFG's text
+# padding (key lengths) meets every layout.
+BASE = dict(prompt="a red fox in the snow", negative_prompt="blurry", cfg_scale=4.0, height=64, width=64,
+            num_inference_steps=STEPS, seed=3)
+UNEVEN = dict(height=48, width=80)  # 6 x 10 latents: 15 image tokens, which no rank count here divides
+
+
+def _edit_image() -> Image.Image:
+    """A 64 x 48 RGB gradient: another size than the output, so the edit tokens have a grid of their own."""
+    ramp = (np.add.outer(np.arange(48), np.arange(64)) * 2 % 256).astype(np.uint8)
+    return Image.fromarray(np.stack([ramp, ramp[::-1], 255 - ramp], -1))
+
+
+def _entity_masks() -> list[Image.Image]:
+    left = np.zeros((64, 64), np.uint8)
+    left[:, :32] = 255
+    top = np.zeros((64, 64), np.uint8)
+    top[:24] = 255
+    return [Image.fromarray(left), Image.fromarray(top)]
+
+
+def _inpaint_mask() -> Image.Image:
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    return Image.fromarray(mask)
+
+
+def _product(degrees: dict) -> int:
+    return int(np.prod(list(degrees.values())))
+
+
+ENTITIES = dict(eligen_entity_prompts=["a fox", "a moon"], eligen_entity_masks="masks")
+EDIT = dict(edit_image="edit", edit_image_auto_resize=False)  # the small image as it is: fast on the CPU
+CONTROL = dict(blockwise_controlnet_inputs="control")
+INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
+
+# name -> (degrees, the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call ("hooks" or
+# "fused").
+CASES = {
+    "cfg2": (dict(cfg=2), {}),
+    "cfg2_uneven": (dict(cfg=2), UNEVEN),
+    "ulysses2": (dict(ulysses=2), {}),
+    "ulysses2_uneven": (dict(ulysses=2), UNEVEN),
+    "ring2": (dict(ring=2), {}),
+    "ring2_uneven": (dict(ring=2), UNEVEN),
+    "data2": (dict(data=2), dict(prompt=["a red fox in the snow", "two birds"])),
+    "data2_three_images": (dict(data=2), dict(num_images=3, cfg_scale=1.0)),
+    "edit_ulysses2": (dict(ulysses=2), EDIT),
+    "edit_ring2_uneven": (dict(ring=2), {**EDIT, **UNEVEN}),
+    "eligen_ulysses2": (dict(ulysses=2), {**ENTITIES, "eligen_enable_on_negative": True}),
+    "eligen_ring2": (dict(ring=2), {**ENTITIES, "eligen_enable_on_negative": True}),
+    "controlnet_ulysses2_uneven": (dict(ulysses=2), {**CONTROL, **UNEVEN}),
+    "controlnet_ring2": (dict(ring=2), CONTROL),
+    "inpaint_cfg2": (dict(cfg=2), INPAINT),
+    "lora_hooks_ulysses2": (dict(ulysses=2), dict(lora="hooks")),
+    "lora_fused_ring2": (dict(ring=2), dict(lora="fused")),
+    # four ranks
+    "cfg2_ulysses2": (dict(cfg=2, ulysses=2), {}),
+    "ulysses2_ring2_uneven": (dict(ulysses=2, ring=2), UNEVEN),
+    "ring4_eligen": (dict(ring=4), ENTITIES),
+    "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
+    "data2_cfg2": (dict(data=2, cfg=2), dict(prompt=["a red fox in the snow", "two birds"])),
+}
+TWO_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 2]
+FOUR_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 4]
+
+
+def call_arguments(name: str) -> dict:
+    """The pipeline call of case `name` (output_type="latent"), without its "lora" entry."""
+    from qistudio import ControlNetInput
+
+    extra = {key: value for key, value in CASES[name][1].items() if key != "lora"}
+    size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
+    images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
+                  control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)])
+    for key, value in extra.items():
+        if isinstance(value, str) and value in images and key != "prompt":
+            extra[key] = images[value]()
+    return {**BASE, **extra, "output_type": "latent", "progress_bar_cmd": lambda steps: steps}
+
+
+def load_pipeline(repo: str, controlnet: str):
+    from qistudio import ModelConfig, QwenImagePipeline
+
+    folder = Path(repo)
+    return QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[*(ModelConfig(path=str(folder / name)) for name in ("transformer", "text_encoder", "vae")),
+                       ModelConfig(path=controlnet)],
+        tokenizer_config=ModelConfig(path=str(folder / "tokenizer")),
+        processor_config=ModelConfig(path=str(folder / "processor")),
+    )
+
+
+def generate(pipe, name: str, **overrides) -> torch.Tensor:
+    """Case `name`'s latents from `pipe` (parallel or not), with its LoRA loaded for the call."""
+    from lora_files import peft_layout, random_pairs
+
+    lora = CASES[name][1].get("lora")
+    if lora:
+        pipe.load_lora(pipe.dit, state_dict=peft_layout(random_pairs(pipe.dit, seed=5)), fuse=lora == "fused")
+    try:
+        return pipe(**{**call_arguments(name), **overrides})
+    finally:
+        if lora:
+            pipe.unload_lora()
+
+
+def _save(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").rename(path)  # whole or absent
+
+
+def run_cases(repo: str, controlnet: str, out_dir: str, names: list[str], kill: bool = False) -> None:
+    """One rank: each case's latents under its degrees, saved by every rank (the ranks must agree). With `kill`,
+    a last call in which rank 1 is killed at step 1 (SIGKILL): rank 0 records the error it got and how long it
+    took. The launcher would stop rank 0 at once when rank 1 dies; rank 0 ignores that (SIGTERM) here to show what
+    it does by itself, as under a launcher that does not (srun, mpirun), then ends."""
+    import json
+    import os
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(repo, controlnet)
+    rank = int(os.environ["RANK"])
+    for name in names:
+        pipe.enable_parallelism(**CASES[name][0], timeout=60)
+        _save(Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors",
+              {"latents": generate(pipe, name).contiguous()})
+    if not kill:
+        return
+    pipe.enable_parallelism(ulysses=2, timeout=20)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def die(step, sigma, latents):
+        if rank == 1 and step == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    start = time.monotonic()
+    try:
+        generate(pipe, "ulysses2", callback=die)
+        outcome = {"error": None}
+    except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    outcome["seconds"] = time.monotonic() - start
+    (Path(out_dir) / f"killed.rank{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)  # the launcher is ending this run: no return value to hand back

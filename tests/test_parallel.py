@@ -1,0 +1,109 @@
+"""Parallel generation on the CPU (gloo, 2 and 4 spawned ranks, the tiny demo model in float32) against the same
+call in one process: every layout (cfg, Ulysses, ring, both, data), token counts no rank count divides, edit
+images, EliGen entities, a Blockwise ControlNet, inpainting, LoRAs (hooks and fused); a rank that dies; the CLI.
+
+The ranks are started once per rank count (module fixtures) through the library's own launcher and run every
+case in a row, re-meshing between cases; each rank saves its final latents, which must equal the one-process
+latents within 1e-5 relative and each other's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import parallel_cases as cases
+from conftest import rel_err
+from qistudio.cli.main import main
+from qistudio.demo import write_demo_model
+from qistudio.parallel import ParallelError
+from qistudio.parallel.launch import launch
+from test_control import write_controlnet
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The demo model and a tiny Blockwise ControlNet, written once."""
+    folder = tmp_path_factory.mktemp("parallel")
+    return str(write_demo_model(folder / "demo")), str(write_controlnet(folder / "canny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(files):
+    """The one-process pipeline over the same files."""
+    return cases.load_pipeline(*files)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(files, tmp_path_factory):
+    """Every two-rank case, then the killed rank: the launcher reports rank 1's death as the run's failure."""
+    out = tmp_path_factory.mktemp("ranks2")
+    with pytest.raises(ParallelError, match=r"rank 1 failed: Signal 9 \(SIGKILL\)"):
+        launch(cases.run_cases, (*files, str(out), cases.TWO_RANKS, True), 2, threads_per_rank=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_ranks(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks4")
+    launch(cases.run_cases, (*files, str(out), cases.FOUR_RANKS), 4, threads_per_rank=1)
+    return out
+
+
+def _check(single, out, name, nprocs):
+    reference = cases.generate(single, name)
+    ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors"))["latents"] for rank in range(nprocs)]
+    assert ranks[0].shape == reference.shape
+    error = rel_err(ranks[0], reference)
+    assert error < TOLERANCE, f"{name}: {error:.2e}"
+    for rank in ranks[1:]:
+        assert torch.equal(rank, ranks[0])  # every rank steps the same whole latents
+
+
+@pytest.mark.parametrize("name", cases.TWO_RANKS)
+def test_two_ranks_equal_one_process(name, single, two_ranks):
+    _check(single, two_ranks, name, 2)
+
+
+@pytest.mark.parametrize("name", cases.FOUR_RANKS)
+def test_four_ranks_equal_one_process(name, single, four_ranks):
+    _check(single, four_ranks, name, 4)
+
+
+def test_a_dead_rank_ends_the_others_with_an_error(two_ranks):
+    """Rank 1 ended mid-call (at step 1): rank 0 gets one ParallelError naming the failed step, within its 20 s
+    timeout, instead of waiting forever."""
+    outcome = json.loads((two_ranks / "killed.rank0.json").read_text())
+    assert outcome["error"] == "ParallelError", outcome
+    assert "rank 0:" in outcome["message"] and "with the other ranks failed" in outcome["message"]
+    assert outcome["seconds"] < 20
+    assert not (two_ranks / "killed.rank1.json").exists()
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_cli_parallel_png_equals_one_process(files, tmp_path, monkeypatch, capsys):
+    """`qistudio generate --parallel ulysses=2 --device cpu` starts two gloo ranks itself; rank 0's PNG has the
+    one-process PNG's pixels, and a bad degree is one error before anything loads."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "qistudio").mkdir(parents=True)
+    (tmp_path / "cache" / "qistudio" / "demo").symlink_to(files[0])
+    common = ["generate", "a red fox", "--demo", "--size", "64x64", "--steps", "2", "--seed", "5", "--device", "cpu"]
+    assert main([*common, "-o", str(tmp_path / "one.png")]) == 0
+    assert main([*common, "-o", str(tmp_path / "two.png"), "--parallel", "ulysses=2"]) == 0
+    assert np.array_equal(_pixels(tmp_path / "one.png"), _pixels(tmp_path / "two.png"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*common, "-o", str(tmp_path / "bad.png"), "--parallel", "ulysses=4"])
+    assert "ulysses=4 does not divide the model's 2 attention heads" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
