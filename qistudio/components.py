@@ -21,6 +21,7 @@ from .weights.formats import CONTROLNET, DIT, TEXT_ENCODER, VAE, detect_layout
 from .weights.hub import resolve_files
 from .weights.jsonfile import read_json
 from .weights.model_config import ModelConfig
+from .weights.quantized_source import refuse_quantized_on_disk
 
 _ATTRIBUTE = {DIT: "dit", VAE: "vae", TEXT_ENCODER: "text_encoder"}
 
@@ -148,9 +149,9 @@ def _streamed_from_disk(name: str) -> bool:
 
 
 def detect_kind(files) -> str:
-    from .weights.safetensors_io import TensorSource
+    from .weights.quantized_source import open_source  # every format, GGUF and bitsandbytes included
 
-    source = TensorSource(files)
+    source = open_source(files)
     try:
         return detect_layout(source.keys(), ", ".join(map(str, source.files))).kind
     finally:
@@ -167,6 +168,9 @@ def load_components(
     components = Components()
     # Resolve (download) every file first: a missing file fails before any weight is read.
     resolved = [(config, resolve_files(config)) for config in model_configs]
+    for config, files in resolved:  # before any weight is read
+        if str(config.offload_device) == "disk":
+            refuse_quantized_on_disk(files)
     for config, files in resolved:
         # A model that rests off the device is built in host memory; the memory manager moves it. With
         # offload_device="disk" its repeated blocks are not even read: they stream from the files.

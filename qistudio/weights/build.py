@@ -29,6 +29,7 @@ from .finite import FiniteCheck, is_finite
 from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
 from .jsonfile import read_json
 from .safetensors_io import TensorSource, is_float_dtype
+from .quantized_source import is_quantized, open_source, place_quantized  # GGUF, bitsandbytes
 
 _FLOAT8 = {"F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2"}
 
@@ -161,7 +162,7 @@ def match_checkpoint(model: nn.Module, source: TensorSource, layout: Layout) -> 
         seen.add(ours)
         if source.shapes[key] != expected[ours]:
             mismatched.append(f"{key}: file {list(source.shapes[key])} ({where}), model {list(expected[ours])}")
-        elif not is_float_dtype(source.dtypes[key]):
+        elif not is_float_dtype(source.dtypes[key]) and not is_quantized(source, key):
             not_float.append(f"{key}: {source.dtypes[key]} ({where}); a weight must be a float")
         elif source.dtypes[key] in _FLOAT8 and (problem := _fp8_scale_problem(source, key)):
             mismatched.append(f"{problem} ({where})")
@@ -274,13 +275,14 @@ def load_model(
 def load_model_deferred(files, dtype: torch.dtype = torch.bfloat16, device="cpu", kind: str | None = None,
                         defer=None) -> tuple[str, nn.Module, dict, TensorSource]:
     """As `load_model`, leaving the parameters `defer(name)` selects unread; returns them and the open source."""
-    source = TensorSource(files)
+    source = open_source(files)
     layout = detect_layout(source.keys(), ", ".join(map(str, source.files)))
     if kind is not None and layout.kind != kind:
         raise CheckpointError(f"{', '.join(map(str, source.files))} holds a {layout.name}, not a {kind}")
     our_shapes = {layout.key_map(k): s for k, s in source.shapes.items() if layout.key_map(k) != IGNORED}
     model = build_described(layout.kind, our_shapes, source)
     match = match_checkpoint(model, source, layout)
+    place_quantized(model, source, match.sources, dtype, device)  # linears that keep their weights quantised
     deferred = assign_weights(model, source, match, dtype, device, defer)
     return layout.kind, model.eval(), deferred, source
 

@@ -100,6 +100,9 @@ def detect_layout(keys, where: str | None = None) -> Layout:
         return Layout(TEXT_ENCODER, "Qwen2.5-VL", lambda k: IGNORED if k.startswith("lm_head.") else k)
     sample = ", ".join(sorted(keys)[:8]) or "(none: the file holds no tensors)"
     prefix = f"{where}: " if where else ""
+    if "token_embd.weight" in keys:  # a GGUF text encoder as llama.cpp writes it (blk.N.attn_q, ...)
+        raise CheckpointError(f"{prefix}a language model in llama.cpp's layout (token_embd, blk.N.*); qistudio reads "
+                              "GGUF files of the DiT: load the Qwen2.5-VL text encoder from its safetensors files")
     raise CheckpointError(
         f"{prefix}the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or "
         f"InstantX ControlNet, Qwen-Image-2.1 DiT, VAE, Qwen3-VL text encoder); first names: {sample}"
