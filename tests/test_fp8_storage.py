@@ -291,3 +291,26 @@ def test_fp8_compute_switch_falls_back_off_the_gpu(reference, inputs):
     assert set_fp8_compute(dit, True) == NUM_BLOCK_LINEARS
     assert torch.equal(inputs.ours(dit), before)
     assert set_fp8_compute(dit, False) == NUM_BLOCK_LINEARS
+
+
+def test_an_fp8_matmul_cublaslt_cannot_run_falls_back_to_the_dequantised_product(monkeypatch):
+    """cuBLASLt refuses some row counts with row-wise scales (CUBLAS_STATUS_NOT_SUPPORTED); that product then runs
+    on the dequantised operands, with a warning, and any other error still raises."""
+    from qistudio.ops.fp8 import quantize_rows
+
+    layer = FP8Linear.from_linear(_random_linear(64, 96, torch.float32))
+    x = torch.randn(34, 64, generator=torch.Generator().manual_seed(2))
+    rows, scale = quantize_rows(x)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmulAlgoGetHeuristic(...)`")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with pytest.warns(RuntimeWarning, match="no FP8 matmul for activations"):
+        out = layer._scaled_mm(rows, scale, x.shape, torch.float32)
+    expected = nn.functional.linear(rows.float() * scale, layer.dequantized_weight(torch.float32), layer.bias)
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        layer._scaled_mm(rows, scale, x.shape, torch.float32)

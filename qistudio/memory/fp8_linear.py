@@ -34,7 +34,9 @@ the compute dtype (and the bias's dtype). The stored bytes only change through `
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from typing import Callable
 
 import torch
@@ -49,6 +51,12 @@ Predicate = Callable[[str, nn.Linear], bool]
 
 
 # --- stateless quantise / dequantise (ops/fp8.py material once that file exists) ------------------------------------
+
+
+@functools.cache
+def _warn_fp8_fallback(rows_shape, weight_shape) -> None:
+    warnings.warn(f"cuBLASLt has no FP8 matmul for activations {tuple(rows_shape)} x weight {tuple(weight_shape)}; "
+                  "that product runs on dequantised bf16 operands", RuntimeWarning, stacklevel=3)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +207,25 @@ class FP8Linear(nn.Module):
         return self.fp8_compute and x.is_cuda and x.shape[:-1].numel() > GEMV_MAX_ROWS
 
     def _scaled_mm(self, rows: torch.Tensor, scale: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-        out = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale[None, :],
-                               bias=self._bias(dtype), out_dtype=dtype, use_fast_accum=self.fast_accumulation)
+        if torch.compiler.is_compiling():  # traced: inductor picks the kernel, and a try block would break the graph
+            out = self._fp8_matmul(rows, scale, dtype)
+        else:
+            try:
+                out = self._fp8_matmul(rows, scale, dtype)
+            except RuntimeError as error:
+                # cuBLASLt has no FP8 algorithm for some row counts with row-wise scales (seen on an H200 with
+                # torch 2.11 for a short text batch: CUBLAS_STATUS_NOT_SUPPORTED from its heuristic). The same
+                # product from the dequantised operands is the result the FP8 matmul approximates.
+                if "NOT_SUPPORTED" not in str(error):
+                    raise
+                _warn_fp8_fallback(rows.shape, self.weight.shape)
+                activations = (rows.to(torch.float32) * scale).to(dtype)
+                out = F.linear(activations, self.dequantized_weight(dtype), self._bias(dtype))
         return out.reshape(*shape[:-1], self.out_features)
+
+    def _fp8_matmul(self, rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale[None, :],
+                                bias=self._bias(dtype), out_dtype=dtype, use_fast_accum=self.fast_accumulation)
 
     def forward_after_gelu(self, hidden: torch.Tensor) -> torch.Tensor:
         """self(GELU_tanh(hidden)); under W8A8 the GELU and the activations' quantisation are one pass."""

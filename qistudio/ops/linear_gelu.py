@@ -121,13 +121,15 @@ _C_LEVEL_CODE = (types.MethodDescriptorType, types.WrapperDescriptorType, types.
 @functools.cache
 def _import_quack():
     import contextvars
+    import logging
 
     import quack.gemm_runtime.identity as identity
     from quack.gemm_interface import gemm_act
 
     # quack keys its compiled kernels by a fingerprint of what an epilogue function closes over, and quack 0.6.5
-    # raises on objects that cutlass-dsl 4.8's helpers reach (a ContextVar, a code object's method), so no GEMM
-    # with an epilogue runs. Such objects are the DSL's own machinery, shared by every epilogue and carrying no
+    # raises on objects that cutlass-dsl 4.8's helpers reach (a ContextVar, a code object's method, the DSL's
+    # "CUTE_DSL" logger: seen on an H200 with flash-attn-4 4.0.0b36 installed beside it), so no GEMM with an
+    # epilogue runs. Such objects are the DSL's own machinery, shared by every epilogue and carrying no
     # value of the traced math: keyed by type and name they keep the fingerprint's distinctions. Anything else
     # still raises, as quack intends.
     original = identity.semantic_value_key
@@ -136,7 +138,7 @@ def _import_quack():
         try:
             return original(value, *args, **kwargs)
         except TypeError:
-            if isinstance(value, (contextvars.ContextVar, *_C_LEVEL_CODE)):
+            if isinstance(value, (contextvars.ContextVar, logging.Logger, *_C_LEVEL_CODE)):
                 return ("dsl-internal", type(value).__qualname__, getattr(value, "__qualname__", None),
                         getattr(value, "name", None))
             raise
