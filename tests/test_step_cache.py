@@ -221,3 +221,25 @@ def test_cli_cache_flag_and_png_record(tiny_repo, tiny_pipe, tmp_path, capsys):
                "-o", tmp_path / "bad.png") == 2
     err = capsys.readouterr().err
     assert "DBCache.front_blocks must be an integer >= 1, got 0" in err and "absent" not in err.split("error:")[-1]
+
+
+def test_fp8_storage_skips_as_its_dequantised_weights_do(tiny_repo, six_blocks):
+    """A DiT stored in FP8 makes the same decisions and latents as the same DiT holding its dequantised weights in
+    the compute dtype (an FP8Linear is exactly a linear on those), for a schedule and for a threshold method."""
+    from qistudio.memory.fp8_linear import FP8Linear, quantize_linears
+
+    stored = load_pipe(tiny_repo, six_blocks)
+    assert quantize_linears(stored.dit) > 0
+    plain = load_pipe(tiny_repo, six_blocks)
+    linears = dict(plain.dit.named_modules())
+    with torch.no_grad():
+        for name, module in stored.dit.named_modules():
+            if isinstance(module, FP8Linear):
+                linears[name].weight.copy_(module.dequantized_weight(linears[name].weight.dtype))
+    for cache in (FixedSchedule(every=3), DBCache(front_blocks=2, back_blocks=1, warmup_steps=2,
+                                                   residual_diff_threshold=0.75)):
+        kwargs = dict(num_inference_steps=8, cache=cache, **KWARGS)
+        from_fp8, fp8_report = stored("a harbour", **kwargs), stored.last_cache_report
+        from_plain, plain_report = plain("a harbour", **kwargs), plain.last_cache_report
+        assert fp8_report == plain_report and len(fp8_report["computed_steps"]["cond"]) < 8
+        assert rel_err(from_fp8, from_plain) <= 1e-5
