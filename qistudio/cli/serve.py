@@ -171,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {spec.name} on {len(slots)} worker(s): {', '.join(slots)}", file=sys.stderr)
     engine = Engine(engine_config(args, spec, slots, threads)).start()
     app = create_app(engine, settings)
+    from ..ui.mount import with_ui  # the web UI at /ui over the same engine, when Gradio is installed
+    app = with_ui(app, engine, settings)
     print(f"serving {spec.name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops; running jobs finish first)",
           file=sys.stderr)
     try:

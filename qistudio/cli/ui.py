@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -80,6 +82,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         error(f"--host {args.host} is reachable from other machines: give --password (or set ${PASSWORD_ENV})")
     if not 0 < args.port < 65536:
         error(f"--port must be in 1..65535, got {args.port}")
+    reason = _port_taken(args.host, args.port)
+    if reason:
+        error(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({reason}); pick another port")
     for folder in args.lora_dirs:
         if not Path(folder).expanduser().is_dir():
             error(f"--lora-dir {folder}: no such folder")
@@ -94,8 +99,24 @@ def check_arguments(args: argparse.Namespace) -> None:
     args.ray = False  # cli.serve.model_spec's download rule: here, always once in this process
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the UI could not listen on host:port (checked before the model loads), or None."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds it
+            probe.bind((host.strip("[]"), port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the UI as Ctrl-C does: the training run and the workers end first
+
+
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    signal.signal(signal.SIGTERM, _interrupt)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401  (checked before the model loads)

@@ -72,14 +72,20 @@ def generation(prompt, settings: Settings, loras=()) -> JobSpec:
 
 
 def edit(prompt, settings: Settings, images, lowres_fix: bool = False, picture_template: bool = False,
-         loras=()) -> JobSpec:
+         loras=(), area: int | None = None) -> JobSpec:
     """Edit one to three images. Several images (or a model trained on it, Edit-2509/2511) use the "Picture k:"
     template; Lowres-Fix keeps the edit images at their own size and samples their RoPE from the output grid
-    (for DiffSynth-Studio's Qwen-Image-Edit-Lowres-Fix LoRA)."""
+    (for DiffSynth-Studio's Qwen-Image-Edit-Lowres-Fix LoRA). Without a size the output takes the last image's
+    aspect ratio: at `area` pixels when given (a small model's default, as `generate --demo` sizes an edit), else
+    at the engine's rule (about 1024x1024)."""
     pictures = [image.convert("RGB") for image in images if image is not None]
     if not pictures:
         raise InputError("edit: give at least one image to edit")
     arguments = _arguments(prompt, settings)
+    if settings.size is None and area:
+        from .sizes import at_area
+
+        arguments["width"], arguments["height"] = at_area(pictures[-1].size, area)
     arguments["edit_image"] = pictures if len(pictures) > 1 or picture_template else pictures[0]
     if lowres_fix:
         arguments.update(edit_image_auto_resize=False, edit_rope_interpolation=True)

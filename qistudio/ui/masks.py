@@ -24,7 +24,11 @@ def background(value) -> Image.Image | None:
     """The picture under the strokes, as RGB; None when the editor is empty."""
     if not value or value.get("background") is None:
         return None
-    return value["background"].convert("RGB")
+    picture = value["background"]
+    if "A" in picture.getbands():  # transparent parts read as white, as imageio.load_image reads them
+        white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, picture.convert("RGBA")).convert("RGB")
+    return picture.convert("RGB")
 
 
 def _layers(value, size: tuple[int, int]) -> list[np.ndarray]:

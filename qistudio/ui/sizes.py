@@ -41,6 +41,12 @@ def chosen_size(choice: str, width, height, table: dict[str, tuple[int, int]]) -
     return int(width), int(height)
 
 
+def at_area(size: tuple[int, int], area: int) -> tuple[int, int]:
+    """`size`'s aspect ratio at about `area` pixels, multiples of 16."""
+    scale = math.sqrt(area / (size[0] * size[1]))
+    return _round16(size[0] * scale), _round16(size[1] * scale)
+
+
 def rounded(width: int, height: int) -> tuple[int, int]:
     """An image's own size rounded up to multiples of 16, as `qistudio generate` sizes image-to-image."""
     return -(-width // 16) * 16, -(-height // 16) * 16

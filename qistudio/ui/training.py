@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +27,10 @@ from pathlib import Path
 from ..validation import InputError
 
 LOG_FILE = "ui-train.log"
+# `qistudio train` with Ctrl-C's handler set first: a UI started in the background (`qistudio ui ... &` from a
+# script) has SIGINT ignored, and a child would inherit that, leaving Stop without effect.
+ENTRY = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "from qistudio.cli.main import main; sys.exit(main(sys.argv[1:]))")
 STOP_GRACE_SECONDS = 60  # after SIGINT, before the run is terminated
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -78,7 +83,7 @@ def command(settings: TrainSettings, spec, output: Path, resume: bool, cpu: bool
     """The command line of the run, and the environment it adds."""
     dataset = Path(settings.dataset).expanduser().resolve()
     models, env = model_arguments(spec)
-    line = [sys.executable, "-m", "qistudio.cli.main", "train", *models,
+    line = [sys.executable, "-c", ENTRY, "train", *models,
             "--dataset_base_path", str(dataset), "--dataset_metadata_path", str(dataset / "metadata.csv"),
             "--lora_base_model", "dit", "--lora_rank", str(settings.rank), "--learning_rate", f"{settings.learning_rate:g}",
             "--max_steps", str(settings.max_steps), "--save_steps", str(settings.save_steps),
@@ -146,7 +151,8 @@ class TrainingRun:
             output.mkdir(parents=True, exist_ok=True)
             line, env = command(settings, spec, output, resume, cpu)
             log = open(output / LOG_FILE, "a", encoding="utf-8")
-            log.write(("\n--- resumed ---\n" if resume else "") + " ".join(line) + "\n")
+            shown = "qistudio " + " ".join(shlex.quote(part) for part in line[3:])  # the line a user would type
+            log.write(("\n--- resumed ---\n" if resume else "") + shown + "\n")
             log.flush()
             try:
                 self.process = subprocess.Popen(

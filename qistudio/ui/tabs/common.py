@@ -133,7 +133,8 @@ def run_panel(prefix: str, label: str = "Generate") -> RunPanel:
     status = gr.Markdown("", elem_id=f"{prefix}-status")
     with gr.Row():
         preview = gr.Image(label="Preview", type="pil", interactive=False, height=256, elem_id=f"{prefix}-preview")
-        results = gr.Gallery(label="Results", columns=2, height=256, interactive=False, elem_id=f"{prefix}-results")
+        results = gr.Gallery(label="Results", columns=2, height=256, object_fit="contain", interactive=False,
+                             elem_id=f"{prefix}-results")
     return RunPanel(run, cancel, status, preview, results)
 
 

@@ -35,5 +35,6 @@ def build(ctx, shared: Shared) -> EditTab:
     wire_preset(ctx, settings, shared)
     wire_run(ctx, "edit", panel, {prompt, lowres, shared.loras, *images, *settings.components()},
              lambda data: forms.edit(data[prompt], settings.values(data), [data[i] for i in images], data[lowres],
-                                     ctx.picture_template, data[shared.loras]))
+                                     ctx.picture_template, data[shared.loras],
+                                     ctx.default_size[0] * ctx.default_size[1] if ctx.demo else None))
     return EditTab(images, prompt, settings, panel)

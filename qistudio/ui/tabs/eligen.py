@@ -28,9 +28,9 @@ def build(ctx, shared: Shared) -> EliGenTab:
         with gr.Row():
             with gr.Column(scale=3):
                 editor = gr.ImageEditor(
-                    masks.blank_canvas(width, height), label="Regions", type="pil", image_mode="RGB", layers=False,
+                    masks.blank_canvas(width, height), label="Regions", type="pil", layers=False,
                     sources=(), transforms=(), height=420, elem_id="eligen-editor",
-                    brush=gr.Brush(default_size=max(4, min(width, height) // 16),
+                    brush=gr.Brush(default_size=max(4, min(width, height) // 32),  # a radius, in canvas pixels
                                    colors=[hex_colour for _, hex_colour in masks.PALETTE],
                                    default_color=masks.PALETTE[0][1], color_mode="fixed"))
                 new_canvas = gr.Button("New canvas at the chosen size", elem_id="eligen-new-canvas")

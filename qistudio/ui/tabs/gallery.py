@@ -14,6 +14,11 @@ from .generate import GenerateTab
 from .inpaint import InpaintTab
 
 
+def _shown(parameters: dict) -> dict:
+    """The parameters without the unset ones (the CLI records every key)."""
+    return {key: value for key, value in parameters.items() if value is not None}
+
+
 def build(ctx, tabs: gr.Tabs, shared: Shared, generate: GenerateTab, edit: EditTab, inpaint: InpaintTab) -> None:
     with gr.Tab("Gallery", id="gallery") as tab:
         refresh = gr.Button("Refresh", elem_id="gallery-refresh")
@@ -36,7 +41,7 @@ def build(ctx, tabs: gr.Tabs, shared: Shared, generate: GenerateTab, edit: EditT
 
     def select(paths, event: gr.SelectData):
         path = paths[event.index] if event.index is not None and event.index < len(paths) else None
-        return path, records.read_parameters(path) if path else None
+        return path, _shown(records.read_parameters(path)) if path else None
 
     def picture(path):
         if not path:
@@ -65,7 +70,7 @@ def build(ctx, tabs: gr.Tabs, shared: Shared, generate: GenerateTab, edit: EditT
                 values["seed"] if values["seed"] is not None else keep, values["steps"] or keep,
                 values["cfg"] if values["cfg"] is not None else keep, sizes.FREE if "width" in values else keep,
                 values.get("width", keep), values.get("height", keep), values["num_images"] or 1,
-                values["scheduler"], values["loras"], stored, gr.Tabs(selected="generate")]
+                values["scheduler"], values["loras"], _shown(stored), gr.Tabs(selected="generate")]
 
     refresh.click(show, outputs=[gallery, listing, chosen])
     tab.select(show, outputs=[gallery, listing, chosen])

@@ -10,7 +10,7 @@ import gradio as gr
 from .. import forms
 from .common import RunPanel, SettingsPanel, Shared, run_panel, settings_panel, wire_run
 
-BRUSH_SIZE = 24  # pixels of the picture; the editor's brush-size control changes it
+BRUSH_SIZE = 16  # radius in pixels of the picture; the editor's brush-size control changes it
 
 
 @dataclass
@@ -26,7 +26,7 @@ def build(ctx, shared: Shared) -> InpaintTab:
     with gr.Tab("Inpaint & image-to-image", id="inpaint"):
         gr.Markdown("Upload a picture, then paint over what to repaint with the brush. Leave it unpainted to "
                     "redraw the whole picture (image-to-image).")
-        editor = gr.ImageEditor(label="Picture and mask", type="pil", image_mode="RGB", layers=False,
+        editor = gr.ImageEditor(label="Picture and mask", type="pil", layers=False,
                                 sources=["upload", "clipboard"], transforms=(), height=420, elem_id="inpaint-editor",
                                 brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#ffffff"], default_color="#ffffff",
                                                color_mode="fixed"))

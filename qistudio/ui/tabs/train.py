@@ -10,12 +10,14 @@ from .. import dataset
 from ..training import TrainSettings
 
 TICK_SECONDS = 1.0
+LOG_LINES = 10
 
 
 def _loss_frame(points):
     import pandas as pd  # a dependency of gradio
 
-    return pd.DataFrame(points or [], columns=["step", "loss"])
+    # Explicit dtypes: an empty frame would be read as categories, and the plot would keep them.
+    return pd.DataFrame(points or [], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 def build(ctx) -> None:
@@ -63,7 +65,8 @@ def build(ctx) -> None:
                                elem_id="train-plot")
             samples = gr.Gallery(label="Validation images", columns=4, height=260, interactive=False,
                                  elem_id="train-samples")
-        log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True, elem_id="train-log")
+        log = gr.Textbox(label="Log (last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
+                         elem_id="train-log")
         weights = gr.Markdown("", elem_id="train-weights")
         timer = gr.Timer(TICK_SECONDS, active=False)
 
@@ -117,7 +120,7 @@ def build(ctx) -> None:
         going = run.running
         files = run.weights()
         listing = ("**LoRA files:** " + ", ".join(f"`{f}`" for f in files[:5])) if files else ""
-        return (run.status(), _loss_frame(run.losses()), run.samples(), run.log_tail(), listing,
+        return (run.status(), _loss_frame(run.losses()), run.samples(), run.log_tail(LOG_LINES), listing,
                 gr.Timer(active=going))
 
     form = {name, folder, rank, rate, steps, every, pixels, checkpointing, prompt, val_every, val_width, val_height,
