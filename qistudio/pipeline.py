@@ -273,11 +273,12 @@ def _vae_tiling(components: Components, request: GenerationRequest) -> tuple:
     return tiled, request.tile_size, request.tile_stride
 
 
-def decode(components: Components, request: GenerationRequest, latents: torch.Tensor):
+def decode(components: Components, request: GenerationRequest, latents: torch.Tensor, share=None):
+    """The images of `latents`; `share` splits the VAE's tiles across ranks (None where a rank keeps nothing)."""
     components.require("vae")
     with components.phase("decoding", "vae"), torch.no_grad():
-        images = components.vae.decode(latents, *_vae_tiling(components, request))
-    return tensor_to_images(images)
+        images = components.vae.decode(latents, *_vae_tiling(components, request), share=share)
+    return None if images is None else tensor_to_images(images)
 
 
 def default_device() -> str:
@@ -559,8 +560,9 @@ class QwenImagePipeline:
                 return latents
             if self.parallel is None:
                 images = decode(self.components, request, latents)
-            else:  # rank 0 decodes; the other ranks get None
-                images = self.parallel.decode(lambda x: decode(self.components, request, x), latents)
+            else:  # tiled: the tiles split across ranks; rank 0 keeps the images, the other ranks get None
+                images = self.parallel.decode(lambda x, share: decode(self.components, request, x, share), latents,
+                                              _vae_tiling(self.components, request)[0])
         finally:
             if self.components.memory is not None:
                 self.components.memory.release()

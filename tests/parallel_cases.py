@@ -69,6 +69,8 @@ CASES = {
     "inpaint_cfg2": (dict(cfg=2), INPAINT),
     "lora_hooks_ulysses2": (dict(ulysses=2), dict(lora="hooks")),
     "lora_fused_ring2": (dict(ring=2), dict(lora="fused")),
+    # the images: rank 0's, the VAE's 9 tiles split across the ranks; None on rank 1
+    "tiled_decode_ulysses2": (dict(ulysses=2), dict(output_type="pil", tiled=True, tile_size=4, tile_stride=2)),
     # four ranks
     "cfg2_ulysses2": (dict(cfg=2, ulysses=2), {}),
     "ulysses2_ring2_uneven": (dict(ulysses=2, ring=2), UNEVEN),
@@ -91,7 +93,7 @@ def call_arguments(name: str) -> dict:
     for key, value in extra.items():
         if isinstance(value, str) and value in images and key != "prompt":
             extra[key] = images[value]()
-    return {**BASE, **extra, "output_type": "latent", "progress_bar_cmd": lambda steps: steps}
+    return {**BASE, "output_type": "latent", **extra, "progress_bar_cmd": lambda steps: steps}
 
 
 def load_pipeline(repo: str, controlnet: str):
@@ -121,6 +123,15 @@ def generate(pipe, name: str, **overrides) -> torch.Tensor:
             pipe.unload_lora()
 
 
+def as_tensors(result) -> dict[str, torch.Tensor]:
+    """A call's result as tensors to save: latents, an image's pixels, or a mark for None."""
+    if result is None:
+        return {"none": torch.zeros(1)}
+    if isinstance(result, Image.Image):
+        return {"pixels": torch.from_numpy(np.asarray(result).copy())}
+    return {"latents": result.contiguous()}
+
+
 def _save(path: Path, tensors: dict) -> None:
     from safetensors.torch import save_file
 
@@ -145,8 +156,7 @@ def run_cases(repo: str, controlnet: str, out_dir: str, names: list[str], kill: 
     rank = int(os.environ["RANK"])
     for name in names:
         pipe.enable_parallelism(**CASES[name][0], timeout=60)
-        _save(Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors",
-              {"latents": generate(pipe, name).contiguous()})
+        _save(Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors", as_tensors(generate(pipe, name)))
     if not kill:
         return
     pipe.enable_parallelism(ulysses=2, timeout=20)

@@ -58,13 +58,19 @@ def four_ranks(files, tmp_path_factory):
 
 
 def _check(single, out, name, nprocs):
-    reference = cases.generate(single, name)
-    ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors"))["latents"] for rank in range(nprocs)]
-    assert ranks[0].shape == reference.shape
-    error = rel_err(ranks[0], reference)
+    reference = cases.as_tensors(cases.generate(single, name))
+    ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors")) for rank in range(nprocs)]
+    if "pixels" in reference:  # rank 0 returns the image (its tiles summed in another order), the others None
+        difference = (ranks[0]["pixels"].int() - reference["pixels"].int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3, name
+        assert all("none" in rank for rank in ranks[1:])
+        return
+    latents, reference = ranks[0]["latents"], reference["latents"]
+    assert latents.shape == reference.shape
+    error = rel_err(latents, reference)
     assert error < TOLERANCE, f"{name}: {error:.2e}"
     for rank in ranks[1:]:
-        assert torch.equal(rank, ranks[0])  # every rank steps the same whole latents
+        assert torch.equal(rank["latents"], latents)  # every rank steps the same whole latents
 
 
 @pytest.mark.parametrize("name", cases.TWO_RANKS)

@@ -303,28 +303,40 @@ def _ramp(length: int, border: int, ramp_start: bool, ramp_end: bool) -> torch.T
     return weights
 
 
-def _tiled(fn, x: torch.Tensor, size: tuple[int, int], stride: tuple[int, int], scale_in: int, scale_out: int):
+def _tiled(fn, x: torch.Tensor, size: tuple[int, int], stride: tuple[int, int], scale_in: int, scale_out: int,
+           share=None, channels: int = 0):
     """DiffSynth's tiled scheme: run `fn` per tile and blend the outputs with linear-ramp masks.
 
     Tiles are measured in latent pixels: latent pixel i covers input [i scale_in, (i+1) scale_in) and output
     [i scale_out, (i+1) scale_out). Where two ramps would overlap (stride < size / 2) we take their minimum.
+    share (index, count, reduce): several processes split the tiles (tile k runs where k % count == index);
+    reduce sums their float32 canvases of `channels` channels, None where the result is not kept.
     """
     height, width = x.shape[-2] // scale_in, x.shape[-1] // scale_in  # in latent pixels
     border = [(s - t) * scale_out for s, t in zip(size, stride)]
     values = weight = None
-    for top, bottom in _tile_spans(height, size[0], stride[0]):
-        for left, right in _tile_spans(width, size[1], stride[1]):
+    if share is not None:  # a process may run no tile: its canvas exists anyway
+        values = x.new_zeros(x.shape[0], channels, height * scale_out, width * scale_out, dtype=torch.float32)
+        weight = torch.zeros(values.shape[-2:], device=x.device)
+    tiles = [(top, bottom, left, right) for top, bottom in _tile_spans(height, size[0], stride[0])
+             for left, right in _tile_spans(width, size[1], stride[1])]
+    for index, (top, bottom, left, right) in enumerate(tiles):
+        rows = _ramp((bottom - top) * scale_out, border[0], top > 0, bottom < height)
+        cols = _ramp((right - left) * scale_out, border[1], left > 0, right < width)
+        mask = torch.minimum(rows[:, None], cols[None, :]).to(x.device)  # (tile_h, tile_w)
+        region = (..., slice(top * scale_out, bottom * scale_out), slice(left * scale_out, right * scale_out))
+        if share is None or index % share.count == share.index:
             tile = fn(x[..., top * scale_in : bottom * scale_in, left * scale_in : right * scale_in])
-            rows = _ramp(tile.shape[-2], border[0], top > 0, bottom < height)
-            cols = _ramp(tile.shape[-1], border[1], left > 0, right < width)
-            mask = torch.minimum(rows[:, None], cols[None, :]).to(tile.device)  # (tile_h, tile_w)
             if values is None:  # accumulate in float32 whatever the compute dtype
                 values = tile.new_zeros(*tile.shape[:2], height * scale_out, width * scale_out, dtype=torch.float32)
                 weight = torch.zeros(values.shape[-2:], device=tile.device)
-            region = (..., slice(top * scale_out, bottom * scale_out), slice(left * scale_out, right * scale_out))
             values[region] += tile.float() * mask
-            weight[region] += mask
-    return (values / weight).to(tile.dtype)
+        weight[region] += mask
+    if share is not None:
+        values = share.reduce(values)
+        if values is None:
+            return None
+    return (values / weight).to(x.dtype)
 
 
 class QwenImageVAE(nn.Module):
@@ -372,16 +384,19 @@ class QwenImageVAE(nn.Module):
         return _tiled(self._encode, images, size, stride, scale_in=factor, scale_out=1)
 
     def decode(
-        self, latents: torch.Tensor, tiled: bool = False, tile_size: int | tuple = 128, tile_stride: int | tuple = 64
-    ) -> torch.Tensor:
-        """Normalised latents (B, z_dim, h, w) -> images (B, C_img, 8h, 8w), about [-1, 1], not clamped."""
+        self, latents: torch.Tensor, tiled: bool = False, tile_size: int | tuple = 128, tile_stride: int | tuple = 64,
+        share=None,
+    ) -> torch.Tensor | None:
+        """Normalised latents (B, z_dim, h, w) -> images (B, C_img, 8h, 8w), about [-1, 1], not clamped.
+        share: tiles split across processes (see _tiled; tiled only); None returned where not kept."""
         if latents.ndim != 4 or latents.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be (B, {self.config.z_dim}, h, w), got {tuple(latents.shape)}")
         latents = latents.to(self.post_quant_conv.weight.dtype)
         if not tiled:
             return self._decode(latents)
         size, stride = self._tile_args(tile_size, tile_stride)
-        return _tiled(self._decode, latents, size, stride, scale_in=1, scale_out=self.config.spatial_factor)
+        return _tiled(self._decode, latents, size, stride, scale_in=1, scale_out=self.config.spatial_factor,
+                      share=share, channels=self.config.image_channels)
 
     @staticmethod
     def _tile_args(tile_size, tile_stride) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -91,6 +91,13 @@ class RingShift:
         return wait(self.pending, self.what).reshape(self.shape)
 
 
+def all_reduce_sum(x: torch.Tensor, what: str) -> torch.Tensor:
+    """The sum of every rank's x, on every rank."""
+    if dist.get_world_size() == 1:
+        return x
+    return wait(_issue(funcol.all_reduce, what, x.contiguous(), "sum", dist.group.WORLD), what)
+
+
 def broadcast(x: torch.Tensor, what: str, src: int = 0) -> torch.Tensor:
     """Rank `src`'s x on every rank of the world (x gives the shape and dtype elsewhere)."""
     if dist.get_world_size() == 1:

@@ -37,6 +37,24 @@ def partial_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.float(), lse
 
 
+def _key_partial(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: JointMask, query_part: str,
+                 rows: torch.Tensor, key_part: str, columns: torch.Tensor) -> Partial:
+    """partial_attention of these queries over these keys under `mask`. Text keys whose only limit is each row's
+    text length are sliced per row, as the one-process attention does, rather than masked: the fused kernel
+    without a bias (the padding of batched guidance)."""
+    if key_part == TEXT and mask.mask is None and mask.text_lengths is not None:
+        parts = []
+        for row, length in enumerate(mask.text_lengths.tolist()):
+            if length:
+                parts.append(partial_attention(query[row : row + 1], key[row : row + 1, :, :length],
+                                               value[row : row + 1, :, :length], None))
+            else:  # sees no text: a partial of weight 0
+                out = torch.zeros_like(query[row : row + 1], dtype=torch.float32)
+                parts.append((out, torch.full(out.shape[:-1], -torch.inf, device=out.device)))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return partial_attention(query, key, value, mask.allowed(query_part, rows, key_part, columns))
+
+
 def merge(total: Partial | None, part: Partial) -> Partial:
     """Two partial attentions over disjoint key sets as one."""
     if total is None:
@@ -70,11 +88,11 @@ def ring_attention(image: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor, 
                                                   mask.allowed(TEXT, text_positions, IMAGE, columns))
         if shift is not None:
             current, owner = shift.result(), (owner - 1) % ring_size
-    image_total = merge(image_total, partial_attention(image_query, text_key, text_value,
-                                                       mask.allowed(IMAGE, rows, TEXT, text_positions)))
+    image_total = merge(image_total, _key_partial(image_query, text_key, text_value, mask, IMAGE, rows, TEXT,
+                                                  text_positions))
     text_total = None
     for chunk in sorted(text_parts):
         text_total = merge(text_total, text_parts[chunk])
-    text_total = merge(text_total, partial_attention(text_query, text_key, text_value,
-                                                     mask.allowed(TEXT, text_positions, TEXT, text_positions)))
+    text_total = merge(text_total, _key_partial(text_query, text_key, text_value, mask, TEXT, text_positions, TEXT,
+                                                text_positions))
     return image_total[0].transpose(1, 2).to(dtype), text_total[0].transpose(1, 2).to(dtype)

@@ -7,13 +7,14 @@ pipeline: the pipeline hands it callables (encode, decode) and its DiT.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..models.text_encoder import TextStates
 from ..ops.attention import set_fp8_attention
-from .collectives import broadcast, broadcast_json
+from .collectives import all_reduce_sum, broadcast, broadcast_json
 from .degrees import Degrees, resolve_degrees
 from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed
 from .shard import ShardedDiT
@@ -22,6 +23,7 @@ from .shard import ShardedDiT
 class ParallelRuntime:
     def __init__(self, mesh: ParallelMesh, device: torch.device):
         self.mesh, self.device = mesh, device
+        self._sharded: dict[torch.nn.Module, ShardedDiT] = {}  # kept across calls (see ShardedDiT's overrides)
 
     @property
     def degrees(self) -> Degrees:
@@ -74,11 +76,15 @@ class ParallelRuntime:
             set_fp8_attention(dit, False)
             _warn_once("FP8 attention is off under sequence parallelism (the FP8 linears stay on): the Ulysses and "
                        "ring paths run the compute-dtype attention")
-        return ShardedDiT(dit, self.mesh)
+        return self._sharded.setdefault(dit, ShardedDiT(dit, self.mesh))
 
-    def decode(self, decode, latents: torch.Tensor):
-        """`decode(latents)` on rank 0 (its images); None on every other rank."""
-        return decode(latents) if self.is_main else None
+    def decode(self, decode, latents: torch.Tensor, tiled: bool):
+        """`decode(latents, share)`: rank 0's images, None on every other rank. Tiled, every rank decodes its share
+        of the tiles (round robin) and rank 0 blends the sum; else rank 0 decodes alone (untiled decoding is one
+        convolution stack over the whole image: it does not split without changing the image)."""
+        if not tiled or self.mesh.world_size == 1:
+            return decode(latents, None) if self.is_main else None
+        return decode(latents, TileShare(self.rank, self.mesh.world_size, self.is_main))
 
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed on every rank (a random seed drawn per process would differ)."""
@@ -87,6 +93,19 @@ class ParallelRuntime:
     def barrier(self) -> None:
         if self.mesh.world_size > 1:
             dist.barrier()
+
+
+@dataclass(frozen=True)
+class TileShare:
+    """The VAE tiles of one rank (tile k where k % count == index) and how the partial canvases meet."""
+
+    index: int
+    count: int
+    keeps: bool  # whether this rank keeps the sum
+
+    def reduce(self, canvas: torch.Tensor) -> torch.Tensor | None:
+        total = all_reduce_sum(canvas, "VAE tiles sum")
+        return total if self.keeps else None
 
 
 _warned: set[str] = set()

@@ -57,6 +57,9 @@ class ShardedDiT:
     def __init__(self, dit, mesh: ParallelMesh):
         self.dit, self.mesh = dit, mesh
         self.config = dit.config
+        # One attention override per token layout, kept: compiled blocks guard on its identity (a new object per
+        # call would recompile them every step).
+        self._overrides: dict[TokenLayout, SequenceParallelAttention] = {}
 
     def __call__(self, image_tokens, text_states, timestep, rotary: Rotary, text_lengths=None,
                  num_target_tokens=None, condition_token_mask=None, additional_t_cond=None, attention_mask=None,
@@ -73,7 +76,9 @@ class ShardedDiT:
         local_rotary = Rotary(rows.take_table(rotary.image), rows.take_table(rotary.text))
         if sharded:
             local_rotary = Rotary(layout.local(local_rotary.image, -2, 1), local_rotary.text)
-        override = SequenceParallelAttention(mesh, layout) if sharded else None
+        override = None
+        if sharded:
+            override = self._overrides.setdefault(layout, SequenceParallelAttention(mesh, layout))
         with attention_override(override):
             out = self.dit(
                 layout.local(rows.take(image_tokens), 1) if sharded else rows.take(image_tokens),

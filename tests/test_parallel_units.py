@@ -1,0 +1,181 @@
+"""The parts of qistudio/parallel that need no second process: degrees and their errors (also through the CLI,
+before anything loads), the token layout, mask blocks against the dense mask, the log-sum-exp merge, ring attention
+on one rank against plain attention, and the pipeline under degrees of 1 against the plain pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import rel_err
+from qistudio.cli.main import main
+from qistudio.ops.attention import attention
+from qistudio.ops.split_attention import SplitMask
+from qistudio.parallel import Degrees, ParallelConfigError, parse_degrees, resolve_degrees
+from qistudio.parallel.layout import TokenLayout
+from qistudio.parallel.masks import IMAGE, TEXT, JointMask
+from qistudio.parallel.ring import merge, partial_attention, ring_attention
+
+
+def test_degrees_are_parsed_and_refused_with_one_message():
+    assert parse_degrees("cfg=2, ulysses=2") == {"cfg": 2, "ulysses": 2}
+    assert parse_degrees("auto") == "auto"
+    for text, words in [("cfg=2,cfg=2", "cfg is given twice"), ("heads=2", "NAME one of data, cfg, ulysses, ring"),
+                        ("cfg=0", "cfg must be a whole number >= 1, got '0'"), ("ring=x", "got 'x'"),
+                        (" , ", "give degrees")]:
+        with pytest.raises(ParallelConfigError, match=words):
+            parse_degrees(text)
+
+
+def test_degrees_resolve_against_the_world_and_the_heads():
+    assert resolve_degrees({"cfg": 2, "ulysses": 2}, 4) == Degrees(cfg=2, ulysses=2)
+    with pytest.raises(ParallelConfigError, match=r"cfg=2,ring=2 makes 4 rank\(s\) .* but 8 process\(es\) run"):
+        resolve_degrees({"cfg": 2, "ring": 2}, 8)
+    with pytest.raises(ParallelConfigError, match="ulysses=5 does not divide the model's 24 attention heads; use one "
+                                                  "of 1, 2, 3, 4, 6, 8, 12, 24"):
+        resolve_degrees({"ulysses": 5}, 5)
+    with pytest.raises(ParallelConfigError, match="cfg is 1 or 2"):
+        resolve_degrees({"cfg": 4}, 4)
+    with pytest.raises(ParallelConfigError, match="unknown parallel degree 'tensor'"):
+        resolve_degrees({"tensor": 2}, 2)
+    # auto: cfg where the count is even, then Ulysses as far as it divides the heads, ring for the rest
+    assert resolve_degrees("auto", 8) == Degrees(cfg=2, ulysses=4)
+    assert resolve_degrees("auto", 32) == Degrees(cfg=2, ulysses=8, ring=2)
+    assert resolve_degrees(None, 5) == Degrees(ring=5)
+    assert resolve_degrees("auto", 4, num_heads=2) == Degrees(cfg=2, ulysses=2)
+    assert resolve_degrees("auto", 1) == Degrees()
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("cfg=3", "--parallel: cfg=3: guidance has two branches, so cfg is 1 or 2"),
+    ("ulysses=4", "ulysses=4 does not divide the model's 2 attention heads"),
+    ("ring=two", "ring must be a whole number >= 1, got 'two'"),
+])
+def test_cli_refuses_bad_degrees_before_anything_loads(flag, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: a demo load would build one there
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a fox", "--demo", "--device", "cpu", "-o", str(tmp_path / "x.png"), "--parallel", flag])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "qistudio").exists() and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("num_image", [1, 2, 7, 15, 16])
+@pytest.mark.parametrize("ulysses, ring", [(1, 1), (2, 1), (1, 3), (2, 2), (4, 1)])
+def test_token_layout_covers_every_token_once(num_image, ulysses, ring):
+    layouts = [TokenLayout(num_image, ulysses, ring, rank) for rank in range(ulysses * ring)]
+    tokens = torch.arange(num_image)
+    held = torch.cat([layout.local(tokens, 0, value=-1) for layout in layouts])
+    assert held[:num_image].tolist() == tokens.tolist() and (held[num_image:] == -1).all()
+    layout = layouts[0]
+    valid = [layout.valid_in_ring_chunk(j) for j in range(ring)]
+    assert sum(valid) == num_image and all(v == layout.ring_chunk for v in valid[: num_image // layout.ring_chunk])
+
+
+def _eligen_mask(batch=2, num_image=10, length=6, seed=0) -> SplitMask:
+    g = torch.Generator().manual_seed(seed)
+    text_to_image = torch.rand(batch, length, num_image, generator=g) > 0.4
+    text_to_text = torch.rand(batch, length, length, generator=g) > 0.3
+    text_to_image[1, -2:], text_to_text[1, -2:], text_to_text[1, :, -2:] = False, False, False  # padding
+    return SplitMask(num_image, text_to_image, text_to_text)
+
+
+def test_mask_blocks_are_the_dense_mask_sliced():
+    mask = _eligen_mask()
+    dense = mask.dense()  # (B, 1, S, S)
+    key_mask = torch.rand(2, 1, 1, 16, generator=torch.Generator().manual_seed(1)) > 0.3
+    lengths = [6, 4]
+    text_valid = torch.arange(6)[None] < torch.tensor(lengths)[:, None]
+    for joint, full, text_lengths in [(JointMask(mask, 10, None, "cpu"), dense, None),
+                                      (JointMask(key_mask, 10, None, "cpu"), key_mask.expand(2, 1, 16, 16), None),
+                                      (JointMask(None, 10, lengths, "cpu"), None, lengths)]:
+        for q_part, q_index, k_part, k_index in [(IMAGE, torch.tensor([0, 3, 9]), IMAGE, torch.tensor([1, 2, 8, 9])),
+                                                 (IMAGE, torch.arange(4, 8), TEXT, torch.arange(6)),
+                                                 (TEXT, torch.arange(6), IMAGE, torch.arange(5)),
+                                                 (TEXT, torch.arange(6), TEXT, torch.tensor([0, 5]))]:
+            block = joint.allowed(q_part, q_index, k_part, k_index)
+            if full is None:  # text lengths only: text keys are limited, image keys all allowed
+                expected = text_valid[:, None, None, k_index] if k_part == TEXT else None
+                assert (block is None) == (expected is None)
+                if expected is not None:
+                    assert torch.equal(block.expand(2, 1, len(q_index), -1),
+                                       expected.expand(2, 1, len(q_index), -1))
+                continue
+            rows = q_index if q_part == IMAGE else q_index + 10
+            cols = k_index if k_part == IMAGE else k_index + 10
+            expected = full[:, :, rows][..., cols]
+            got = torch.ones_like(expected) if block is None else block.expand_as(expected)
+            assert torch.equal(got, expected), (q_part, k_part)
+
+
+def test_partial_attentions_merge_into_one_softmax():
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))  # (B, H, S, D)
+    allowed = torch.rand(2, 1, 5, 5, generator=g) > 0.5
+    allowed[0, 0, 1] = False  # a row that sees nothing at all
+    whole = None
+    for part in (slice(0, 2), slice(2, 3), slice(3, 5)):
+        whole = merge(whole, partial_attention(query, key[:, :, part], value[:, :, part], allowed[..., part]))
+    out, lse = whole
+    seen = allowed.expand(2, 3, 5, 5).any(-1)
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                                 attn_mask=allowed | ~allowed.any(-1, keepdim=True))
+    assert rel_err(out[seen], reference[seen]) < 1e-6
+    assert torch.equal(out[~seen], torch.zeros_like(out[~seen])) and torch.isinf(lse[~seen]).all()
+
+
+@pytest.mark.parametrize("kind", ["lengths", "eligen", "key_mask"])
+def test_ring_attention_on_one_rank_equals_attention(kind):
+    """The ring's bookkeeping (padding sliced off, masks read per block, text keys per row) without a peer: the
+    whole joint sequence, from the padded image chunk, equals the plain attention call."""
+    g = torch.Generator().manual_seed(2)
+    batch, num_image, length, heads, dim = 2, 10, 6, 2, 8
+    layout = TokenLayout(num_image, ulysses=1, ring=1, sequence_rank=0)
+    query, key, value = (torch.randn(batch, num_image + length, heads, dim, generator=g) for _ in range(3))
+    lengths, mask = None, None
+    if kind == "lengths":
+        lengths = [6, 3]
+    elif kind == "eligen":
+        mask = _eligen_mask(batch, num_image, length)
+    else:
+        mask = torch.rand(batch, 1, 1, num_image + length, generator=g) > 0.3
+    expected = attention(query, key, value, key_lengths=None if lengths is None else [num_image + n for n in lengths],
+                         mask=mask)
+    image = torch.stack([layout.pad(t[:, :num_image], 1) for t in (query, key, value)])
+    text = tuple(t[:, num_image:] for t in (query, key, value))
+    image_out, text_out = ring_attention(image, text, layout, JointMask(mask, num_image, lengths, "cpu"), None, 0)
+    got = torch.cat([image_out[:, :num_image], text_out], dim=1)
+    if kind == "eligen":  # text padding rows see nothing: their output is never read (split attention differs)
+        keep = torch.cat([torch.ones(batch, num_image, dtype=torch.bool), mask.text_to_text.any(-1)], dim=1)
+        got, expected = got[keep], expected[keep]
+    assert rel_err(got, expected) < 1e-6
+
+
+@pytest.fixture
+def one_rank(tiny_pipe):
+    """tiny_pipe under degrees of 1 (a process group of one, in memory); both undone after."""
+    yield tiny_pipe
+    tiny_pipe.parallel = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_degrees_of_one_give_the_plain_pipeline(one_rank):
+    call = dict(prompt="a red fox", negative_prompt="blurry", height=48, width=80, num_inference_steps=2, seed=1,
+                output_type="latent", progress_bar_cmd=lambda steps: steps)
+    plain = one_rank(**call)
+    assert one_rank.enable_parallelism() == Degrees()
+    assert torch.equal(one_rank(**call), plain)
+    image = one_rank(**{**call, "output_type": "pil"})  # rank 0 of one: the image itself
+    assert image.size == (80, 48)
+
+
+def test_python_dash_m_runs_the_command():
+    """`python -m qistudio` (as `torchrun ... -m qistudio generate ...` starts each rank) is the qistudio command."""
+    import subprocess
+    import sys
+
+    from qistudio import __version__
+
+    done = subprocess.run([sys.executable, "-m", "qistudio", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"qistudio {__version__}"
