@@ -65,6 +65,9 @@ def is_linear(module: nn.Module) -> bool:
 def _fuse_problem(module: nn.Module) -> str | None:
     """Why a LoRA cannot be fused into this layer (an 8-bit float weight), or None."""
     weight = getattr(module, "weight", None)
+    if hasattr(module, "weight_shape"):  # GGUF / bitsandbytes storage (memory/quant_linear.py)
+        return (f"{type(module).__name__} stores its weight quantised ({module.quant_type}): unfused LoRAs work on "
+                "it, but a delta cannot be fused into its blocks; load it with fuse=False")
     if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.element_size() == 1:
         return (f"{type(module).__name__} stores its weight in {weight.dtype}: unfused LoRAs work on FP8 weights, "
                 "but fusing would round the LoRA into 8 bits and lose its precision; load it with fuse=False")
@@ -87,8 +90,9 @@ def _mismatch(update: Update, module: nn.Module) -> str | None:
     if update.weight_shape is not None:
         if not isinstance(weight, torch.Tensor):
             return f"{type(module).__name__} has no weight to change"
-        if tuple(weight.shape) != update.weight_shape:
-            return f"the {update.kind} delta is {list(update.weight_shape)}, the weight {list(weight.shape)}"
+        shape = tuple(getattr(module, "weight_shape", weight.shape))  # a quantised layer: its real (out, in)
+        if shape != update.weight_shape:
+            return f"the {update.kind} delta is {list(update.weight_shape)}, the weight {list(shape)}"
     if update.bias_shape is not None:
         if not isinstance(bias, torch.Tensor):
             return f"{type(module).__name__} has no bias for diff_b"
