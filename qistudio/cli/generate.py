@@ -164,7 +164,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
     p.add_argument("-o", "--output", default="image.png", help="PNG to write (default: image.png)")
-    p.add_argument("--model", help=f"hub id or local folder (default: {HUB_MODEL})")
+    p.add_argument("--model", help=f"hub id or local folder (default: {HUB_MODEL}), or a DiT file (.gguf, NF4 "
+                   f".safetensors) with the rest of {HUB_MODEL} (--model-dir, --skip-download apply)")
     p.add_argument("--demo", action="store_true", default=None,
                    help="use a tiny random model (built offline in seconds, cached in ~/.cache/qistudio/demo)")
     p.add_argument("--negative", help="negative prompt (default: empty)")
@@ -429,6 +430,9 @@ def model_configs(settings: dict, args: argparse.Namespace) -> tuple[list[ModelC
     if is_qwen21_model(model):  # processor/, no tokenizer/ (generate21.py)
         return qwen21_model_configs(model, args)
     folder = Path(model).expanduser()
+    if folder.is_file():  # one DiT file (a GGUF, an NF4 safetensors): the rest from the base model, as given
+        base = model_configs({**settings, "model": HUB_EDIT_MODEL if settings.get("edit") else HUB_MODEL}, args)
+        return [ModelConfig(path=str(folder.resolve())), *base[0][1:]], base[1], base[2]
     if folder.is_dir():
         missing = [name + "/" for name in SUBFOLDERS if not (folder / name).is_dir()]
         if missing:

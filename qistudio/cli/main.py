@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import convert_lora, generate, layers, serve, train, ui, validate
+from . import convert_lora, generate, layers, quantize, serve, train, ui, validate
 
 # What a user can cause, and so is reported as one line: bad values and files (ValueError: the loaders'
 # CheckpointError, LoRAError and InputError are ValueErrors), the file system (OSError), a missing optional
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(subparsers)
     layers.add_parser(subparsers)
     convert_lora.add_parser(subparsers)
+    quantize.add_parser(subparsers)
     train.add_parser(subparsers)
     validate.add_parser(subparsers)
     serve.add_parser(subparsers)
