@@ -48,6 +48,10 @@ for layer in layers:
         reference = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
         assert y.shape == (2, tokens, rows) and y.dtype == torch.float16
         assert (y.float() - reference).abs().max() <= 2e-3 * reference.abs().max() + 1e-3, layer.quant_type
+    x = torch.randn(37, layer.in_features).half()  # the fused kernel over three row tiles
+    y = K._quantized_matmul(x, weight, aux, code, K.QCODES[layer.quant_type], rows, layer.blocksize, None)
+    reference = x.float() @ layer.dequantized_weight(torch.float32).T
+    assert (y.float() - reference).abs().max() <= 2e-3 * reference.abs().max() + 1e-3, layer.quant_type
 print("ok")
 '''
 

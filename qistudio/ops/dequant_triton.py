@@ -34,6 +34,9 @@ except ImportError:  # CPU-only installs
 
 # Type codes the kernels branch on (compile-time constants).
 QCODES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "NF4": 5, "FP4": 5, "INT8": 6}
+# Up to this many rows the fused kernel runs (it takes any number, 16 per program along the rows: each row tile
+# decodes the weight again). Where the crossover with decode + cuBLAS lies is for a GPU to measure
+# (bench/quantized.py); 16 is where reading the weight is certainly the whole cost.
 FUSED_MAX_ROWS = 16
 
 
@@ -179,17 +182,17 @@ if triton is not None:
                        HAS_BIAS: tl.constexpr, QCODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
         cols_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ids = tl.arange(0, ROWS)
+        row_ids = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for start in range(0, k_total, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row_ids[:, None] * k_total + ks[None, :],
+            x = tl.load(x_ptr + row_ids[:, None].to(tl.int64) * k_total + ks[None, :],
                         mask=(row_ids[:, None] < m_total) & (ks[None, :] < k_total), other=0.0)
             w = _decode(w_ptr, aux_ptr, code_ptr, cols_n[:, None], ks[None, :], n_total, k_total, blocksize, QCODE)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols_n, mask=cols_n < n_total, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + row_ids[:, None] * n_total + cols_n[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row_ids[:, None].to(tl.int64) * n_total + cols_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(row_ids[:, None] < m_total) & (cols_n[None, :] < n_total))
 
     @torch.library.triton_op("qistudio::quantized_matmul", mutates_args=())
@@ -200,8 +203,7 @@ if triton is not None:
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
         block_n = 16  # many small programs: reading the weight is the whole cost, spread it over every SM
         has_bias = bias is not None
-        torch.library.wrap_triton(_matmul_kernel)[(triton.cdiv(n, block_n),)](
+        torch.library.wrap_triton(_matmul_kernel)[(triton.cdiv(n, block_n), triton.cdiv(rows, 16))](
             x, weight, aux, code, bias.to(x.dtype) if has_bias else x, out, rows, n, k, blocksize,
-            HAS_BIAS=has_bias, QCODE=qcode, ROWS=FUSED_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=256, num_warps=4,
-            num_stages=3)
+            HAS_BIAS=has_bias, QCODE=qcode, ROWS=16, BLOCK_N=block_n, BLOCK_K=256, num_warps=4, num_stages=3)
         return out
