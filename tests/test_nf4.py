@@ -170,3 +170,45 @@ def test_four_step_pipeline_equals_diffusers_with_bitsandbytes_layers(wide, tiny
                num_inference_steps=4, noise=noise, cfg_norm_rescale=True, output_type="latent",
                progress_bar_cmd=lambda x: x)
     assert rel_err(got, unpatchify(expected, height // 16, width // 16)) <= 1e-4
+
+
+def test_an_nf4_text_encoder_keeps_its_decoder_linears_quantized(tiny_repo, tmp_path):
+    """transformers saves a 4-bit Qwen2.5-VL in the same layout: its decoder linears stay NF4, and the pipeline's
+    result equals the one with those weights dequantised by bitsandbytes, saved as plain floats."""
+    import shutil
+
+    import bitsandbytes.functional as F
+
+    from qistudio import ModelConfig, QwenImagePipeline
+    from qistudio.memory.quant_linear import quantized_linears
+
+    def in_decoder(name, tensor):
+        return tensor.dim() == 2 and "language_model.layers." in name
+
+    state = load_file(str(tiny_repo / "text_encoder" / "model.safetensors"))
+    nf4, dense = tmp_path / "nf4", tmp_path / "dense"
+    for folder in (nf4, dense):
+        folder.mkdir()
+        shutil.copy(tiny_repo / "text_encoder" / "config.json", folder)
+    write_bnb_4bit(nf4 / "model.safetensors", state, quantize=in_decoder)
+    dequantized = {}
+    for name, tensor in state.items():
+        if in_decoder(name, tensor):
+            packed, quant_state = F.quantize_4bit(tensor, blocksize=64, quant_type="nf4")
+            tensor = F.dequantize_4bit(packed, quant_state)
+        dequantized[name] = tensor.contiguous()
+    save_file(dequantized, str(dense / "model.safetensors"))
+
+    def pipeline(text_encoder):
+        return QwenImagePipeline.from_pretrained(
+            torch_dtype=torch.float32, device="cpu",
+            model_configs=[ModelConfig(path=str(tiny_repo / "transformer")), ModelConfig(path=str(text_encoder)),
+                           ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"))],
+            tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+        )  # fmt: skip
+
+    quantized, plain = pipeline(nf4), pipeline(dense)
+    assert len(quantized_linears(quantized.text_encoder)) == sum(in_decoder(k, v) for k, v in state.items())
+    kwargs = dict(prompt="a red kite", negative_prompt="fog", height=48, width=64, num_inference_steps=2, seed=4,
+                  output_type="latent", progress_bar_cmd=lambda x: x)
+    assert rel_err(quantized(**kwargs), plain(**kwargs)) < 1e-6
