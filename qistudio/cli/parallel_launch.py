@@ -102,6 +102,8 @@ def start_parallel(args: argparse.Namespace, settings: dict) -> ParallelRun:
         return ParallelRun()
     error = args.parser.error
     heads = _model_heads(settings)
+    if settings.get("cache"):
+        error("--cache does not run with --parallel yet (each rank would decide its own steps)")
     if not _under_launcher():
         count = _process_count(spec, settings["device"], error)
         try:
@@ -132,38 +134,44 @@ def _join(settings: dict) -> None:
     settings["seed"] = int(broadcast_json(settings["seed"], "seed broadcast", device))
 
 
+class RankFailed(RuntimeError):
+    """A spawned rank's one-line failure, for the launching process to print."""
+
+
 def _launch(args: argparse.Namespace, count: int) -> int:
     """Run this generate command on `count` local ranks; rank 0 writes the PNG. Returns the exit status."""
+    from ..parallel import ParallelError
     from ..parallel.launch import launch
 
     values = {key: value for key, value in vars(args).items() if key not in ("parser", "run")}
-    outcomes = launch(_rank_main, (values,), count)
-    failed = [(rank, message) for rank, (code, message) in sorted(outcomes.items()) if code]
-    if not failed:
-        return 0
-    # A rank that failed on its own says why; the others only lost contact with it.
-    own = [item for item in failed if "with the other ranks failed" not in item[1]]
-    rank, message = (own or failed)[0]
-    print(f"{args.parser.prog}: rank {rank}: {message}", file=sys.stderr)
-    return 1
+    try:
+        launch(_rank_main, (values,), count)
+    except ParallelError as e:  # the launcher stopped every rank at the first failure
+        print(f"{args.parser.prog}: {str(e).replace(f'{RankFailed.__name__}: ', '')}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def _rank_main(values: dict) -> tuple[int, str]:
-    """One spawned rank: the generate command from its parsed flags; (exit status, one-line error or "")."""
+def _rank_main(values: dict) -> int:
+    """One spawned rank: the generate command from its parsed flags. A failure raises, so that the launcher stops
+    the other ranks at once (a rank that returned would keep its connections open, leaving them waiting)."""
     from . import generate
     from .main import is_user_error, one_line
 
     root = argparse.ArgumentParser(prog="qistudio")
     parser = generate.add_parser(root.add_subparsers())
     args = argparse.Namespace(**values, parser=parser, run=generate.run)
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    quiet = int(os.environ.get("RANK", "0")) != 0  # rank 0 speaks for all
     with open(os.devnull, "w") as sink, redirect_stdout(sink if quiet else sys.stdout), \
             redirect_stderr(sink if quiet else sys.stderr):
         try:
-            return generate.run(args), ""
-        except SystemExit as e:  # parser.error: the parent checked the same flags, so rare
-            return int(e.code or 0), "invalid arguments"
-        except Exception as e:  # noqa: BLE001 - reported by the launching process, in one line
+            code = generate.run(args)
+        except SystemExit as e:  # parser.error: the launching process checked the same flags first
+            code = e.code
+        except Exception as e:  # noqa: BLE001 - one line for the launching process to print
             if not is_user_error(e) or os.environ.get("QISTUDIO_DEBUG"):
                 raise
-            return 1, one_line(e)
+            raise RankFailed(one_line(e)) from None
+    if code:
+        raise RankFailed(f"exit status {code} (rank 0's message above says why; ranks fail alike)")
+    return 0

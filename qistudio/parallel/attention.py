@@ -18,6 +18,7 @@ import torch
 from ..ops.attention import attention, attention_override
 from ..ops.flex_mask import FlexMask
 from .collectives import all_gather, heads_to_sequence, sequence_to_heads
+from .degrees import ParallelConfigError
 from .layout import TokenLayout
 from .masks import JointMask
 from .mesh import ParallelMesh
@@ -32,8 +33,9 @@ class SequenceParallelAttention:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_lengths=None, mask=None):
         if isinstance(mask, FlexMask):
-            raise NotImplementedError("masked attention (EliGen, mixed edit rows) inside compiled blocks does not "
-                                      "run sequence-parallel yet; drop pipe.compile() or use cfg/data parallelism")
+            raise ParallelConfigError("masked attention (EliGen, edit rows of different layouts) inside compiled "
+                                      "blocks does not run sequence-parallel yet; drop pipe.compile() or use "
+                                      "cfg/data parallelism alone")
         n, ulysses = self.layout.chunk, self.layout.ulysses
         # key_lengths counted this rank's n image tokens; the text part of each is what matters.
         text_lengths = None if key_lengths is None else [count - n for count in key_lengths]

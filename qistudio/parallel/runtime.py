@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..models.text_encoder import TextStates
 from ..ops.attention import set_fp8_attention
 from .collectives import all_reduce_sum, broadcast, broadcast_json
-from .degrees import Degrees, resolve_degrees
+from .degrees import Degrees, ParallelConfigError, resolve_degrees
 from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed
 from .shard import ShardedDiT
 
@@ -40,8 +40,8 @@ class ParallelRuntime:
     def prepare(self, request) -> None:
         """Refuse, before any model runs, what does not run split yet; quiet progress bars off rank 0."""
         if getattr(request, "cache", None) is not None:
-            raise NotImplementedError("step caching (cache=...) does not run under parallelism yet: ranks would "
-                                      "decide on their own shares; drop cache= or call without parallelism")
+            raise ParallelConfigError("cache=... (step caching) does not run under parallelism yet: each rank would "
+                                      "decide on its own share; drop cache= or call without enable_parallelism")
         if self.degrees.cfg > 1:
             request.cfg_batch = True  # the cfg ranks split the batched call's rows: one branch each
         if not self.is_main:
@@ -132,4 +132,10 @@ def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = 
         resolve_degrees(degrees, world, num_heads)  # bad degrees: one error before any process group exists
     init_distributed(device, timeout_s)
     resolved = resolve_degrees(degrees, dist.get_world_size(), num_heads)
-    return ParallelRuntime(build_mesh(resolved, device, timeout_s), device)
+    key = (dist.group.WORLD, resolved, device, timeout_s)
+    if key not in _meshes:  # a mesh's process groups are made once per process group: every rank asks alike
+        _meshes[key] = build_mesh(resolved, device, timeout_s)
+    return ParallelRuntime(_meshes[key], device)
+
+
+_meshes: dict[tuple, ParallelMesh] = {}

@@ -21,6 +21,7 @@ from ..ops.rope import Rotary
 from ..ops.split_attention import SplitMask
 from .attention import SequenceParallelAttention
 from .collectives import all_gather
+from .degrees import ParallelConfigError
 from .layout import TokenLayout
 from .mesh import ParallelMesh
 
@@ -65,7 +66,7 @@ class ShardedDiT:
                  num_target_tokens=None, condition_token_mask=None, additional_t_cond=None, attention_mask=None,
                  block_hook=None, block_gate=None) -> torch.Tensor:
         if block_gate is not None:
-            raise NotImplementedError("step caching (cache=...) does not run under parallelism yet")
+            raise ParallelConfigError("step caching (cache=...) does not run under parallelism yet")
         mesh, degrees = self.mesh, self.mesh.degrees
         num_target = image_tokens.shape[1] if num_target_tokens is None else num_target_tokens
         rows = RowShare(image_tokens.shape[0], mesh.row_groups, mesh.row_rank, image_tokens.device)
