@@ -292,3 +292,35 @@ def test_four_step_pipeline_equals_diffusers_loaded_from_the_same_file(wide, tin
     got = pipe(prompt, negative_prompt=negative, cfg_scale=4.0, height=height, width=width, num_inference_steps=4,
                noise=noise, cfg_norm_rescale=True, output_type="latent", progress_bar_cmd=lambda x: x)
     assert rel_err(got, unpatchify(expected, height // 16, width // 16)) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """A tiny DiT's GGUF file (Q8_0 / Q4_0 / F16 block linears) and where its tensor data begins."""
+    path = write_gguf(tmp_path_factory.mktemp("fuzz") / "dit.gguf", _tiny_state(), mixed_types(("Q8_0", "Q4_0", "F16")))
+    tensors, _ = read_gguf_layout(path)
+    return path.read_bytes(), min(t.offset for t in tensors.values())
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_a_corrupted_gguf_header_is_one_checkpoint_error(small_gguf, tmp_path_factory, flips, cut):
+    """Any bytes changed in the header (names, counts, shapes, types, offsets, metadata), or the file cut short:
+    the model loads, or one CheckpointError; never another exception."""
+    data, header_end = small_gguf
+    corrupted = bytearray(data)
+    for position, value in flips:
+        corrupted[int(position * header_end)] = value
+    if cut is not None:
+        corrupted = corrupted[: int(cut * len(corrupted))]
+    path = tmp_path_factory.mktemp("corrupt") / "dit.gguf"
+    path.write_bytes(bytes(corrupted))
+    try:
+        load_model([path], dtype=torch.float32)
+    except CheckpointError:
+        pass

@@ -151,3 +151,11 @@ def test_generate_with_a_gguf_model_file_equals_the_pipeline(bf16_dit, tiny_repo
     expected = pipe("a small boat", seed=3, num_inference_steps=2, height=48, width=64)
     with Image.open(out) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+
+
+def test_the_quantize_parsers_types_are_the_librarys():
+    """The parser names them without importing torch; they must stay equal."""
+    from qistudio.cli import quantize
+    from qistudio.weights.quantize_dit import QUANT_TYPES
+
+    assert quantize.TYPES == QUANT_TYPES
