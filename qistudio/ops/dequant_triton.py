@@ -56,11 +56,12 @@ def supports_cuda(layer, x: torch.Tensor) -> bool:
 
 def _operands(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stored weight, first auxiliary, second auxiliary) as the kernels take them."""
+    weight = layer.weight.contiguous()  # the kernels index rows of bytes (views of an offload slot already are)
     if layer.family == "4bit":
-        return layer.weight, layer._absmax(), layer.weight_code
+        return weight, layer._absmax().contiguous(), layer.weight_code.contiguous()
     if layer.family == "int8":
-        return layer.weight, layer.weight_scb.float(), layer.weight_scb
-    return layer.weight, layer.weight, layer.weight  # GGUF blocks carry their own scales
+        return weight, layer.weight_scb.float().contiguous(), weight
+    return weight, weight, weight  # GGUF blocks carry their own scales
 
 
 def quantized_linear_cuda(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
