@@ -46,7 +46,9 @@ def _product(degrees: dict) -> int:
 
 ENTITIES = dict(eligen_entity_prompts=["a fox", "a moon"], eligen_entity_masks="masks")
 EDIT = dict(edit_image="edit", edit_image_auto_resize=False)  # the small image as it is: fast on the CPU
-CONTROL = dict(blockwise_controlnet_inputs="control")
+CONTROL = dict(blockwise_controlnet_inputs="control")  # the Blockwise ControlNet (controlnet_id 0)
+INSTANTX = dict(blockwise_controlnet_inputs="instantx")  # the InstantX Union ControlNet (controlnet_id 1)
+TWO_PROMPTS = ["a red fox in the snow", "two birds"]
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
 
 # name -> (degrees, the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call ("hooks" or
@@ -58,7 +60,7 @@ CASES = {
     "ulysses2_uneven": (dict(ulysses=2), UNEVEN),
     "ring2": (dict(ring=2), {}),
     "ring2_uneven": (dict(ring=2), UNEVEN),
-    "data2": (dict(data=2), dict(prompt=["a red fox in the snow", "two birds"])),
+    "data2": (dict(data=2), dict(prompt=TWO_PROMPTS)),
     "data2_three_images": (dict(data=2), dict(num_images=3, cfg_scale=1.0)),
     "edit_ulysses2": (dict(ulysses=2), EDIT),
     "edit_ring2_uneven": (dict(ring=2), {**EDIT, **UNEVEN}),
@@ -66,6 +68,8 @@ CASES = {
     "eligen_ring2": (dict(ring=2), {**ENTITIES, "eligen_enable_on_negative": True}),
     "controlnet_ulysses2_uneven": (dict(ulysses=2), {**CONTROL, **UNEVEN}),
     "controlnet_ring2": (dict(ring=2), CONTROL),
+    # one row per rank, a prompt's sample per row: the ControlNet's hook sees every row
+    "instantx_data2_no_guidance": (dict(data=2), dict(prompt=TWO_PROMPTS, cfg_scale=1.0, **INSTANTX)),
     "inpaint_cfg2": (dict(cfg=2), INPAINT),
     "lora_hooks_ulysses2": (dict(ulysses=2), dict(lora="hooks")),
     "lora_fused_ring2": (dict(ring=2), dict(lora="fused")),
@@ -76,7 +80,8 @@ CASES = {
     "ulysses2_ring2_uneven": (dict(ulysses=2, ring=2), UNEVEN),
     "ring4_eligen": (dict(ring=4), ENTITIES),
     "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
-    "data2_cfg2": (dict(data=2, cfg=2), dict(prompt=["a red fox in the snow", "two birds"])),
+    "data2_cfg2": (dict(data=2, cfg=2), dict(prompt=TWO_PROMPTS)),
+    "instantx_cfg2_ulysses2_uneven": (dict(cfg=2, ulysses=2), {**INSTANTX, **UNEVEN}),
 }
 TWO_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 2]
 FOUR_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 4]
@@ -89,21 +94,23 @@ def call_arguments(name: str) -> dict:
     extra = {key: value for key, value in CASES[name][1].items() if key != "lora"}
     size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
     images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
-                  control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)])
+                  control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)],
+                  instantx=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.8, controlnet_id=1)])
     for key, value in extra.items():
         if isinstance(value, str) and value in images and key != "prompt":
             extra[key] = images[value]()
     return {**BASE, "output_type": "latent", **extra, "progress_bar_cmd": lambda steps: steps}
 
 
-def load_pipeline(repo: str, controlnet: str):
+def load_pipeline(repo: str, controlnets: list[str]):
+    """The demo pipeline with its ControlNets (a Blockwise one, then an InstantX Union one)."""
     from qistudio import ModelConfig, QwenImagePipeline
 
     folder = Path(repo)
     return QwenImagePipeline.from_pretrained(
         torch_dtype=torch.float32, device="cpu",
         model_configs=[*(ModelConfig(path=str(folder / name)) for name in ("transformer", "text_encoder", "vae")),
-                       ModelConfig(path=controlnet)],
+                       *(ModelConfig(path=path) for path in controlnets)],
         tokenizer_config=ModelConfig(path=str(folder / "tokenizer")),
         processor_config=ModelConfig(path=str(folder / "processor")),
     )
@@ -139,7 +146,7 @@ def _save(path: Path, tensors: dict) -> None:
     path.with_suffix(".tmp").rename(path)  # whole or absent
 
 
-def run_cases(repo: str, controlnet: str, out_dir: str, names: list[str], kill: bool = False) -> None:
+def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str], kill: bool = False) -> None:
     """One rank: each case's latents under its degrees, saved by every rank (the ranks must agree). With `kill`,
     a last call in which rank 1 is killed at step 1 (SIGKILL): rank 0 records the error it got and how long it
     took. The launcher would stop rank 0 at once when rank 1 dies; rank 0 ignores that (SIGTERM) here to show what
@@ -152,7 +159,7 @@ def run_cases(repo: str, controlnet: str, out_dir: str, names: list[str], kill: 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    pipe = load_pipeline(repo, controlnet)
+    pipe = load_pipeline(repo, controlnets)
     rank = int(os.environ["RANK"])
     for name in names:
         pipe.enable_parallelism(**CASES[name][0], timeout=60)

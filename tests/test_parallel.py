@@ -24,15 +24,18 @@ from qistudio.demo import write_demo_model
 from qistudio.parallel import ParallelError
 from qistudio.parallel.launch import launch
 from test_control import write_controlnet
+from test_instantx_controlnet import reference_controlnet
 
 TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The demo model and a tiny Blockwise ControlNet, written once."""
+    """The demo model, a tiny Blockwise and a tiny InstantX Union ControlNet, written once."""
     folder = tmp_path_factory.mktemp("parallel")
-    return str(write_demo_model(folder / "demo")), str(write_controlnet(folder / "canny.safetensors"))
+    reference_controlnet(1).save_pretrained(folder / "union")
+    return str(write_demo_model(folder / "demo")), [str(write_controlnet(folder / "canny.safetensors")),
+                                                     str(folder / "union")]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ class ParallelRuntime:
     def __init__(self, mesh: ParallelMesh, device: torch.device):
         self.mesh, self.device = mesh, device
         self._sharded: dict[torch.nn.Module, ShardedDiT] = {}  # kept across calls (see ShardedDiT's overrides)
+        self.branch_rows: int | None = None  # the last prepared call's images (rows of one guidance branch)
 
     @property
     def degrees(self) -> Degrees:
@@ -44,6 +45,7 @@ class ParallelRuntime:
                                       "decide on its own share; drop cache= or call without enable_parallelism")
         if self.degrees.cfg > 1:
             request.cfg_batch = True  # the cfg ranks split the batched call's rows: one branch each
+        self.branch_rows = request.batch_size
         if not self.is_main:
             request.progress_bar_cmd = lambda steps: steps
 
@@ -76,7 +78,9 @@ class ParallelRuntime:
             set_fp8_attention(dit, False)
             _warn_once("FP8 attention is off under sequence parallelism (the FP8 linears stay on): the Ulysses and "
                        "ring paths run the compute-dtype attention")
-        return self._sharded.setdefault(dit, ShardedDiT(dit, self.mesh))
+        sharded = self._sharded.setdefault(dit, ShardedDiT(dit, self.mesh))
+        sharded.branch_rows = self.branch_rows
+        return sharded
 
     def decode(self, decode, latents: torch.Tensor, tiled: bool):
         """`decode(latents, share)`: rank 0's images, None on every other rank. Tiled, every rank decodes its share

@@ -5,8 +5,11 @@ Design note. `ShardedDiT` takes the DiT's own arguments, gives each rank its sha
   into data x cfg equal shares, cfg-major, so with cfg=2 one rank group runs the positive branch and the other the
   negative. A count that does not divide is padded by repeating the last row (computed, then dropped).
 - Tokens: each sequence rank keeps its chunk of image tokens (layout.py) with the matching RoPE rows and
-  zero-cond-t flags; the text stays whole. Attention joins the chunks (attention.py); a ControlNet's block hook
-  sees the whole image (an all-gather per block) and each rank keeps its chunk of what it returns.
+  zero-cond-t flags; the text stays whole. Attention joins the chunks (attention.py).
+- A ControlNet's block hook sees the whole image of its rows (an all-gather over the sequence ranks per block)
+  and each rank keeps its chunk of what it returns. Its rows must be whole guidance branches (an InstantX
+  ControlNet adds one sample per prompt row to each branch): where a share is not (data parallelism, or cfg=2
+  without guidance), the hook sees every row (gathered from every rank) and each rank keeps its own.
 - Output: every rank's (rows, tokens) piece is all-gathered and laid back in place, so every rank ends with the
   velocity of the whole batch, as one process computes it, and the sampler runs identically everywhere.
 """
@@ -61,6 +64,7 @@ class ShardedDiT:
         # One attention override per token layout, kept: compiled blocks guard on its identity (a new object per
         # call would recompile them every step).
         self._overrides: dict[TokenLayout, SequenceParallelAttention] = {}
+        self.branch_rows: int | None = None  # rows of one guidance branch (the images of the call), if known
 
     def __call__(self, image_tokens, text_states, timestep, rotary: Rotary, text_lengths=None,
                  num_target_tokens=None, condition_token_mask=None, additional_t_cond=None, attention_mask=None,
@@ -86,7 +90,7 @@ class ShardedDiT:
                 rows.take(text_states), rows.take(timestep), local_rotary, rows.take(text_lengths),
                 num_target_tokens=None if sharded else num_target, condition_token_mask=condition_token_mask,
                 additional_t_cond=rows.take(additional_t_cond), attention_mask=rows.take(attention_mask),
-                block_hook=self._sequence_hook(block_hook, layout) if sharded else block_hook,
+                block_hook=self._shared_hook(block_hook, rows, layout),
             )  # (rows of this share, image tokens of this rank, out channels)
         return self._gather(out, rows, layout)[: rows.total, :num_target]
 
@@ -103,17 +107,20 @@ class ShardedDiT:
             grid[row_rank][coordinate["ring"] * layout.ulysses + coordinate["ulysses"]] = pieces[rank]
         return torch.cat([torch.cat(share, dim=1) for share in grid], dim=0)
 
-    def _sequence_hook(self, hook, layout: TokenLayout):
-        """The block hook over the whole image: gathered from the sequence ranks, each keeping its chunk after."""
-        if hook is None:
-            return None
+    def _shared_hook(self, hook, rows: RowShare, layout: TokenLayout):
+        """The block hook over the whole image of whole guidance branches, each rank keeping its share after."""
+        whole_rows = rows.groups == 1 or bool(self.branch_rows and rows.per_group % self.branch_rows == 0)
+        if hook is None or (whole_rows and layout.ranks == 1):
+            return hook
         group = self.mesh.sequence_group
 
-        def sharded_hook(index: int, image: torch.Tensor) -> torch.Tensor:
-            whole = all_gather(image, group, "ControlNet hook gather")  # (P, rows, chunk, D)
-            whole = whole.movedim(0, 1).flatten(1, 2)[:, : layout.num_image]
+        def shared_hook(index: int, image: torch.Tensor) -> torch.Tensor:
+            if whole_rows:  # (P, rows, chunk, D) from the sequence ranks
+                whole = all_gather(image, group, "ControlNet hook gather").movedim(0, 1).flatten(1, 2)
+            else:
+                whole = self._gather(image, rows, layout)[: rows.total]
             with attention_override(None):
-                whole = hook(index, whole)
-            return layout.local(whole, 1)
+                whole = hook(index, whole[:, : layout.num_image])
+            return layout.local(whole if whole_rows else rows.take(whole), 1)
 
-        return sharded_hook
+        return shared_hook
