@@ -1,6 +1,7 @@
 """`qistudio train` under torchrun with 2 gloo processes on the CPU, through the real command line: it completes
-(once it hung), and N processes train what one process accumulating N micro-batches trains (DDP: full and LoRA
-with streamed blocks), a killed process stops the run with a message and --resume continues."""
+(once it hung); N processes train what one process accumulating N micro-batches trains (DDP, FSDP2); FSDP2's
+sharded checkpoints resume under another number of processes (2 -> 1, 1 -> 2); a killed process stops the run
+with a message and --resume continues; the consolidated weights load in diffusers."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from test_training_data import write_dataset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAUNCH_TIMEOUT_S = 150  # a hang fails the test instead of the suite
+EXAMPLES = ROOT / "examples" / "model_training" / "full"
 
 
 def cli_args(repo, data, output, *extra) -> list[str]:
@@ -32,11 +35,16 @@ def cli_args(repo, data, output, *extra) -> list[str]:
             str(output), "--height", "32", "--width", "32", "--seed", "7", *extra]
 
 
-def launch(args: list[str], processes: int = 2, timeout: float = LAUNCH_TIMEOUT_S, on_start=None):
-    """`torchrun --standalone --nproc_per_node N -m qistudio.cli.main ARGS`; returns (exit status, output). The
-    whole process group is killed if it outlives `timeout` (the test then fails as a hang)."""
+def launch(args: list[str], processes: int = 2, timeout: float = LAUNCH_TIMEOUT_S, on_start=None,
+           accelerate_config: Path | None = None):
+    """`torchrun --standalone --nproc_per_node N -m qistudio.cli.main ARGS` (or `accelerate launch --config_file
+    CONFIG --module qistudio.cli.main ARGS`); returns (exit status, output). The whole process group is killed if
+    it outlives `timeout` (the test then fails as a hang)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "qistudio.cli.main", *args]
+    if accelerate_config is not None:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                   "--module", "qistudio.cli.main", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -77,3 +85,119 @@ def test_two_processes_full_finetune_completes_and_equals_one_process_accumulati
     assert_same_weights(two, one, atol=2e-6)
     start = load_file(tiny_repo / "transformer" / "diffusion_pytorch_model-00001-of-00005.safetensors")
     assert any(not torch.equal(two[k], start[k]) for k in start)  # it trained
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------------------------------
+FSDP_STEPS = 12  # 8 samples, an optimizer step takes 2: three epochs
+
+
+@pytest.fixture(scope="module")
+def fsdp_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fsdp") / "data"
+    write_dataset(folder, sizes=((32, 32),) * 4)
+    return folder
+
+
+def fsdp_args(repo, data, output, *extra) -> list[str]:
+    return cli_args(repo, data, output, "--trainable_models", "dit", "--learning_rate", "1e-4", "--dataset_repeat",
+                    "2", "--max_steps", str(FSDP_STEPS), "--save_steps", "6", "--use_gradient_checkpointing", *extra)
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(tiny_repo, fsdp_data, tmp_path_factory):
+    """The DiT after 12 steps of one process accumulating 2 micro-batches, no FSDP."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(fsdp_args(tiny_repo, fsdp_data, out, "--gradient_accumulation_steps", "2")) == 0
+    return load_file(out / f"step-{FSDP_STEPS}.safetensors")
+
+
+@pytest.fixture
+def in_process_group():
+    """A one-process FSDP run in this process forms a process group of one (the CLI ends it; a failure might
+    not)."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def cpu_config(config: Path, folder: Path) -> Path:
+    """A shipped accelerate config for 2 processes on the CPU, on a free port."""
+    import socket
+
+    import yaml
+
+    settings = yaml.safe_load(config.read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.update(num_processes=2, use_cpu=True, main_process_port=port)
+    path = folder / config.name
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            environment = child.environ()
+        except (psutil.Error, OSError):
+            continue
+        if "RANK" in environment and "qistudio.cli.main" in " ".join(child.cmdline()):
+            found[int(environment["RANK"])] = child.pid
+    return found
+
+
+def test_fsdp_killed_process_stops_all_then_resumes_under_one_process_then_two(
+        tiny_repo, fsdp_data, one_process_reference, tmp_path, in_process_group, capsys):
+    """FSDP2 on 2 processes, one SIGKILLed after the first checkpoint: the run ends (no hang) with a message
+    naming the last complete checkpoint. That sharded checkpoint resumes under ONE process (2 -> 1), whose
+    checkpoint at step 6 resumes under TWO (1 -> 2); the DiT after 12 steps equals one process accumulating 2
+    micro-batches without FSDP. The consolidated file is the released layout: diffusers loads it strictly."""
+    killed = tmp_path / "killed"
+
+    def kill_rank_1_after_the_first_checkpoint(launcher):
+        deadline = time.time() + LAUNCH_TIMEOUT_S
+        while not (killed / "checkpoints" / "latest").exists():
+            assert launcher.poll() is None, "the run ended before a checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(worker_pids(launcher)[1], signal.SIGKILL)
+
+    status, output = launch(fsdp_args(tiny_repo, fsdp_data, killed, "--fsdp", "--save_steps", "1"),
+                            on_start=kill_rank_1_after_the_first_checkpoint)
+    assert status != 0 and not (killed / f"step-{FSDP_STEPS}.safetensors").exists(), output[-3000:]
+    assert "--resume continues from it" in output, output[-3000:]
+    latest = killed / "checkpoints" / (killed / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "state.json").read_text())["world_size"] == 2
+
+    one = tmp_path / "one"  # 2 -> 1, keeping every checkpoint
+    # The same samples per optimizer step, or no resume: 2 processes x 1 = 1 process x 2.
+    assert main(fsdp_args(tiny_repo, fsdp_data, one, "--fsdp", "--resume", str(latest))) == 1
+    assert "with 1 process(es) use --gradient_accumulation_steps 2" in capsys.readouterr().err
+    assert main(fsdp_args(tiny_repo, fsdp_data, one, "--fsdp", "--keep_checkpoints", "2", "--resume", str(latest),
+                          "--gradient_accumulation_steps", "2")) == 0
+    assert_same_weights(load_file(one / f"step-{FSDP_STEPS}.safetensors"), one_process_reference, atol=2e-6)
+
+    two = tmp_path / "two"  # 1 -> 2, through accelerate launch and the shipped FSDP2 config (on 2 CPU processes)
+    middle = one / "checkpoints" / "step-00000006"
+    assert json.loads((middle / "state.json").read_text())["world_size"] == 1
+    status, output = launch(fsdp_args(tiny_repo, fsdp_data, two, "--resume", str(middle)),
+                            accelerate_config=cpu_config(EXAMPLES / "accelerate_config_fsdp2.yaml", tmp_path))
+    assert status == 0, output[-3000:]
+    assert (two / "checkpoints" / f"step-{FSDP_STEPS:08d}" / "sharded").is_dir()  # the config turned FSDP2 on
+    final = load_file(two / f"step-{FSDP_STEPS}.safetensors")
+    assert_same_weights(final, one_process_reference, atol=2e-6)
+
+    from diffusers import QwenImageTransformer2DModel
+
+    released = tmp_path / "released"
+    released.mkdir()
+    (released / "config.json").write_text((tiny_repo / "transformer" / "config.json").read_text())
+    (released / "diffusion_pytorch_model.safetensors").symlink_to(two / f"step-{FSDP_STEPS}.safetensors")
+    model = QwenImageTransformer2DModel.from_pretrained(released, low_cpu_mem_usage=False)
+    state = model.state_dict()
+    assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)

@@ -6,6 +6,9 @@ Design note. A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   optimizer-rank{R}.safetensors   the optimizer part instead, when the optimizer is partitioned across processes
                                   (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes
   rng-rank{R}.safetensors         each process's random states: torch, CUDA and Python
+  sharded/                        instead of weights.safetensors and the optimizer's tensors, under FSDP2: every
+                                  process's shards of the DiT and its optimizer state (sharded_checkpoint.py),
+                                  resumable with any number of processes
   state.json                      step, epoch, position in the epoch's order, skipped samples, the run's config
 Nothing is pickled: the state files are tree.py's safetensors (tensors, and a JSON tree of the numbers, lists and
 dicts around them in the header), and the only classes they may name are DeepSpeed's few (DEEPSPEED_CLASSES), so a
@@ -27,12 +30,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Callable
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointSaveError
 from .outputs import write_text_atomic
+from .sharded_checkpoint import SHARDED
 from .tree import read_tree, write_tree
 
 CHECKPOINTS = "checkpoints"
@@ -120,8 +126,11 @@ class CheckpointWriter:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
 
-    def save(self, progress: Progress, weights: dict[str, torch.Tensor], optimizer_state: dict,
-             scheduler_state: dict, rng: dict, config: dict) -> Path:
+    def save(self, progress: Progress, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
+             scheduler_state: dict, rng: dict, config: dict, sharded: Callable[[Path], list] | None = None) -> Path:
+        """Every process calls it. `sharded(folder)` (FSDP2), called on every process, writes the weights and the
+        optimizer's tensors into the checkpoint's sharded/ folder and returns the optimizer's param_groups; then
+        `weights` and `optimizer_state` are not used."""
         name = checkpoint_name(progress.step)
         final = self.root / name
         partial = self.root / f".{name}.partial"
@@ -132,15 +141,20 @@ class CheckpointWriter:
                 partial.mkdir(parents=True)
             self.barrier()
             write_tree(partial / rng_file(self.rank), rng, _state_class, save=_save_state)
+            if sharded is not None:
+                optimizer_state = {"param_groups": sharded(partial / SHARDED)}
             if self.partitioned_optimizer:
                 write_tree(partial / optimizer_file(self.rank), optimizer_state, _state_class, save=_save_state)
             if self.is_main:
-                save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(partial / WEIGHTS))
+                if sharded is None:
+                    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
+                              str(partial / WEIGHTS))
                 shared = None if self.partitioned_optimizer else optimizer_state
                 write_tree(partial / OPTIMIZER, {"optimizer": shared, "scheduler": scheduler_state}, _state_class,
                            save=_save_state)
                 state = {"version": FORMAT_VERSION, "progress": progress.__dict__, "config": config,
-                         "partitioned_optimizer": self.partitioned_optimizer, "world_size": self.world_size}
+                         "partitioned_optimizer": self.partitioned_optimizer, "world_size": self.world_size,
+                         "sharded": sharded is not None}
                 (partial / STATE).write_text(json.dumps(state, indent=1))
             self.barrier()
             if self.is_main:
@@ -191,6 +205,7 @@ class LoadedCheckpoint:
     rng: dict | None
     config: dict
     world_size: int = 1  # the processes that wrote it (positions count items per process)
+    sharded: Path | None = None  # FSDP2: the folder of every process's shards (weights and optimizer tensors)
 
 
 def find_checkpoint(output_path: str | os.PathLike, resume: str) -> Path:
@@ -237,8 +252,11 @@ def read_state(path: Path, world_size: int = 1, rank: int = 0) -> dict:
     if state.get("partitioned_optimizer") and saved_world != world_size:
         raise ValueError(f"cannot resume from {path}: its optimizer state is partitioned over {saved_world} "
                          f"processes (DeepSpeed ZeRO), this run has {world_size}; resume with {saved_world}")
-    for name in (WEIGHTS, OPTIMIZER, *([optimizer_file(rank)] if state.get("partitioned_optimizer") else [])):
+    weights = [] if state.get("sharded") else [WEIGHTS]
+    for name in (*weights, OPTIMIZER, *([optimizer_file(rank)] if state.get("partitioned_optimizer") else [])):
         _required(path / name)
+    if state.get("sharded") and not (path / SHARDED).is_dir():
+        raise ValueError(f"{path / SHARDED}: missing from the checkpoint (it was saved with FSDP2)")
     return state
 
 
@@ -253,12 +271,15 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedChe
         states["optimizer"] = read_tree(path / optimizer_file(rank), _state_class)
     rng_path = path / rng_file(rank)
     rng = read_tree(rng_path, _state_class) if rng_path.is_file() else None
+    weights = {}
     try:
-        weights = load_file(str(path / WEIGHTS))
+        if not state.get("sharded"):
+            weights = load_file(str(path / WEIGHTS))
     except SafetensorError as e:
         raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from None
     return LoadedCheckpoint(path, Progress(**state["progress"]), weights, states["optimizer"], states["scheduler"],
-                            rng, state["config"], _world_size(state, path))
+                            rng, state["config"], _world_size(state, path),
+                            path / SHARDED if state.get("sharded") else None)
 
 
 def _world_size(state: dict, path: Path) -> int:

@@ -304,5 +304,6 @@ def _tuple(value):
 
 
 # Settings that change what a resume checkpoint means: a run may only resume from one that agrees on all of them.
-RESUME_KEYS = ("trainable_models", "lora_base_model", "lora_target_modules", "lora_rank", "lora_alpha",
-               "gradient_accumulation_steps", "seed", "lr_scheduler", "lr_warmup_steps", "buckets", "optimizer")
+# (And on the samples per optimizer step, processes x gradient_accumulation_steps: the loop checks that.)
+RESUME_KEYS = ("trainable_models", "lora_base_model", "lora_target_modules", "lora_rank", "lora_alpha", "seed",
+               "lr_scheduler", "lr_warmup_steps", "buckets", "optimizer")

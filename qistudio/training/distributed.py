@@ -60,6 +60,17 @@ def make_accelerator(device: str | None, timeout_s: int, find_unused_parameters:
     return Accelerator(cpu=on_cpu(device), kwargs_handlers=handlers)
 
 
+def ensure_process_group(device: torch.device, timeout_s: int) -> None:
+    """A process group for FSDP2 even in a run without a launcher: one process on its own (a store in memory)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def ignore_frozen(model: nn.Module) -> list[str]:
     """Tell DDP to leave `model`'s frozen parameters and its buffers alone (see the design note); returns them."""
     names = [name for name, p in model.named_parameters() if not p.requires_grad]
@@ -94,8 +105,9 @@ def failures_explained(rank: int, timeout_s: int, checkpoint_note: Callable[[], 
         if not launched() or not is_peer_failure(e):
             raise
         first_line = " ".join(str(e).split())[:300]
-        raise ProcessGroupError(f"process {rank}: another process of this run died or did not answer within "
-                                f"{timeout_s} s ({first_line}). {checkpoint_note()}") from None
+        what = (f"did not answer within {timeout_s} s" if "time" in first_line.lower() else "died")
+        raise ProcessGroupError(f"process {rank}: another process of this run {what} ({first_line}). "
+                                f"{checkpoint_note()}") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ..compile import compile_repeated_blocks
 from ..components import Components
-from . import distributed
+from . import distributed, fsdp
 from .adapters import make_trainable, trainable_named_parameters
 from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, read_state,
                          restore_rng, rng_state)
@@ -57,8 +57,9 @@ from .loss import Denoiser, fixed_noise_loss, flow_matching_loss
 from .lowmem import load_device, setup_low_memory
 from .models import compute_dtype, load_training_components, prepare_frozen
 from .optim import make_lr_scheduler, make_optimizer
-from .outputs import save_weights, write_config
+from .outputs import exported_name, save_weights, weights_metadata, write_config
 from .samples import render_samples
+from .sharded_checkpoint import load_sharded, save_sharded, write_consolidated
 from .timesteps import draw_sigma
 from .tree import map_tensors
 from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, prepare_deepspeed,
@@ -103,6 +104,7 @@ class Trainer:
         self.device = acc.device
         self.dtype = compute_dtype(config, self.device)
         self.progress_bar = progress_bar
+        self.fsdp = fsdp.settings(config, self.accelerator)  # FSDP2's settings, None when the DiT is not sharded
         # Metadata errors (and strict mode's missing files) before loading; a row the pipeline's request checks
         # refuse (say, two entity prompts and three masks) is skipped like an unreadable image.
         check = functools.partial(sample_request, extra_inputs=config.extra_inputs, zero_cond_t=config.zero_cond_t)
@@ -128,34 +130,30 @@ class Trainer:
         # Data order: same-size samples at the same step on every process (buckets.py), from the images' headers.
         bucketed = buckets_on(config.buckets, config.data, acc.num_processes)
         self._item_sizes = item_sizes(self.dataset) if bucketed else None
-        load_on = load_device(config, self.device)  # host memory when the DiT is placed by parts
-        if config.initialize_model_on_cpu:
-            load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
-        if components is None:
-            with acc.main_process_first():
-                components = load_training_components(config, load_on, self.dtype)
-            if config.initialize_model_on_cpu:
-                for model in (components.text_encoder, components.vae):
-                    model.to(self.device)  # the frozen encoders are not accelerate's to place
-        else:
-            prepare_frozen(components, config)
-        self.components = components
+        self.components = components = self._load(components)
         torch.manual_seed(config.seed)  # the LoRA's initialisation
         # What trains and is saved (the DiT or the ControlNet); the Denoiser (DiT + ControlNets) is what runs.
         self.trained_module, self.trained = make_trainable(components, config)
         components.dit.gradient_checkpointing = config.use_gradient_checkpointing
         components.dit.checkpointed_blocks = config.checkpointed_blocks
         self.low_memory = setup_low_memory(components, config, self.device)  # FP8 base, streamed blocks (or None)
+        if self.fsdp is not None:
+            components.dit.gradient_checkpointing |= self.fsdp.activation_checkpointing
+            distributed.ensure_process_group(self.device, config.process_group_timeout)
+            fsdp.shard_dit(components.dit, components.disk_sources.pop("dit"), self.device, self.fsdp)
         if config.compile:
             compile_repeated_blocks(components.dit, fullgraph=False)
         denoiser = Denoiser(components.dit, components.controlnets).train()
         parameters = trainable_named_parameters(self.trained_module)
         self.optimizer = make_optimizer(parameters.values(), config)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, config, self.total_steps)
-        placement = None if self.low_memory is None else self.low_memory.device_placement
-        prepare_deepspeed(acc)
-        distributed.ignore_frozen(denoiser)  # DDP: the frozen base is every process's own (distributed.py)
-        self.model, self.optimizer = acc.prepare(denoiser, self.optimizer, device_placement=placement)
+        if self.fsdp is not None:
+            self.model = denoiser  # FSDP2 wrapped the DiT in place; accelerate's prepare is not used (fsdp.py)
+        else:
+            placement = None if self.low_memory is None else self.low_memory.device_placement
+            prepare_deepspeed(acc)
+            distributed.ignore_frozen(denoiser)  # DDP: the frozen base is every process's own (distributed.py)
+            self.model, self.optimizer = acc.prepare(denoiser, self.optimizer, device_placement=placement)
         self.progress = Progress()
         self.history: list[StepRecord] = []
         self.writer = CheckpointWriter(Path(config.output_path) / CHECKPOINTS, config.keep_checkpoints,
@@ -171,6 +169,24 @@ class Trainer:
         self.cache_report = None  # and what building it did (cache.CacheReport)
         self.log = None  # the main process's TrainingLog during run()
 
+    def _load(self, components: Components | None) -> Components:
+        """The models loaded (or the given ones), frozen, the encoders on the device."""
+        config, acc = self.config, self.accelerator
+        if components is not None:
+            if self.fsdp is not None:
+                raise ValueError("FSDP2 loads the DiT itself, each process reading its shard: give no components")
+            prepare_frozen(components, config)
+            return components
+        load_on = load_device(config, self.device)  # host memory when the DiT is placed by parts
+        if config.initialize_model_on_cpu:
+            load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
+        with acc.main_process_first():
+            components = load_training_components(config, load_on, self.dtype, dit_blocks_on_disk=self.fsdp is not None)
+        if config.initialize_model_on_cpu:
+            for model in (components.text_encoder, components.vae):
+                model.to(self.device)  # the frozen encoders are not accelerate's to place
+        return components
+
     def release_lock(self) -> None:
         """Give the output folder's lock back (run() does when it ends; call it for a Trainer never run)."""
         if self._lock is not None:
@@ -182,9 +198,9 @@ class Trainer:
         config = self.config
         if config.enable_tensorboard_log:
             summary_writer_class()  # a missing package
-        if config.validation_prompts and is_zero3(self.accelerator):
-            raise ValueError("validation_prompts under DeepSpeed ZeRO-3 are not supported: the main process alone "
-                             "cannot run a partitioned DiT; render afterwards with `qistudio validate`")
+        if config.validation_prompts and (is_zero3(self.accelerator) or self.fsdp is not None):
+            raise ValueError("validation_prompts under DeepSpeed ZeRO-3 or FSDP are not supported: the main process "
+                             "alone cannot run a sharded DiT; render afterwards with `qistudio validate`")
         resume_path = find_checkpoint(config.output_path, resume) if resume else None
         if resume_path is not None:
             self._check_resumable(resume_path)
@@ -212,20 +228,34 @@ class Trainer:
     def _order(self, epoch: int) -> list[int]:
         acc = self.accelerator
         if self._item_sizes is not None:
-            order = bucketed_order(self._item_sizes, acc.num_processes, self.config.seed, epoch)
+            order = bucketed_order(self._item_sizes, acc.num_processes, self.config.seed, epoch,
+                                   self.config.gradient_accumulation_steps)
         else:
             order = epoch_order(len(self.dataset), self.config.seed, epoch)
         return order[acc.process_index::acc.num_processes][: self._micro_per_epoch()]
 
     def _check_resumable(self, path: Path) -> None:
         """The checkpoint's settings, dataset length and process count against this run's (state.json only)."""
-        saved = read_state(path, self.accelerator.num_processes, self.accelerator.process_index)["config"]
+        state = read_state(path, self.accelerator.num_processes, self.accelerator.process_index)
+        if bool(state.get("sharded")) != (self.fsdp is not None):
+            raise ValueError(f"cannot resume from {path}: it was saved {'with' if state.get('sharded') else 'without'}"
+                             f" FSDP; resume {'with' if state.get('sharded') else 'without'} --fsdp (any number of "
+                             "processes)")
+        saved = state["config"]
         ours = json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
         defaults = json.loads(TrainConfig(self.config.data).to_json())  # a setting older checkpoints did not record
         different = [k for k in RESUME_KEYS if saved.get(k, defaults[k]) != ours.get(k)]
         if different:
             shown = ", ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} now" for k in different)
             raise ValueError(f"cannot resume from {path}: it was trained with other settings ({shown})")
+        processes = self.accelerator.num_processes
+        saved_batch = saved["gradient_accumulation_steps"] * state.get("world_size", 1)
+        if saved_batch != self.config.gradient_accumulation_steps * processes:
+            fix = (f"--gradient_accumulation_steps {saved_batch // processes}" if saved_batch % processes == 0 else
+                   f"a number of processes that divides {saved_batch}")
+            raise ValueError(f"cannot resume from {path}: it trained {saved_batch} samples per optimizer step "
+                             f"({state.get('world_size', 1)} process(es) x --gradient_accumulation_steps "
+                             f"{saved['gradient_accumulation_steps']}); with {processes} process(es) use {fix}")
         if saved.get("dataset_length", len(self.dataset)) != len(self.dataset):
             raise ValueError(f"cannot resume from {path}: the dataset had {saved['dataset_length']} samples (with "
                              f"repeat), now {len(self.dataset)}; the data order would not continue")
@@ -233,14 +263,17 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         loaded = load_checkpoint(path, self.accelerator.process_index, self.accelerator.num_processes)
         parameters = trainable_named_parameters(self.trained_module)
-        if set(loaded.weights) != set(parameters):
+        if loaded.sharded is None and set(loaded.weights) != set(parameters):
             raise ValueError(f"cannot resume from {path}: its trainable tensors do not match this run's")
         try:
-            if not is_zero3(self.accelerator):  # ZeRO-3's placeholders are restored by its optimizer state (zero.py)
+            if loaded.sharded is not None:  # FSDP2: every process reads its shards (sharded_checkpoint.py)
+                load_sharded(loaded.sharded, self.dit, self.optimizer, loaded.optimizer_state["param_groups"])
+            elif not is_zero3(self.accelerator):  # ZeRO-3's placeholders are restored by its optimizer state
                 with torch.no_grad():
                     for name, param in parameters.items():
                         param.copy_(loaded.weights[name])
-            load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
+            if loaded.sharded is None:
+                load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
             self.lr_scheduler.load_state_dict(loaded.scheduler_state)
             if loaded.rng is not None:
                 restore_rng(loaded.rng)
@@ -284,13 +317,16 @@ class Trainer:
         sigma, sigma_weight = draw_sigma(self.config.loss, generator, encoded.num_target_tokens)
         noise = torch.randn(encoded.latents.shape, generator=generator).to(self.device, encoded.latents.dtype)
         with contextlib.ExitStack() as stack:
-            if not sync:
+            if not sync and self.fsdp is None:  # FSDP2 reduce-scatters every micro-batch (fsdp.py)
                 stack.enter_context(self.accelerator.no_sync(self.model))
             with self._activation_storage():
                 loss = flow_matching_loss(self.model, encoded, sigma, noise, sigma_weight * weight)
             self._stop_unless_finite(loss.detach(), item)
             set_boundary(self.accelerator, sync)  # DeepSpeed steps inside backward at a boundary
-            self.accelerator.backward(loss * scale)
+            if self.fsdp is not None:
+                (loss * scale).backward()
+            else:
+                self.accelerator.backward(loss * scale)
         return float(loss.detach()) if weight else None
 
     def _sample_generator(self) -> torch.Generator:
@@ -370,6 +406,9 @@ class Trainer:
         # ZeRO-3: every process takes part in gathering the partitioned weights; the main one writes them (zero.py).
         gathered = gathered_state(acc, self.model, trained) if is_zero3(acc) else {}
         config = dict(self.config.to_dict(), dataset_length=len(self.dataset))
+        if self.fsdp is not None:
+            self._save_sharded(file_name, config)
+            return
         with holding(trained, gathered):
             self._check_finite_weights(trained)
             if acc.is_main_process:
@@ -378,10 +417,24 @@ class Trainer:
                              self.lr_scheduler.state_dict(), rng_state(), config)
         self._saved_step = self.progress.step
 
+    def _save_sharded(self, file_name: str, config: dict) -> None:
+        """FSDP2: the consolidated weights file (gathered tensor by tensor, the main process writing), then every
+        process's shards into the checkpoint (sharded_checkpoint.py)."""
+        acc, trained = self.accelerator, self.trained_module
+        self._check_finite_weights(trained)
+        tensors = {exported_name(name, self.config): tensor for name, tensor in trained.state_dict().items()}
+        path = Path(self.config.output_path) / file_name
+        write_consolidated(tensors, path, weights_metadata(self.config, self.progress.step), acc.is_main_process)
+        if acc.is_main_process:
+            self.last_saved = path
+        self.writer.save(self.progress, {}, None, self.lr_scheduler.state_dict(), rng_state(), config,
+                         sharded=lambda folder: save_sharded(folder, self.dit, self.optimizer))
+        self._saved_step = self.progress.step
+
     def _check_finite_weights(self, trained: torch.nn.Module) -> None:
         """Before a save: every trained tensor finite on every process (one read of each: cheap beside writing)."""
         bad = next((name for name, tensor in trainable_named_parameters(trained).items()
-                    if not bool(torch.isfinite(tensor.detach()).all())), None)
+                    if not bool(torch.isfinite(fsdp.local_tensor(tensor.detach())).all())), None)
         if not self._all_processes_fine(bad is None):
             what = f"the trained tensor {bad}" if bad else "another process's trained tensors"
             raise NonFiniteError(f"step {self.progress.step}: {what} holds NaN or infinity; nothing is saved. "

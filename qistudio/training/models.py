@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
-from ..components import Components, load_components
+from ..components import Components, detect_kind, load_components
 from ..models.controlnet import ControlNetConfig, QwenImageBlockwiseControlNet
+from ..weights.formats import DIT
+from ..weights.hub import resolve_files
 from ..weights.model_config import ModelConfig
 from .config import TrainConfig
 
@@ -46,10 +49,21 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_training_components(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Components:
+def load_training_components(config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                             dit_blocks_on_disk: bool = False) -> Components:
+    """The models; with `dit_blocks_on_disk` the DiT's block weights are left in the files (FSDP2 reads each
+    process's shard of them: fsdp.py), their parameters meta tensors and `components.disk_sources["dit"]` their
+    keys."""
     configs, tokenizer, processor = model_configs(config)
+    if dit_blocks_on_disk:
+        configs = [dataclasses.replace(c, offload_device="disk") if detect_kind(resolve_files(c)) == DIT else c
+                   for c in configs]
     components = load_components(configs, tokenizer, processor, dtype, device)
     prepare_frozen(components, config)
+    if dit_blocks_on_disk:
+        from .fsdp import meta_blocks
+
+        meta_blocks(components.dit, components.disk_sources["dit"])
     return components
 
 

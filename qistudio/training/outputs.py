@@ -45,19 +45,27 @@ def exported_state_dict(trained: nn.Module, config: TrainConfig) -> dict[str, to
     the config asks for."""
     if config.is_lora:
         return convert_lora_state_dict(lora_state_dict(trained), config.lora_format)
+    return {exported_name(name, config): tensor for name, tensor in trained.state_dict().items()}
+
+
+def exported_name(name: str, config: TrainConfig) -> str:
+    """A fully trained module's tensor name in the saved file: its name in the reference's training module (the
+    module's prefix + `name`) less remove_prefix_in_ckpt."""
     prefix = config.remove_prefix_in_ckpt or ""
-    out = {}
-    in_module = TRAINABLE_MODELS[config.trainable_models]  # the module's name in the reference's training module
-    for name, tensor in trained.state_dict().items():
-        key = in_module + name
-        out[key[len(prefix):] if prefix and key.startswith(prefix) else key] = tensor
-    return out
+    key = TRAINABLE_MODELS[config.trainable_models] + name
+    return key[len(prefix):] if prefix and key.startswith(prefix) else key
 
 
-def save_weights(trained: nn.Module, config: TrainConfig, file_name: str, step: int) -> Path:
-    """Write `output_path/file_name` atomically; its metadata holds the config and the step it was saved at."""
+def weights_metadata(config: TrainConfig, step: int) -> dict[str, str]:
+    """The header metadata of a saved weights file: the config and the step it was saved at."""
     metadata = {"format": "pt", "qistudio_training_config": json.dumps(config.to_dict()),
                 "qistudio_training_step": str(step)}
     if config.is_lora:
         metadata["qistudio_lora_format"] = config.lora_format
-    return write_safetensors(exported_state_dict(trained, config), Path(config.output_path) / file_name, metadata)
+    return metadata
+
+
+def save_weights(trained: nn.Module, config: TrainConfig, file_name: str, step: int) -> Path:
+    """Write `output_path/file_name` atomically; its metadata holds the config and the step it was saved at."""
+    path = Path(config.output_path) / file_name
+    return write_safetensors(exported_state_dict(trained, config), path, weights_metadata(config, step))
