@@ -201,3 +201,23 @@ def test_fsdp_killed_process_stops_all_then_resumes_under_one_process_then_two(
     model = QwenImageTransformer2DModel.from_pretrained(released, low_cpu_mem_usage=False)
     state = model.state_dict()
     assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)
+
+
+# -- LoRA under DDP ---------------------------------------------------------------------------------------------------
+def test_lora_under_ddp_with_streamed_blocks_and_size_buckets_equals_one_process(tiny_repo, tmp_path):
+    """A LoRA on 2 processes (DDP), each streaming the frozen DiT blocks through its device (--vram_limit 0, once
+    refused with several processes), on images of three sizes (buckets: both processes train one size at a
+    time), equals one process accumulating 2 micro-batches with the same buckets and no streaming."""
+    data = tmp_path / "data"
+    write_dataset(data, sizes=((32, 32), (48, 32), (32, 48), (48, 32), (32, 32), (32, 48)))
+    common = ["--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--max_steps", "4",
+              "--buckets", "on", "--save_steps", "4"]
+    dynamic = [a for a in cli_args(tiny_repo, data, tmp_path / "two") if a not in ("--height", "--width", "32")]
+    status, output = launch(dynamic + common + ["--vram_limit", "0", "--use_gradient_checkpointing"])
+    assert status == 0, output[-3000:]
+    assert "on 2 process(es)" in output and output.count("2 of 2 blocks streamed") == 2  # by each process
+    one = [a if a != str(tmp_path / "two") else str(tmp_path / "one") for a in dynamic]
+    assert main(one + common + ["--gradient_accumulation_steps", "2"]) == 0
+    two, one = (load_file(tmp_path / run / "step-4.safetensors") for run in ("two", "one"))
+    assert_same_weights(two, one, atol=1e-6)
+    assert any(float(t.abs().max()) > 0 for k, t in two.items() if "lora_B" in k)  # it trained
