@@ -373,7 +373,8 @@ class QwenImagePipeline:
         with `device=qistudio.parallel.local_device()`). Every rank makes the same calls, with the same arguments.
 
         Degrees, whose product is the number of ranks (missing ones are 1; "auto": cfg=2 on an even count, then
-        Ulysses as far as it divides the heads, ring for the rest): `cfg` 2 runs the positive and the negative
+        Ulysses as far as it divides the heads, ring for the rest, and for calls without guidance Ulysses and ring
+        over every rank): `cfg` 2 runs the positive and the negative
         guidance branch on different ranks; `ulysses` splits the attention heads (it must divide the model's 24);
         `ring` passes keys and values around a ring (any count); `data` splits the batch's images (prompts x
         num_images). Image tokens are sharded across the ulysses x ring ranks, the text replicated; the text

@@ -40,8 +40,8 @@ def _inpaint_mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
-def _product(degrees: dict) -> int:
-    return int(np.prod(list(degrees.values())))
+def _product(degrees: dict | str) -> int:
+    return 2 if degrees == "auto" else int(np.prod(list(degrees.values())))
 
 
 ENTITIES = dict(eligen_entity_prompts=["a fox", "a moon"], eligen_entity_masks="masks")
@@ -51,8 +51,8 @@ INSTANTX = dict(blockwise_controlnet_inputs="instantx")  # the InstantX Union Co
 TWO_PROMPTS = ["a red fox in the snow", "two birds"]
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
 
-# name -> (degrees, the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call ("hooks" or
-# "fused").
+# name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
+# ("hooks" or "fused").
 CASES = {
     "cfg2": (dict(cfg=2), {}),
     "cfg2_uneven": (dict(cfg=2), UNEVEN),
@@ -73,6 +73,9 @@ CASES = {
     "inpaint_cfg2": (dict(cfg=2), INPAINT),
     "lora_hooks_ulysses2": (dict(ulysses=2), dict(lora="hooks")),
     "lora_fused_ring2": (dict(ring=2), dict(lora="fused")),
+    # "auto": cfg=2 for calls with guidance, every rank on the tokens (ulysses=2 here) for calls without
+    "auto_guidance": ("auto", {}),
+    "auto_no_guidance": ("auto", dict(cfg_scale=1.0)),
     # the images: rank 0's, the VAE's 9 tiles split across the ranks; None on rank 1
     "tiled_decode_ulysses2": (dict(ulysses=2), dict(output_type="pil", tiled=True, tile_size=4, tile_stride=2)),
     # four ranks
@@ -139,10 +142,10 @@ def as_tensors(result) -> dict[str, torch.Tensor]:
     return {"latents": result.contiguous()}
 
 
-def _save(path: Path, tensors: dict) -> None:
+def _save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path.with_suffix(".tmp")))
+    save_file(tensors, str(path.with_suffix(".tmp")), metadata=metadata)
     path.with_suffix(".tmp").rename(path)  # whole or absent
 
 
@@ -162,8 +165,12 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
     pipe = load_pipeline(repo, controlnets)
     rank = int(os.environ["RANK"])
     for name in names:
-        pipe.enable_parallelism(**CASES[name][0], timeout=60)
-        _save(Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors", as_tensors(generate(pipe, name)))
+        degrees = CASES[name][0]
+        pipe.enable_parallelism(degrees, timeout=60) if degrees == "auto" else pipe.enable_parallelism(**degrees,
+                                                                                                        timeout=60)
+        result = as_tensors(generate(pipe, name))
+        _save(Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors", result,
+              {"degrees": pipe.parallel.degrees.text()})  # the layout the call ran under
     if not kill:
         return
     pipe.enable_parallelism(ulysses=2, timeout=20)

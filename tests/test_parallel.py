@@ -86,6 +86,16 @@ def test_four_ranks_equal_one_process(name, single, four_ranks):
     _check(single, four_ranks, name, 4)
 
 
+def test_auto_lays_out_calls_with_and_without_guidance(two_ranks):
+    """'auto' on two ranks of a two-head model: cfg=2 for a call with guidance, ulysses=2 for one without (no
+    second branch to give a cfg group)."""
+    from safetensors import safe_open
+
+    for name, layout in (("auto_guidance", "cfg=2"), ("auto_no_guidance", "ulysses=2")):
+        with safe_open(str(two_ranks / f"{name}.rank0.safetensors"), "pt") as file:
+            assert file.metadata()["degrees"] == layout
+
+
 def test_a_dead_rank_ends_the_others_with_an_error(two_ranks):
     """Rank 1 ended mid-call (at step 1): rank 0 gets one ParallelError naming the failed step, within its 20 s
     timeout, instead of waiting forever."""

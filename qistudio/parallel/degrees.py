@@ -76,10 +76,11 @@ def _positive(value, name: str) -> int:
     return number
 
 
-def auto_degrees(world_size: int, num_heads: int) -> Degrees:
-    """The layout "auto" picks: cfg=2 when the ranks are even (one guidance branch each: no communication inside
-    the DiT), then as much Ulysses as divides the heads (one all-to-all per attention), ring for the rest."""
-    cfg = 2 if world_size % 2 == 0 else 1
+def auto_degrees(world_size: int, num_heads: int, guidance: bool = True) -> Degrees:
+    """The layout "auto" picks: with guidance, cfg=2 when the ranks are even (one guidance branch each: no
+    communication inside the DiT); then as much Ulysses as divides the heads (one all-to-all per attention), ring
+    for the rest."""
+    cfg = 2 if guidance and world_size % 2 == 0 else 1
     rest = world_size // cfg
     ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
     return Degrees(cfg=cfg, ulysses=ulysses, ring=rest // ulysses)

@@ -15,15 +15,19 @@ import torch.distributed as dist
 from ..models.text_encoder import TextStates
 from ..ops.attention import set_fp8_attention
 from .collectives import all_reduce_sum, broadcast, broadcast_json
-from .degrees import Degrees, ParallelConfigError, resolve_degrees
+from .degrees import Degrees, ParallelConfigError, auto_degrees, resolve_degrees
 from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed
 from .shard import ShardedDiT
 
 
 class ParallelRuntime:
-    def __init__(self, mesh: ParallelMesh, device: torch.device):
-        self.mesh, self.device = mesh, device
-        self._sharded: dict[torch.nn.Module, ShardedDiT] = {}  # kept across calls (see ShardedDiT's overrides)
+    """meshes: the layout for calls with guidance (True) and without (False); the same one unless "auto" chose
+    (a call without guidance has no second branch for a cfg group to run)."""
+
+    def __init__(self, meshes: dict[bool, ParallelMesh], device: torch.device):
+        self.meshes, self.device = meshes, device
+        self.mesh = meshes[True]  # the current call's
+        self._sharded: dict[tuple, ShardedDiT] = {}  # kept across calls (see ShardedDiT's overrides)
         self.branch_rows: int | None = None  # the last prepared call's images (rows of one guidance branch)
 
     @property
@@ -43,8 +47,13 @@ class ParallelRuntime:
         if getattr(request, "cache", None) is not None:
             raise ParallelConfigError("cache=... (step caching) does not run under parallelism yet: each rank would "
                                       "decide on its own share; drop cache= or call without enable_parallelism")
-        if self.degrees.cfg > 1:
+        self.mesh = self.meshes[bool(request.use_cfg)]
+        if self.degrees.cfg > 1 and request.use_cfg:
             request.cfg_batch = True  # the cfg ranks split the batched call's rows: one branch each
+        elif self.degrees.cfg > 1:
+            _warn_once(f"{self.degrees.text()}: this call has no guidance, so the cfg=2 groups share its images "
+                       "(or compute the same one twice); enable_parallelism('auto') lays such calls out over "
+                       "ulysses and ring instead")
         self.branch_rows = request.batch_size
         if not self.is_main:
             request.progress_bar_cmd = lambda steps: steps
@@ -78,7 +87,7 @@ class ParallelRuntime:
             set_fp8_attention(dit, False)
             _warn_once("FP8 attention is off under sequence parallelism (the FP8 linears stay on): the Ulysses and "
                        "ring paths run the compute-dtype attention")
-        sharded = self._sharded.setdefault(dit, ShardedDiT(dit, self.mesh))
+        sharded = self._sharded.setdefault((dit, self.degrees), ShardedDiT(dit, self.mesh))
         sharded.branch_rows = self.branch_rows
         return sharded
 
@@ -135,11 +144,16 @@ def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = 
     if not dist.is_initialized():
         resolve_degrees(degrees, world, num_heads)  # bad degrees: one error before any process group exists
     init_distributed(device, timeout_s)
-    resolved = resolve_degrees(degrees, dist.get_world_size(), num_heads)
-    key = (dist.group.WORLD, resolved, device, timeout_s)
-    if key not in _meshes:  # a mesh's process groups are made once per process group: every rank asks alike
-        _meshes[key] = build_mesh(resolved, device, timeout_s)
-    return ParallelRuntime(_meshes[key], device)
+    world = dist.get_world_size()
+    layouts = {True: resolve_degrees(degrees, world, num_heads)}
+    layouts[False] = auto_degrees(world, num_heads, guidance=False) if degrees in (None, "auto") else layouts[True]
+    meshes = {}
+    for guidance, resolved in layouts.items():
+        key = (dist.group.WORLD, resolved, device, timeout_s)
+        if key not in _meshes:  # a mesh's process groups are made once per process group: every rank asks alike
+            _meshes[key] = build_mesh(resolved, device, timeout_s)
+        meshes[guidance] = _meshes[key]
+    return ParallelRuntime(meshes, device)
 
 
 _meshes: dict[tuple, ParallelMesh] = {}

@@ -65,6 +65,7 @@ class ShardedDiT:
         # call would recompile them every step).
         self._overrides: dict[TokenLayout, SequenceParallelAttention] = {}
         self.branch_rows: int | None = None  # rows of one guidance branch (the images of the call), if known
+        self._rows: dict[tuple, RowShare] = {}
 
     def __call__(self, image_tokens, text_states, timestep, rotary: Rotary, text_lengths=None,
                  num_target_tokens=None, condition_token_mask=None, additional_t_cond=None, attention_mask=None,
@@ -73,7 +74,10 @@ class ShardedDiT:
             raise ParallelConfigError("step caching (cache=...) does not run under parallelism yet")
         mesh, degrees = self.mesh, self.mesh.degrees
         num_target = image_tokens.shape[1] if num_target_tokens is None else num_target_tokens
-        rows = RowShare(image_tokens.shape[0], mesh.row_groups, mesh.row_rank, image_tokens.device)
+        key = (image_tokens.shape[0], image_tokens.device)
+        if key not in self._rows:  # its index tensor made once, not copied to the device every step
+            self._rows[key] = RowShare(image_tokens.shape[0], mesh.row_groups, mesh.row_rank, image_tokens.device)
+        rows = self._rows[key]
         layout = TokenLayout(image_tokens.shape[1], degrees.ulysses, degrees.ring, mesh.sequence_rank)
         sharded = layout.ranks > 1
         if condition_token_mask is not None and sharded:
