@@ -201,10 +201,22 @@ class Trainer:
         if config.validation_prompts and (is_zero3(self.accelerator) or self.fsdp is not None):
             raise ValueError("validation_prompts under DeepSpeed ZeRO-3 or FSDP are not supported: the main process "
                              "alone cannot run a sharded DiT; render afterwards with `qistudio validate`")
+        self._check_optimizer()
         resume_path = find_checkpoint(config.output_path, resume) if resume else None
         if resume_path is not None:
             self._check_resumable(resume_path)
         return resume_path
+
+    def _check_optimizer(self) -> None:
+        """The optimizer settings against the engine (settings alone: TrainConfig.check)."""
+        config, sharded = self.config, self.fsdp is not None or deepspeed_plugin(self.accelerator) is not None
+        if config.fused_optimizer_step and (sharded or self.accelerator.num_processes > 1):
+            raise ValueError("fused_optimizer_step runs in one process without DeepSpeed or FSDP (the step would "
+                             "see a gradient not yet reduced across processes); with several, FSDP already keeps "
+                             "1/N of the gradients per process")
+        if config.optimizer == "adamw_8bit" and sharded:
+            raise ValueError("adamw_8bit (bitsandbytes) cannot step FSDP's or DeepSpeed's sharded parameters; use "
+                             "adamw_bf16 or adafactor there")
 
     # -- bookkeeping ------------------------------------------------------------------------------------------------
     @property
