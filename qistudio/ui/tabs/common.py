@@ -126,15 +126,24 @@ class RunPanel:
     results: gr.Gallery
 
 
-def run_panel(prefix: str, label: str = "Generate") -> RunPanel:
+def stack_text(rows) -> str:
+    pairs = [(r[0], r[1]) for r in (rows or []) if r and r[0]]
+    if not pairs:
+        return "LoRAs: none (add them in the LoRA tab)"
+    return "LoRAs: " + ", ".join(f"{name} ({float(scale):g})" for name, scale in pairs)
+
+
+def run_panel(prefix: str, shared: Shared, label: str = "Generate") -> RunPanel:
+    note = gr.Markdown(stack_text([]), elem_id=f"{prefix}-loras")
+    shared.loras.change(stack_text, inputs=shared.loras, outputs=note, show_progress="hidden")
     with gr.Row():
         run = gr.Button(label, variant="primary", elem_id=f"{prefix}-run")
         cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
     status = gr.Markdown("", elem_id=f"{prefix}-status")
     with gr.Row():
         preview = gr.Image(label="Preview", type="pil", interactive=False, height=256, elem_id=f"{prefix}-preview")
-        results = gr.Gallery(label="Results", columns=2, height=256, object_fit="contain", interactive=False,
-                             elem_id=f"{prefix}-results")
+        results = gr.Gallery(label="Results", columns=4, height=256, object_fit="contain", preview=True,
+                             interactive=False, elem_id=f"{prefix}-results")
     return RunPanel(run, cancel, status, preview, results)
 
 

@@ -42,9 +42,9 @@ def build(ctx, shared: Shared) -> ControlTab:
     with gr.Tab("Control", id="control"):
         gr.Markdown(IN_CONTEXT_NOTE)
         with gr.Row():
-            source = gr.Image(label="Picture (for Canny edges)", type="pil", sources=["upload", "clipboard"],
+            source = gr.Image(label="Picture (for Canny edges)", type="pil", format="png", sources=["upload", "clipboard"],
                               height=240, elem_id="control-source")
-            control_map = gr.Image(label="Control map", type="pil", sources=["upload", "clipboard"], height=240,
+            control_map = gr.Image(label="Control map", type="pil", format="png", sources=["upload", "clipboard"], height=240,
                                    elem_id="control-map")
         with gr.Row():
             low = gr.Slider(0, 255, 100, step=1, label="Canny low threshold", elem_id="control-low")
@@ -52,7 +52,7 @@ def build(ctx, shared: Shared) -> ControlTab:
             compute = gr.Button("Compute Canny edges", elem_id="control-canny")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="control-prompt")
         settings = settings_panel(ctx, "control")
-        panel = run_panel("control")
+        panel = run_panel("control", shared)
         gr.Markdown(BLOCKWISE_NOTE)
     compute.click(canny_map, inputs=[source, low, high], outputs=control_map)
     wire_run(ctx, "control", panel, {control_map, prompt, shared.loras, *settings.components()},

@@ -25,13 +25,13 @@ class EditTab:
 def build(ctx, shared: Shared) -> EditTab:
     with gr.Tab("Edit", id="edit"):
         with gr.Row():
-            images = [gr.Image(label=f"Image {k + 1}" + ("" if k == 0 else " (optional)"), type="pil",
+            images = [gr.Image(label=f"Image {k + 1}" + ("" if k == 0 else " (optional)"), type="pil", format="png",
                                sources=["upload", "clipboard"], height=220, elem_id=f"edit-image-{k + 1}")
                       for k in range(3)]
         prompt = gr.Textbox(label="Instruction", lines=2, placeholder="what to change", elem_id="edit-prompt")
         lowres = gr.Checkbox(False, label=LOWRES_FIX, elem_id="edit-lowres")
         settings = settings_panel(ctx, "edit", follow_input=True)
-        panel = run_panel("edit", "Edit")
+        panel = run_panel("edit", shared, "Edit")
     wire_preset(ctx, settings, shared)
     wire_run(ctx, "edit", panel, {prompt, lowres, shared.loras, *images, *settings.components()},
              lambda data: forms.edit(data[prompt], settings.values(data), [data[i] for i in images], data[lowres],

@@ -28,7 +28,7 @@ def build(ctx, shared: Shared) -> EliGenTab:
         with gr.Row():
             with gr.Column(scale=3):
                 editor = gr.ImageEditor(
-                    masks.blank_canvas(width, height), label="Regions", type="pil", layers=False,
+                    masks.blank_canvas(width, height), label="Regions", type="pil", format="png", layers=False,
                     sources=(), transforms=(), height=420, elem_id="eligen-editor",
                     brush=gr.Brush(default_size=max(4, min(width, height) // 32),  # a radius, in canvas pixels
                                    colors=[hex_colour for _, hex_colour in masks.PALETTE],
@@ -41,7 +41,7 @@ def build(ctx, shared: Shared) -> EliGenTab:
                                           elem_id="eligen-on-negative")
         prompt = gr.Textbox(label="Global prompt", lines=2, placeholder="the whole picture", elem_id="eligen-prompt")
         settings = settings_panel(ctx, "eligen")
-        panel = run_panel("eligen")
+        panel = run_panel("eligen", shared)
 
     def blank(choice, width_value, height_value):
         size = sizes.chosen_size(choice, width_value or 0, height_value or 0, settings.table) or ctx.default_size

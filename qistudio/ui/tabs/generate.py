@@ -21,7 +21,7 @@ def build(ctx, shared: Shared) -> GenerateTab:
     with gr.Tab("Generate", id="generate"):
         prompt = gr.Textbox(label="Prompt", lines=3, placeholder="what to draw", elem_id="gen-prompt")
         settings = settings_panel(ctx, "gen")
-        panel = run_panel("gen")
+        panel = run_panel("gen", shared)
     wire_preset(ctx, settings, shared)
     wire_run(ctx, "generate", panel, {prompt, shared.loras, *settings.components()},
              lambda data: forms.generation(data[prompt], settings.values(data), data[shared.loras]))

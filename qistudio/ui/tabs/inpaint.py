@@ -26,7 +26,7 @@ def build(ctx, shared: Shared) -> InpaintTab:
     with gr.Tab("Inpaint & image-to-image", id="inpaint"):
         gr.Markdown("Upload a picture, then paint over what to repaint with the brush. Leave it unpainted to "
                     "redraw the whole picture (image-to-image).")
-        editor = gr.ImageEditor(label="Picture and mask", type="pil", layers=False,
+        editor = gr.ImageEditor(label="Picture and mask", type="pil", format="png", layers=False,
                                 sources=["upload", "clipboard"], transforms=(), height=420, elem_id="inpaint-editor",
                                 brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#ffffff"], default_color="#ffffff",
                                                color_mode="fixed"))
@@ -35,7 +35,7 @@ def build(ctx, shared: Shared) -> InpaintTab:
         strength = gr.Slider(0.05, 1.0, 0.7, step=0.05, label="Strength (how much to repaint; 1 = ignore the "
                              "picture there)", elem_id="inpaint-strength")
         settings = settings_panel(ctx, "inpaint", follow_input=True)
-        panel = run_panel("inpaint", "Repaint")
+        panel = run_panel("inpaint", shared, "Repaint")
     wire_run(ctx, "inpaint", panel, {editor, prompt, strength, shared.loras, *settings.components()},
              lambda data: forms.inpaint(data[prompt], settings.values(data), data[editor], data[strength],
                                         data[shared.loras]))

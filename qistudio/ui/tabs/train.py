@@ -63,8 +63,8 @@ def build(ctx) -> None:
         with gr.Row():
             plot = gr.LinePlot(_loss_frame(run.losses()), x="step", y="loss", title="Training loss", height=260,
                                elem_id="train-plot")
-            samples = gr.Gallery(label="Validation images", columns=4, height=260, interactive=False,
-                                 elem_id="train-samples")
+            samples = gr.Gallery(label="Validation images (latest first)", columns=4, height=260, preview=True,
+                                 object_fit="contain", interactive=False, elem_id="train-samples")
         log = gr.Textbox(label="Log (last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          elem_id="train-log")
         weights = gr.Markdown("", elem_id="train-weights")
