@@ -52,7 +52,9 @@ TWO_PROMPTS = ["a red fox in the snow", "two birds"]
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
 
 # name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
-# ("hooks" or "fused").
+# ("hooks" or "fused"); "compile" compiles the ranks' DiT blocks first (torch.compile with the aot_eager backend:
+# traced whole, fullgraph, collectives included, without code generation), for this and every later case, while
+# the one-process reference stays eager.
 CASES = {
     "cfg2": (dict(cfg=2), {}),
     "cfg2_uneven": (dict(cfg=2), UNEVEN),
@@ -76,6 +78,10 @@ CASES = {
     # "auto": cfg=2 for calls with guidance, every rank on the tokens (ulysses=2 here) for calls without
     "auto_guidance": ("auto", {}),
     "auto_no_guidance": ("auto", dict(cfg_scale=1.0)),
+    "compiled_ulysses2": (dict(ulysses=2), dict(compile=True)),
+    "compiled_ring2_uneven": (dict(ring=2), dict(compile=True, **UNEVEN)),
+    # refused with one error on every rank ("expect": its type), before the DiT runs
+    "compiled_eligen_ulysses2": (dict(ulysses=2), dict(compile=True, expect="ParallelConfigError", **ENTITIES)),
     # the images: rank 0's, the VAE's 9 tiles split across the ranks; None on rank 1
     "tiled_decode_ulysses2": (dict(ulysses=2), dict(output_type="pil", tiled=True, tile_size=4, tile_stride=2)),
     # four ranks
@@ -88,13 +94,14 @@ CASES = {
 }
 TWO_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 2]
 FOUR_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 4]
+REFUSED = [name for name, (_, extra) in CASES.items() if "expect" in extra]
 
 
 def call_arguments(name: str) -> dict:
     """The pipeline call of case `name` (output_type="latent"), without its "lora" entry."""
     from qistudio import ControlNetInput
 
-    extra = {key: value for key, value in CASES[name][1].items() if key != "lora"}
+    extra = {key: value for key, value in CASES[name][1].items() if key not in ("lora", "compile", "expect")}
     size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
     images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
                   control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)],
@@ -165,12 +172,23 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
     pipe = load_pipeline(repo, controlnets)
     rank = int(os.environ["RANK"])
     for name in names:
+        if CASES[name][1].get("compile") and getattr(pipe.dit.transformer_blocks[0], "_compiled_call_impl",
+                                                     None) is None:
+            from qistudio.compile import compile_repeated_blocks
+
+            compile_repeated_blocks(pipe.dit, backend="aot_eager")
         degrees = CASES[name][0]
         pipe.enable_parallelism(degrees, timeout=60) if degrees == "auto" else pipe.enable_parallelism(**degrees,
                                                                                                         timeout=60)
-        result = as_tensors(generate(pipe, name))
-        _save(Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors", result,
-              {"degrees": pipe.parallel.degrees.text()})  # the layout the call ran under
+        path = Path(out_dir) / f"{name}.rank{dist.get_rank()}.safetensors"
+        if name in REFUSED:
+            try:
+                generate(pipe, name)
+                _save(path, as_tensors(None), {"error": ""})
+            except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+                _save(path, as_tensors(None), {"error": type(error).__name__, "message": str(error)})
+            continue
+        _save(path, as_tensors(generate(pipe, name)), {"degrees": pipe.parallel.degrees.text()})  # its layout
     if not kill:
         return
     pipe.enable_parallelism(ulysses=2, timeout=20)

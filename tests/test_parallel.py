@@ -76,7 +76,7 @@ def _check(single, out, name, nprocs):
         assert torch.equal(rank["latents"], latents)  # every rank steps the same whole latents
 
 
-@pytest.mark.parametrize("name", cases.TWO_RANKS)
+@pytest.mark.parametrize("name", [name for name in cases.TWO_RANKS if name not in cases.REFUSED])
 def test_two_ranks_equal_one_process(name, single, two_ranks):
     _check(single, two_ranks, name, 2)
 
@@ -94,6 +94,17 @@ def test_auto_lays_out_calls_with_and_without_guidance(two_ranks):
     for name, layout in (("auto_guidance", "cfg=2"), ("auto_no_guidance", "ulysses=2")):
         with safe_open(str(two_ranks / f"{name}.rank0.safetensors"), "pt") as file:
             assert file.metadata()["degrees"] == layout
+
+
+def test_masks_in_compiled_blocks_are_refused_on_every_rank(two_ranks):
+    """EliGen with compiled blocks under Ulysses: one ParallelConfigError on each rank, saying what to do."""
+    from safetensors import safe_open
+
+    for rank in range(2):
+        with safe_open(str(two_ranks / f"compiled_eligen_ulysses2.rank{rank}.safetensors"), "pt") as file:
+            metadata = file.metadata()
+        assert metadata["error"] == "ParallelConfigError"
+        assert "drop pipe.compile() or use cfg/data parallelism alone" in metadata["message"]
 
 
 def test_a_dead_rank_ends_the_others_with_an_error(two_ranks):

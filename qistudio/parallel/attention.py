@@ -32,10 +32,8 @@ class SequenceParallelAttention:
         self.mesh, self.layout = mesh, layout
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_lengths=None, mask=None):
-        if isinstance(mask, FlexMask):
-            raise ParallelConfigError("masked attention (EliGen, edit rows of different layouts) inside compiled "
-                                      "blocks does not run sequence-parallel yet; drop pipe.compile() or use "
-                                      "cfg/data parallelism alone")
+        if isinstance(mask, FlexMask):  # ShardedDiT refuses this first; a mask over the local tokens is no use
+            raise ParallelConfigError("a FlexAttention mask cannot be split across sequence ranks")
         n, ulysses = self.layout.chunk, self.layout.ulysses
         # key_lengths counted this rank's n image tokens; the text part of each is what matters.
         text_lengths = None if key_lengths is None else [count - n for count in key_lengths]

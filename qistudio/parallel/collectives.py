@@ -28,6 +28,22 @@ def _fail(what: str, error: Exception) -> ParallelError:
                          "another rank died or stopped answering within the timeout: its own output says why")
 
 
+# Words of the backends' own messages when a peer is gone (gloo: "Connection reset by peer", "Timed out waiting";
+# NCCL: "NCCL error", "Watchdog"): collectives inside compiled graphs raise these unconverted.
+_LOST_PEER_WORDS = ("gloo", "nccl", "c10d", "connection", "timed out", "timeout", "watchdog")
+
+
+def lost_peer(error: BaseException, what: str) -> ParallelError | None:
+    """`error` as a ParallelError if it is a collective's failure (raised inside a compiled graph, where `wait`
+    does not run), else None."""
+    if isinstance(error, ParallelError):
+        return None
+    text = str(error).lower()
+    if isinstance(error, dist.DistError) or any(word in text for word in _LOST_PEER_WORDS):
+        return _fail(what, error)
+    return None
+
+
 def wait(tensor: torch.Tensor, what: str) -> torch.Tensor:
     """The result of a functional collective, raising ParallelError if the collective failed."""
     try:

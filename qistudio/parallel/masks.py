@@ -24,6 +24,7 @@ class JointMask:
         if mask is not None and not isinstance(mask, (SplitMask, torch.Tensor)):
             raise TypeError(f"sequence-parallel attention takes a SplitMask or a bool mask, not {type(mask).__name__}")
         self.mask, self.num_image = mask, num_image
+        self.lengths = None if text_lengths is None else list(text_lengths)  # Python ints: no device sync, traced
         self.text_lengths = None if text_lengths is None else torch.tensor(text_lengths, device=device)
 
     def allowed(self, query_part: str, query_index: torch.Tensor, key_part: str, key_index: torch.Tensor):

@@ -42,9 +42,9 @@ def _key_partial(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     """partial_attention of these queries over these keys under `mask`. Text keys whose only limit is each row's
     text length are sliced per row, as the one-process attention does, rather than masked: the fused kernel
     without a bias (the padding of batched guidance)."""
-    if key_part == TEXT and mask.mask is None and mask.text_lengths is not None:
+    if key_part == TEXT and mask.mask is None and mask.lengths is not None:
         parts = []
-        for row, length in enumerate(mask.text_lengths.tolist()):
+        for row, length in enumerate(mask.lengths):
             if length:
                 parts.append(partial_attention(query[row : row + 1], key[row : row + 1, :, :length],
                                                value[row : row + 1, :, :length], None))

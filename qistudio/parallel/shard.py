@@ -23,10 +23,15 @@ from ..ops.attention import attention_override
 from ..ops.rope import Rotary
 from ..ops.split_attention import SplitMask
 from .attention import SequenceParallelAttention
-from .collectives import all_gather
+from .collectives import all_gather, lost_peer
 from .degrees import ParallelConfigError
 from .layout import TokenLayout
 from .mesh import ParallelMesh
+
+
+def _compiled(dit) -> bool:
+    blocks = getattr(dit, "transformer_blocks", None)
+    return bool(blocks) and getattr(blocks[0], "_compiled_call_impl", None) is not None
 
 
 class RowShare:
@@ -80,6 +85,11 @@ class ShardedDiT:
         rows = self._rows[key]
         layout = TokenLayout(image_tokens.shape[1], degrees.ulysses, degrees.ring, mesh.sequence_rank)
         sharded = layout.ranks > 1
+        if sharded and attention_mask is not None and _compiled(self.dit):
+            raise ParallelConfigError("masked attention (EliGen entities, edit rows of different layouts) in compiled "
+                                      "blocks does not run sequence-parallel yet (the DiT turns the whole sequence's "
+                                      "mask into a FlexAttention mask): drop pipe.compile() or use cfg/data "
+                                      "parallelism alone")
         if condition_token_mask is not None and sharded:
             condition_token_mask = layout.local(condition_token_mask, 0, False)
         local_rotary = Rotary(rows.take_table(rotary.image), rows.take_table(rotary.text))
@@ -88,14 +98,20 @@ class ShardedDiT:
         override = None
         if sharded:
             override = self._overrides.setdefault(layout, SequenceParallelAttention(mesh, layout))
-        with attention_override(override):
-            out = self.dit(
-                layout.local(rows.take(image_tokens), 1) if sharded else rows.take(image_tokens),
-                rows.take(text_states), rows.take(timestep), local_rotary, rows.take(text_lengths),
-                num_target_tokens=None if sharded else num_target, condition_token_mask=condition_token_mask,
-                additional_t_cond=rows.take(additional_t_cond), attention_mask=rows.take(attention_mask),
-                block_hook=self._shared_hook(block_hook, rows, layout),
-            )  # (rows of this share, image tokens of this rank, out channels)
+        try:
+            with attention_override(override):
+                out = self.dit(
+                    layout.local(rows.take(image_tokens), 1) if sharded else rows.take(image_tokens),
+                    rows.take(text_states), rows.take(timestep), local_rotary, rows.take(text_lengths),
+                    num_target_tokens=None if sharded else num_target, condition_token_mask=condition_token_mask,
+                    additional_t_cond=rows.take(additional_t_cond), attention_mask=rows.take(attention_mask),
+                    block_hook=self._shared_hook(block_hook, rows, layout),
+                )  # (rows of this share, image tokens of this rank, out channels)
+        except (RuntimeError, dist.DistError) as error:
+            converted = lost_peer(error, "a collective inside the DiT")
+            if converted is None:
+                raise
+            raise converted from None
         return self._gather(out, rows, layout)[: rows.total, :num_target]
 
     def _gather(self, out: torch.Tensor, rows: RowShare, layout: TokenLayout) -> torch.Tensor:
