@@ -146,7 +146,7 @@ def diffusers_step(rank: Rank, case: Case) -> callable:
     return step
 
 
-def diffusers_parallel(rank: Rank, degrees: Degrees, tokens: int) -> torch.nn.Module:
+def diffusers_parallel(rank: Rank, degrees: Degrees, tokens: int, compile_blocks: bool) -> torch.nn.Module:
     """A diffusers model on the shared weights with ContextParallelConfig for `degrees` (enable_parallelism can
     run once per model, so one model per layout)."""
     from diffusers import ContextParallelConfig, QwenImageTransformer2DModel
@@ -162,6 +162,8 @@ def diffusers_parallel(rank: Rank, degrees: Degrees, tokens: int) -> torch.nn.Mo
                                    ulysses_anything=uneven and degrees.ring == 1,
                                    ring_anything=uneven and degrees.ulysses == 1)
     model.enable_parallelism(config=config)
+    if compile_blocks:
+        model.compile_repeated_blocks(fullgraph=False)  # diffusers' own regional compile, graph breaks allowed
     return model
 
 
@@ -217,6 +219,7 @@ def run_rank(options: dict) -> None:
         from qistudio.compile import compile_repeated_blocks
 
         compile_repeated_blocks(rank.dit)
+        rank.reference.compile_repeated_blocks(fullgraph=False)
     sizes = options["sizes"] if scale.name == "full" else [0]
     cases = plan(options["gpus"], sizes, rank.dit.config.num_heads)
     lines = _section(rank, cases, options, device, "bf16")
@@ -259,8 +262,8 @@ def _section(rank: Rank, cases: list[Case], options: dict, device, label: str) -
             if case.degrees not in rank.diffusers_split:
                 call = rank.call(case.size, case.guidance)
                 try:
-                    rank.diffusers_split[case.degrees] = diffusers_parallel(rank, case.degrees,
-                                                                            call.tokens.shape[1])
+                    rank.diffusers_split[case.degrees] = diffusers_parallel(rank, case.degrees, call.tokens.shape[1],
+                                                                            options["compile"])
                 except (ValueError, RuntimeError, NotImplementedError) as e:
                     skipped.append(f"{case.name}: {' '.join(str(e).split())[:160]}")
                     continue
@@ -290,7 +293,9 @@ def _section(rank: Rank, cases: list[Case], options: dict, device, label: str) -
               "idle ms/step", "error vs our 1 GPU", f"{options['steps']} steps"]
     what = (f"One denoising step on {world} GPU(s), {label}, {rank.scale.name} scale; CFG rows: both branches "
             f"(text {TEXT_LENGTHS[0]} and {TEXT_LENGTHS[1]} tokens), guidance scale {CFG_SCALE} with norm rescale.")
-    text = caption(what, f"bench/timing.py interleaved, {options['runs']} runs, barrier before each; rank 0's times")
+    method = (f"bench/timing.py interleaved, {options['runs']} runs, barrier before each; rank 0's times; "
+              + ("both sides' blocks compiled (regional torch.compile)" if options["compile"] else "eager"))
+    text = caption(what, method)
     text += "\n\n" + markdown_table(header, rows)
     if skipped:
         text += "\n\nNot run: " + "; ".join(skipped)
@@ -308,7 +313,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps of the end-to-end estimate")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of our blocks")
+    parser.add_argument("--compile", action="store_true",
+                        help="regional torch.compile of both sides' blocks (ours fullgraph, diffusers' with breaks)")
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     options = vars(parser.parse_args())
     from qistudio.parallel.launch import launch, visible_gpus

@@ -378,8 +378,10 @@ class QwenImagePipeline:
         guidance branch on different ranks; `ulysses` splits the attention heads (it must divide the model's 24);
         `ring` passes keys and values around a ring (any count); `data` splits the batch's images (prompts x
         num_images). Image tokens are sharded across the ulysses x ring ranks, the text replicated; the text
-        encoder runs once, on rank 0. A collective that gets no answer within `timeout` seconds (a rank died) ends
-        every rank with qistudio.parallel.ParallelError. Returns the Degrees used.
+        encoder runs once, on rank 0, and its states are broadcast; a tiled VAE decode (tiled=True) splits its tiles
+        across the ranks, an untiled one runs on rank 0. A collective that gets no answer within `timeout` seconds
+        (when this call starts the process group) or loses a rank ends every rank with
+        qistudio.parallel.ParallelError. Returns the Degrees used (for calls with guidance).
 
         Afterwards `pipe(...)` returns the images on rank 0 and None on every other rank (with
         output_type="latent", every rank returns the same latents). Step caching (cache=) does not run split yet;

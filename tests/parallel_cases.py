@@ -52,7 +52,7 @@ TWO_PROMPTS = ["a red fox in the snow", "two birds"]
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
 
 # name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
-# ("hooks" or "fused"); "compile" compiles the ranks' DiT blocks first (torch.compile with the aot_eager backend:
+# ("hooks" or "fused"); "vram" turns VRAM management on for the call (its arguments); "compile" compiles the ranks' DiT blocks first (torch.compile with the aot_eager backend:
 # traced whole, fullgraph, collectives included, without code generation), for this and every later case, while
 # the one-process reference stays eager.
 CASES = {
@@ -75,6 +75,7 @@ CASES = {
     "inpaint_cfg2": (dict(cfg=2), INPAINT),
     "lora_hooks_ulysses2": (dict(ulysses=2), dict(lora="hooks")),
     "lora_fused_ring2": (dict(ring=2), dict(lora="fused")),
+    "vram_streaming_ulysses2": (dict(ulysses=2), dict(vram=dict(vram_limit=0))),  # every block streamed, per rank
     # "auto": cfg=2 for calls with guidance, every rank on the tokens (ulysses=2 here) for calls without
     "auto_guidance": ("auto", {}),
     "auto_no_guidance": ("auto", dict(cfg_scale=1.0)),
@@ -101,7 +102,8 @@ def call_arguments(name: str) -> dict:
     """The pipeline call of case `name` (output_type="latent"), without its "lora" entry."""
     from qistudio import ControlNetInput
 
-    extra = {key: value for key, value in CASES[name][1].items() if key not in ("lora", "compile", "expect")}
+    extra = {key: value for key, value in CASES[name][1].items()
+             if key not in ("lora", "compile", "expect", "vram")}
     size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
     images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
                   control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)],
@@ -127,17 +129,22 @@ def load_pipeline(repo: str, controlnets: list[str]):
 
 
 def generate(pipe, name: str, **overrides) -> torch.Tensor:
-    """Case `name`'s latents from `pipe` (parallel or not), with its LoRA loaded for the call."""
+    """Case `name`'s latents from `pipe` (parallel or not), with its LoRA loaded and VRAM management on for the
+    call where it says so."""
     from lora_files import peft_layout, random_pairs
 
-    lora = CASES[name][1].get("lora")
+    lora, vram = CASES[name][1].get("lora"), CASES[name][1].get("vram")
     if lora:
         pipe.load_lora(pipe.dit, state_dict=peft_layout(random_pairs(pipe.dit, seed=5)), fuse=lora == "fused")
+    if vram is not None:
+        pipe.enable_vram_management(**vram)
     try:
         return pipe(**{**call_arguments(name), **overrides})
     finally:
         if lora:
             pipe.unload_lora()
+        if vram is not None:
+            pipe.disable_vram_management()
 
 
 def as_tensors(result) -> dict[str, torch.Tensor]:
