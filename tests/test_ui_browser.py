@@ -37,7 +37,9 @@ from test_server import free_port, pixels, stop_server  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 300
 RUN_TIMEOUT = 90_000  # ms, one tiny generation on a busy 2-core machine
+LIGHTNING_FILE = "Qwen-Image-Lightning-4steps-V2.0-bf16.safetensors"  # presets.LORA_PRESETS' file
 expect = sync_api.expect
+expect.set_options(timeout=30_000)  # a busy 2-core machine answers a click in seconds, not milliseconds
 
 
 def newest_png(folder: Path, since: float = 0.0) -> Path:
@@ -62,6 +64,8 @@ def ui(tmp_path_factory):
         dit = QwenImageDiT(DEMO_DIT)
     lora = loras / "style.safetensors"
     save_file(peft_layout(random_pairs(dit, seed=1)), str(lora))
+    # A file named as the Lightning preset's LoRA, so that choosing the preset stacks it.
+    save_file(peft_layout(random_pairs(dit, seed=2)), str(loras / LIGHTNING_FILE))
     output = tmp_path_factory.mktemp("ui-output")
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(home), "PYTHONPATH": str(ROOT)}
@@ -335,6 +339,38 @@ def test_load_a_lora(page, ui, shots):
     expect(page.locator("#lora-stack")).not_to_contain_text("style")
 
 
+def test_a_distilled_preset_sets_its_sampling_and_stacks_its_lora(page):
+    tab(page, "Generate")
+    choose(page, "gen-preset", "Qwen-Image-Lightning-4steps")
+    expect(page.locator("#gen-steps input[type=number]")).to_have_value("4")
+    expect(page.locator("#gen-cfg input[type=number]")).to_have_value("1")
+    expect(page.locator("#gen-scheduler input")).to_have_value("Qwen-Image-Lightning")
+    expect(page.locator("#gen-loras")).to_contain_text(LIGHTNING_FILE.removesuffix(".safetensors") + " (1)")
+    tab(page, "LoRA")
+    page.click("#lora-clear")
+    tab(page, "Generate")
+    expect(page.locator("#gen-loras")).to_contain_text("none")
+
+
+def test_in_context_control_from_canny_edges(page, ui):
+    from qistudio.annotators import canny
+
+    output = ui[1]
+    picture = min((output / "images").glob("*.png"), key=lambda p: p.stat().st_mtime)
+    tab(page, "Control")
+    page.locator("#control-source input[type=file]").set_input_files(str(picture))
+    expect(page.locator("#control-source img")).to_be_visible()
+    page.click("#control-canny")
+    expect(page.locator("#control-map img")).to_be_visible()
+    page.fill("#control-prompt textarea", "a house")
+    small(page, "control")
+    started = time.time()
+    run_and_wait(page, "control")
+    stored = read_png_parameters(newest_png(output / "images", started))
+    assert stored["prompt"] == "a house"  # the pipeline adds the In-Context trigger words itself
+    assert (pixels(Image.open(stored["context_image"])) == pixels(canny(Image.open(picture)))).all()
+
+
 def test_cancel_a_run(page, ui, shots):
     output = ui[1]
     tab(page, "Generate")
@@ -379,11 +415,16 @@ def test_drop_a_png_to_reload_its_parameters(page, ui, shots):
     snap(page, shots, "reloaded.png")
 
 
-def test_models_tab_shows_the_workers(page, ui):
+def test_models_tab_shows_the_workers_and_restarts_them(page, ui):
     tab(page, "Models")
     page.click("#models-refresh")
     expect(page.locator("#models-info")).to_contain_text("qistudio-demo")
     expect(page.locator("#models-health")).to_contain_text('"idle"')
+    before = re.search(r'"pid": (\d+)', page.locator("#models-health").inner_text())[1]
+    page.click("#models-apply")  # the same model again: the workers restart over it
+    expect(page.locator("#models-status")).to_contain_text("loaded qistudio-demo", timeout=2 * RUN_TIMEOUT)
+    after = re.search(r'"pid": (\d+)', page.locator("#models-health").inner_text())[1]
+    assert after != before
 
 
 def test_train_start_and_stop(page, ui, shots):
