@@ -29,9 +29,11 @@ def environment_world() -> tuple[int, int, int]:
 
 
 def local_device() -> torch.device:
-    """This process's device: cuda:LOCAL_RANK where CUDA runs (one GPU per process), else the CPU."""
+    """This process's device: cuda:LOCAL_RANK where CUDA runs (one GPU per process; cuda:0 where each process
+    sees only its own GPU, as schedulers that set CUDA_VISIBLE_DEVICES per process arrange), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", environment_world()[2])
+        local_rank = environment_world()[2]
+        return torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
     return torch.device("cpu")
 
 
@@ -41,6 +43,8 @@ def backend_for(device: torch.device) -> str:
 
 def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the process group (from torchrun's environment) unless one exists; one process alone needs none."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.is_initialized():
         wanted = backend_for(device)
         if wanted not in str(dist.get_backend()):
@@ -50,8 +54,6 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
         return
     rank, world, _ = environment_world()
     timeout = datetime.timedelta(seconds=timeout_s)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if world == 1 and "MASTER_ADDR" not in os.environ:
         # A single process (degrees of 1): an in-memory store, no port.
         dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

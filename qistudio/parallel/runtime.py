@@ -16,7 +16,7 @@ from ..models.text_encoder import TextStates
 from ..ops.attention import set_fp8_attention
 from .collectives import all_reduce_sum, broadcast, broadcast_json
 from .degrees import Degrees, ParallelConfigError, auto_degrees, resolve_degrees
-from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed
+from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed, local_device
 from .shard import ShardedDiT
 
 
@@ -137,9 +137,9 @@ def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = 
     rank, world, local_rank = environment_world()
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if world > 1 and index != local_rank:
-            raise RuntimeError(f"rank {rank} (LOCAL_RANK {local_rank}) has its pipeline on cuda:{index}; load each "
-                               "rank's pipeline on its own GPU: device=qistudio.parallel.local_device()")
+        if world > 1 and index != local_device().index:
+            raise ParallelConfigError(f"rank {rank} (LOCAL_RANK {local_rank}) has its pipeline on cuda:{index}; load "
+                                      "each rank's pipeline on its own GPU: device=qistudio.parallel.local_device()")
         device = torch.device("cuda", index)
     if not dist.is_initialized():
         resolve_degrees(degrees, world, num_heads)  # bad degrees: one error before any process group exists
