@@ -55,9 +55,19 @@ def make_accelerator(device: str | None, timeout_s: int, find_unused_parameters:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    group = dict(timeout=datetime.timedelta(seconds=timeout_s))
+    if deepspeed_on_cpu(device):
+        group["backend"] = "gloo"  # accelerate finds no backend of its own for DeepSpeed without CUDA
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
-                InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))]
-    return Accelerator(cpu=on_cpu(device), kwargs_handlers=handlers)
+                InitProcessGroupKwargs(**group)]
+    return Accelerator(cpu=on_cpu(device) and not deepspeed_on_cpu(device), kwargs_handlers=handlers)
+
+
+def deepspeed_on_cpu(device: str | None) -> bool:
+    """`accelerate launch` with a DeepSpeed config on a machine without CUDA (DeepSpeed's CPU accelerator, gloo):
+    accelerate's cpu flag would switch DeepSpeed off."""
+    using = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    return using and (torch.device(device).type == "cpu" if device else not torch.cuda.is_available())
 
 
 def ensure_process_group(device: torch.device, timeout_s: int) -> None:

@@ -51,6 +51,26 @@ def prepare_deepspeed(accelerator) -> None:
                          "--gradient_accumulation_steps instead (the trainer accumulates by itself)")
 
 
+@contextlib.contextmanager
+def loading(accelerator):
+    """The context to load the models in. Under a ZeRO-3 config accelerate registers it with transformers, which
+    then builds any transformers model partitioned (deepspeed.zero.Init, whatever zero3_init_flag says): the text
+    encoder, which our loader fills from meta tensors and which every process runs whole, frozen, must not be.
+    So transformers is shown no DeepSpeed config while the models load; the DiT is partitioned by
+    accelerate.prepare afterwards."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def set_boundary(accelerator, boundary: bool) -> None:
     """Tell DeepSpeed whether this micro-batch ends an optimizer step (a no-op without DeepSpeed)."""
     if deepspeed_plugin(accelerator) is not None:
@@ -70,7 +90,10 @@ def load_optimizer_state(accelerator, optimizer, state: dict) -> None:
 
 
 def _is_zero_optimizer(optimizer) -> bool:
-    from deepspeed.runtime import ZeROOptimizer  # the base of DeepSpeed's ZeRO stage 1-3 and bf16 optimizers
+    try:  # the base of DeepSpeed's ZeRO stage 1-3 and bf16 optimizers (exported from deepspeed.runtime before 0.19)
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    except ImportError:
+        from deepspeed.runtime import ZeROOptimizer
 
     return isinstance(optimizer, ZeROOptimizer)
 

@@ -5,10 +5,12 @@
 # The metadata lists image, prompt and edit_image (the picture to edit); the seed's full script still passes an
 # older --edit_model flag, here the edit inputs are named with --data_file_keys / --extra_inputs as in its LoRA script.
 #
-# Memory: the seed runs this under DeepSpeed ZeRO-2 with CPU offload on 8 GPUs
-# (--config_file .../accelerate_config_zero2offload.yaml). qistudio's trainer does not support DeepSpeed yet, so as
-# written it uses plain data parallelism: the 20B DiT with AdamW needs ~160 GB per process and does not fit an
-# 80 GB GPU. Use it for smaller DiTs, or wait for the ZeRO support planned in issue 10.
+# Memory: the 20B DiT with AdamW needs ~160 GB (bf16 weights, gradients and two moments), more than one GPU has.
+# Put --config_file examples/model_training/full/accelerate_config_fsdp2.yaml after `accelerate launch` (FSDP2: each
+# of N GPUs holds 1/N of that, reading only its shard from the files; an estimate, not yet measured: ~40 GB per GPU
+# on 4 before activations), or the seed's accelerate_config_zero2offload.yaml / accelerate_config_zero3.yaml
+# (DeepSpeed; ZeRO-3 also needs --initialize_model_on_cpu). As written (one process per GPU, plain data
+# parallelism) it suits smaller DiTs.
 accelerate launch --module qistudio.cli.main train \
   --dataset_base_path data/example_image_dataset \
   --dataset_metadata_path data/example_image_dataset/metadata_edit.csv \
