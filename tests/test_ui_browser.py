@@ -211,6 +211,17 @@ def select_result(page, index: int = 0) -> dict:
     return page.locator("#gallery-params").inner_text()
 
 
+def wait_for_step_past(page, step: int, seconds: float) -> None:
+    """Until the Train tab shows a running step after `step` (it reads the run's loss.csv every second)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        shown = re.search(r"running \(step (\d+)/", page.inner_text("#train-status"))
+        if shown and int(shown[1]) > step:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no step after {step} within {seconds} s: {page.inner_text('#train-status')!r}")
+
+
 def mask_box(path) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the white part of a mask image."""
     white = np.asarray(Image.open(path).convert("L")) > 127
@@ -427,7 +438,7 @@ def test_models_tab_shows_the_workers_and_restarts_them(page, ui):
     assert after != before
 
 
-def test_train_start_and_stop(page, ui, shots):
+def test_train_start_stop_and_resume(page, ui, shots):
     output = ui[1]
     tab(page, "Train")
     page.click("#train-demo")
@@ -461,3 +472,11 @@ def test_train_start_and_stop(page, ui, shots):
     assert steps[:2] == [1, 2] and steps[-1] < 500
     assert (run / "checkpoints").is_dir() and list((run / "samples").glob("step-*/00.png"))
     assert "qistudio: interrupted" in (run / "ui-train.log").read_text()
+    # Resume continues from the last checkpoint (one per step here), then stops again.
+    page.click("#train-resume")
+    wait_for_step_past(page, steps[-1], seconds=180)
+    page.click("#train-stop")
+    expect(page.locator("#train-status")).to_contain_text("stopped", timeout=90_000)
+    resumed = [int(r["step"]) for r in csv.DictReader(open(run / "loss.csv", encoding="utf-8"))]
+    assert resumed == list(range(1, resumed[-1] + 1)) and resumed[-1] > steps[-1]  # no step lost or repeated
+    assert "--- resumed ---" in (run / "ui-train.log").read_text()
