@@ -20,6 +20,7 @@ from ..fileio import atomic_path
 from ..validation import InputError
 
 # Extra keys the UI records beside the CLI's (STORED): settings the CLI has no flag for, read back by the UI.
+LISTED = 200  # results the Gallery shows
 EXTRA_KEYS = ("edit_image_auto_resize", "edit_rope_interpolation", "eligen_enable_on_negative")
 
 
@@ -81,11 +82,11 @@ def save_results(job, context) -> list[Path]:
     return paths
 
 
-def list_results(folder: Path) -> list[tuple[str, str]]:
-    """(path, caption) of every result PNG in `folder`, newest first; the caption is its prompt."""
+def list_results(folder: Path, limit: int = LISTED) -> list[tuple[str, str]]:
+    """(path, caption) of the newest `limit` result PNGs in `folder`, newest first; the caption is its prompt."""
     from ..imageio import read_png_parameters
 
-    found = sorted(folder.glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True) \
+    found = sorted(folder.glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)[:limit] \
         if folder.is_dir() else []
     out = []
     for path in found:

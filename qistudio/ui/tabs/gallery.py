@@ -24,7 +24,7 @@ def build(ctx, tabs: gr.Tabs, shared: Shared, generate: GenerateTab, edit: EditT
         refresh = gr.Button("Refresh", elem_id="gallery-refresh")
         listing = gr.State([])  # the shown results' paths, in order
         chosen = gr.State(None)  # the selected result's path
-        gallery = gr.Gallery(label="Results (newest first)", columns=6, height=420, interactive=False,
+        gallery = gr.Gallery(label=f"Results (the newest {records.LISTED}, newest first)", columns=6, height=420, interactive=False,
                              elem_id="gallery")
         with gr.Row():
             parameters = gr.JSON(label="Parameters", elem_id="gallery-params")
@@ -36,7 +36,7 @@ def build(ctx, tabs: gr.Tabs, shared: Shared, generate: GenerateTab, edit: EditT
                                elem_id="gallery-drop")
 
     def show():
-        found = records.list_results(ctx.images_dir)
+        found = records.list_results(ctx.images_dir, records.LISTED)
         return found, [path for path, _ in found], None
 
     def select(paths, event: gr.SelectData):
