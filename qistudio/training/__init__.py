@@ -10,9 +10,11 @@ Files, in the order data flows: config (what a run is), data (metadata, image si
 (same-size steps across processes), encode (a sample through the pipeline's own conditioning), cache (encoded
 samples on disk, encoders freed), timesteps (sigma sampling and loss weights), loss (the Denoiser: DiT plus
 ControlNets), adapters (LoRA injection, trained tensors out), lowmem (FP8 base, streamed frozen blocks), optim
-(AdamW, LR schedules), outputs (user-facing files), tree (nested state as safetensors, no pickle), checkpoint
-(atomic resume state), lock (one run per output folder), samples (validation images), logs (TensorBoard, CSV),
-zero (DeepSpeed), models (loading), demo_data (the mini dataset of `train --demo`), errors, loop (the Trainer).
+(optimizers and LR schedules by name), lean_optim (bfloat16-moment AdamW, the step fused into the backward), outputs
+(user-facing files), tree (nested state as safetensors, no pickle), checkpoint (atomic resume state), lock (one run
+per output folder), samples (validation images), logs (TensorBoard, CSV), distributed (the process group, failures
+of other processes), fsdp (FSDP2: the DiT sharded from the files), sharded_checkpoint (FSDP2 state on disk), zero
+(DeepSpeed), models (loading), demo_data (the mini dataset of `train --demo`), errors, loop (the Trainer).
 
 Trainer and StepRecord are imported on first use, so the settings (config) and errors load without torch.
 """
