@@ -4,7 +4,7 @@ torch.distributed.checkpoint), and the trained DiT consolidated into one safeten
 Design note. The resume state is written with torch.distributed.checkpoint (DCP), the standard engine, which also
 reshards on load: a checkpoint written by N processes resumes under M. DCP's default FileSystemWriter keeps its
 plan in a pickled `.metadata` file that `dcp.load` unpickles (torch 2.14's FileSystemReader.read_metadata calls
-pickle.load), so loading a checkpoint folder from elsewhere could run its author's code: the project promises no
+an unpickler), so loading a checkpoint folder from elsewhere could run its author's code: the project promises no
 pickle, and that reader is never used. torch's HuggingFaceStorageWriter / HuggingFaceStorageReader
 (torch.distributed.checkpoint.hf_storage) write each process's shards as a safetensors file whose header holds,
 as JSON, where each shard sits in its whole tensor, and read with safetensors' `get_slice`: nothing pickled is
