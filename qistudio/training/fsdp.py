@@ -101,15 +101,16 @@ def shard_dit(dit: nn.Module, disk: DiskSource, device: torch.device, fsdp: FSDP
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     dtype = disk.dtype
+    offload = fsdp.cpu_offload and device.type != "cpu"  # on the CPU everything is in host memory already
     options = dict(mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
-                   offload_policy=CPUOffloadPolicy() if fsdp.cpu_offload else OffloadPolicy())
+                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     if dtype != torch.float32:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     blocks = dit.transformer_blocks
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(dit, **options)
-    home = torch.device("cpu") if fsdp.cpu_offload else device
+    home = torch.device("cpu") if offload else device
     blocks.to_empty(device=home)
     _fill_shards(dit, disk, dist.get_rank(), dist.get_world_size())
 
