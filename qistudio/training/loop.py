@@ -64,6 +64,7 @@ from .timesteps import draw_sigma
 from .tree import map_tensors
 from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, prepare_deepspeed,
                    set_boundary)
+from .zero import loading as zero_loading
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class Trainer:
         load_on = load_device(config, self.device)  # host memory when the DiT is placed by parts
         if config.initialize_model_on_cpu:
             load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
-        with acc.main_process_first():
+        with acc.main_process_first(), zero_loading(acc):
             components = load_training_components(config, load_on, self.dtype, dit_blocks_on_disk=self.fsdp is not None)
         if config.initialize_model_on_cpu:
             for model in (components.text_encoder, components.vae):
