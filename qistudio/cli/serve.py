@@ -42,40 +42,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; any other needs --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    p.add_argument("--lora-dir", action="append", dest="lora_dirs", metavar="DIR", default=[],
+                   help="a folder of LoRA files requests may name (repeatable)")
+    p.add_argument("--max-steps", type=positive_int, default=100, help="most denoising steps a request may ask")
+    p.add_argument("--max-n", type=positive_int, default=8, help="most images per request (n)")
+    p.add_argument("--max-pixels", type=positive_int, default=2048 * 2048, help="most pixels of an output image")
+    p.add_argument("--max-upload-mb", type=positive_int, default=64, help="largest request body, in MiB")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve (the cluster at $RAY_ADDRESS, else a local one): a replica per GPU, "
+                   "autoscaled between --workers and --max-workers on the requests waiting")
+    p.add_argument("--max-workers", type=positive_int, help="with --ray: most replicas (default: --workers)")
+    add_engine_arguments(p, "speed and memory (each worker)")
+    p.set_defaults(run=run, parser=p)
+    return p
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, speed_title: str) -> None:
+    """The flags of the engine behind a face (workers, queue, downloads, speed): shared by `serve` and `ui`."""
     p.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto",
                    help="worker processes (default auto: one per GPU, or one on the CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="run the workers on the GPUs or the CPU "
                    "(default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    p.add_argument("--lora-dir", action="append", dest="lora_dirs", metavar="DIR", default=[],
-                   help="a folder of LoRA files requests may name (repeatable)")
-    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting jobs before 429 (default: 64)")
+    p.add_argument("--threads", type=positive_int, help="torch threads per CPU worker (default: cores / workers)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting jobs before new ones are refused "
+                   "(default: 64)")
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="most images in one DiT call (default: 8; 1 turns batching off; GPU memory may lower it)")
-    p.add_argument("--max-steps", type=positive_int, default=100, help="most denoising steps a request may ask")
-    p.add_argument("--max-n", type=positive_int, default=8, help="most images per request (n)")
-    p.add_argument("--max-pixels", type=positive_int, default=2048 * 2048, help="most pixels of an output image")
-    p.add_argument("--max-upload-mb", type=positive_int, default=64, help="largest request body, in MiB")
     p.add_argument("--preview-every", type=int, default=1, metavar="STEPS",
-                   help="a small preview in the job events every STEPS steps (0: none)")
-    p.add_argument("--threads", type=positive_int, help="torch threads per CPU worker (default: cores / workers)")
+                   help="a small preview every STEPS steps while a job runs (0: none; default 1)")
     p.add_argument("--download-source", choices=DOWNLOAD_SOURCES,
                    help="hub to download from (default: $QISTUDIO_DOWNLOAD_SOURCE or modelscope)")
     p.add_argument("--model-dir", metavar="DIR", help="where downloads go (default: $QISTUDIO_MODEL_BASE_PATH or "
                    "./models)")
     p.add_argument("--skip-download", action="store_true", default=None,
                    help="use the files under --model-dir as they are; never contact the hub")
-    p.add_argument("--ray", action="store_true",
-                   help="run on Ray Serve (the cluster at $RAY_ADDRESS, else a local one): a replica per GPU, "
-                   "autoscaled between --workers and --max-workers on the requests waiting")
-    p.add_argument("--max-workers", type=positive_int, help="with --ray: most replicas (default: --workers)")
-    group = p.add_argument_group("speed and memory (each worker)")
+    group = p.add_argument_group(speed_title)
     group.add_argument("--vram-limit", type=vram_gib, metavar="GiB", help="fit the models into this much GPU memory")
     group.add_argument("--fp8", action="store_true", help="FP8 compute for the DiT (Hopper or newer)")
     group.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT's blocks")
-    p.set_defaults(run=run, parser=p)
-    return p
 
 
 def check_arguments(args: argparse.Namespace) -> None:

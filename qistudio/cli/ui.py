@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 from ..fileio import unwritable_folder_reason
-from .generate import DOWNLOAD_SOURCES, DTYPES, positive_int
-from .serve import workers_arg
-from .speed import vram_gib
+from .serve import add_engine_arguments
 
 PASSWORD_ENV = "QISTUDIO_UI_PASSWORD"
 DEFAULT_OUTPUT = "./outputs"
@@ -45,25 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a folder of LoRA files to pick from (repeatable)")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, metavar="DIR",
                    help=f"where results, their inputs and training runs go (default: {DEFAULT_OUTPUT})")
-    p.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto",
-                   help="worker processes (default auto: one per GPU, or one on the CPU)")
-    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--threads", type=positive_int, help="torch threads per CPU worker (default: cores / workers)")
-    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting jobs (default: 64)")
-    p.add_argument("--max-batch", type=positive_int, default=8, help="most images in one DiT call (default: 8)")
-    p.add_argument("--preview-every", type=int, default=1, metavar="STEPS",
-                   help="a preview every STEPS steps while a job runs (0: none; default 1)")
-    p.add_argument("--download-source", choices=DOWNLOAD_SOURCES,
-                   help="hub to download from (default: $QISTUDIO_DOWNLOAD_SOURCE or modelscope)")
-    p.add_argument("--model-dir", metavar="DIR", help="where downloads go (default: $QISTUDIO_MODEL_BASE_PATH or "
-                   "./models)")
-    p.add_argument("--skip-download", action="store_true", default=None,
-                   help="use the files under --model-dir as they are; never contact the hub")
-    group = p.add_argument_group("speed and memory (each worker; the Models tab can change them)")
-    group.add_argument("--vram-limit", type=vram_gib, metavar="GiB", help="fit the models into this much GPU memory")
-    group.add_argument("--fp8", action="store_true", help="FP8 compute for the DiT (Hopper or newer)")
-    group.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT's blocks")
+    add_engine_arguments(p, "speed and memory (each worker; the Models tab can change them)")
     p.set_defaults(run=run, parser=p)
     return p
 
