@@ -19,7 +19,8 @@
 # Stages: attention (bench/attention.py), suite (tests/gpu), bf16 (dit_forward compiled, batch 2, the FlashAttention 4
 # and cuDNN pairs), bf16b1 (batch 1: the same pairs and the eager table of every backend), fp8 (dit_forward FP8,
 # batch 2 then 1), train (train_step against DiffSynth-Studio, eager and compiled), e2e (end_to_end), lowvram (offload.py),
-# eligen (eligen.py eager and compiled).
+# eligen (eligen.py eager and compiled), parallel1 (parallel.py --gpus 1: degrees of 1 against the plain DiT),
+# stepcache (step_cache.py at 1024, 20 steps), quantized (quantized.py, Q8_0 and Q4_K_M), qwen21 (qwen21.py).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qistudio_out}
@@ -118,7 +119,7 @@ run_stage() {  # name, minimum seconds, cap seconds, command...
     fi
 }
 
-[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized qwen21)"; exit 2; }
 say "device_run: $*"
 install
 if [ "$INSTALLED_NOW" = 1 ] || [ ! -f "$STATE/probe.done" ]; then
@@ -140,6 +141,11 @@ for stage in "$@"; do
         e2e) run_stage e2e 480 540 python3 bench/end_to_end.py --runs 5 ;;
         eligen) run_stage eligen 120 300 bash -c "python3 bench/eligen.py && python3 bench/eligen.py --compile" ;;
         lowvram) run_stage lowvram 240 540 python3 bench/offload.py --batches 2 1 --budgets 24 4 --fp8 --diffusers ;;
+        parallel1) run_stage parallel1 150 300 python3 bench/parallel.py --gpus 1 --runs 5 ;;
+        stepcache) run_stage stepcache 240 540 python3 bench/step_cache.py --size 1024 --steps 20 --runs 5 \
+                       --methods first-block,taylorseer,dbcache ;;
+        quantized) run_stage quantized 300 540 python3 bench/quantized.py --types Q8_0 Q4_K_M --runs 5 ;;
+        qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sections forward e2e --sizes 1024 2048 --runs 5 ;;
         *) say "unknown stage $stage" ;;
     esac
 done
