@@ -62,8 +62,8 @@ from .samples import render_samples
 from .sharded_checkpoint import load_sharded, save_sharded, write_consolidated
 from .timesteps import draw_sigma
 from .tree import map_tensors
-from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, prepare_deepspeed,
-                   set_boundary)
+from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, partition_dit,
+                   partitions_on_load, prepare_deepspeed, set_boundary)
 from .zero import loading as zero_loading
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ class Trainer:
             components.dit.gradient_checkpointing |= self.fsdp.activation_checkpointing
             distributed.ensure_process_group(self.device, config.process_group_timeout)
             fsdp.shard_dit(components.dit, components.disk_sources.pop("dit"), self.device, self.fsdp)
+        elif "dit" in components.disk_sources and partitions_on_load(acc, config.trainable_models):
+            self.zero_partition = partition_dit(acc, components.dit, components.disk_sources.pop("dit"))
         if config.compile:
             compile_repeated_blocks(components.dit, fullgraph=False)
         denoiser = Denoiser(components.dit, components.controlnets).train()
@@ -179,11 +181,12 @@ class Trainer:
             prepare_frozen(components, config)
             return components
         load_on = load_device(config, self.device)  # host memory when the DiT is placed by parts
-        if config.initialize_model_on_cpu:
+        on_disk = self.fsdp is not None or partitions_on_load(acc, config.trainable_models)  # each reads its part
+        if config.initialize_model_on_cpu and not on_disk:
             load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
         with acc.main_process_first(), zero_loading(acc):
-            components = load_training_components(config, load_on, self.dtype, dit_blocks_on_disk=self.fsdp is not None)
-        if config.initialize_model_on_cpu:
+            components = load_training_components(config, load_on, self.dtype, dit_blocks_on_disk=on_disk)
+        if config.initialize_model_on_cpu and not on_disk:
             for model in (components.text_encoder, components.vae):
                 model.to(self.device)  # the frozen encoders are not accelerate's to place
         return components

@@ -9,7 +9,7 @@
 # Put --config_file examples/model_training/full/accelerate_config_fsdp2.yaml after `accelerate launch` (FSDP2: each
 # of N GPUs holds 1/N of that, reading only its shard from the files; an estimate, not yet measured: ~40 GB per GPU
 # on 4 before activations), or the seed's accelerate_config_zero2offload.yaml / accelerate_config_zero3.yaml
-# (DeepSpeed; ZeRO-3 also needs --initialize_model_on_cpu). As written (one process per GPU, plain data
+# (DeepSpeed; ZeRO-3 also reads each process's partition only). As written (one process per GPU, plain data
 # parallelism) it suits smaller DiTs.
 accelerate launch --module qistudio.cli.main train \
   --dataset_base_path data/example_image_dataset \
