@@ -204,18 +204,20 @@ def test_fsdp_killed_process_stops_all_then_resumes_under_one_process_then_two(
 
 
 # -- LoRA under DDP ---------------------------------------------------------------------------------------------------
-def test_lora_under_ddp_with_streamed_blocks_and_size_buckets_equals_one_process(tiny_repo, tmp_path):
-    """A LoRA on 2 processes (DDP), each streaming the frozen DiT blocks through its device (--vram_limit 0, once
-    refused with several processes), on images of three sizes (buckets: both processes train one size at a
-    time), equals one process accumulating 2 micro-batches with the same buckets and no streaming."""
+def test_lora_under_ddp_in_low_memory_mode_with_size_buckets_equals_one_process(tiny_repo, tmp_path):
+    """The low-memory mode under DDP (once refused with several processes): a LoRA on 2 processes, each holding the
+    frozen DiT base in FP8 (--fp8_base) and streaming its blocks through its device (--vram_limit 0), on images of
+    three sizes (buckets: both processes train one size at a time), equals one process on the same FP8 base
+    accumulating 2 micro-batches with the same buckets and no streaming."""
     data = tmp_path / "data"
     write_dataset(data, sizes=((32, 32), (48, 32), (32, 48), (48, 32), (32, 32), (32, 48)))
     common = ["--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--max_steps", "4",
-              "--buckets", "on", "--save_steps", "4"]
+              "--buckets", "on", "--save_steps", "4", "--fp8_base"]
     dynamic = [a for a in cli_args(tiny_repo, data, tmp_path / "two") if a not in ("--height", "--width", "32")]
     status, output = launch(dynamic + common + ["--vram_limit", "0", "--use_gradient_checkpointing"])
     assert status == 0, output[-3000:]
-    assert "on 2 process(es)" in output and output.count("2 of 2 blocks streamed") == 2  # by each process
+    assert "on 2 process(es)" in output
+    assert output.count("low-memory training: FP8 base") == 2 and output.count("2 of 2 blocks streamed") == 2  # each
     one = [a if a != str(tmp_path / "two") else str(tmp_path / "one") for a in dynamic]
     assert main(one + common + ["--gradient_accumulation_steps", "2"]) == 0
     two, one = (load_file(tmp_path / run / "step-4.safetensors") for run in ("two", "one"))
