@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..models.packed_linears import release_packed
 from ..ops.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
 from ..ops.fp8_kernels import GEMV_MAX_ROWS, fp8_weight_gemv, gelu_quantize_rows
+from ..ops.swiglu import swiglu_quantize_rows
 
 Predicate = Callable[[str, nn.Linear], bool]
 
@@ -233,6 +234,14 @@ class FP8Linear(nn.Module):
             rows, scale = gelu_quantize_rows(hidden.reshape(-1, self.in_features))
             return self._scaled_mm(rows, scale, hidden.shape, hidden.dtype)
         return self(F.gelu(hidden, approximate="tanh"))
+
+    def forward_after_swiglu(self, gate: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * proj) (a SwiGLU MLP's output, Qwen-Image 2.1); under W8A8 the product and the
+        activations' quantisation are one pass."""
+        if self._uses_w8a8(gate) and not self._forward_hooks and not self._forward_pre_hooks:
+            rows, scale = swiglu_quantize_rows(gate.reshape(-1, self.in_features), proj.reshape(-1, self.in_features))
+            return self._scaled_mm(rows, scale, gate.shape, gate.dtype)
+        return self(F.silu(gate) * proj)
 
     def forward_fp8_input(self, x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """self(x8 * descale) for a float8 input with one descale (FP8 attention's output); W8A8 takes it as is."""

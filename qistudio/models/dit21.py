@@ -15,6 +15,13 @@ Blocks hold no modulation of their own: one shared `modulation` projection of th
 checkpoint (`transformer_blocks.N.attn.to_q`, `img_mlp.gate_layer`, `txt_in.text_norm`, ...), so it loads by
 identity. No linear has a bias.
 
+Speed paths, each equal to the eager arithmetic within its rounding (tests/test_qwen21_fast.py): on CUDA the
+block's q/k/v norm + RoPE and its two adaptive norms are the 20B model's fused kernels, used for one stream and no
+shift (ops/single_stream.py); under FP8 compute (`pipe.enable_fp8_computation()`) the block linears are W8A8, the
+SwiGLU product is quantised in one pass (ops/swiglu.py) and the target pass attends in FP8 over the cached prefix
+(`Attention21.attend_fp8`); under regional compile (`pipe.compile()`) the target pass runs compiled, the prefill
+eagerly (`_call_eagerly`).
+
 Shapes: B batch, P prefix tokens, T target tokens, D = heads * head_dim, H heads, C latent channels (64).
 """
 
@@ -27,8 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import attention
-from ..ops.rope import apply_rotation, rope_tables
+from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
+from ..ops.fp8 import FP8_DTYPE
+from ..ops.fp8_attention import quantize_joined
+from ..ops.rope import rope_tables
+from ..ops.single_stream import gated_residual_scaled_norm, qk_norm_rope_fp8, qkv_norm_rope, scaled_norm
 from .layers import RMSNorm
 from .layout21 import ImageBlock, JointLayout, joint_positions
 
@@ -119,11 +129,18 @@ class SwiGLU(nn.Module):
         self.out = _linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.silu(self.gate_layer(x)) * self.proj(x))
+        gate, proj = self.gate_layer(x), self.proj(x)
+        if hasattr(self.out, "forward_after_swiglu"):  # an FP8 linear: under W8A8 one pass quantises the product
+            return self.out.forward_after_swiglu(gate, proj)
+        return self.out(F.silu(gate) * proj)
 
 
 class Attention21(nn.Module):
     """q/k/v projections with RMSNorm on q and k per head; `to_out.0` projects back (index 1 was dropout)."""
+
+    # FP8 attention under FP8 compute (ops.attention.set_fp8_attention): the target pass over the cached prefix,
+    # where cuDNN's FP8 kernel runs.
+    fp8_attention = False
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float):
         super().__init__()
@@ -133,21 +150,42 @@ class Attention21(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
 
     def qkv(self, x: torch.Tensor, rotation: torch.Tensor):
-        """x (B, S, D) -> query, key, value (B, S, H, head_dim); q and k normed then rotated (float32 math)."""
-        value = self.to_v(x).unflatten(-1, (-1, self.head_dim))
-        query = self.norm_q(self.to_q(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
-        key = self.norm_k(self.to_k(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
-        return apply_rotation(query, rotation), apply_rotation(key, rotation), value
+        """x (B, S, D) -> query, key, value (B, S, H, head_dim); q and k normed then rotated (float32 math), in one
+        fused pass on CUDA (ops/single_stream.py)."""
+        return qkv_norm_rope(self.to_q(x), self.to_k(x), self.to_v(x), self.norm_q.weight, self.norm_k.weight,
+                             (self.norm_q.eps, self.norm_k.eps), rotation, self.head_dim)
+
+    def fp8_operands(self, x: torch.Tensor, rotation: torch.Tensor, prefix_key: torch.Tensor,
+                     prefix_value: torch.Tensor):
+        """FP8 attention's inputs for the target x (B, T, D) over [prefix; itself]: q and k leave the norm + RoPE
+        pass in FP8; the cached prefix keys join k under its scale (the bound that scale stands for holds for every
+        key normed by norm_k); v is quantised as it is joined. Returns float8 (B, T, H, hd) q and (B, P + T, H, hd)
+        k, v, then their three descales (1, 1, 1, 1)."""
+        batch = x.shape[0]
+        q8, q_descale = qk_norm_rope_fp8(self.to_q(x), self.norm_q.weight, self.norm_q.eps, rotation, self.head_dim)
+        k8, k_descale = qk_norm_rope_fp8(self.to_k(x), self.norm_k.weight, self.norm_k.eps, rotation, self.head_dim)
+        prefix_k8 = (prefix_key.float() / k_descale).to(FP8_DTYPE).expand(batch, -1, -1, -1)
+        v8, v_descale = quantize_joined([prefix_value.flatten(2).expand(batch, -1, -1), self.to_v(x)], self.head_dim)
+        return q8, torch.cat([prefix_k8, k8], dim=1), v8, q_descale, k_descale, v_descale
+
+    def attend_fp8(self, x: torch.Tensor, rotation: torch.Tensor, prefix_key: torch.Tensor,
+                   prefix_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 attention (cuDNN) of the target over [prefix; itself]: the float8 output (B, T, H, hd), whose
+        descale (returned too) is v's."""
+        operands = self.fp8_operands(x, rotation, prefix_key, prefix_value)
+        return attention_fp8(*operands), operands[-1]
 
 
 @dataclass
 class Modulation:
-    """One row set of the shared modulation, each (B | 1, 1, D)."""
+    """One row set of the shared modulation, each (B | 1, 1, D): the scales, the gates after their tanh, and a zero
+    row (the fused norms' shift: 2.1 has none), all made once per forward for every block."""
 
     scale1: torch.Tensor
     gate1: torch.Tensor
     scale2: torch.Tensor
     gate2: torch.Tensor
+    zero: torch.Tensor
 
 
 class QwenImage21Block(nn.Module):
@@ -160,14 +198,30 @@ class QwenImage21Block(nn.Module):
         self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.eps)
         self.img_mlp = SwiGLU(dim, dim * cfg.mlp_ratio)
 
+    def _fused_norms(self) -> bool:
+        # One-pass norm kernels (ops/single_stream.py), except where W8A8 linears read the normalised rows: there
+        # the compiled graph fuses their FP8 quantisation into the norm (as in the 20B block).
+        return not getattr(self.attn.to_q, "fp8_compute", False)
+
+    def normed(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        """The attention's input: LayerNorm(x) * (1 + scale1), x (B, S, D)."""
+        return scaled_norm(x, mod.zero, mod.scale1, self.img_norm1.eps, self._fused_norms())
+
     def project(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor):
         """The attention inputs of x (B, S, D): query, key, value (B, S, H, head_dim)."""
-        return self.attn.qkv(self.img_norm1(x) * (1 + mod.scale1), rotation)
+        return self.attn.qkv(self.normed(x, mod), rotation)
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: Modulation) -> torch.Tensor:
-        """The rest of the block after attention: attended (B, S, H, head_dim) -> x (B, S, D)."""
-        x = x + mod.gate1.tanh() * self.attn.to_out[0](attended.flatten(2))
-        x = x + mod.gate2.tanh() * self.img_mlp(self.img_norm2(x) * (1 + mod.scale2))
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: Modulation,
+               descale: torch.Tensor | None = None) -> torch.Tensor:
+        """The rest of the block after attention: attended (B, S, H, head_dim) -> x (B, S, D); float8 attended
+        values come with their descale (FP8 attention)."""
+        if descale is None:
+            update = self.attn.to_out[0](attended.flatten(2))
+        else:
+            update = _linear_from_fp8(self.attn.to_out[0], attended.flatten(2), descale, x.dtype)
+        x, normed = gated_residual_scaled_norm(x, update, mod.gate1, mod.zero, mod.scale2, self.img_norm2.eps,
+                                               self._fused_norms())
+        x = x + mod.gate2 * self.img_mlp(normed)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -179,8 +233,12 @@ class QwenImage21Block(nn.Module):
 
         Prefix: x (B, P, D) with its `segments`, attending block-causally within itself. Target: x (B, T, D)
         attending to [prefix_key / prefix_value (B | 1, P, H, hd); its own]. Returns (x after the block, or None
-        with finish=False; this block's key and value of x, (B, S, H, hd)).
+        with finish=False; this block's key and value of x, (B, S, H, hd), or None for a target under FP8
+        attention: the target's are never kept).
         """
+        if segments is None and fp8_attention_enabled(x, self.attn.fp8_attention):
+            attended, descale = self.attn.attend_fp8(self.normed(x, mod), rotation, prefix_key, prefix_value)
+            return self.finish(x, attended, mod, descale), None, None
         query, key, value = self.project(x, mod, rotation)
         if not finish:
             return None, key, value
@@ -191,6 +249,12 @@ class QwenImage21Block(nn.Module):
             attended = attention(query, torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=1),
                                  torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=1))
         return self.finish(x, attended, mod), key, value
+
+
+def _linear_from_fp8(layer: nn.Module, x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype):
+    if hasattr(layer, "forward_fp8_input"):  # an FP8 linear: W8A8 takes the float8 rows as they are
+        return layer.forward_fp8_input(x8, descale, dtype)
+    return layer((x8.float() * descale.reshape(())).to(dtype))
 
 
 def block_causal_attention(query, key, value, segments: list[tuple[int, int, bool]]) -> torch.Tensor:
@@ -217,6 +281,7 @@ class PrefixCache:
     values: list[torch.Tensor]
     layout: JointLayout
     step_independent: bool
+    target_rotation: torch.Tensor | None = None  # the target's (cos, sin) pairs (T, head_dim/2, 2), made once
 
 
 class QwenImage21DiT(nn.Module):
@@ -242,7 +307,8 @@ class QwenImage21DiT(nn.Module):
         return self.time_text_embed(timestep, self.compute_dtype)
 
     def _modulation(self, temb: torch.Tensor) -> Modulation:
-        return Modulation(*self.modulation(temb)[:, None].chunk(4, dim=-1))
+        scale1, gate1, scale2, gate2 = self.modulation(temb)[:, None].chunk(4, dim=-1)
+        return Modulation(scale1, gate1.tanh(), scale2, gate2.tanh(), torch.zeros_like(scale1))
 
     def rotations(self, layout: JointLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The (cos, sin) pairs of prefix and target, (P, head_dim/2, 2) and (T, head_dim/2, 2), float32."""
@@ -284,16 +350,16 @@ class QwenImage21DiT(nn.Module):
                 raise ValueError("this DiT has causal_condition=False: its prefix needs the step's timestep")
             timestep = torch.zeros(1, device=x.device)
         mod = self._modulation(self._temb(timestep))
-        rotation, _ = self.rotations(layout, x.device)
+        rotation, target_rotation = self.rotations(layout, x.device)
         segments = layout.segments()
         keys, values = [], []
         last = len(self.transformer_blocks) - 1
         for index, block in enumerate(self.transformer_blocks):
             # The last block's prefix output is never read: only its keys and values are.
-            x, key, value = block(x, mod, rotation, segments=segments, finish=index < last)
+            x, key, value = _call_eagerly(block, x, mod, rotation, segments=segments, finish=index < last)
             keys.append(key)
             values.append(value)
-        return PrefixCache(keys, values, layout, independent)
+        return PrefixCache(keys, values, layout, independent, target_rotation)
 
     def forward(self, target_tokens: torch.Tensor, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
         """Velocity of the target: target_tokens (B, T, C) latent tokens row-major, timestep (B,) sigma in [0, 1],
@@ -303,7 +369,11 @@ class QwenImage21DiT(nn.Module):
         x = self.img_in(target_tokens.to(self.compute_dtype))  # (B, T, D)
         temb = self._temb(timestep)  # (B, D)
         mod = self._modulation(temb)
-        _, rotation = self.rotations(cache.layout, x.device)
+        rotation = cache.target_rotation
+        if rotation is None:
+            _, rotation = self.rotations(cache.layout, x.device)
+        if _compiled(self.transformer_blocks[0]):
+            torch._dynamo.mark_static(x, 0)  # as the 20B DiT: a new batch size compiles a graph of its own
         for index, block in enumerate(self.transformer_blocks):
             keys, values = cache.keys[index], cache.values[index]
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -312,6 +382,20 @@ class QwenImage21DiT(nn.Module):
                 x, _, _ = block(x, mod, rotation, keys, values)
         scale = self.norm_out.linear(F.silu(temb))[:, None]  # (B, 1, D)
         return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.config.eps) * (1 + scale))
+
+
+def _compiled(block: nn.Module) -> bool:
+    """Whether `block` runs compiled (nn.Module.compile, as pipe.compile() does)."""
+    return getattr(block, "_compiled_call_impl", None) is not None
+
+
+def _call_eagerly(block: nn.Module, *args, **kwargs):
+    """block(...) with its hooks, eagerly even where the block is compiled. The prefill is the compiled blocks'
+    odd one out: its structure (the text and image runs of the prefix) changes with every prompt, so a graph for it
+    would recompile per prompt. It runs once per prompt (with the KV cache), where eager with the fused kernels of
+    ops/ costs about 1% of a 40-step image; the target pass, what every step runs, is the compiled one.
+    nn.Module.compile only changes what __call__ dispatches to; _call_impl is the eager call with its hooks."""
+    return block._call_impl(*args, **kwargs)
 
 
 def dit21_config_from_shapes(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None) -> DiT21Config:
