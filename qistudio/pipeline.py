@@ -384,8 +384,8 @@ class QwenImagePipeline:
         qistudio.parallel.ParallelError. Returns the Degrees used (for calls with guidance).
 
         Afterwards `pipe(...)` returns the images on rank 0 and None on every other rank (with
-        output_type="latent", every rank returns the same latents). Step caching (cache=) does not run split yet;
-        Qwen-Image-Layered runs whole on every rank.
+        output_type="latent", every rank returns the same latents). Step caching (cache=) skips the same steps as
+        in one process, on every rank; Qwen-Image-Layered runs whole on every rank.
         """
         from .parallel.runtime import enable_parallelism
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qistudio.caching import DBCache, FirstBlockCache, TaylorSeer
+
 STEPS = 3
 # Both guidance branches on, with a negative prompt whose length differs from the prompt's: batched CFG's text
 # padding (key lengths) meets every layout.
@@ -49,6 +51,13 @@ EDIT = dict(edit_image="edit", edit_image_auto_resize=False)  # the small image 
 CONTROL = dict(blockwise_controlnet_inputs="control")  # the Blockwise ControlNet (controlnet_id 0)
 INSTANTX = dict(blockwise_controlnet_inputs="instantx")  # the InstantX Union ControlNet (controlnet_id 1)
 TWO_PROMPTS = ["a red fox in the snow", "two birds"]
+# Eight steps, so that steps are skipped; thresholds where the tiny model's changes (0.45-0.97) fall on both sides
+# of them, the two guidance branches deciding differently on some steps.
+CACHED = dict(num_inference_steps=8)
+CACHES = dict(first_block=FirstBlockCache(0.56),
+              dbcache=DBCache(front_blocks=1, warmup_steps=2, residual_diff_threshold=0.56, taylorseer_order=1),
+              # float32 factors: bfloat16 ones round the ranks' last-bit differences (ring's merge order) to 1e-4
+              taylorseer=TaylorSeer(warmup_steps=2, cache_interval=2, factors_dtype="float32"))
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
 
 # name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
@@ -81,6 +90,11 @@ CASES = {
     "auto_no_guidance": ("auto", dict(cfg_scale=1.0)),
     "compiled_ulysses2": (dict(ulysses=2), dict(compile=True)),
     "compiled_ring2_uneven": (dict(ring=2), dict(compile=True, **UNEVEN)),
+    # step caches: every rank makes the one-process decisions (the same steps skipped, per guidance branch)
+    "first_block_ulysses2_uneven": (dict(ulysses=2), dict(cache=CACHES["first_block"], **CACHED, **UNEVEN)),
+    "dbcache_taylor_cfg2": (dict(cfg=2), dict(cache=CACHES["dbcache"], **CACHED)),
+    "first_block_data2_three_images": (dict(data=2), dict(num_images=3, cfg_scale=1.0, cache=CACHES["first_block"], **CACHED)),
+    "taylorseer_ring2": (dict(ring=2), dict(cache=CACHES["taylorseer"], **CACHED)),
     # refused with one error on every rank ("expect": its type), before the DiT runs
     "compiled_eligen_ulysses2": (dict(ulysses=2), dict(compile=True, expect="ParallelConfigError", **ENTITIES)),
     # the images: rank 0's, the VAE's 9 tiles split across the ranks; None on rank 1
@@ -92,6 +106,7 @@ CASES = {
     "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
     "data2_cfg2": (dict(data=2, cfg=2), dict(prompt=TWO_PROMPTS)),
     "instantx_cfg2_ulysses2_uneven": (dict(cfg=2, ulysses=2), {**INSTANTX, **UNEVEN}),
+    "first_block_cfg2_ulysses2_uneven": (dict(cfg=2, ulysses=2), dict(cache=CACHES["first_block"], **CACHED, **UNEVEN)),
 }
 TWO_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 2]
 FOUR_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 4]
@@ -195,7 +210,9 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
             except Exception as error:  # noqa: BLE001 - recorded for the test to judge
                 _save(path, as_tensors(None), {"error": type(error).__name__, "message": str(error)})
             continue
-        _save(path, as_tensors(generate(pipe, name)), {"degrees": pipe.parallel.degrees.text()})  # its layout
+        result = as_tensors(generate(pipe, name))
+        _save(path, result, {"degrees": pipe.parallel.degrees.text(),  # its layout, and its step cache's decisions
+                             "cache": json.dumps(pipe.last_cache_report)})
     if not kill:
         return
     pipe.enable_parallelism(ulysses=2, timeout=20)

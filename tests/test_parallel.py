@@ -63,6 +63,11 @@ def four_ranks(files, tmp_path_factory):
 def _check(single, out, name, nprocs):
     reference = cases.as_tensors(cases.generate(single, name))
     ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors")) for rank in range(nprocs)]
+    for rank in range(nprocs):  # a step cache: the same steps computed, per branch, on every rank
+        assert json.loads(_metadata(out, name, rank)["cache"]) == single.last_cache_report, name
+    if "cache" in cases.CASES[name][1]:  # the case's threshold really skips steps, branches apart on some
+        assert any(len(steps) < cases.CACHED["num_inference_steps"] for steps in
+                   single.last_cache_report["computed_steps"].values()), name
     if "pixels" in reference:  # rank 0 returns the image (its tiles summed in another order), the others None
         difference = (ranks[0]["pixels"].int() - reference["pixels"].int()).abs()
         assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3, name
@@ -74,6 +79,13 @@ def _check(single, out, name, nprocs):
     assert error < TOLERANCE, f"{name}: {error:.2e}"
     for rank in ranks[1:]:
         assert torch.equal(rank["latents"], latents)  # every rank steps the same whole latents
+
+
+def _metadata(out, name, rank) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(out / f"{name}.rank{rank}.safetensors"), "pt") as file:
+        return file.metadata()
 
 
 @pytest.mark.parametrize("name", [name for name in cases.TWO_RANKS if name not in cases.REFUSED])

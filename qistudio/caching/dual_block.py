@@ -22,7 +22,7 @@ import math
 import torch
 
 from .config import DBCache, FixedSchedule
-from .state import MiddleBranch, MiddleCache, relative_change
+from .state import Change, MiddleBranch, MiddleCache
 
 
 class TaylorCalibrator:
@@ -87,7 +87,7 @@ class DBCacheBranch(MiddleBranch):
             return True
         if threshold >= 1:
             return False
-        return relative_change(front_residual, self.front_residual)
+        return Change(front_residual, self.front_residual)
 
     def decide(self, change: float) -> bool:
         return not change < self.setting.residual_diff_threshold  # cache-dit: cache when below the threshold

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import FirstBlockCache
-from .state import MiddleBranch, MiddleCache, relative_change
+from .state import Change, MiddleBranch, MiddleCache
 
 
 class FirstBlockBranch(MiddleBranch):
@@ -25,7 +25,7 @@ class FirstBlockBranch(MiddleBranch):
     def measure(self, step, front_residual):
         if self.head_residual is None:
             return True
-        return relative_change(front_residual, self.head_residual)
+        return Change(front_residual, self.head_residual)
 
     def decide(self, change: float) -> bool:
         return change > self.threshold  # diffusers: compute when the change exceeds the threshold

@@ -81,15 +81,39 @@ def _rows(tensor: torch.Tensor, part: int, parts: int) -> torch.Tensor:
     return tensor[part * size : (part + 1) * size]
 
 
+@dataclass(frozen=True)
+class Change:
+    """A branch's residual change, still to measure: mean |current - previous| / mean |previous|."""
+
+    current: torch.Tensor
+    previous: torch.Tensor
+
+
+class BranchRows:
+    """Which rows of a gated DiT call are each branch's (equal parts of the batch, in branch order) and how the
+    branches' changes are measured (over those rows). A caller that splits the call across processes gives the
+    gate its own (parallel/cache.py: this process's rows, changes measured over every process's)."""
+
+    def __init__(self, parts: int):
+        self.parts = parts
+
+    def take(self, tensor: torch.Tensor, branch: int) -> torch.Tensor:
+        return _rows(tensor, branch, self.parts)
+
+    def changes(self, pending: list[tuple[int, Change]]) -> list[float]:
+        """The measured change of each (branch, Change): the step's one host sync."""
+        return torch.stack([relative_change(c.current, c.previous) for _, c in pending]).tolist()
+
+
 class MiddleBranch:
     """One branch's state for the methods that skip the middle blocks."""
 
     def __init__(self):
         self.record = Record()
 
-    def measure(self, step: int, front_residual: torch.Tensor | None) -> bool | torch.Tensor:
-        """Start `step`: True/False when the rule decides alone (compute / skip), else the residual change (0-d
-        tensor) that `decide` compares, so all branches share one host sync."""
+    def measure(self, step: int, front_residual: torch.Tensor | None) -> bool | Change:
+        """Start `step`: True/False when the rule decides alone (compute / skip), else the residual Change that
+        `decide` compares once measured, so all branches share one host sync."""
         raise NotImplementedError
 
     def decide(self, change: float) -> bool:
@@ -116,6 +140,7 @@ class MiddleGate:
     def __init__(self, step: int, branches: list[MiddleBranch], start: int, end: int, needs_front_residual: bool):
         self.step, self.branches, self.start, self.end = step, branches, start, end
         self.needs_front_residual = needs_front_residual  # then start >= 1 (the settings' rule)
+        self.rows = BranchRows(len(branches))
         self.run_middle = True
         self.compute: list[bool] = []
         self.input = self.front = None
@@ -136,13 +161,12 @@ class MiddleGate:
         return img, txt
 
     def _decide(self, img, txt):
-        parts = len(self.branches)
         residual = img - self.input if self.needs_front_residual else None
-        fronts = [None if residual is None else _rows(residual, k, parts) for k in range(parts)]
+        fronts = [None if residual is None else self.rows.take(residual, k) for k in range(len(self.branches))]
         measured = [b.measure(self.step, f) for b, f in zip(self.branches, fronts)]
-        pending = [m for m in measured if isinstance(m, torch.Tensor)]
-        changes = iter(torch.stack(pending).tolist() if pending else [])  # the one host sync of the step
-        self.compute = [b.decide(next(changes)) if isinstance(m, torch.Tensor) else m
+        pending = [(k, m) for k, m in enumerate(measured) if isinstance(m, Change)]
+        changes = iter(self.rows.changes(pending) if pending else [])  # the one host sync of the step
+        self.compute = [b.decide(next(changes)) if isinstance(m, Change) else m
                         for b, m in zip(self.branches, measured)]
         for branch, front, compute in zip(self.branches, fronts, self.compute):
             branch.record.add(self.step, compute)
@@ -153,34 +177,33 @@ class MiddleGate:
         self.run_middle = any(self.compute)
         if not self.run_middle:
             cached = [b.recall() for b in self.branches]
-            return _plus_cached(img, [c[0] for c in cached]), _plus_cached(txt, [c[1] for c in cached])
+            return self._plus_cached(img, [c[0] for c in cached]), self._plus_cached(txt, [c[1] for c in cached])
         self.front = (img, txt)
         return img, txt
 
     def _finish(self, img, txt):
-        parts = len(self.branches)
+        take = self.rows.take
         front_img, front_txt = self.front
         img_residual, txt_residual = img - front_img, txt - front_txt
         out_img, out_txt = [], []
         for k, (branch, compute) in enumerate(zip(self.branches, self.compute)):
             if compute:
-                branch.store(_rows(img_residual, k, parts), _rows(txt_residual, k, parts))
-                out_img.append(_rows(img, k, parts))
-                out_txt.append(_rows(txt, k, parts))
+                branch.store(take(img_residual, k), take(txt_residual, k))
+                out_img.append(take(img, k))
+                out_txt.append(take(txt, k))
             else:  # this branch skips while the other computes (one batch): its rows from the cache
                 cached_img, cached_txt = branch.recall()
-                out_img.append(cached_img + _rows(front_img, k, parts))
-                out_txt.append(cached_txt + _rows(front_txt, k, parts))
+                out_img.append(cached_img + take(front_img, k))
+                out_txt.append(cached_txt + take(front_txt, k))
         if all(self.compute):
             return img, txt
         return torch.cat(out_img), torch.cat(out_txt)
 
-
-def _plus_cached(tensor: torch.Tensor, cached: list[torch.Tensor]) -> torch.Tensor:
-    """Each branch's rows plus its cached residual (residual + rows: the references' order of the sum)."""
-    if len(cached) == 1:
-        return cached[0] + tensor
-    return torch.cat([c + _rows(tensor, k, len(cached)) for k, c in enumerate(cached)])
+    def _plus_cached(self, tensor: torch.Tensor, cached: list[torch.Tensor]) -> torch.Tensor:
+        """Each branch's rows plus its cached residual (residual + rows: the references' order of the sum)."""
+        if len(cached) == 1:
+            return cached[0] + self.rows.take(tensor, 0)
+        return torch.cat([c + self.rows.take(tensor, k) for k, c in enumerate(cached)])
 
 
 class MiddleCache(StepCache):

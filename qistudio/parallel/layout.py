@@ -35,6 +35,11 @@ class TokenLayout:
         return self.chunk * self.ranks
 
     @property
+    def valid_local(self) -> int:
+        """Valid (not padding) image tokens of this rank's chunk: a prefix of it."""
+        return min(self.chunk, max(0, self.num_image - self.sequence_rank * self.chunk))
+
+    @property
     def ring_chunk(self) -> int:
         return self.chunk * self.ulysses
 

@@ -43,10 +43,7 @@ class ParallelRuntime:
         return self.mesh.rank == 0
 
     def prepare(self, request) -> None:
-        """Refuse, before any model runs, what does not run split yet; quiet progress bars off rank 0."""
-        if getattr(request, "cache", None) is not None:
-            raise ParallelConfigError("cache=... (step caching) does not run under parallelism yet: each rank would "
-                                      "decide on its own share; drop cache= or call without enable_parallelism")
+        """Lay the call out on the mesh (its guidance branches over the cfg ranks); quiet progress bars off rank 0."""
         self.mesh = self.meshes[bool(request.use_cfg)]
         if self.degrees.cfg > 1 and request.use_cfg:
             request.cfg_batch = True  # the cfg ranks split the batched call's rows: one branch each

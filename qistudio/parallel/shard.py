@@ -10,6 +10,7 @@ Design note. `ShardedDiT` takes the DiT's own arguments, gives each rank its sha
   and each rank keeps its chunk of what it returns. Its rows must be whole guidance branches (an InstantX
   ControlNet adds one sample per prompt row to each branch): where a share is not (data parallelism, or cfg=2
   without guidance), the hook sees every row (gathered from every rank) and each rank keeps its own.
+- A step cache's block gate sees this rank's share and decides over the whole call (cache.py).
 - Output: every rank's (rows, tokens) piece is all-gathered and laid back in place, so every rank ends with the
   velocity of the whole batch, as one process computes it, and the sampler runs identically everywhere.
 """
@@ -21,43 +22,18 @@ import torch.distributed as dist
 
 from ..ops.attention import attention_override
 from ..ops.rope import Rotary
-from ..ops.split_attention import SplitMask
 from .attention import SequenceParallelAttention
+from .cache import shard_gate
 from .collectives import all_gather, lost_peer
 from .degrees import ParallelConfigError
 from .layout import TokenLayout
 from .mesh import ParallelMesh
+from .rows import RowShare
 
 
 def _compiled(dit) -> bool:
     blocks = getattr(dit, "transformer_blocks", None)
     return bool(blocks) and getattr(blocks[0], "_compiled_call_impl", None) is not None
-
-
-class RowShare:
-    """This rank's rows of a batch of `total` rows cut into `groups` equal shares (the last row repeated to fill)."""
-
-    def __init__(self, total: int, groups: int, index: int, device):
-        self.total, self.groups = total, groups
-        self.per_group = -(-total // groups)
-        self.indices = [min(index * self.per_group + i, total - 1) for i in range(self.per_group)]
-        self.index_tensor = torch.tensor(self.indices, device=device)
-
-    def take(self, x):
-        """x's rows (dim 0) of this share; None and tensors broadcast over rows (dim 0 of 1) pass unchanged."""
-        if x is None or self.groups == 1:
-            return x
-        if isinstance(x, list):
-            return [x[i] for i in self.indices]
-        if isinstance(x, SplitMask):
-            return SplitMask(x.num_image, self.take(x.text_to_image), self.take(x.text_to_text))
-        if x.shape[0] != self.total:
-            return x
-        return x.index_select(0, self.index_tensor.to(x.device))
-
-    def take_table(self, table: torch.Tensor) -> torch.Tensor:
-        """A RoPE table: (S, D/2) shared by the rows, or (B, S, D/2) per row."""
-        return self.take(table) if table.dim() == 3 else table
 
 
 class ShardedDiT:
@@ -75,8 +51,6 @@ class ShardedDiT:
     def __call__(self, image_tokens, text_states, timestep, rotary: Rotary, text_lengths=None,
                  num_target_tokens=None, condition_token_mask=None, additional_t_cond=None, attention_mask=None,
                  block_hook=None, block_gate=None) -> torch.Tensor:
-        if block_gate is not None:
-            raise ParallelConfigError("step caching (cache=...) does not run under parallelism yet")
         mesh, degrees = self.mesh, self.mesh.degrees
         num_target = image_tokens.shape[1] if num_target_tokens is None else num_target_tokens
         key = (image_tokens.shape[0], image_tokens.device)
@@ -95,6 +69,7 @@ class ShardedDiT:
         local_rotary = Rotary(rows.take_table(rotary.image), rows.take_table(rotary.text))
         if sharded:
             local_rotary = Rotary(layout.local(local_rotary.image, -2, 1), local_rotary.text)
+        block_gate = shard_gate(block_gate, rows, layout)  # a step cache deciding alike on every rank
         override = None
         if sharded:
             override = self._overrides.setdefault(layout, SequenceParallelAttention(mesh, layout))
@@ -105,7 +80,7 @@ class ShardedDiT:
                     rows.take(text_states), rows.take(timestep), local_rotary, rows.take(text_lengths),
                     num_target_tokens=None if sharded else num_target, condition_token_mask=condition_token_mask,
                     additional_t_cond=rows.take(additional_t_cond), attention_mask=rows.take(attention_mask),
-                    block_hook=self._shared_hook(block_hook, rows, layout),
+                    block_hook=self._shared_hook(block_hook, rows, layout), block_gate=block_gate,
                 )  # (rows of this share, image tokens of this rank, out channels)
         except (RuntimeError, dist.DistError) as error:
             converted = lost_peer(error, "a collective inside the DiT")
