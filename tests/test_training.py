@@ -288,7 +288,7 @@ def test_settings_mistakes_are_caught_before_loading(tiny_repo, data, tmp_path):
     with pytest.raises(ValueError, match="one of the two"):
         make_config(tiny_repo, data, tmp_path, trainable_models="dit", lora_base_model="dit").check()
     with pytest.raises(ValueError, match="not supported yet"):
-        make_config(tiny_repo, data, tmp_path, extra_inputs=("layer_input_image",)).check()
+        make_config(tiny_repo, data, tmp_path, extra_inputs=("controlnet_image",)).check()
     with pytest.raises(ValueError, match="multiples of 16"):
         make_config(tiny_repo, data, tmp_path, data=dict(height=40, width=32)).check()
     with pytest.raises(ValueError, match="timestep_sampling"):

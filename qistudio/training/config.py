@@ -20,8 +20,8 @@ OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit", "adafactor")  # optim.py says
 # What this trainer feeds the model besides image and prompt (the seed's --extra_inputs names). All but the entity
 # prompts are image files, so they must be data_file_keys too.
 EXTRA_INPUTS = ("edit_image", "context_image", "blockwise_controlnet_image", "blockwise_controlnet_inpaint_mask",
-                "eligen_entity_prompts", "eligen_entity_masks")
-TEXT_INPUTS = ("eligen_entity_prompts",)
+                "eligen_entity_prompts", "eligen_entity_masks", "layer_input_image", "layer_num")
+TEXT_INPUTS = ("eligen_entity_prompts", "layer_num")  # not files (layer_num: Qwen-Image-Layered's layer count)
 # What --trainable_models trains in full, and its name inside the reference's training module: a saved file's
 # names start with it, less --remove_prefix_in_ckpt.
 TRAINABLE_MODELS = {"dit": "pipe.dit.", "blockwise_controlnet": "pipe.blockwise_controlnet.models.0."}

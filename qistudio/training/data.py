@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..imageio import load_image, load_mask
+from ..imageio import load_image, load_mask, read_image
 from .config import DataConfig
 
 SIZE_MULTIPLE = 16  # the VAE downsamples by 8 and the DiT patchifies 2x2
@@ -118,11 +118,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     `check(sample)`, when given, raises ValueError or TypeError for a loaded sample that cannot be trained on (the
     trainer passes the pipeline's request checks); such a sample is skipped like an unreadable one. It must be
-    picklable (DataLoader workers): a module-level function or a functools.partial of one."""
+    picklable (DataLoader workers): a module-level function or a functools.partial of one.
 
-    def __init__(self, config: DataConfig, check: Callable[[dict], object] | None = None):
+    `rgba_keys` are read with their alpha kept (RGBA) and `list_keys` may list several files: the model's rules
+    (family.DataRules: Qwen-Image-Layered's frames, Qwen-Image 2.1's RGBA images); the defaults are Qwen-Image's."""
+
+    def __init__(self, config: DataConfig, check: Callable[[dict], object] | None = None,
+                 rgba_keys: tuple[str, ...] = (), list_keys: tuple[str, ...] = LIST_KEYS):
         self.config = config
         self.check = check
+        self.rgba_keys, self.list_keys = rgba_keys, list_keys
         self.base_path = Path(config.base_path)
         self.rows = read_metadata(config.metadata_path)
         missing = [(k, p) for k, row in enumerate(self.rows) for p in self._paths(row) if not _is_file(p)]
@@ -146,7 +151,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _load(self, path: Path, key: str) -> Image.Image:
         try:
-            image = (load_mask if key in MASK_KEYS else load_image)(path, key)
+            if key in self.rgba_keys:
+                image = read_image(path, key).convert("RGBA")  # alpha kept: the model reads and makes RGBA
+            else:
+                image = (load_mask if key in MASK_KEYS else load_image)(path, key)
         except ValueError as e:  # imageio's InputError: missing, not an image, damaged, too large; names the file
             raise _Unreadable(str(path), str(e)) from None
         if image.width < 1 or image.height < 1:
@@ -165,10 +173,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 return "its image cell is empty"
             if value is None or (isinstance(value, (str, list)) and not value):
                 continue  # an optional input (context_image, ...) left out
-            if isinstance(value, list) and key not in LIST_KEYS:
+            if isinstance(value, list) and key not in self.list_keys:
                 return f"its {key} cell holds a list ({_short(value)}); {key} takes one file path"
             if not all(isinstance(v, str) and v.strip() for v in (value if isinstance(value, list) else [value])):
-                what = "a file path or a list of them" if key in LIST_KEYS else "a file path"
+                what = "a file path or a list of them" if key in self.list_keys else "a file path"
                 return f"its {key} cell must be {what}, got {_short(value)}"
         prompt = sample.get("prompt")
         if not (prompt is None or isinstance(prompt, (str, int, float))) or isinstance(prompt, bool):

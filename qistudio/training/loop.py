@@ -27,7 +27,6 @@ processes both checks agree across all of them (one tiny all-reduce), so none is
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -49,7 +48,8 @@ from .buckets import bucketed_order, buckets_on, item_sizes
 from .cache import build_cache, encoding_fingerprint, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
-from .encode import EncodedSample, encode_sample, sample_conditions, sample_request
+from .encode import EncodedSample, sample_conditions
+from .family import data_rules, detect_family, encode_for, row_check
 from .errors import NonFiniteError
 from .lock import acquire as acquire_lock
 from .logs import TrainingLog, summary_writer_class
@@ -107,9 +107,11 @@ class Trainer:
         self.progress_bar = progress_bar
         self.fsdp = fsdp.settings(config, self.accelerator)  # FSDP2's settings, None when the DiT is not sharded
         # Metadata errors (and strict mode's missing files) before loading; a row the pipeline's request checks
-        # refuse (say, two entity prompts and three masks) is skipped like an unreadable image.
-        check = functools.partial(sample_request, extra_inputs=config.extra_inputs, zero_cond_t=config.zero_cond_t)
-        self.dataset = ImageDataset(config.data, check)
+        # refuse (say, two entity prompts and three masks) is skipped like an unreadable image. Which model the DiT's
+        # files hold (Qwen-Image, Layered, 2.1: family.py) says how rows are checked, loaded and encoded.
+        self.family = detect_family(config, components, self.accelerator)
+        rules = data_rules(self.family)
+        self.dataset = ImageDataset(config.data, row_check(config, self.family), rules.rgba_keys, rules.list_keys)
         if self.dataset.missing:
             logger.warning("%d sample(s) list images that do not exist; they will be skipped and listed at the end",
                            len(self.dataset.missing))
@@ -185,7 +187,8 @@ class Trainer:
         if config.initialize_model_on_cpu and not on_disk:
             load_on = torch.device("cpu")  # ZeRO-3: accelerate.prepare places (and partitions) the DiT
         with acc.main_process_first(), zero_loading(acc):
-            components = load_training_components(config, load_on, self.dtype, dit_blocks_on_disk=on_disk)
+            components = load_training_components(config, load_on, self.dtype, dit_blocks_on_disk=on_disk,
+                                                  family=self.family)
         if config.initialize_model_on_cpu and not on_disk:
             for model in (components.text_encoder, components.vae):
                 model.to(self.device)  # the frozen encoders are not accelerate's to place
@@ -379,10 +382,9 @@ class Trainer:
 
     def _encode(self, item) -> EncodedSample:
         """A loaded sample through the frozen encoders, or one from the sample cache moved to the device."""
-        if isinstance(item, EncodedSample):
+        if not isinstance(item, dict):  # an encoded sample (EncodedSample, or a Layered or 2.1 one)
             return map_tensors(item, lambda tensor: tensor.to(self.device))
-        return encode_sample(self.components, item, self.config.extra_inputs, self.config.zero_cond_t,
-                             self.device, self.dtype)
+        return encode_for(self.family, self.components, item, self.config, self.device, self.dtype)
 
     def _activation_storage(self):
         if not self.config.use_gradient_checkpointing_offload:

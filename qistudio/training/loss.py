@@ -7,6 +7,10 @@ wrapper holds whichever of them trains and its forward covers the whole predicti
 the pipeline's own (conditioning.control_residuals) at its single-step window (a training step is step 0 of 1,
 as the reference's progress_id=0, num_inference_steps=1).
 The error is taken over tokens (patchified latents), a permutation of the latent pixels, so the mean is the same.
+
+Qwen-Image-Layered's and Qwen-Image 2.1's samples (training/layered.py, qwen21.py) pack their own latents into
+tokens (`pack`: frames one after another; 2.1's unpatched rows) and run the DiT their own way (`velocity`); the
+loss, sigma and noise are the same for every member.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from ..conditioning.control_residuals import ControlResiduals
 from ..models.dit import QwenImageDiT
+from ..models.dit21 import QwenImage21DiT
 from ..ops.packing import patchify
 from .encode import EncodedSample
 
@@ -32,6 +37,8 @@ class Denoiser(nn.Module):
 
     def forward(self, tokens: torch.Tensor, timestep: torch.Tensor, sample: EncodedSample) -> torch.Tensor:
         """tokens (B, N, 64) patchified noisy latents, timestep (B,) sigma -> (B, N, 64) velocity."""
+        if not isinstance(sample, EncodedSample):  # Layered, 2.1: the sample knows how its DiT is called
+            return sample.velocity(self.dit, tokens, timestep)
         seq = sample.sequence
         hook = None
         if sample.controls:
@@ -51,10 +58,15 @@ def predict(model, sample: EncodedSample, noisy: torch.Tensor, sigma: torch.Tens
 
     `model` is a Denoiser or its accelerate/DDP wrapper; a bare DiT is taken as a Denoiser without ControlNets.
     """
-    if isinstance(model, QwenImageDiT):
+    if isinstance(model, (QwenImageDiT, QwenImage21DiT)):
         model = Denoiser(model)
     timestep = sigma.reshape(1).expand(noisy.shape[0])
-    return model(patchify(noisy), timestep, sample)
+    return model(pack(sample, noisy), timestep, sample)
+
+
+def pack(sample, latents: torch.Tensor) -> torch.Tensor:
+    """Latents of the sample's shape -> the DiT's tokens: 2x2 patches, or the sample's own packing."""
+    return patchify(latents) if isinstance(sample, EncodedSample) else sample.pack(latents)
 
 
 def flow_matching_loss(model, sample: EncodedSample, sigma: float, noise: torch.Tensor, weight: float) -> torch.Tensor:
@@ -62,7 +74,7 @@ def flow_matching_loss(model, sample: EncodedSample, sigma: float, noise: torch.
     x0 = sample.latents
     sigma_t = torch.tensor(sigma, dtype=torch.float32, device=x0.device)
     noisy = ((1 - sigma_t) * x0.float() + sigma_t * noise.float()).to(x0.dtype)
-    target = patchify(noise.float() - x0.float())  # (1, N, 64)
+    target = pack(sample, noise.float() - x0.float())  # (1, N, 64)
     return F.mse_loss(predict(model, sample, noisy, sigma_t).float(), target) * weight
 
 

@@ -13,11 +13,14 @@ from ..weights.formats import DIT
 from ..weights.hub import resolve_files
 from ..weights.model_config import ModelConfig
 from .config import TrainConfig
+from ..layered import require_layered_models
+from .family import LAYERED, QWEN21, QWEN_IMAGE, family_of_components
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = ("Qwen/Qwen-Image", "tokenizer/")
 DEFAULT_PROCESSOR = ("Qwen/Qwen-Image-Edit", "processor/")
+DEFAULT_QWEN21 = "Qwen/Qwen-Image-2.1"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -30,10 +33,28 @@ def hub_config(spec: str) -> ModelConfig:
     return ModelConfig(model_id=model_id, origin_file_pattern=pattern)
 
 
-def model_configs(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig, ModelConfig | None]:
-    """(model configs, tokenizer config, processor config or None) as the seed's train.py builds them."""
+def weight_configs(config: TrainConfig) -> list[ModelConfig]:
+    """The ModelConfigs of --model_paths and --model_id_with_origin_paths, in that order."""
     configs = [ModelConfig(path=list(p) if isinstance(p, (list, tuple)) else str(p)) for p in config.model_paths]
-    configs += [hub_config(spec) for spec in config.model_id_with_origin_paths]
+    return configs + [hub_config(spec) for spec in config.model_id_with_origin_paths]
+
+
+def _dit_model_id(config: TrainConfig, default: str) -> str:
+    """The hub id the DiT comes from (its transformer/ pattern), whose processor/ goes with it."""
+    return next((spec.partition(":")[0] for spec in config.model_id_with_origin_paths
+                 if spec.partition(":")[2].startswith("transformer")), default)
+
+
+def model_configs(config: TrainConfig, family: str = QWEN_IMAGE) -> tuple[list[ModelConfig], ModelConfig | None,
+                                                                           ModelConfig | None]:
+    """(model configs, tokenizer config, processor config or None) as the seed's train.py builds them. Qwen-Image
+    2.1 reads prompts through its Qwen3-VL processor (its repository has processor/ and no tokenizer/)."""
+    configs = weight_configs(config)
+    if family == QWEN21:
+        tokenizer = ModelConfig(path=config.tokenizer_path) if config.tokenizer_path else None
+        processor = (ModelConfig(path=config.processor_path) if config.processor_path
+                     else ModelConfig(model_id=_dit_model_id(config, DEFAULT_QWEN21), origin_file_pattern="processor/"))
+        return configs, tokenizer, processor
     tokenizer = (ModelConfig(path=config.tokenizer_path) if config.tokenizer_path
                  else ModelConfig(model_id=DEFAULT_TOKENIZER[0], origin_file_pattern=DEFAULT_TOKENIZER[1]))
     processor = None
@@ -50,11 +71,11 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def load_training_components(config: TrainConfig, device: torch.device, dtype: torch.dtype,
-                             dit_blocks_on_disk: bool = False) -> Components:
+                             dit_blocks_on_disk: bool = False, family: str = QWEN_IMAGE) -> Components:
     """The models; with `dit_blocks_on_disk` the DiT's block weights are left in the files (FSDP2 reads each
     process's shard of them: fsdp.py), their parameters meta tensors and `components.disk_sources["dit"]` their
-    keys."""
-    configs, tokenizer, processor = model_configs(config)
+    keys. `family` (family.py) picks the tokenizer and processor defaults."""
+    configs, tokenizer, processor = model_configs(config, family)
     if dit_blocks_on_disk:
         configs = [dataclasses.replace(c, offload_device="disk") if detect_kind(resolve_files(c)) == DIT else c
                    for c in configs]
@@ -71,6 +92,8 @@ def prepare_frozen(components: Components, config: TrainConfig) -> None:
     """The DiT, VAE and text encoder must all be there, and the ControlNet the inputs need; every model is frozen
     (what trains is unfrozen later) and the VAE and text encoder only encode, in eval mode."""
     components.require("dit", "vae", "text_encoder")
+    if family_of_components(components) == LAYERED:
+        require_layered_models(components)  # the RGBA VAE beside the Layered DiT, before any sample is encoded
     if config.trainable_models == "blockwise_controlnet" and not components.controlnets:
         components.controlnets.append(new_controlnet(components, config))
     check_controlnets(components, config)
