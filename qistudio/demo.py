@@ -178,23 +178,28 @@ def write_demo_model(folder: str | os.PathLike | None = None) -> Path:
     `tokenizer_config=ModelConfig(path=folder / "tokenizer")`.
     """
     folder = Path(folder if folder is not None else default_demo_dir()).expanduser().absolute()
-    if is_complete_demo(folder):
+    return write_folder_once(folder, _build, is_complete_demo, MARKER)
+
+
+def write_folder_once(folder: Path, build, is_complete, marker: str) -> Path:
+    """`build(staging)` in a temporary folder beside `folder`, renamed into place; reused when `is_complete`."""
+    if is_complete(folder):
         return folder
-    if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
+    if folder.exists() and any(folder.iterdir()) and not (folder / marker).exists():
         raise FileExistsError(f"{folder} exists and is not a qistudio demo model; give an empty or new folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        _build(staging)
+        build(staging)
         _make_readable(staging)
-        if is_complete_demo(folder):  # a concurrent build finished first
+        if is_complete(folder):  # a concurrent build finished first
             return folder
         if folder.exists():  # empty, or a demo of another version: replace it
             shutil.rmtree(folder)
         try:
             os.rename(staging, folder)
         except OSError:
-            if not is_complete_demo(folder):  # not a concurrent build that won the race
+            if not is_complete(folder):  # not a concurrent build that won the race
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,6 +18,7 @@ from lora_files import peft_layout, random_pairs
 from qistudio.engine.batching import Capacity, batch_key, select_batch
 from qistudio.engine.jobs import Job, JobError, JobResult, JobState
 from qistudio.engine.loras import LoRACatalog, LoRASlots
+from qistudio.engine.previews import LatentPreviewer
 from qistudio.engine.runner import BatchRunner, Task
 from qistudio.engine.spec import JobSpec, from_wire, to_wire, validate
 from qistudio.engine.worker import Control
@@ -279,3 +280,158 @@ def test_job_events_reach_subscribers_once_and_wait_returns():
     job.finish(JobState.FAILED, error=JobError("late", "x"))
     assert len(seen) == 4
     assert job.summary()["error"] == {"message": "late", "code": "x"}
+
+
+# --- Blockwise ControlNet, Qwen-Image-Layered and Qwen-Image 2.1 jobs -------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_family(tmp_path_factory):
+    """The demo model with its tiny ControlNet and Layered model, as `--demo` serves them: a ModelSpec naming
+    them and the pipeline a worker loads from it (with its Layered pipeline)."""
+    from qistudio.cli.generate import _folder_configs
+    from qistudio.demo import write_demo_model
+    from qistudio.demo_family import write_demo_controlnet, write_demo_layered
+    from qistudio.engine.models import LAYERED, ModelSpec, load_pipeline
+    from qistudio.weights.model_config import ModelConfig
+
+    demo = write_demo_model(tmp_path_factory.mktemp("xdg") / "demo")
+    configs, tokenizer, processor = _folder_configs(demo)
+    layered = write_demo_layered(demo)
+    layered_configs = [ModelConfig(path=str(layered / "transformer")), configs[1],
+                       ModelConfig(path=str(layered / "vae"))]
+    layered_spec = ModelSpec.from_configs("layered", layered_configs, tokenizer, processor, family=LAYERED)
+    spec = ModelSpec.from_configs("demo", configs, tokenizer, processor, dtype="float32",
+                                  controlnets=[("canny", ModelConfig(path=str(write_demo_controlnet(demo))))],
+                                  layered=layered_spec.replace(dtype="float32"))
+    return spec, load_pipeline(spec, "cpu"), load_pipeline(spec.layered, "cpu")
+
+
+@pytest.fixture
+def family_runner(demo_family):
+    spec, pipe, layered = demo_family
+    parent, child = multiprocessing.Pipe()
+    sent = Recorder()
+    others = {"layered": (layered, LoRASlots(layered))}
+    yield BatchRunner(pipe, "cpu", Control(child), sent, LoRASlots(pipe), LatentPreviewer.fit(pipe),
+                      other_pipelines=others.get), sent
+    parent.close()
+    child.close()
+
+
+def run_job(spec, model, runner, sent, job_id="j") -> list:
+    """`spec` as the engine sends it: validated, through the wire, run as one task; its result images."""
+    from qistudio.engine.spec import pipeline_of
+
+    request = validate(spec, (), model)
+    arguments = from_wire(to_wire(spec.arguments))
+    runner.run([Task(job_id, arguments, spec.scheduler, [], {}, pipeline_of(request, model))])
+    assert not sent.of("failed"), sent.of("failed")
+    (result,) = [m for m in sent.of("result") if m["job"] == job_id]
+    return result_images(result)
+
+
+def test_a_control_job_is_pipe_with_its_controlnet_input(demo_family, family_runner):
+    from qistudio import ControlNetInput
+
+    model, pipe, _ = demo_family
+    runner, sent = family_runner
+    edges = Image.fromarray((np.indices((64, 64)).sum(0) % 16 < 3).astype(np.uint8) * 255).convert("RGB")
+    control = {"image": edges, "scale": 0.8, "start": 0.9, "end": 0.0, "controlnet": "canny"}
+    spec = JobSpec({"prompt": "a house", "seed": 3, **SMALL, "blockwise_controlnet_inputs": [control]})
+    (got,) = run_job(spec, model, runner, sent)
+    assert spec.arguments["blockwise_controlnet_inputs"][0]["controlnet_id"] == 0
+    expected = pipe("a house", seed=3, **SMALL, progress_bar_cmd=lambda s: s, blockwise_controlnet_inputs=[
+        ControlNetInput(image=edges, scale=0.8, start=0.9, end=0.0, controlnet_id=0)])
+    assert np.array_equal(pixels(got), pixels(expected))
+    plain = pipe("a house", seed=3, **SMALL, progress_bar_cmd=lambda s: s)
+    assert not np.array_equal(pixels(got), pixels(plain))  # the ControlNet steered it
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ([{"image": "IMG", "controlnet": "depth"}], r"controlnet: 'depth' is not a ControlNet this server loads; give "
+                                                r"one of canny"),
+    ([{"image": "IMG", "controlnet": 3}], r"\[0\].controlnet: 3 is not"),
+    ([{"image": "IMG", "strength": 1.0}], r"\[0\]: unknown field 'strength'"),
+    ([{"image": "IMG", "scale": float("nan")}], r"\[0\].scale"),
+    ([{"image": "IMG", "start": 0.2, "end": 0.5}], r"end <= start"),
+    ([{"scale": 1.0}], r"\[0\] has no image"),
+    ({"image": "IMG"}, r"must be a list"),
+])
+def test_control_inputs_are_checked_before_queueing(demo_family, inputs, words):
+    model = demo_family[0]
+    image = Image.new("RGB", (64, 64))
+    inputs = [{k: image if v == "IMG" else v for k, v in item.items()} for item in inputs] if isinstance(
+        inputs, list) else inputs
+    with pytest.raises(InputError, match=words):
+        validate(JobSpec({"prompt": "x", **SMALL, "blockwise_controlnet_inputs": inputs}), (), model)
+    with pytest.raises(InputError, match="this server loads no ControlNet; start it with --controlnet"):
+        validate(JobSpec({"prompt": "x", **SMALL, "blockwise_controlnet_inputs": [{"image": image}]}), (),
+                 model.replace(controlnets=()))
+
+
+def test_a_layers_job_is_pipe_on_the_layered_model(demo_family, family_runner, monkeypatch):
+    from qistudio.conditioning import layered
+
+    monkeypatch.setattr(layered, "RESOLUTION_AREAS", {k: v // 64 for k, v in layered.RESOLUTION_AREAS.items()})
+    model, _, layered_pipe = demo_family
+    runner, sent = family_runner
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 4), dtype=np.uint8), "RGBA")
+    spec = JobSpec({"prompt": "a cat", "image": picture, "layers": 2, "num_inference_steps": 2, "seed": 5})
+    got = run_job(spec, model, runner, sent)
+    expected = layered_pipe("a cat", image=picture, layers=2, num_inference_steps=2, seed=5,
+                            progress_bar_cmd=lambda s: s)
+    assert len(got) == 2 and all(image.mode == "RGBA" for image in got)
+    for layer, want in zip(got, expected):
+        assert np.array_equal(np.asarray(layer), np.asarray(want))
+    assert sent.of("progress")[-1]["previews"]  # the composite frame previewed
+
+
+def test_layers_jobs_go_where_a_layered_model_is(demo_family):
+    from qistudio.engine.models import LAYERED
+    from qistudio.engine.spec import LAYERED_PIPELINE, MAIN, pipeline_of
+
+    model = demo_family[0]
+    picture = Image.new("RGBA", (64, 64))
+    layers = lambda: JobSpec({"prompt": "x", "image": picture, "layers": 2})  # noqa: E731
+    assert pipeline_of(validate(layers(), (), model), model) == LAYERED_PIPELINE
+    with pytest.raises(InputError, match="this server has no Qwen-Image-Layered model; start it with --layered-model"):
+        validate(layers(), (), model.replace(layered=None))
+    alone = model.layered
+    assert pipeline_of(validate(layers(), (), alone), alone) == MAIN and alone.family == LAYERED
+    with pytest.raises(InputError, match="this server's model is Qwen-Image-Layered: it splits an image"):
+        validate(JobSpec({"prompt": "x", **SMALL}), (), alone)
+    with pytest.raises(InputError, match="layers must be"):
+        validate(JobSpec({"prompt": "x", "image": picture, "layers": 0}), (), model)
+
+
+def test_a_qwen21_job_is_pipe_on_the_21_model(tmp_path_factory):
+    """A 2.1 model served: its jobs are checked against 2.1's pipe(...), run alone, and equal it (RGBA)."""
+    from tiny_qwen21 import model_configs21, tiny_repository21
+
+    from qistudio.engine.models import QWEN21, ModelSpec, load_pipeline
+    from qistudio.weights.model_config import ModelConfig
+
+    repo = tiny_repository21(tmp_path_factory)
+    model = ModelSpec.from_configs("2.1", model_configs21(repo), None, ModelConfig(path=str(repo / "processor")),
+                                   dtype="float32", family=QWEN21)
+    pipe = load_pipeline(model, "cpu")
+    parent, child = multiprocessing.Pipe()
+    sent = Recorder()
+    runner = BatchRunner(pipe, "cpu", Control(child), sent, LoRASlots(pipe))
+    reference = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA")
+    arguments = {"prompt": "a fox", "edit_image": [reference, reference.rotate(90)], "height": 64, "width": 96,
+                 "num_inference_steps": 2, "seed": 4, "use_kv_cache": False}
+    spec = JobSpec(dict(arguments))
+    request = validate(spec, (), model)
+    assert batch_key(request, "Qwen-Image", ()) is None
+    (got,) = run_job(spec, model, runner, sent)
+    expected = pipe(**arguments, progress_bar_cmd=lambda s: s)
+    assert got.mode == "RGBA" and np.array_equal(np.asarray(got), np.asarray(expected))
+    for bad, words in ((dict(input_image=reference), "unknown argument 'input_image'; a Qwen-Image 2.1 job takes"),
+                       (dict(edit_image=[reference] * 11), "1 to 10 images")):
+        with pytest.raises(InputError, match=words):
+            validate(JobSpec({"prompt": "x", **bad}), (), model)
+    with pytest.raises(ValueError, match="served as a Qwen-Image model but its files are Qwen-Image 2.1's"):
+        load_pipeline(model.replace(family="qwen-image"), "cpu")
+    parent.close()
+    child.close()

@@ -7,7 +7,8 @@ reads each prompt on its own row (causal, right-padded), the DiT attends each ro
 sliced away, ops/attention.py), guidance and the Euler step are per element. What must agree across the batch is
 therefore everything that is one value per call: size, steps, scheduler, guidance scale and rescale, the negative
 prompt, the sigma schedule's inputs, tiling, and the LoRA set with its scales. Jobs with per-call image inputs
-(edit images, image-to-image, inpainting, EliGen, ControlNet, context images) run alone.
+(edit images, image-to-image, inpainting, EliGen, ControlNet, context images, Layered's image) run
+alone, and so does every Qwen-Image 2.1 job.
 
 Rows agree with the job run alone up to float rounding of batched matrix products (a different GEMM shape may sum
 in another order): measured on the CPU demo, latents within 3e-6 and 13 of 393,216 8-bit pixel values one level
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 
 def batch_key(request, scheduler: str, loras) -> tuple | None:
     """What jobs must share to be batched; None for a job that runs alone."""
+    if not hasattr(request, "edit_rows"):
+        return None  # Qwen-Image 2.1 (request21.Request21): its prefix cache is per prompt; each job runs alone
     alone = (request.edit_rows, request.entities, request.input_image, request.inpaint_mask, request.context_image,
-             request.noise)
+             request.noise, request.layered)
     if any(value is not None for value in alone) or request.controlnet_inputs:
         return None
     sigmas = None if request.sigmas is None else tuple(request.sigmas)

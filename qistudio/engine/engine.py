@@ -24,7 +24,7 @@ from .batching import Capacity, batch_key, select_batch
 from .jobs import Job, JobError, JobResult, JobState
 from .loras import LoRACatalog
 from .models import ModelSpec
-from .spec import JobSpec, to_wire, validate
+from .spec import JobSpec, pipeline_of, to_wire, validate
 from .stats import EngineStats
 
 class EngineError(RuntimeError):
@@ -130,11 +130,12 @@ class Engine:
 
     def submit(self, spec: JobSpec) -> Job:
         """Check and queue a job. InputError for a bad value; QueueFull when full; EngineError when shut down."""
-        request = validate(spec, self.loras)
+        request = validate(spec, self.loras, self.config.model)
         job = Job(spec, request)
         job.wire = {"id": job.id, "arguments": to_wire(spec.arguments), "scheduler": spec.scheduler,
                     "loras": [list(pair) for pair in spec.loras],
-                    "lora_paths": {name: str(self.loras.path(name)) for name, _ in spec.loras}}
+                    "lora_paths": {name: str(self.loras.path(name)) for name, _ in spec.loras},
+                    "pipeline": pipeline_of(request, self.config.model)}
         with self.lock:
             if not self.accepting:
                 raise EngineError("the server is shutting down" if self._started else "the engine is not running")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from .runner import BatchRunner, Task
-from .spec import from_wire
+from .worker import new_runner, tasks_of
 
 _DONE = object()
 
@@ -36,20 +35,13 @@ class RayWorker:
         import torch
 
         from .device_memory import bytes_per_row_pixel, free_bytes, usage
-        from .loras import LoRASlots
-        from .models import load_pipeline
-        from .previews import LatentPreviewer
 
         self.device = "cuda:0" if torch.cuda.is_available() else "cpu"
         if options.get("threads") and self.device == "cpu":
             torch.set_num_threads(options["threads"])
-        pipe = load_pipeline(model, self.device)
-        previewer = LatentPreviewer.fit(pipe) if options.get("preview_every") else None
-        loras = LoRASlots(pipe, options.get("max_loras", 8))
-        self.runner = BatchRunner(pipe, self.device, StreamControl(), None, loras, previewer,
-                                  options.get("preview_every", 0))
+        self.runner = new_runner(model, self.device, options, StreamControl(), None)
         self.hello = {"type": "hello", "pid": os.getpid(), "device": self.device,
-                      "free_bytes": free_bytes(self.device), "bytes_per_row_pixel": bytes_per_row_pixel(pipe)}
+                      "free_bytes": free_bytes(self.device), "bytes_per_row_pixel": bytes_per_row_pixel(self.runner.pipe)}
         self._usage = usage
 
     async def run(self, message: dict):
@@ -59,8 +51,7 @@ class RayWorker:
         control = StreamControl()
         self.runner.control = control
         self.runner.send = lambda reply: loop.call_soon_threadsafe(queue.put_nowait, reply)
-        tasks = [Task(job["id"], from_wire(job["arguments"]), job["scheduler"], [tuple(x) for x in job["loras"]],
-                      job["lora_paths"]) for job in message["jobs"]]
+        tasks = tasks_of(message)
         running = loop.run_in_executor(None, self._run, tasks, queue, loop)
         yield {**self.hello, "memory": self._usage(self.device)}
         try:

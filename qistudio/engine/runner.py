@@ -6,6 +6,11 @@ concatenation of the noise each job's own seed draws, so every image is the one 
 batching.py for the rounding caveat). Cancellation acts at the next step: the per-step callback raises
 JobCancelled once every job of the batch is cancelled; a job cancelled inside a larger batch rides along and its
 images are dropped. A batch that runs out of device memory is split and its jobs run one by one.
+
+A worker may hold a second pipeline (a Qwen-Image-Layered model served beside the main one, loaded on its first
+job): each task names the pipeline it runs on, and every pipeline keeps its own LoRA slots. A layers job's images
+are its RGBA layers, bottom first (for several prompts or num_images, each row's layers in turn); its previews show
+the composite frame.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .control import with_control_inputs
 from .device_memory import usage
+from .spec import MAIN
 
 
 class JobCancelled(Exception):
@@ -29,6 +36,7 @@ class Task:
     scheduler: str
     loras: list  # (name, scale) pairs
     lora_paths: dict  # name -> file
+    pipeline: str = MAIN  # spec.MAIN, or spec.LAYERED_PIPELINE
 
 
 def message_of(error: BaseException) -> str:
@@ -45,15 +53,28 @@ def _is_out_of_memory(error: BaseException) -> bool:
 class BatchRunner:
     """Runs batches on one pipeline; `send(message)` reports to the engine, `control` says what was cancelled."""
 
-    def __init__(self, pipe, device: str, control, send, loras, previewer=None, preview_every: int = 1):
-        self.pipe, self.device, self.control, self.send = pipe, device, control, send
-        self.loras, self.previewer, self.preview_every = loras, previewer, preview_every
+    def __init__(self, pipe, device: str, control, send, loras, previewer=None, preview_every: int = 1,
+                 other_pipelines=None):
+        """`other_pipelines(name)`: the (pipe, LoRASlots) of a task's non-main pipeline (loaded when first asked)."""
+        self.main, self.device, self.control, self.send = (pipe, loras), device, control, send
+        self.pipe, self.loras = pipe, loras  # the batch's pipeline and its LoRA slots (the main one between batches)
+        self.previewer, self.preview_every = previewer, preview_every
+        self.other_pipelines = other_pipelines
         self._schedulers: dict = {}
+
+    def _use(self, name: str) -> None:
+        if name == MAIN:
+            self.pipe, self.loras = self.main
+        elif self.other_pipelines is None:
+            raise RuntimeError(f"this worker holds no {name} pipeline")
+        else:
+            self.pipe, self.loras = self.other_pipelines(name)
 
     def run(self, tasks: list[Task]) -> None:
         """Run the batch; every task ends in exactly one message: result, failed or cancelled."""
         start = time.perf_counter()
         try:
+            self._use(tasks[0].pipeline)
             self.pipe.scheduler = self._scheduler(tasks[0].scheduler)
             self.loras.activate(tasks[0].loras, tasks[0].lora_paths)
             images = self._generate(tasks)
@@ -100,8 +121,7 @@ class BatchRunner:
         steps = _StepReporter(self, tasks)
         common = dict(callback=steps.callback, progress_bar_cmd=steps.progress)
         if len(tasks) == 1:
-            images = self.pipe(**tasks[0].arguments, **common)
-            return [images if isinstance(images, list) else [images]]
+            return [_flat(self.pipe(**with_control_inputs(tasks[0].arguments), **common))]
         from ..pipeline import _initial_noise  # the pipeline's own noise rule, so each job's seed draws its noise
         from ..request import build_request
 
@@ -155,7 +175,8 @@ class _StepReporter:
         if runner.previewer is not None and every and (done % every == 0 or done == self.total):
             for task, row in zip(self.tasks, self.rows):
                 if task in active:
-                    previews[task.id] = runner.previewer.png(latents[row])
+                    latent = latents[row]  # (16, h, w); a layers job's (frames, 16, h, w): frame 0, the composite
+                    previews[task.id] = runner.previewer.png(latent[0] if latent.ndim == 4 else latent)
         runner.send({"type": "progress", "jobs": [t.id for t in active], "step": done, "total": self.total,
                      "seconds": seconds, "images": sum(_rows(t.arguments) for t in self.tasks),
                      "previews": previews, "memory": usage(runner.device)})
@@ -163,5 +184,12 @@ class _StepReporter:
 
 def _rows(arguments: dict) -> int:
     prompt = arguments.get("prompt")
-    prompts = 1 if isinstance(prompt, str) else len(prompt)
+    prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1  # None: a layers job's caption
     return prompts * arguments.get("num_images", 1)
+
+
+def _flat(images) -> list:
+    """pipe(...)'s result as one list of images: an image, a list, or a list of lists (layers per row)."""
+    if not isinstance(images, list):
+        return [images]
+    return [image for item in images for image in (item if isinstance(item, list) else [item])]

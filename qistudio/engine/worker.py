@@ -15,7 +15,7 @@ import os
 import signal
 
 from .runner import BatchRunner, Task, message_of
-from .spec import from_wire
+from .spec import MAIN, from_wire
 
 
 class Control:
@@ -62,18 +62,50 @@ def worker_main(index: int, device: str, spec, options: dict, conn) -> None:
 
 def _start(device: str, spec, options: dict, conn) -> BatchRunner:
     from .device_memory import bytes_per_row_pixel, free_bytes, usage
+
+    runner = new_runner(spec, device, options, Control(conn), conn.send)
+    conn.send({"type": "ready", "pid": os.getpid(), "device": device, "free_bytes": free_bytes(device),
+               "bytes_per_row_pixel": bytes_per_row_pixel(runner.pipe), "memory": usage(device)})
+    return runner
+
+
+def new_runner(spec, device: str, options: dict, control, send) -> BatchRunner:
+    """The model loaded on `device` with its previewer and LoRA slots (a local or a Ray worker's)."""
     from .loras import LoRASlots
-    from .models import load_pipeline
+    from .models import QWEN21, load_pipeline, loaded_family
     from .previews import LatentPreviewer
 
     pipe = load_pipeline(spec, device)
-    previewer = LatentPreviewer.fit(pipe) if options.get("preview_every") else None
-    control = Control(conn)
-    runner = BatchRunner(pipe, device, control, conn.send, LoRASlots(pipe, options.get("max_loras", 8)), previewer,
-                         options.get("preview_every", 0))
-    conn.send({"type": "ready", "pid": os.getpid(), "device": device, "free_bytes": free_bytes(device),
-               "bytes_per_row_pixel": bytes_per_row_pixel(pipe), "memory": usage(device)})
-    return runner
+    # The previewer's fit decodes 16-channel latents 8x smaller than the image; Qwen-Image 2.1's VAE is another kind.
+    previews = options.get("preview_every") and loaded_family(pipe) != QWEN21
+    previewer = LatentPreviewer.fit(pipe) if previews else None
+    return BatchRunner(pipe, device, control, send, LoRASlots(pipe, options.get("max_loras", 8)), previewer,
+                       options.get("preview_every", 0), _other_pipelines(spec, device, options))
+
+
+def tasks_of(message: dict) -> list[Task]:
+    """A run message's jobs as Tasks (images back as PIL)."""
+    return [Task(job["id"], from_wire(job["arguments"]), job["scheduler"], [tuple(x) for x in job["loras"]],
+                 job["lora_paths"], job.get("pipeline", MAIN)) for job in message["jobs"]]
+
+
+def _other_pipelines(spec, device: str, options: dict):
+    """name -> (pipe, LoRASlots) of the pipelines served beside the main one, each loaded on its first job."""
+    loaded: dict = {}
+
+    def get(name: str):
+        from .loras import LoRASlots
+        from .models import load_pipeline
+        from .spec import LAYERED_PIPELINE
+
+        if name not in loaded:
+            if name != LAYERED_PIPELINE or spec.layered is None:
+                raise RuntimeError(f"this worker serves no {name} pipeline")
+            pipe = load_pipeline(spec.layered, device)
+            loaded[name] = (pipe, LoRASlots(pipe, options.get("max_loras", 8)))
+        return loaded[name]
+
+    return get
 
 
 def _serve(runner: BatchRunner, conn) -> None:
@@ -88,8 +120,6 @@ def _serve(runner: BatchRunner, conn) -> None:
         if message is None:
             continue
         control.cancelled.intersection_update(job["id"] for job in message["jobs"])
-        tasks = [Task(job["id"], from_wire(job["arguments"]), job["scheduler"], [tuple(x) for x in job["loras"]],
-                      job["lora_paths"]) for job in message["jobs"]]
-        runner.run(tasks)
+        runner.run(tasks_of(message))
         control.cancelled.clear()
         conn.send({"type": "idle", "memory": usage(runner.device)})
