@@ -32,8 +32,8 @@ def repo(tmp_path_factory):
 
 
 def _pipe(repo):
-    return QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=model_configs21(repo),
-                                             tokenizer_config=None,
+    return QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=model_configs21(repo), tokenizer_config=None,
                                              processor_config=ModelConfig(path=str(repo / "processor")))
 
 

@@ -32,6 +32,12 @@ def qkv_norm_rope(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q
         none = (query[:, :0], key[:, :0], value[:, :0])  # the empty second stream
         return joint_qkv_norm_rope((query, key, value), none, (q_weight, q_weight), (k_weight, k_weight), eps,
                                    rotation, head_dim)
+    return qkv_norm_rope_reference(query, key, value, q_weight, k_weight, eps, rotation, head_dim)
+
+
+def qkv_norm_rope_reference(query, key, value, q_weight, k_weight, eps: tuple[float, float], rotation,
+                            head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`qkv_norm_rope` as the reference's attention computes it, one operation after another (any device)."""
     value = value.unflatten(-1, (-1, head_dim))
     query, key = (rms_normalize(x.unflatten(-1, (-1, head_dim)), e).to(w.dtype) * w
                   for x, w, e in ((query, q_weight, eps[0]), (key, k_weight, eps[1])))
@@ -52,6 +58,11 @@ def scaled_norm(x: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, eps: f
     shift). fused=False keeps the eager form (under W8A8 compiled graphs fuse the quantisation into it)."""
     if fused and triton_inference(x, scale):
         return modulated_norm(x, zero, scale, eps)
+    return scaled_norm_reference(x, scale, eps)
+
+
+def scaled_norm_reference(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """`scaled_norm` with the reference's roundings (LayerNorm's output, then the product)."""
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale)
 
 
@@ -62,4 +73,4 @@ def gated_residual_scaled_norm(x: torch.Tensor, update: torch.Tensor, gate: torc
     if fused and triton_inference(x, update, gate, scale):
         return gated_residual_norm(x, update, gate, zero, scale, eps)
     x = x + gate * update
-    return x, F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale)
+    return x, scaled_norm_reference(x, scale, eps)
