@@ -179,8 +179,8 @@ def test_quack_gemm_op_leaves_what_it_cannot_load_to_cublaslt(monkeypatch):
 
 
 def test_quack_cache_key_shim_covers_only_dsl_machinery(monkeypatch):
-    """quack 0.6.5's kernel-cache fingerprint refuses a ContextVar, a code object's method and a logger that
-    cutlass-dsl 4.8 reaches; the shim keys those (any signature of the original) and still refuses everything else."""
+    """quack 0.6.5's kernel-cache fingerprint refuses a ContextVar, a code object's method, a logger and IR state
+    that cutlass-dsl 4.8 reaches; the shim keys those (any signature of the original) and still refuses everything else."""
     import contextvars
     import types
 
@@ -208,6 +208,10 @@ def test_quack_cache_key_shim_covers_only_dsl_machinery(monkeypatch):
         assert key(contextvars.ContextVar("_LOC_TRANSFORMS"), set())[0] == "dsl-internal"
         assert key(type(compile("1", "", "eval")).co_positions, set())[0] == "dsl-internal"
         assert key(__import__("logging").getLogger("CUTE_DSL"), set())[0] == "dsl-internal"
+        table = type("IdentityKeyedWeakTable", (), {"__module__": "cutlass.base_dsl.pyir_state"})()
+        assert key(table, set())[0] == "dsl-internal"  # the DSL's IR state, seen on an H100
+        with pytest.raises(TypeError):
+            key(type("Table", (), {"__module__": "cutlass.cute"})(), set())  # not the DSL's base package
         with pytest.raises(TypeError):
             key(torch.zeros(1), set())  # a value the traced math could depend on
     finally:

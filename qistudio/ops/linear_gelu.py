@@ -118,6 +118,11 @@ _C_LEVEL_CODE = (types.MethodDescriptorType, types.WrapperDescriptorType, types.
                  types.BuiltinFunctionType)
 
 
+def _dsl_state(value) -> bool:
+    """Whether `value` is an instance of a class of cutlass-dsl's base package (its IR and cache state)."""
+    return type(value).__module__.startswith("cutlass.base_dsl.")
+
+
 @functools.cache
 def _import_quack():
     import contextvars
@@ -128,17 +133,17 @@ def _import_quack():
 
     # quack keys its compiled kernels by a fingerprint of what an epilogue function closes over, and quack 0.6.5
     # raises on objects that cutlass-dsl 4.8's helpers reach (a ContextVar, a code object's method, the DSL's
-    # "CUTE_DSL" logger: seen on an H200 with flash-attn-4 4.0.0b36 installed beside it), so no GEMM with an
-    # epilogue runs. Such objects are the DSL's own machinery, shared by every epilogue and carrying no
-    # value of the traced math: keyed by type and name they keep the fingerprint's distinctions. Anything else
-    # still raises, as quack intends.
+    # "CUTE_DSL" logger: seen on an H200 with flash-attn-4 4.0.0b36 installed beside it; the DSL's own
+    # IdentityKeyedWeakTable of IR state: seen on an H100), so no GEMM with an epilogue runs. Such objects are the
+    # DSL's own machinery, shared by every epilogue and carrying no value of the traced math: keyed by type and
+    # name they keep the fingerprint's distinctions. Anything else still raises, as quack intends.
     original = identity.semantic_value_key
 
     def semantic_value_key(value, *args, **kwargs):
         try:
             return original(value, *args, **kwargs)
         except TypeError:
-            if isinstance(value, (contextvars.ContextVar, logging.Logger, *_C_LEVEL_CODE)):
+            if isinstance(value, (contextvars.ContextVar, logging.Logger, *_C_LEVEL_CODE)) or _dsl_state(value):
                 return ("dsl-internal", type(value).__qualname__, getattr(value, "__qualname__", None),
                         getattr(value, "name", None))
             raise
