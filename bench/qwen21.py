@@ -5,21 +5,33 @@ Qwen3-VL-8B text encoder; the 2.1 VAE), built once by the reference classes on t
 with our modules, so both sides run identical weights with one copy in memory. Sections:
 
   forward   the DiT at each --sizes, text-to-image and with one condition image of the same size, a prompt of
-            --text-len tokens. "step": one denoising step with the prefix (text, condition image) cached, what 39 of
+            128 tokens. "step": one denoising step with the prefix (text, condition image) cached, what 39 of
             40 steps cost (diffusers kv_cache_mode="cached"; ours forward over the cache). "first step": the step
-            that fills the cache (diffusers "extract": the whole joint sequence; ours prefill + step). Eager, then
-            both compiled regionally (diffusers' compile_repeated_blocks, ours compile_repeated_blocks), then ours
-            with FP8 compute (W8A8 block linears; 2.1's attention stays in bf16: it has no FP8 attention path
-            yet). Errors: relative L2 of the target's velocity against diffusers' eager output.
+            that fills the cache (diffusers "extract": the whole joint sequence; ours prefill + step). Modes
+            (--modes): eager; both compiled regionally (diffusers' compile_repeated_blocks, ours pipe.compile()'s
+            compile_repeated_blocks: the target pass compiled, the prefill eager); then ours with FP8 compute as
+            pipe.enable_fp8_computation() sets it (W8A8 block linears, cuDNN's FP8 attention of the target pass
+            where nvidia-cudnn-frontend runs), still compiled, against diffusers' compiled bf16 rows again.
+            Errors: relative L2 of the target's velocity against diffusers' eager output.
   e2e       a whole image with one edit image at the first of --sizes: text encoding, VAE encode, --steps steps with
             the KV cache, VAE decode; diffusers' QwenImage21Pipeline (its transformer compiled if the forward section
-            compiled it) against our pipeline, same noise; wall time, and the final latents' relative error.
+            compiled it) against our pipeline in the forward section's last mode (its row says which), same noise;
+            wall time, and the final latents' relative error.
+
+--blocks N builds N of the released 32 blocks (shorter runs; the block is the same code, so the speed-ups hold per
+block and the time of the full model is about 32/N times the rows'); the caption says so.
 
 Timing (bench/timing.py): warm-up untimed (compilation included), then --runs interleaved rounds; median and min-max.
 Writes $OUT/qwen21.md after every section (--report names it).
 
-    python bench/qwen21.py [--sections forward e2e] [--sizes 1024 2048] [--runs 5]
+    python bench/qwen21.py [--sections forward e2e] [--sizes 1024 2048] [--cases t2i edit] [--runs 5]
     python bench/qwen21.py --scale tiny --compile-backend aot_eager --runs 1   # plumbing check on the CPU
+
+On one H100 within about 8 minutes (most of it compiling: about ten block graphs for both sides; a warm
+TORCHINDUCTOR_CACHE_DIR halves it), the issue's three targets (bf16 and FP8 forward against diffusers' compiled
+forward, end to end with one edit image):
+
+    python bench/qwen21.py --sizes 1024 --cases edit --runs 3 --steps 40
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -119,17 +131,22 @@ def forward_inputs(scale: Scale21, size: int, edit: bool, channels: int, text_di
 
 
 class Bench:
-    def __init__(self, args):
-        self.args, self.scale = args, (FULL if args.scale == "full" else TINY)
+    def __init__(self, args, scale: Scale21):
+        self.args, self.scale = args, scale
         self.tables: dict[str, str] = {}  # section -> its markdown table, in the order run
         self.load = None
         self.reference, self.ours = dit_pair(self.scale)
+        self.ours_mode = "eager"  # what our DiT runs as now (the e2e row says it)
 
     def write(self) -> None:
         method = (f"median (min-max) of {self.args.runs} interleaved runs after {self.args.warmup} warm-up runs; "
                   "CUDA events (forward), the wall clock (end to end, one warm-up run)")
+        blocks = self.reference.config.num_layers
+        depth = (f"{blocks} block{'s' * (blocks != 1)}" if self.scale.name != "full" or blocks == 32 else
+                 f"{blocks} of the released 32 blocks (--blocks: each time about {blocks}/32 of the full model's)")
         text = caption("Qwen-Image 2.1 (bench/qwen21.py): diffusers 0.42.1 against qistudio on shared random "
-                       f"weights ({self.scale.name} scale)", method, self.load.text() if self.load else None)
+                       f"weights ({self.scale.name} scale, {depth})", method,
+                       self.load.text() if self.load else None)
         write_report(self.args.report, text + "\n\n" + "\n\n".join(self.tables.values()), echo=False)
 
     def forward_rows(self, mode: str, expected: dict) -> list[list[str]]:
@@ -138,7 +155,7 @@ class Bench:
         rows = []
         config = self.reference.config
         for size in self.scale.sizes:
-            for edit in (False, True):
+            for edit in (case == "edit" for case in self.args.cases):
                 layout, text, condition, target, timestep, ref_args = forward_inputs(
                     self.scale, size, edit, config.in_channels, config.context_in_dim)
                 case = f"{size}x{size} {'edit' if edit else 't2i'}"
@@ -168,19 +185,40 @@ class Bench:
     def forward(self) -> None:
         header = ["case", "mode", "what", "diffusers", "qistudio", "speed-up", "error"]
         rows, expected = [], {}
-        modes = ["eager", "compiled", "fp8"] if self.scale.device == "cuda" else ["eager", "compiled"]
+        modes = [m for m in self.args.modes if m != "fp8" or self.scale.device == "cuda"]  # W8A8 needs CUDA
+        if "eager" not in modes:
+            modes = ["eager", *modes]  # the errors' reference
         for mode in modes:
             if mode == "compiled":
-                self.reference.compile_repeated_blocks(fullgraph=True, mode=self.args.compile_mode,
-                                                       backend=self.args.compile_backend)
-                compile_repeated_blocks(self.ours, self.args.compile_mode, backend=self.args.compile_backend)
+                self.compile()
+            label = mode
             if mode == "fp8":  # ours only: the diffusers rows repeat its compiled bf16 run
-                from qistudio.memory.fp8_linear import dit_fp8_predicate, quantize_linears, set_fp8_compute
-                quantize_linears(self.ours, dit_fp8_predicate)
-                set_fp8_compute(self.ours, True)
-            rows += self.forward_rows(mode, expected)
+                self.compile()
+                label = self.enable_fp8()
+            rows += self.forward_rows(label, expected)
             self.tables["forward"] = markdown_table(header, rows)
             self.write()
+
+    def compile(self) -> None:
+        """Both sides' regional compile (once)."""
+        if self.ours_mode != "eager":
+            return
+        self.reference.compile_repeated_blocks(fullgraph=True, mode=self.args.compile_mode,
+                                               backend=self.args.compile_backend)
+        compile_repeated_blocks(self.ours, self.args.compile_mode, backend=self.args.compile_backend)
+        self.ours_mode = "bf16 compiled"
+
+    def enable_fp8(self) -> str:
+        """Ours as pipe.enable_fp8_computation() sets it (memory/setup.py enable_fp8_compute); its row label."""
+        from qistudio.memory.fp8_linear import dit_fp8_predicate, quantize_linears, set_fp8_compute
+        from qistudio.ops.attention import available_backends, set_fp8_attention
+
+        quantize_linears(self.ours, dit_fp8_predicate)
+        set_fp8_compute(self.ours, True)
+        set_fp8_attention(self.ours, True)
+        attention = "cuDNN FP8 attention" if "cudnn_fp8" in available_backends() else "bf16 attention (no cuDNN FP8)"
+        self.ours_mode = f"FP8 compiled (W8A8, {attention})"
+        return f"fp8: W8A8 + {attention}"
 
     def e2e(self) -> None:
         from PIL import Image
@@ -203,7 +241,7 @@ class Bench:
                             reference(**ref_call, output_type="latent").images)
         timings = interleaved({"diffusers": lambda: reference(**ref_call), "ours": lambda: ours(
             "a red vase on a table", **our_call)}, self.args.runs, 1, device=self.scale.device, wall=True)
-        row = [f"{width}x{height}, 1 edit image, {steps} steps", timings["diffusers"].text(),
+        row = [f"{width}x{height}, 1 edit image, {steps} steps; ours {self.ours_mode}", timings["diffusers"].text(),
                timings["ours"].text(), f"{timings['ours'].median / timings['diffusers'].median:.2f}x", f"{error:.1e}"]
         self.tables["e2e"] = markdown_table(["end to end", "diffusers", "qistudio", "ours / diffusers",
                                              "latents error"], [row])
@@ -251,6 +289,11 @@ def main() -> None:
     parser.add_argument("--scale", default="full", choices=["full", "tiny"])
     parser.add_argument("--sections", nargs="+", default=["forward", "e2e"], choices=["forward", "e2e"])
     parser.add_argument("--sizes", type=int, nargs="+", help="square sizes in pixels (default: 1024 2048 full)")
+    parser.add_argument("--cases", nargs="+", default=["t2i", "edit"], choices=["t2i", "edit"],
+                        help="forward: text-to-image, and/or with one condition image of the same size")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled", "fp8"],
+                        choices=["eager", "compiled", "fp8"], help="forward: the modes, in this order")
+    parser.add_argument("--blocks", type=int, help="full scale: build this many of the 32 blocks (caption says so)")
     parser.add_argument("--steps", type=int, default=40, help="end to end: denoising steps")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode for both sides")
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager for a CPU plumbing check")
@@ -258,11 +301,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each row before the timed rounds")
     parser.add_argument("--report", default="qwen21.md", help="file name of the report under $OUT")
     args = parser.parse_args()
-    bench = Bench(args)
+    scale = FULL if args.scale == "full" else TINY
     if args.sizes:
-        from dataclasses import replace
-
-        bench.scale = replace(bench.scale, sizes=tuple(args.sizes))
+        scale = replace(scale, sizes=tuple(args.sizes))
+    if args.blocks is not None:
+        if args.blocks < 1:
+            parser.error(f"--blocks must be at least 1, got {args.blocks}")
+        scale = replace(scale, dit=dict(scale.dit, num_layers=args.blocks))
+    bench = Bench(args, scale)
     with card_load() as load:
         bench.load = load
         for section in args.sections:
