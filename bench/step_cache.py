@@ -183,6 +183,19 @@ def main() -> None:
               "qistudio image", "qistudio uncached (same rounds)", "qistudio speed-up over uncached",
               "qistudio vs reference", "latents rel. err."]
     rows, overhead_rows = [], []
+    what = (f"Step caching, {size}x{size}, {steps} steps, guidance 4 (qistudio batches the branches; diffusers runs "
+            f"them one after the other), the same random {scale.name}-size weights; diffusers eager, qistudio "
+            f"{'compiled' if args.compile else 'eager'}.")
+
+    def report(load) -> None:  # rewritten after every row: a run cut by its time cap keeps the rows it finished
+        text = caption(what, f"whole images (text encoding + denoising, no decode), median (min-max) of {args.runs} "
+                             "interleaved rounds after a warm-up, wall clock", load.text())
+        text += "\n\n" + markdown_table(header, rows) if rows else ""
+        if overhead_rows:
+            text += "\n\nDeciding, per DiT call (median (min-max) of 3-call runs):\n\n"
+            text += markdown_table(["DiT call", "time", "over plain"], overhead_rows)
+        write_report("step_cache.md", text)
+
     with card_load() as load:
         for name in (m for m in methods if m in METHODS):
             ours_setting, enable = settings(name, args, steps, ours.dit.config.num_layers)
@@ -202,18 +215,10 @@ def main() -> None:
                          t["ref"].text(), t["ours"].text(), t["plain"].text(),
                          f"{t['plain'].median / t['ours'].median:.2f}x", f"{t['ref'].median / t['ours'].median:.2f}x",
                          f"{rel_err(ours_latents.float(), ref_latents.float()):.1e}"])
+            report(load)
         if "overhead" in methods:
             overhead_rows = decision_overhead(ours, scale, size, max(args.runs, 5))
-    what = (f"Step caching, {size}x{size}, {steps} steps, guidance 4 (qistudio batches the branches; diffusers runs "
-            f"them one after the other), the same random {scale.name}-size weights; diffusers eager, qistudio "
-            f"{'compiled' if args.compile else 'eager'}.")
-    text = caption(what, f"whole images (text encoding + denoising, no decode), median (min-max) of {args.runs} "
-                         "interleaved rounds after a warm-up, wall clock", load.text())
-    text += "\n\n" + markdown_table(header, rows) if rows else ""
-    if overhead_rows:
-        text += "\n\nDeciding, per DiT call (median (min-max) of 3-call runs):\n\n"
-        text += markdown_table(["DiT call", "time", "over plain"], overhead_rows)
-    write_report("step_cache.md", text)
+    report(load)
 
 
 if __name__ == "__main__":
