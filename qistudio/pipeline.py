@@ -30,6 +30,7 @@ from .sampling.guidance import guide
 from .sampling.sampler import sample_euler
 from .sampling.schedule import FlowMatchScheduler, custom_sigmas
 from .validation import InputError
+from .weights.gguf_text_encoder import missing_vision_message
 from .weights.model_config import ModelConfig
 
 
@@ -184,6 +185,8 @@ def require_components(components: Components, request: GenerationRequest) -> No
     if components.processor is None:
         needed.append("tokenizer")  # text prompts, and the processor built for edit images, need it
     components.require(*needed)
+    if request.edit_rows is not None and not getattr(components.text_encoder, "has_vision", True):  # GGUF, no mmproj
+        raise InputError(missing_vision_message(components.files.get("text_encoder", ["the text encoder"])))
 
 
 @dataclass

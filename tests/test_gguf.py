@@ -252,21 +252,6 @@ def test_a_nan_scale_is_named_at_load(tmp_path):
         load_model([bad])
 
 
-def test_a_llama_cpp_text_encoder_gguf_says_what_it_is(tmp_path):
-    import gguf
-
-    path = tmp_path / "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="qwen2vl")
-    for name in ("token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"):
-        writer.add_tensor(name, np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(CheckpointError, match="llama.cpp's layout"):
-        load_model([path])
-
-
 def test_four_step_pipeline_equals_diffusers_loaded_from_the_same_file(wide, tiny_repo):
     """QwenImagePipeline with the GGUF DiT against diffusers' QwenImagePipeline with
     from_single_file(quantization_config=GGUFQuantizationConfig(compute_dtype=float32)) of the same file."""

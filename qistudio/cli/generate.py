@@ -67,6 +67,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def existing_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return str(path.resolve())
+
+
 def seed_int(text: str) -> int:
     try:
         value = int(text)
@@ -166,6 +173,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="image.png", help="PNG to write (default: image.png)")
     p.add_argument("--model", help=f"hub id or local folder (default: {HUB_MODEL}), or a DiT file (.gguf, NF4 "
                    f".safetensors) with the rest of {HUB_MODEL} (--model-dir, --skip-download apply)")
+    p.add_argument("--text-encoder", metavar="FILE", action="append", dest="text_encoder", type=existing_file,
+                   help="take the text encoder from this file instead (llama.cpp's Qwen2.5-VL GGUF, as ComfyUI users "
+                   "have it); repeat for its mmproj GGUF (the vision tower, which edits need)")
     p.add_argument("--demo", action="store_true", default=None,
                    help="use a tiny random model (built offline in seconds, cached in ~/.cache/qistudio/demo)")
     p.add_argument("--negative", help="negative prompt (default: empty)")
@@ -484,6 +494,8 @@ def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline
     print(f"loading {what} on {settings['device']} ({settings['dtype']})", file=sys.stderr)
     try:
         configs, tokenizer_config, processor_config = model_configs(settings, args)
+        if getattr(args, "text_encoder", None):  # in place of the model's text encoder (configs[1], HUB_PATTERNS)
+            configs[1] = type(configs[1])(path=args.text_encoder)
         configs = configs + controlnet_configs(settings, args)[0]
         return QwenImagePipeline.from_pretrained(
             torch_dtype=getattr(torch, settings["dtype"]), device=settings["device"],

@@ -86,13 +86,31 @@ def text_encoder_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen2
     )
 
 
-class QwenImageTextEncoder(nn.Module):
-    """Qwen2.5-VL returning its last hidden state (after the final norm)."""
+class NoVisionTower(nn.Module):
+    """Stands in for the vision tower of a checkpoint that has none (llama.cpp's text GGUF without its mmproj file):
+    text prompts encode as usual; images cannot be."""
 
-    def __init__(self, config: Qwen2_5_VLConfig):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList()  # nothing to stream
+
+    def forward(self, *args, **kwargs):
+        raise ValueError("this text encoder was loaded without a vision tower, so it cannot read images")
+
+
+class QwenImageTextEncoder(nn.Module):
+    """Qwen2.5-VL returning its last hidden state (after the final norm); `vision=False` leaves out the vision tower."""
+
+    def __init__(self, config: Qwen2_5_VLConfig, vision: bool = True):
         super().__init__()
         config._attn_implementation = "sdpa"
         self.model = Qwen2_5_VLModel(config)
+        if not vision:
+            self.model.visual = NoVisionTower()
+
+    @property
+    def has_vision(self) -> bool:
+        return not isinstance(self.model.visual, NoVisionTower)
 
     @property
     def max_length(self) -> int:

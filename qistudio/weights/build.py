@@ -29,6 +29,7 @@ from .finite import FiniteCheck, is_finite
 from .formats import CONTROLNET, DIT, IGNORED, TEXT_ENCODER, VAE, Layout, detect_layout, fp8_scale_key
 from .jsonfile import read_json
 from .safetensors_io import TensorSource, is_float_dtype
+from .gguf_text_encoder import build_llama_cpp_text_encoder
 from .quantized_source import is_quantized, open_source, place_quantized  # GGUF, bitsandbytes
 
 _FLOAT8 = {"F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2"}
@@ -59,6 +60,8 @@ def _config_path(files: list[Path]) -> Path | None:
 def build_described(kind: str, shapes: dict[str, tuple[int, ...]], source: TensorSource) -> nn.Module:
     """`build_empty` for a checkpoint's files and the config.json beside them; a config or a set of tensors that
     describes no buildable model is one `CheckpointError` naming the files."""
+    if kind == TEXT_ENCODER and (model := build_llama_cpp_text_encoder(shapes, source)) is not None:
+        return model  # llama.cpp's Qwen2.5-VL files: the size is in their metadata
     config_path = _config_path(source.files)
     config_json = read_json(config_path) if config_path is not None else None
     try:

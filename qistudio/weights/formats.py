@@ -98,11 +98,12 @@ def detect_layout(keys, where: str | None = None) -> Layout:
         if legacy:
             return Layout(TEXT_ENCODER, "Qwen2.5-VL (transformers 4 names)", _legacy_text_encoder_key)
         return Layout(TEXT_ENCODER, "Qwen2.5-VL", lambda k: IGNORED if k.startswith("lm_head.") else k)
+    from .gguf_text_encoder import llama_cpp_layout  # Qwen2.5-VL as llama.cpp writes it (token_embd, blk.N.*)
+
+    if (llama_cpp := llama_cpp_layout(keys)) is not None:
+        return llama_cpp
     sample = ", ".join(sorted(keys)[:8]) or "(none: the file holds no tensors)"
     prefix = f"{where}: " if where else ""
-    if "token_embd.weight" in keys:  # a GGUF text encoder as llama.cpp writes it (blk.N.attn_q, ...)
-        raise CheckpointError(f"{prefix}a language model in llama.cpp's layout (token_embd, blk.N.*); qistudio reads "
-                              "GGUF files of the DiT: load the Qwen2.5-VL text encoder from its safetensors files")
     raise CheckpointError(
         f"{prefix}the tensors match no known model (Qwen-Image DiT, VAE, Qwen2.5-VL text encoder, Blockwise or "
         f"InstantX ControlNet, Qwen-Image-2.1 DiT, VAE, Qwen3-VL text encoder); first names: {sample}"

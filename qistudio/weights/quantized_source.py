@@ -25,6 +25,7 @@ from ..ops import dequant
 from .errors import CheckpointError
 from .finite import FiniteCheck
 from .gguf_io import GGUF_SUFFIX, GGUFFile
+from .gguf_text_encoder import Join, check_architecture, joined_shape, joined_tensors
 from .nf4_io import BnbWeight, find_bitsandbytes
 from .safetensors_io import TensorSource
 
@@ -43,6 +44,7 @@ class QuantizedSource(TensorSource):
 
     def __init__(self, files: list[str | Path]):
         self._gguf: dict[Path, GGUFFile] = {}
+        self.joined: dict[str, Join] = {}  # tensors a GGUF file stores split (llama.cpp's mmproj), shown joined
         self.quantized: dict[str, BnbWeight | str] = {}  # weight key -> its bitsandbytes parts, or its GGUF type
         super().__init__(files)
         self._check_gguf_types()
@@ -57,20 +59,36 @@ class QuantizedSource(TensorSource):
         if path.suffix.lower() != GGUF_SUFFIX:
             return super()._scan(path)
         gguf = self._gguf[path] = GGUFFile(path)
+        check_architecture(path, gguf.metadata, gguf.tensors)
         found = {}
         for name, tensor in gguf.tensors.items():
             found[name] = (tensor.shape, tensor.type_name)
             if tensor.type_name not in _PLAIN:
                 self.quantized[name] = tensor.type_name
+        for name, join in joined_tensors(gguf.tensors).items():
+            parts = [found.pop(part) for part in join.parts]
+            shape = joined_shape([part_shape for part_shape, _ in parts], join)
+            if shape is None:
+                raise CheckpointError(f"{path}: tensors {', '.join(join.parts)} cannot be joined into {name} "
+                                      f"(shapes {', '.join(str(list(s)) for s, _ in parts)})")
+            types = {qtype for _, qtype in parts}
+            found[name] = (shape, types.pop() if len(types) == 1 and types <= set(_PLAIN) else "F32")
+            self.joined[name] = join
+            for part in join.parts:  # read through the joined tensor only (decoded: get() below)
+                self.quantized.pop(part, None)
         return found
 
+    def gguf_metadata(self) -> dict[Path, dict]:
+        """{GGUF file: its metadata} of this source's GGUF files."""
+        return {path: gguf.metadata for path, gguf in self._gguf.items()}
+
     def _check_gguf_types(self) -> None:
-        unreadable = sorted({(t, k) for k, t in self.quantized.items() if isinstance(t, str)
-                             and t not in readable_gguf_types()})
+        unreadable = sorted((t.type_name, str(path), t.name) for path, gguf in self._gguf.items()
+                            for t in gguf.tensors.values() if t.type_name not in readable_gguf_types())
         if unreadable:
-            qtype, key = unreadable[0]
-            raise CheckpointError(f"{self.where(key)} is stored as {qtype}, which qistudio cannot read (readable: "
-                                  f"{', '.join(readable_gguf_types())})")
+            qtype, path, name = unreadable[0]
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {qtype}, which qistudio cannot read "
+                                  f"(readable: {', '.join(readable_gguf_types())})")
 
     def quant_type(self, key: str) -> str | None:
         """The quantised type of weight `key` ("Q4_K", "NF4", "INT8"), or None for a plain tensor."""
@@ -102,15 +120,26 @@ class QuantizedSource(TensorSource):
     def get(self, name: str) -> torch.Tensor:
         """The tensor as a float (quantised weights decoded: diffusers' / bitsandbytes' values in float32)."""
         path = self.file_of[name]
+        if name in self.joined:
+            join = self.joined[name]
+            parts = [self._gguf_value(path, part) for part in join.parts]
+            return torch.stack(parts, join.dim) if join.stack else torch.cat(parts, join.dim)
+        if path in self._gguf:
+            return self._gguf_value(path, name)
         if name not in self.quantized:
-            if path in self._gguf:
-                gguf, dtype = self._gguf[path], dequant.GGML_TORCH_DTYPES[self.dtypes[name]]
-                return gguf.raw(name).view(dtype).view(self.shapes[name]).clone()
             return super().get(name)
-        qtype = self.quant_type(name)
-        if qtype in _DECODED_BY_GGUF:
-            return _decode_with_gguf(self._gguf[path].raw(name), qtype, self.shapes[name])
-        return decode_stored(self.stored(name), qtype, self.shapes[name], self.quantized[name], torch.float32)
+        return decode_stored(self.stored(name), self.quant_type(name), self.shapes[name], self.quantized[name], torch.float32)
+
+    def _gguf_value(self, path: Path, name: str) -> torch.Tensor:
+        """A GGUF tensor as stored (plain types) or decoded to float32 (quantised types)."""
+        gguf = self._gguf[path]
+        tensor = gguf.tensors[name]
+        if tensor.type_name in _PLAIN:
+            dtype = dequant.GGML_TORCH_DTYPES[tensor.type_name]
+            return gguf.raw(name).view(dtype).view(tensor.shape).clone()
+        if tensor.type_name in _DECODED_BY_GGUF:
+            return _decode_with_gguf(gguf.raw(name), tensor.type_name, tensor.shape)
+        return dequant.dequantize_gguf(gguf.raw(name), tensor.type_name, tensor.shape, torch.float32)
 
     def close(self) -> None:
         super().close()
