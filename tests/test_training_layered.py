@@ -169,16 +169,21 @@ def test_loss_and_gradients_equal_diffsynth_layered_training_loss(base, layered_
     assert max(rel_err(g, r) for _, g, r in pairs) <= 1e-4
 
 
-def test_lora_training_learns_and_loads_back_into_the_layered_pipeline(base, layered_repo, data, tmp_path):
-    config = make_config(layered_repo, data, tmp_path / "out", max_steps=12, lr_scheduler="constant", learning_rate=1e-2,
-                         data=dict(repeat=6))
-    trainer = Trainer(config, components=fresh(base), progress_bar=False)
+def train_lowers_the_loss(config: TrainConfig, components):
+    """Train; the fixed-noise loss of the first two items must fall by 10% or more. (trainer, saved file)"""
+    trainer = Trainer(config, components=components, progress_bar=False)
     before = trainer.evaluate([0, 1])
     trainer.run()
     after = trainer.evaluate([0, 1])
     assert after < 0.9 * before, (before, after)
-    saved = trainer.last_saved
-    assert saved is not None and saved.is_file()
+    assert trainer.last_saved is not None and trainer.last_saved.is_file()
+    return trainer, trainer.last_saved
+
+
+def test_lora_training_learns_and_loads_back_into_the_layered_pipeline(base, layered_repo, data, tmp_path):
+    config = make_config(layered_repo, data, tmp_path / "out", max_steps=12, lr_scheduler="constant", learning_rate=1e-2,
+                         data=dict(repeat=6))
+    trainer, saved = train_lowers_the_loss(config, fresh(base))
 
     # The file (diffusers layout, transformer.*) in our Layered pipeline computes what the trained DiT computes.
     pipe = load_layered_pipe(layered_repo)

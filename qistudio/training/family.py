@@ -25,6 +25,7 @@ from .config import TrainConfig
 QWEN_IMAGE, LAYERED, QWEN21 = "qwen_image", "layered", "qwen21"
 NAMES = {QWEN_IMAGE: "Qwen-Image", LAYERED: "Qwen-Image-Layered", QWEN21: "Qwen-Image 2.1"}
 LAYERED_INPUTS = ("layer_input_image", "layer_num")
+EDIT_INPUT = "edit_image"
 # What the new members' trainers do not take yet (tested for Qwen-Image only): setting -> what it is.
 UNTESTED = {"fsdp": "--fsdp", "fp8_base": "--fp8_base", "vram_limit": "--vram_limit", "compile": "--compile",
             "validation_prompts": "--validation_prompts"}
@@ -82,13 +83,13 @@ def check_family(config: TrainConfig, family: str) -> None:
                          f"DiT is {name}'s; load Qwen/Qwen-Image-Layered's transformer to train on layers")
     if family == QWEN_IMAGE:
         return
-    used = [flag for key, flag in UNTESTED.items() if getattr(config, key)]
+    used = [flag for key, flag in UNTESTED.items() if _set(getattr(config, key))]
     if used:
         raise ValueError(f"{used[0]} is not supported for {name} training yet (Qwen-Image only)")
     if config.trainable_models not in (None, "dit"):
         raise ValueError(f"trainable_models={config.trainable_models!r}: {name} trains a LoRA on the DiT or the whole "
                          "DiT (--trainable_models dit)")
-    allowed = LAYERED_INPUTS if family == LAYERED else ("edit_image",)
+    allowed = LAYERED_INPUTS if family == LAYERED else (EDIT_INPUT,)
     other = [k for k in config.extra_inputs if k not in allowed]
     if other:
         raise ValueError(f"extra_inputs {other} are not {name}'s; it takes {', '.join(allowed)}")
@@ -97,6 +98,10 @@ def check_family(config: TrainConfig, family: str) -> None:
                          "layers (bottom first) in the image column as a json list, the input image in "
                          "layer_input_image, and pass --data_file_keys image,layer_input_image "
                          "--extra_inputs layer_num,layer_input_image (as DiffSynth-Studio's Qwen-Image-Layered.sh)")
+
+
+def _set(value) -> bool:
+    return value is not None and value is not False and value != ()  # vram_limit 0 is set (stream every block)
 
 
 def data_rules(family: str) -> DataRules:
@@ -131,6 +136,8 @@ def encode_for(family: str, components, sample: dict, config: TrainConfig, devic
     if family == QWEN21:
         from .qwen21 import encode_qwen21
 
+        if EDIT_INPUT not in config.extra_inputs:  # an edit column the run was not told to read
+            sample = {k: v for k, v in sample.items() if k != EDIT_INPUT}
         return encode_qwen21(components, sample, device, dtype)
     from .encode import encode_sample
 
