@@ -199,9 +199,10 @@ class QwenImage21Block(nn.Module):
         self.img_mlp = SwiGLU(dim, dim * cfg.mlp_ratio)
 
     def _fused_norms(self) -> bool:
-        # One-pass norm kernels (ops/single_stream.py), except where W8A8 linears read the normalised rows: there
-        # the compiled graph fuses their FP8 quantisation into the norm (as in the 20B block).
-        return not getattr(self.attn.to_q, "fp8_compute", False)
+        # One-pass norm kernels (ops/single_stream.py), except where W8A8 linears read the normalised rows inside a
+        # compiled graph: there inductor fuses their FP8 quantisation into the norm (as in the 20B block). Eagerly
+        # (the prefill, an uncompiled model) nothing would fuse it, and the kernel is the faster form.
+        return not (getattr(self.attn.to_q, "fp8_compute", False) and torch.compiler.is_compiling())
 
     def normed(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
         """The attention's input: LayerNorm(x) * (1 + scale1), x (B, S, D)."""
