@@ -35,6 +35,9 @@ def enable_fp8_compute(components, attention: bool = True, fast_accumulation: bo
     if "dit" in components.disk_sources:
         raise ValueError("FP8 computation needs the DiT's weights in memory; it cannot combine with "
                          "offload_device='disk' for the DiT")
+    from .gguf_fp8 import fp8_compute_from_gguf
+
+    fp8_compute_from_gguf(components.dit, dit_fp8_predicate)  # GGUF Q8_0 linears -> FP8 where the GPU has FP8
     quantize_linears(components.dit, dit_fp8_predicate)  # no-op when already quantised
     set_fp8_compute(components.dit, True, fast_accumulation)
     set_fp8_attention(components.dit, attention)

@@ -208,6 +208,13 @@ def dequantize_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], dtype
     return GGUF_DEQUANTIZERS[qtype](blocks).reshape(shape).to(dtype)
 
 
+def q8_0_float32(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Q8_0 bytes -> `shape` in float32, exactly: a float16 scale times an int8 code has at most 18 significant bits,
+    so float32 holds every product without rounding (unlike diffusers' float16 arithmetic)."""
+    blocks = raw.reshape(-1, GGML_BY_NAME["Q8_0"].nbytes)
+    return (_half(blocks, 0).float() * blocks[:, 2:].view(torch.int8).float()).reshape(shape)
+
+
 # --- bitsandbytes ------------------------------------------------------------------------------------------------
 
 # bitsandbytes' 4-bit code books (float32), as its dequantize_4bit uses them (a file's quant_map is not read).
