@@ -179,3 +179,60 @@ def test_python_dash_m_runs_the_command():
 
     done = subprocess.run([sys.executable, "-m", "qistudio", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"qistudio {__version__}"
+
+
+@pytest.fixture
+def fake_two_ranks():
+    """A process group of two in this one process (torch's fake backend: collectives return at once, their data
+    meaningless): enough to see in what order a rank issues and waits for its collectives."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+def _recorded_forward(degrees: Degrees) -> list[str]:
+    """The events of block 0's attention in one ShardedDiT forward over a tiny DiT: its q/k/v projections
+    finishing, and the collectives issued and waited for, in the order they happened, up to block 0's MLP."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qistudio.demo import DEMO_DIT
+    from qistudio.models.dit import QwenImageDiT
+    from qistudio.ops.rope import ImageGrid, qwen_rotary
+    from qistudio.parallel.mesh import build_mesh
+    from qistudio.parallel.shard import ShardedDiT
+
+    torch.manual_seed(0)
+    dit = QwenImageDiT(DEMO_DIT).eval()
+    events: list[str] = []
+    names = {"all_to_all_single": "all-to-all", "all_gather_into_tensor": "all-gather", "wait_tensor": "wait",
+             "_scaled_dot_product": "attention"}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            events.extend(word for name, word in names.items() if name in str(func))
+            return func(*args, **(kwargs or {}))
+
+    block = dit.transformer_blocks[0]
+    hooks = [getattr(block.attn, name).register_forward_hook(lambda m, a, o, name=name: events.append(name))
+             for name in ("to_q", "to_k", "to_v")]
+    hooks.append(block.img_mlp.register_forward_pre_hook(lambda m, a: events.append("mlp")))
+    text_length, (h, w) = 5, (4, 6)
+    rotary = qwen_rotary([ImageGrid(0, h, w)], text_length, axes_dim=DEMO_DIT.axes_dim)
+    with torch.no_grad(), Record():
+        ShardedDiT(dit, build_mesh(degrees, torch.device("cpu")))(
+            torch.randn(1, h * w, DEMO_DIT.in_channels), torch.randn(1, text_length, DEMO_DIT.text_dim),
+            torch.tensor([0.5]), rotary, [text_length])
+    for hook in hooks:
+        hook.remove()
+    return events[events.index("to_q") : events.index("mlp")]
+
+
+def test_ulysses_sends_each_of_q_k_v_as_it_is_made(fake_two_ranks):
+    """Under Ulysses, q's all-to-all is issued before k is projected and k's before v is; all three are waited for
+    only after v's is issued, right before the attention; then the image output's all-to-all and the text heads'
+    gather are both issued before either is waited for."""
+    events = _recorded_forward(Degrees(ulysses=2))
+    assert events == ["to_q", "all-to-all", "to_k", "all-to-all", "to_v", "all-to-all", "wait", "wait", "wait",
+                      "attention", "all-to-all", "all-gather", "wait", "wait"]

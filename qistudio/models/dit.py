@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.ada_norm import gated_residual_norm, modulated_norm
-from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
+from ..ops.attention import attention, attention_fp8, attention_input, attention_streams, fp8_attention_enabled
 from ..ops.flex_mask import flex_mask
 from ..ops.fp8_attention import quantize_joined
-from ..ops.qk_norm_rope import joint_qk_norm_rope_fp8, joint_qkv_norm_rope
+from ..ops.qk_norm_rope import joint_qk_norm_rope_fp8, joint_qk_norm_rope_reference, joint_qkv_norm_rope
 from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
 from .packed_linears import forget_if_moved, packed_linears
@@ -95,19 +95,35 @@ class JointAttention(nn.Module):
             txt_q, txt_k, txt_v = self.add_q_proj(txt), self.add_k_proj(txt), self.add_v_proj(txt)
         else:
             txt_q, txt_k, txt_v = F.linear(txt, *txt_qkv).chunk(3, dim=-1)  # each (B, L, D), rows 3 D apart
-        # Joined before the norms (one fused pass for q, k and v on CUDA, ops/qk_norm_rope.py), not after RoPE:
-        # the same values.
-        query, key, value = joint_qkv_norm_rope(
-            (self.to_q(img), self.to_k(img), self.to_v(img)), (txt_q, txt_k, txt_v),
-            (self.norm_q.weight, self.norm_added_q.weight), (self.norm_k.weight, self.norm_added_k.weight),
-            (self.norm_q.eps, self.norm_k.eps), rotation, self.head_dim,
-        )
+        if attention_streams():  # sequence parallelism: each of q, k, v leaves for the other ranks once made
+            query, key, value = self._streamed_qkv(img, (txt_q, txt_k, txt_v), rotation)
+        else:
+            # Joined before the norms (one fused pass for q, k and v on CUDA, ops/qk_norm_rope.py), not after
+            # RoPE: the same values.
+            query, key, value = joint_qkv_norm_rope(
+                (self.to_q(img), self.to_k(img), self.to_v(img)), (txt_q, txt_k, txt_v),
+                (self.norm_q.weight, self.norm_added_q.weight), (self.norm_k.weight, self.norm_added_k.weight),
+                (self.norm_q.eps, self.norm_k.eps), rotation, self.head_dim,
+            )
 
         out = attention(query, key, value, key_lengths=key_lengths, mask=mask).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
         if _project_all_rows(out, num_img):
             return self.to_out[0](out)[:, :num_img], self.to_add_out(out[:, num_img:])
         return self.to_out[0](out[:, :num_img]), self.to_add_out(out[:, num_img:])
+
+    def _streamed_qkv(self, img, txt_qkv, rotation):
+        """q, then k, then v, each handed to the attention (ops/attention's attention_input) as soon as it is
+        made, in the values joint_qkv_norm_rope makes."""
+        txt_q, txt_k, txt_v = txt_qkv
+        query = attention_input(0, joint_qk_norm_rope_reference(self.to_q(img), txt_q, self.norm_q.weight,
+                                                                self.norm_added_q.weight, self.norm_q.eps,
+                                                                rotation, self.head_dim))
+        key = attention_input(1, joint_qk_norm_rope_reference(self.to_k(img), txt_k, self.norm_k.weight,
+                                                              self.norm_added_k.weight, self.norm_k.eps, rotation,
+                                                              self.head_dim))
+        value = attention_input(2, torch.cat([self.to_v(img), txt_v], dim=1).unflatten(-1, (-1, self.head_dim)))
+        return query, key, value
 
     def _forward_fp8(self, img, txt, rotation, key_lengths):
         """FP8 attention (the "cudnn_fp8" backend): q and k leave the norm + RoPE pass in FP8, v is quantised as

@@ -177,6 +177,18 @@ def attention_override(fn):
         _override = previous
 
 
+def attention_streams() -> bool:
+    """Whether the attention in force takes q, k and v one at a time as they are made (`attention_input`):
+    Ulysses sequence parallelism, which starts sending each to the other ranks while the next is computed."""
+    return getattr(_override, "streams", False)
+
+
+def attention_input(index: int, tensor: torch.Tensor):
+    """q (0), k (1) or v (2), (B, S, H, D), handed to the attention in force as soon as it is made; what comes back
+    goes to `attention` in its place (the tensor itself when nothing streams)."""
+    return _override.prepare(index, tensor) if attention_streams() else tensor
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -3,21 +3,27 @@
 Design note. The DiT is unchanged: each rank runs it on its chunk of image tokens plus the whole text, so the
 joint q/k/v reaching attention are [this rank's image chunk | all text] (B, n + L, H, D), with RoPE already
 applied from the sliced tables. Here they become attention over the whole sequence:
-- Ulysses (heads split): one all-to-all of the stacked image q/k/v turns (B, n, H, D) on each of u ranks into
-  (B, u n, H / u, D); the text needs no transfer (every rank has it), each rank takes its heads. With no ring,
+- Ulysses (heads split): an all-to-all of the image q, k and v turns (B, n, H, D) on each of u ranks into
+  (B, u n, H / u, D); the text needs no transfer (every rank has it), each rank takes its heads. The DiT hands
+  over q, k and v one at a time as each leaves its projection, norm and RoPE (`prepare`): q's all-to-all runs
+  while k is projected, k's while v is, and all three are waited for right before the attention (a DiT that
+  hands them over together gets one all-to-all of the three stacked). With no ring,
   the image padding is dropped and the one-process attention runs (same kernel, key lengths and mask: EliGen's
-  split attention included). Outputs go back by the inverse all-to-all; the text output's heads by an all-gather.
+  split attention included). Outputs go back by the inverse all-to-all; the text output's heads by an all-gather
+  issued beside it.
 - Ring: K/V of the (Ulysses-gathered) image chunks travel around the ring (ring.py), the mask read per block.
 Both together are USP: Ulysses inside the ring positions, ring across them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..ops.attention import attention, attention_override
 from ..ops.flex_mask import FlexMask
-from .collectives import all_gather, heads_to_sequence, sequence_to_heads
+from .collectives import Pending, start_all_gather, start_heads_to_sequence, start_sequence_to_heads
 from .degrees import ParallelConfigError
 from .layout import TokenLayout
 from .masks import JointMask
@@ -25,37 +31,68 @@ from .mesh import ParallelMesh
 from .ring import ring_attention
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One of q, k, v handed over early: its image part's all-to-all in flight, its text heads of this rank."""
+
+    image: Pending
+    text: torch.Tensor
+
+
 class SequenceParallelAttention:
-    """attention(query, key, value, key_lengths, mask) over sharded image tokens; one per sharded forward."""
+    """attention(query, key, value, key_lengths, mask) over sharded image tokens; one per sharded forward.
+
+    With Ulysses it also takes q, k and v one at a time as the DiT makes them (`prepare`, ops/attention's
+    attention_input): each one's all-to-all starts at once and runs while the next projection computes; all three
+    are waited for right before the attention."""
+
+    overlap = True  # the q/k/v all-to-alls issued as each projection finishes (False: one after all three)
 
     def __init__(self, mesh: ParallelMesh, layout: TokenLayout):
         self.mesh, self.layout = mesh, layout
+        self.streams = layout.ulysses > 1 and self.overlap  # read by ops/attention's attention_streams
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_lengths=None, mask=None):
+    def prepare(self, index: int, joint: torch.Tensor) -> Prepared:
+        """q (0), k (1) or v (2) of [this rank's image chunk | all text] (B, n + L, H, D): the image part's
+        all-to-all to the ranks of its heads issued now, the text's heads of this rank sliced (no transfer)."""
+        n, ulysses = self.layout.chunk, self.layout.ulysses
+        pending = start_sequence_to_heads(joint[:, :n], self.mesh.group("ulysses"), ulysses,
+                                          f"ulysses all-to-all of {'qkv'[index]}")
+        return Prepared(pending, self._text_heads(joint[:, n:]))
+
+    def _text_heads(self, text: torch.Tensor) -> torch.Tensor:
+        heads = text.shape[2] // self.layout.ulysses
+        first = self.mesh.coordinate["ulysses"] * heads
+        return text[:, :, first : first + heads]
+
+    def __call__(self, query, key, value, key_lengths=None, mask=None):
         if isinstance(mask, FlexMask):  # ShardedDiT refuses this first; a mask over the local tokens is no use
             raise ParallelConfigError("a FlexAttention mask cannot be split across sequence ranks")
         n, ulysses = self.layout.chunk, self.layout.ulysses
         # key_lengths counted this rank's n image tokens; the text part of each is what matters.
         text_lengths = None if key_lengths is None else [count - n for count in key_lengths]
-        image = torch.stack([query[:, :n], key[:, :n], value[:, :n]])  # (3, B, n, H, D)
-        text = (query[:, n:], key[:, n:], value[:, n:])
-        if ulysses > 1:
-            group = self.mesh.group("ulysses")
-            image = sequence_to_heads(image, group, ulysses)  # (3, B, u n, H / u, D)
-            heads = query.shape[2] // ulysses
-            first = self.mesh.coordinate["ulysses"] * heads
-            text = tuple(t[:, :, first : first + heads] for t in text)
+        if isinstance(query, Prepared):  # streamed: the three all-to-alls are in flight; wait for them here
+            image = tuple(part.image.result() for part in (query, key, value))  # each (B, u n, H / u, D)
+            text = (query.text, key.text, value.text)
+        elif ulysses > 1:
+            stacked = torch.stack([query[:, :n], key[:, :n], value[:, :n]])  # (3, B, n, H, D): one all-to-all
+            image = tuple(start_sequence_to_heads(stacked, self.mesh.group("ulysses"), ulysses).result())
+            text = tuple(self._text_heads(t[:, n:]) for t in (query, key, value))
+        else:
+            image = (query[:, :n], key[:, :n], value[:, :n])
+            text = (query[:, n:], key[:, n:], value[:, n:])
         if self.layout.ring == 1:
             image_out, text_out = self._whole_sequence(image, text, text_lengths, mask)
         else:
-            joint_mask = JointMask(mask, self.layout.num_image, text_lengths, query.device)
-            image_out, text_out = ring_attention(image, text, self.layout, joint_mask, self.mesh.group("ring"),
-                                                 self.mesh.coordinate["ring"])
+            joint_mask = JointMask(mask, self.layout.num_image, text_lengths, image[0].device)
+            image_out, text_out = ring_attention(torch.stack(image), text, self.layout, joint_mask,
+                                                 self.mesh.group("ring"), self.mesh.coordinate["ring"])
         if ulysses > 1:
             group = self.mesh.group("ulysses")
-            image_out = heads_to_sequence(image_out, group, ulysses)  # (B, n, H, D)
-            gathered = all_gather(text_out, group, "ulysses text heads gather")  # (u, B, L, H / u, D)
-            text_out = gathered.movedim(0, 2).flatten(2, 3)
+            # Both issued before either is waited for: the text heads' gather runs beside the image all-to-all.
+            image_back = start_heads_to_sequence(image_out, group, ulysses)  # (B, n, H, D)
+            text_back = start_all_gather(text_out, group, "ulysses text heads gather")  # (u, B, L, H / u, D)
+            image_out, text_out = image_back.result(), text_back.result().movedim(0, 2).flatten(2, 3)
         return torch.cat([image_out, text_out], dim=1)
 
     def _whole_sequence(self, image, text, text_lengths, mask):
@@ -65,5 +102,5 @@ class SequenceParallelAttention:
         key_lengths = None if text_lengths is None else [num_image + count for count in text_lengths]
         with attention_override(None):  # this call is the plain one
             out = attention(*joint, key_lengths=key_lengths, mask=mask)
-        image_out = self.layout.pad(out[:, :num_image], dim=1)[:, : image.shape[2]]
+        image_out = self.layout.pad(out[:, :num_image], dim=1)[:, : image[0].shape[1]]
         return image_out, out[:, num_image:]

@@ -61,50 +61,69 @@ def _issue(fn, what: str, *args) -> torch.Tensor:
         raise _fail(what, error) from None
 
 
-def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
-    """Chunk i of dim 0 goes to group rank i; returns the chunks received, in group rank order (same shape)."""
+class Pending:
+    """A collective issued and not yet waited for (the transfer runs meanwhile); `result()` waits for it and lays
+    the received data out."""
+
+    def __init__(self, tensor: torch.Tensor, what: str, layout=None):
+        self.tensor, self.what, self.layout = tensor, what, layout
+
+    def result(self) -> torch.Tensor:
+        received = wait(self.tensor, self.what)
+        return received if self.layout is None else self.layout(received)
+
+
+def start_all_to_all(x: torch.Tensor, group: dist.ProcessGroup, what: str, then=None) -> Pending:
+    """Chunk i of dim 0 goes to group rank i; the result holds the chunks received, in group rank order (same
+    shape), laid out by `then` if given."""
     shape = x.shape
     # all_to_all_single splits the flat buffer by dim 0 of what it is given; flat avoids a stride check.
     out = _issue(funcol.all_to_all_single, what, x.contiguous().flatten(), None, None, group)
-    return wait(out, what).reshape(shape)
+    return Pending(out, what, lambda received: (then or (lambda r: r))(received.reshape(shape)))
 
 
-def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int, what: str = "ulysses all-to-all"):
+def start_sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int,
+                            what: str = "ulysses all-to-all") -> Pending:
     """(..., B, n, H, D) holding n tokens of every head -> (..., B, size n, H / size, D): every token, the heads
     of this group rank. Leading dimensions (q, k, v stacked) travel in the same collective."""
     *lead, batch, tokens, heads, dim = x.shape
     parts = x.reshape(*lead, batch, tokens, size, heads // size, dim).movedim(-3, 0)  # (size, ..., B, n, h, D)
-    received = all_to_all(parts, group, what)  # chunk j: group rank j's tokens, our heads
-    return received.movedim(0, -4).reshape(*lead, batch, size * tokens, heads // size, dim)
+    # chunk j: group rank j's tokens, our heads
+    return start_all_to_all(parts, group, what, lambda received: received.movedim(0, -4).reshape(
+        *lead, batch, size * tokens, heads // size, dim))
 
 
-def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, size: int, what: str = "ulysses all-to-all back"):
-    """The inverse of sequence_to_heads: (B, size n, h, D) -> (B, n, size h, D)."""
+def start_heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, size: int,
+                            what: str = "ulysses all-to-all back") -> Pending:
+    """The inverse of start_sequence_to_heads: (B, size n, h, D) -> (B, n, size h, D)."""
     batch, tokens, heads, dim = x.shape
     parts = x.reshape(batch, size, tokens // size, heads, dim).movedim(1, 0)  # (size, B, n, h, D)
-    received = all_to_all(parts, group, what)  # chunk j: our tokens, group rank j's heads
-    return received.movedim(0, 2).reshape(batch, tokens // size, size * heads, dim)
+    # chunk j: our tokens, group rank j's heads
+    return start_all_to_all(parts, group, what, lambda received: received.movedim(0, 2).reshape(
+        batch, tokens // size, size * heads, dim))
 
 
-def all_gather(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+def start_all_gather(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> Pending:
     """(size, *x.shape): every group rank's x, in group rank order."""
     size = dist.get_world_size(group)
     if size == 1:
-        return x[None]
+        return Pending(x[None], what)
     out = _issue(funcol.all_gather_single, what, x.contiguous(), 0, group)
-    return wait(out, what).reshape(size, *x.shape)
+    return Pending(out, what, lambda received: received.reshape(size, *x.shape))
 
 
-class RingShift:
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    return start_all_gather(x, group, what).result()
+
+
+class RingShift(Pending):
     """x sent to the next rank of the ring while the previous rank's arrives; `result()` waits for it."""
 
     def __init__(self, x: torch.Tensor, group: dist.ProcessGroup, size: int, what: str = "ring K/V pass"):
-        self.shape, self.what = x.shape, what
-        self.pending = _issue(funcol.permute_tensor, what, x.contiguous().flatten(),
-                              [(m + 1) % size for m in range(size)], group)
-
-    def result(self) -> torch.Tensor:
-        return wait(self.pending, self.what).reshape(self.shape)
+        shape = x.shape
+        super().__init__(_issue(funcol.permute_tensor, what, x.contiguous().flatten(),
+                                [(m + 1) % size for m in range(size)], group), what,
+                         lambda received: received.reshape(shape))
 
 
 def all_reduce_sum(x: torch.Tensor, what: str) -> torch.Tensor:
