@@ -265,3 +265,44 @@ def test_the_seeds_command_line_trains_layered(layered_repo, data, tmp_path, cap
     assert cli_main(args("out2", layer_columns=False)) == 1  # one line naming the fix, status 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qistudio train: Qwen-Image-Layered trains on an input image")
+
+
+def run_training_example(tmp_path, monkeypatch, repos: dict, kind: str, name: str):
+    """The example script model_training/<kind>/<name>.sh as written (less its worker count), for one step on the
+    CPU, with `repos` ({"Qwen-Image-Layered": folder, ...}) standing where the hub files are downloaded; returns
+    the saved file, with the validation scripts' quick settings set in the environment."""
+    from test_training_cli import EXAMPLES, script_arguments
+
+    (tmp_path / "models" / "Qwen").mkdir(parents=True)
+    for repo_name, folder in repos.items():
+        (tmp_path / "models" / "Qwen" / repo_name).symlink_to(folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for key, value in (("MODEL_BASE_PATH", str(tmp_path / "models")), ("SKIP_DOWNLOAD", "1"),
+                       ("EXAMPLE_DEVICE", "cpu"), ("EXAMPLE_STEPS", "1")):
+        monkeypatch.setenv(f"QISTUDIO_{key}", value)
+    args = script_arguments(EXAMPLES / kind / f"{name}.sh")
+    assert cli_main(args + ["--max_steps", "1", "--device", "cpu", "--dataset_num_workers", "0"]) == 0
+    saved = tmp_path / "models" / "train" / f"{name}_{kind}" / "step-1.safetensors"
+    assert saved.is_file()
+    monkeypatch.setenv("QISTUDIO_EXAMPLE_CHECKPOINT", str(saved))
+    return EXAMPLES / "validate_lora" / f"{name}.py"
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_example_scripts_run_as_written(tiny_repo, layered_repo, tmp_path, monkeypatch, kind):
+    """examples/model_training/{lora,full}/Qwen-Image-Layered.sh with the hub files on disk, one step on the CPU;
+    then validate_lora/Qwen-Image-Layered.py splits a picture with the LoRA."""
+    import runpy
+
+    import qistudio.conditioning.layered as layered_inputs
+
+    write_layered_dataset(tmp_path / "data" / "diffsynth_example_dataset" / "qwen_image" / "Qwen-Image-Layered")
+    validate = run_training_example(tmp_path, monkeypatch, {"Qwen-Image-Layered": layered_repo,
+                                                            "Qwen-Image": tiny_repo}, kind, "Qwen-Image-Layered")
+    if kind == "full":
+        return
+    monkeypatch.setattr(layered_inputs, "RESOLUTION_AREAS", {k: v // 64 for k, v in
+                                                             layered_inputs.RESOLUTION_AREAS.items()})
+    namespace = runpy.run_path(str(validate), run_name="__main__")
+    assert len(namespace["pipe"].list_loras()) == 1 and len(namespace["layers"]) == 3
+    assert all((tmp_path / f"image_{i}.png").is_file() for i in (1, 2, 3))

@@ -25,7 +25,7 @@ from qistudio.training.loss import Denoiser, flow_matching_loss
 from qistudio.training.qwen21 import encode_qwen21
 from qistudio.training.timesteps import draw_sigma
 from qistudio.weights.build import load_model
-from test_training_layered import train_lowers_the_loss
+from test_training_layered import run_training_example, train_lowers_the_loss
 from tiny_qwen21 import LATENT_CHANNELS, model_configs21, reference_pipeline21, tiny_repository21
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,3 +244,22 @@ def test_training_from_the_sample_cache_equals_encoding_each_step(base, repo, da
         results.append({n: p.detach().clone() for n, p in trainer.dit.named_parameters() if p.requires_grad})
     assert results[0].keys() == results[1].keys() and results[0]
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_example_scripts_run_as_written(repo, tmp_path, monkeypatch, kind):
+    """examples/model_training/{lora,full}/Qwen-Image-2.1.sh with the hub files on disk, one step on the CPU; then
+    validate_lora/Qwen-Image-2.1.py renders with the LoRA."""
+    import runpy
+
+    from test_training_data import write_dataset as write_rgb_dataset
+
+    write_rgb_dataset(tmp_path / "data" / "example_image_dataset", sizes=((SIDE, SIDE), (SIDE, 48)))
+    validate = run_training_example(tmp_path, monkeypatch, {"Qwen-Image-2.1": repo}, kind, "Qwen-Image-2.1")
+    if kind == "full":
+        return
+    monkeypatch.setenv("QISTUDIO_EXAMPLE_SIZE", str(SIDE))
+    namespace = runpy.run_path(str(validate), run_name="__main__")
+    assert len(namespace["pipe"].list_loras()) == 1
+    with Image.open(tmp_path / "image.png") as image:
+        assert image.mode == "RGBA" and image.size == (SIDE, SIDE)

@@ -54,7 +54,8 @@ def _split(text: str | None) -> tuple[str, ...]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="train a LoRA on the DiT, the whole DiT or a Blockwise ControlNet",
-        description="Train Qwen-Image's DiT (LoRA or full) or a Blockwise ControlNet with the reference's flow-matching loss. Argument names "
+        description="Train Qwen-Image's DiT (LoRA or full) or a Blockwise ControlNet with the reference's flow-matching loss; "
+        "Qwen-Image-Layered and Qwen-Image 2.1 train alike, told from the DiT's files. Argument names "
         "follow DiffSynth-Studio's train.py; run under `accelerate launch --module qistudio.cli.main train` for "
         "several GPUs. Try it first with --demo: a LoRA on a tiny random model and a generated mini dataset, in "
         "seconds on a CPU.",
@@ -96,10 +97,12 @@ def _add_data_and_model_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--model_id_with_origin_paths",
                        help="comma-separated MODEL_ID:PATTERN, e.g. Qwen/Qwen-Image:transformer/diffusion_pytorch_model*.safetensors")
     model.add_argument("--tokenizer_path", help="tokenizer folder (default: download Qwen/Qwen-Image:tokenizer/)")
-    model.add_argument("--processor_path", help="processor folder for edit images (default: Qwen/Qwen-Image-Edit:processor/)")
+    model.add_argument("--processor_path", help="processor folder for edit images (default: Qwen/Qwen-Image-Edit:processor/;"
+                       " for Qwen-Image 2.1, told from its DiT's files, the DiT repository's processor/)")
     model.add_argument("--extra_inputs", help="extra model inputs from the metadata (comma-separated): edit_image, "
                        "context_image, blockwise_controlnet_image, blockwise_controlnet_inpaint_mask, "
-                       "eligen_entity_prompts, eligen_entity_masks")
+                       "eligen_entity_prompts, eligen_entity_masks; Qwen-Image-Layered: layer_num, layer_input_image "
+                       "(image then lists the composite and the layers)")
     model.add_argument("--zero_cond_t", action="store_true", default=None, help="Edit-2511's modulation of edit tokens")
     model.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                        help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
