@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO-3 through `accelerate launch` with the seed's shipped config, on 2 CPU processes (DeepSpeed's CPU
 accelerator, gloo): each process allocates and reads only its partition of the DiT's blocks (no process holds the
 whole DiT), the full fine-tune equals one process accumulating 2 micro-batches, and its checkpoint (each
-process's optimizer partition in qistudio's pickle-free files) resumes exactly. DeepSpeed builds its shared-memory
-communication op with the C++ compiler the first time (a minute or so, cached in ~/.cache/torch_extensions)."""
+process's slice of every parameter's optimizer state, in qistudio's pickle-free files) resumes exactly under another
+number of processes: 2 -> 1, then that run's checkpoint 1 -> 2. DeepSpeed builds its shared-memory communication op
+with the C++ compiler the first time (a minute or so, cached in ~/.cache/torch_extensions)."""
 
+import json
 import re
 
 import pytest
@@ -17,43 +19,61 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_zero3_full_finetune_equals_one_process_and_resumes_exactly(tiny_repo, tmp_path):
+def zero3_config(folder, processes: int):
+    """The shipped ZeRO-3 config on the CPU, float32 (to compare with the plain run; the shipped one says bf16)."""
     import yaml
 
+    config = cpu_config(EXAMPLES / "accelerate_config_zero3.yaml", folder)
+    settings = yaml.safe_load(config.read_text())
+    settings.update(mixed_precision="no", num_processes=processes)
+    config = config.with_name(f"zero3-{processes}.yaml")
+    config.write_text(yaml.safe_dump(settings))
+    return config
+
+
+def test_zero3_loads_partitioned_equals_one_process_and_resumes_under_other_process_counts(tiny_repo, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, sizes=((32, 32),) * 4)
-    config = cpu_config(EXAMPLES / "accelerate_config_zero3.yaml", tmp_path)
-    settings = yaml.safe_load(config.read_text())
-    settings["mixed_precision"] = "no"  # float32, to compare with the plain run (the shipped config says bf16)
-    config.write_text(yaml.safe_dump(settings))
-    common = ["--trainable_models", "dit", "--learning_rate", "1e-4", "--max_steps", "4", "--save_steps", "2"]
-    zero3 = common + ["--keep_checkpoints", "2"]
-    status, output = launch(cli_args(tiny_repo, data, tmp_path / "zero3", *zero3), accelerate_config=config)
+    common = ["--trainable_models", "dit", "--learning_rate", "1e-4", "--max_steps", "4", "--keep_checkpoints", "2"]
+    status, output = launch(cli_args(tiny_repo, data, tmp_path / "zero3", *common, "--save_steps", "2"),
+                            accelerate_config=zero3_config(tmp_path, 2))
     assert status == 0, output[-3000:]
     assert "on 2 process(es)" in output
-    assert_partitioned_on_load(output)
+    assert_partitioned_on_load(output, processes=2)
     state = tmp_path / "zero3" / "checkpoints" / "step-00000002"
     assert {p.name for p in state.glob("optimizer-rank*")} == {"optimizer-rank0.safetensors",
                                                                "optimizer-rank1.safetensors"}  # partitioned
-    assert main(cli_args(tiny_repo, data, tmp_path / "one", *common, "--gradient_accumulation_steps", "2")) == 0
+    assert main(cli_args(tiny_repo, data, tmp_path / "one", *common, "--save_steps", "2",
+                         "--gradient_accumulation_steps", "2")) == 0
     reference = load_file(tmp_path / "one" / "step-4.safetensors")
     assert_same_weights(load_file(tmp_path / "zero3" / "step-4.safetensors"), reference, atol=2e-6)
 
-    # The seed's --initialize_model_on_cpu is accepted and changes nothing: the DiT is still loaded partitioned.
-    status, output = launch(cli_args(tiny_repo, data, tmp_path / "resumed", *zero3, "--initialize_model_on_cpu",
-                                     "--resume", str(state)), accelerate_config=config)
+    # 2 -> 1 (accumulating 2: the same samples per step). The seed's --initialize_model_on_cpu is accepted and
+    # changes nothing: the DiT is still loaded partitioned.
+    status, output = launch(cli_args(tiny_repo, data, tmp_path / "single", *common, "--save_steps", "1",
+                                     "--gradient_accumulation_steps", "2", "--initialize_model_on_cpu", "--resume",
+                                     str(state)), accelerate_config=zero3_config(tmp_path, 1))
     assert status == 0, output[-3000:]
-    assert_same_weights(load_file(tmp_path / "resumed" / "step-4.safetensors"), reference, atol=2e-6)
-    assert_partitioned_on_load(output)
+    assert "resumed from" in output and "on 1 process(es)" in output
+    assert_partitioned_on_load(output, processes=1)
+    assert_same_weights(load_file(tmp_path / "single" / "step-4.safetensors"), reference, atol=2e-6)
+
+    # 1 -> 2, from that run's checkpoint at step 3
+    middle = tmp_path / "single" / "checkpoints" / "step-00000003"
+    assert json.loads((middle / "state.json").read_text())["world_size"] == 1
+    status, output = launch(cli_args(tiny_repo, data, tmp_path / "double", *common, "--save_steps", "1", "--resume",
+                                     str(middle)), accelerate_config=zero3_config(tmp_path, 2))
+    assert status == 0, output[-3000:]
+    assert_same_weights(load_file(tmp_path / "double" / "step-4.safetensors"), reference, atol=2e-6)
 
 
-def assert_partitioned_on_load(output: str) -> None:
-    """Each process allocated about half of the DiT blocks' elements (its partitions, padded to even sizes) and
-    read little more from the files (whole rows around its range); none allocated or read them all."""
+def assert_partitioned_on_load(output: str, processes: int) -> None:
+    """Each process allocated its share of the DiT blocks' elements (its partitions, padded to a multiple of the
+    processes) and read little more from the files (whole rows around its range); with 2, none read them all."""
     reports = re.findall(r"ZeRO-3: process (\d) allocated (\d+) and read (\d+) of the DiT blocks' (\d+)", output)
-    assert sorted(int(r[0]) for r in reports) == [0, 1], output[-3000:]
+    assert sorted(int(r[0]) for r in reports) == list(range(processes)), output[-3000:]
     for _, allocated, read, total in reports:
         allocated, read, total = int(allocated), int(read), int(total)
         print(f"allocated {allocated}, read {read} of {total}")
-        assert total / 2 <= allocated <= total / 2 + 200  # 1 element of padding per odd-sized tensor at most
-        assert allocated - 200 <= read <= 0.6 * total
+        assert total / processes <= allocated <= total / processes + 200  # padding: < 1 element per tensor
+        assert allocated - 200 <= read <= (0.6 if processes == 2 else 1) * total

@@ -4,7 +4,8 @@ Design note. A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   weights.safetensors             the trainable tensors, exactly as trained (LoRA factors in float32, or the DiT)
   optimizer.safetensors           optimizer and LR-scheduler state
   optimizer-rank{R}.safetensors   the optimizer part instead, when the optimizer is partitioned across processes
-                                  (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes
+                                  (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes;
+                                  under ZeRO-3 its slice of every parameter's state (zero.py), resumable with any
   rng-rank{R}.safetensors         each process's random states: torch, CUDA and Python
   sharded/                        instead of weights.safetensors and the optimizer's tensors, under FSDP2: every
                                   process's shards of the DiT and its optimizer state (sharded_checkpoint.py),
@@ -47,6 +48,8 @@ STATE = "state.json"
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 FORMAT_VERSION = 2  # 1: optimizer and random states as pickled .pt files (never read since)
+BY_PARAMETER = "by_parameter"  # partitioned_optimizer's value when each process saved its slice of every parameter
+BY_PARAMETER_FILES = "by_parameter_files"  # the optimizer state handed on for that: the files of every process
 # The objects of DeepSpeed's ZeRO / bf16 optimizer state dicts besides tensors, numbers and containers: its loss
 # scalers, its stage enum and the fragment addresses of its parameter slice mappings.
 DEEPSPEED_CLASSES = frozenset({
@@ -120,7 +123,8 @@ class CheckpointWriter:
     rank: int = 0
     is_main: bool = True
     barrier: object = lambda: None
-    partitioned_optimizer: bool = False  # DeepSpeed ZeRO: every process holds (and saves) its own shard
+    partitioned_optimizer: bool | str = False  # DeepSpeed ZeRO: every process holds (and saves) its own shard
+    # (BY_PARAMETER: its slice of every parameter's state)
     world_size: int = 1
 
     def latest(self) -> Path | None:
@@ -249,11 +253,13 @@ def read_state(path: Path, world_size: int = 1, rank: int = 0) -> dict:
         raise ValueError(f"{file}: malformed checkpoint state (progress needs step, epoch, position >= 0 and a "
                          "skipped list of index, path, reason; config an object)")
     saved_world = state.get("world_size", 1)
-    if state.get("partitioned_optimizer") and saved_world != world_size:
+    by_parameter = state.get("partitioned_optimizer") == BY_PARAMETER  # any number of processes reads it
+    if state.get("partitioned_optimizer") and not by_parameter and saved_world != world_size:
         raise ValueError(f"cannot resume from {path}: its optimizer state is partitioned over {saved_world} "
                          f"processes (DeepSpeed ZeRO), this run has {world_size}; resume with {saved_world}")
     weights = [] if state.get("sharded") else [WEIGHTS]
-    for name in (*weights, OPTIMIZER, *([optimizer_file(rank)] if state.get("partitioned_optimizer") else [])):
+    ranks = range(_world_size(state, path)) if by_parameter else [rank] if state.get("partitioned_optimizer") else []
+    for name in (*weights, OPTIMIZER, *(optimizer_file(r) for r in ranks)):
         _required(path / name)
     if state.get("sharded") and not (path / SHARDED).is_dir():
         raise ValueError(f"{path / SHARDED}: missing from the checkpoint (it was saved with FSDP2)")
@@ -267,7 +273,10 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> LoadedChe
     states = read_tree(path / OPTIMIZER, _state_class)
     if not isinstance(states, dict) or not {"optimizer", "scheduler"} <= set(states):
         raise ValueError(f"{path / OPTIMIZER}: holds no optimizer and scheduler state")
-    if state.get("partitioned_optimizer"):
+    if state.get("partitioned_optimizer") == BY_PARAMETER:  # read by slices later (zero.load_state_by_parameter)
+        files = [path / optimizer_file(r) for r in range(_world_size(state, path))]
+        states["optimizer"] = {BY_PARAMETER_FILES: files}
+    elif state.get("partitioned_optimizer"):
         states["optimizer"] = read_tree(path / optimizer_file(rank), _state_class)
     rng_path = path / rng_file(rank)
     rng = read_tree(rng_path, _state_class) if rng_path.is_file() else None

@@ -62,8 +62,8 @@ from .samples import render_samples
 from .sharded_checkpoint import load_sharded, save_sharded, write_consolidated
 from .timesteps import draw_sigma
 from .tree import map_tensors
-from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, partition_dit,
-                   partitions_on_load, prepare_deepspeed, set_boundary)
+from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, optimizer_state,
+                   partition_dit, partitioned_optimizer, partitions_on_load, prepare_deepspeed, set_boundary)
 from .zero import loading as zero_loading
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Trainer:
         self.history: list[StepRecord] = []
         self.writer = CheckpointWriter(Path(config.output_path) / CHECKPOINTS, config.keep_checkpoints,
                                        acc.process_index, acc.is_main_process, acc.wait_for_everyone,
-                                       partitioned_optimizer=deepspeed_plugin(acc) is not None,
+                                       partitioned_optimizer=partitioned_optimizer(acc),
                                        world_size=acc.num_processes)
         self.progress_bar = self.progress_bar and acc.is_main_process
         self._last_good = None  # the last readable sample, which stands in for a skipped one under DDP
@@ -292,7 +292,7 @@ class Trainer:
                     for name, param in parameters.items():
                         param.copy_(loaded.weights[name])
             if loaded.sharded is None:
-                load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state)
+                load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state, parameters)
             self.lr_scheduler.load_state_dict(loaded.scheduler_state)
             if loaded.rng is not None:
                 restore_rng(loaded.rng)
@@ -427,11 +427,12 @@ class Trainer:
         if self.fsdp is not None:
             self._save_sharded(file_name, config)
             return
+        optimizer = optimizer_state(acc, self.optimizer, trainable_named_parameters(trained))  # ZeRO-3: by parameter
         with holding(trained, gathered):
             self._check_finite_weights(trained)
             if acc.is_main_process:
                 self.last_saved = save_weights(trained, self.config, file_name, self.progress.step)
-            self.writer.save(self.progress, trainable_named_parameters(trained), self.optimizer.state_dict(),
+            self.writer.save(self.progress, trainable_named_parameters(trained), optimizer,
                              self.lr_scheduler.state_dict(), rng_state(), config)
         self._saved_step = self.progress.step
 
