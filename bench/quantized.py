@@ -1,23 +1,31 @@
 """GPU benchmark: the Qwen-Image DiT from quantised files (GGUF Q8_0, Q4_K_M; bitsandbytes NF4), qistudio against
 diffusers loading the same file, and against our resident bf16 DiT.
 
-Random full-size weights (real config, 20.4B parameters) are built once in bf16 by diffusers' class on the GPU; our
-DiT shares them (the bf16 baseline), and each file is written from them by `qistudio quantize`'s writers (block
-linears quantised on the GPU, the rest as ComfyUI-GGUF / bitsandbytes keep it). Then, one type at a time, both
-sides load the file (ours: `load_model`, weights kept quantised, Triton decode kernels; diffusers:
-`from_single_file(..., GGUFQuantizationConfig(compute_dtype=bf16))` for GGUF, `from_pretrained` of the NF4 folder
-with its BitsAndBytesConfig) and one DiT forward at 1328x1328 (batch 2: guidance batched, 128 text tokens) is timed,
-the two sides interleaved (bench/timing.py). Memory: GPU bytes the weights hold, the forward's peak above them, and
-the host's peak resident memory while loading (anonymous, and with the file's page-cache pages the process maps),
-sampled every 20 ms. Errors: relative L2 against diffusers on the same file, and against the bf16 DiT.
+Random full-width weights (the released config; `--blocks` of its 60 blocks) are built once in bf16 by diffusers'
+class on the GPU; our DiT shares them (the bf16 baseline), and each file is written from them by `qistudio
+quantize`'s writers (block linears quantised on the GPU, the rest as ComfyUI-GGUF / bitsandbytes keep it). Then,
+one type at a time, both sides load the file (ours: `load_model`, weights kept quantised, Triton decode kernels;
+diffusers: `from_single_file(..., GGUFQuantizationConfig(compute_dtype=bf16))` for GGUF, `from_pretrained` of the
+NF4 folder with its BitsAndBytesConfig) and one DiT forward at 1328x1328 (batch 2: guidance batched, 128 text
+tokens) is timed, the two sides interleaved (bench/timing.py). Memory: GPU bytes the weights hold, the forward's
+peak above them, and the host's peak resident memory while loading (anonymous, and with the file's page-cache pages
+the process maps), sampled every 20 ms. Errors: relative L2 against diffusers on the same file, and against bf16.
 
 Targets (issue 31): Q8_0 and Q4_K_M steps <= 1.25x our bf16 step and >= 1.5x faster than diffusers' GGUF path.
 
-    python bench/quantized.py [--types Q8_0 Q4_K_M NF4] [--runs 5] [--work DIR] [--compile]
-    python bench/quantized.py --scale tiny --runs 1     # plumbing check on the CPU (diffusers' NF4 needs a GPU)
+The command for one H100 (80 GB, 64 GiB disk), about 8 minutes with the three files written (~21 GiB):
 
-Files are kept in --work (default $TMPDIR/qistudio-quantized) and reused by a later run on the same machine
-(about 46 GB for the three full-size files).
+    python bench/quantized.py --blocks 30 --runs 5
+
+Half the blocks (30 of 60, at the released width: every block linear has its real shape) halves the writing and
+loading, which dominate; a step's time is a sum over identical blocks, so the ratios (vs bf16, vs diffusers) are
+those of the full model and the absolute step is about half (the caption says how many blocks ran). `--blocks 60`
+is the whole 20.4B model (~43 GiB of files, about 15 minutes). `--budget SECONDS` (default 480) skips a type that
+would start too late to finish by then, judged by the type before (its row says so).
+
+    python bench/quantized.py --smoke       # the plumbing on the CPU: a tiny 256-wide DiT, 1 run, files in a temp dir
+
+Files are kept in --work (default $TMPDIR/qistudio-quantized) and reused by a later run with the same --blocks.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -36,7 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pair import dit_call, our_dit, reference_dit, rel_err, scale_named  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from bench.pair import TINY, dit_call, our_dit, reference_dit, rel_err, scale_named  # noqa: E402
 from bench.report import caption, markdown_table, write_report  # noqa: E402
 from bench.timing import card_load, interleaved, measure  # noqa: E402
 from qistudio.compile import compile_repeated_blocks  # noqa: E402
@@ -44,7 +53,13 @@ from qistudio.weights.build import load_model  # noqa: E402
 from qistudio.weights.gguf_write import plan_types, write_gguf  # noqa: E402
 from qistudio.weights.nf4_write import write_nf4  # noqa: E402
 
-GiB = 2**30
+GiB, MiB = 2**30, 2**20
+# --smoke: the tiny scale widened to 8 heads of 32, so the block linears take 256-value K-quant rows (Q4_K_M's).
+SMOKE = replace(TINY, dit={**TINY.dit, "num_attention_heads": 8})
+
+
+def size_text(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB // 10 else f"{nbytes / MiB:.1f} MiB"
 TOP_LEVEL = ["img_in", "txt_in", "txt_norm", "time_text_embed", "norm_out", "proj_out"]  # kept in bf16 by both
 
 
@@ -149,73 +164,131 @@ def forward_peak(run, device) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def main() -> None:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K_M", "NF4"])
     parser.add_argument("--scale", default="full", choices=["full", "tiny"])
+    parser.add_argument("--blocks", type=int, help="transformer blocks to build (default: all of the scale's)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qistudio-quantized")
+    parser.add_argument("--work", type=Path, help="where the files go (default $TMPDIR/qistudio-quantized)")
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="seconds: a type that would not finish by then is skipped (default 480)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile on both sides")
-    args = parser.parse_args()
-    scale = scale_named(args.scale)
-    args.work.mkdir(parents=True, exist_ok=True)
-    backend = "inductor" if scale.device == "cuda" else "aot_eager"
-    call = dit_call(scale, args.batch)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the plumbing on the CPU: a tiny 256-wide DiT, 1 run, files in a temporary folder")
+    args = parser.parse_args(argv)
+    args.scale = SMOKE if args.smoke else scale_named(args.scale)
+    if args.smoke:
+        args.runs = 1
+        args.work = args.work or Path(tempfile.mkdtemp(prefix="qistudio-quantized-smoke-"))
+    full_blocks = args.scale.dit.get("num_layers", 60)
+    if args.blocks is not None and not 1 <= args.blocks <= full_blocks:
+        parser.error(f"--blocks {args.blocks}: choose 1 to {full_blocks}")
+    args.full_blocks, args.blocks = full_blocks, args.blocks or full_blocks
+    args.scale = replace(args.scale, dit={**args.scale.dit, "num_layers": args.blocks})
+    args.work = args.work or Path(tempfile.gettempdir()) / "qistudio-quantized"
+    args.work = args.work / f"blocks-{args.blocks}" if not args.smoke else args.work
+    return args
 
+
+class Clock:
+    """Seconds since the start, printed with each phase (the budget is judged by them)."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.start
+
+    def say(self, what: str) -> None:
+        print(f"[{self():.0f} s] {what}", flush=True)
+
+
+def bench_type(qtype: str, path: Path, args, call, bf16, expected) -> list[list[str]]:
+    """The rows of one file: each side loaded, checked against diffusers and bf16, timed interleaved."""
+    scale = args.scale
+    sides = {"qistudio": lambda: load_model([path], dtype=scale.dtype, device=scale.device)[1]}
+    if qtype != "NF4" or scale.device == "cuda":
+        sides["diffusers"] = lambda: load_theirs(qtype, path, args.work, scale)
+    backend = "inductor" if scale.device == "cuda" else "aot_eager"
+    models, memory, runs, outputs = {}, {}, {}, {}
+    for side, loader in sides.items():
+        models[side], memory[side] = loaded(loader, scale.device)
+        if args.compile:
+            compile_repeated_blocks(models[side], backend=backend)
+        runs[side] = ((lambda m=models[side]: call.ours(m)) if side == "qistudio"
+                      else (lambda m=models[side]: call.diffusers(m)))
+        outputs[side] = runs[side]().float()
+        memory[side]["forward"] = forward_peak(runs[side], scale.device)
+    with card_load() as load:
+        timings = interleaved(runs, runs=args.runs, device=scale.device)
+    args.load = load
+    rows = []
+    for side in sides:
+        theirs = timings.get("diffusers")
+        speedup = f"{theirs.median / timings[side].median:.2f}x" if side == "qistudio" and theirs else "-"
+        errors = (f"{rel_err(outputs[side], outputs['diffusers']):.2e} / " if "diffusers" in outputs and
+                  side == "qistudio" else "- / ") + f"{rel_err(outputs[side], expected):.2e}"
+        m = memory[side]
+        rows.append([qtype, side, size_text(m["weights"]), size_text(m["forward"]),
+                     f"{size_text(m['host_anon'])} / {size_text(m['host_total'])}", size_text(path.stat().st_size),
+                     timings[side].text("ms", 1), f"{timings[side].median / bf16.median:.2f}x", speedup, errors])
+    if "diffusers" not in sides:
+        rows.append([qtype, "diffusers", "(needs a GPU: bitsandbytes' 4-bit loading)", *["-"] * 7])
+    return rows
+
+
+def report(args, rows: list[list[str]], echo: bool) -> None:
+    scale = args.scale
+    blocks = (f"{args.blocks} of the model's {args.full_blocks} blocks (released width; ratios as the full model's, "
+              f"absolute steps about {args.blocks / args.full_blocks:.2g}x its)" if args.blocks != args.full_blocks
+              else f"all {args.blocks} blocks")
+    header = ["file", "side", "GPU weights", "forward peak (above weights)", "host peak while loading (anon / with "
+              "file pages)", "file", "DiT step", "vs our bf16", "ours faster by", "rel err vs diffusers / vs bf16"]
+    size = "smoke run: a tiny 256-wide DiT" if args.smoke else f"{scale.name} size"
+    mode = "regional compile" if args.compile else "eager"
+    text = caption(f"Qwen-Image DiT forward from quantised files, {size}, {blocks}, {scale.height}x{scale.width}, "
+                   f"batch {args.batch}, {scale.text_len} text tokens, {scale.dtype}, {mode}.",
+                   f"median (min-max) of {args.runs} interleaved runs per side, CUDA events",
+                   args.load.text() if args.load else None)
+    write_report("quantized.md", text + "\n\n" + markdown_table(header, rows), echo=echo)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    clock, scale, args.load = Clock(), args.scale, None
+    args.work.mkdir(parents=True, exist_ok=True)
+    call = dit_call(scale, args.batch)
     reference = reference_dit(scale)
     ours_bf16 = our_dit(reference, scale)
     if args.compile:
-        compile_repeated_blocks(ours_bf16, backend=backend)
+        compile_repeated_blocks(ours_bf16, backend="inductor" if scale.device == "cuda" else "aot_eager")
     expected = call.ours(ours_bf16).float()
-    bf16 = measure(lambda: call.ours(ours_bf16), runs=args.runs, device=scale.device)
+    bf16 = measure(lambda model=ours_bf16: call.ours(model), runs=args.runs, device=scale.device)
+    clock.say(f"bf16 step {bf16.text('ms', 1)}; writing the files")
     files = write_files(reference, scale, args.types, args.work)
     del ours_bf16, reference
     gc.collect()
     if scale.device == "cuda":
         torch.cuda.empty_cache()
-
+    clock.say("files ready")
     rows = [["bf16 (resident)", "qistudio", "-", "-", "-", "-", bf16.text("ms", 1), "1.00x", "-", "-"]]
-    header = ["file", "side", "GPU weights GiB", "forward peak GiB", "host peak GiB (anon / with file pages)",
-              "file GiB", "DiT step", "vs our bf16", "ours faster by", "rel err vs diffusers / vs bf16"]
-    load = None
-    for qtype, path in files.items():
-        sides = {"qistudio": lambda: load_model([path], dtype=scale.dtype, device=scale.device)[1]}
-        if qtype != "NF4" or scale.device == "cuda":
-            sides["diffusers"] = lambda: load_theirs(qtype, path, args.work, scale)
-        models, memory, runs, outputs = {}, {}, {}, {}
-        for side, loader in sides.items():
-            models[side], memory[side] = loaded(loader, scale.device)
-            model = models[side]
-            if args.compile:
-                compile_repeated_blocks(model, backend=backend)
-            runs[side] = (lambda m=model: call.ours(m)) if side == "qistudio" else (lambda m=model: call.diffusers(m))
-            outputs[side] = runs[side]().float()
-            memory[side]["forward"] = forward_peak(runs[side], scale.device)
-        with card_load() as load:
-            timings = interleaved(runs, runs=args.runs, device=scale.device)
-        for side in sides:
-            theirs = timings.get("diffusers")
-            speedup = f"{theirs.median / timings[side].median:.2f}x" if side == "qistudio" and theirs else "-"
-            errors = (f"{rel_err(outputs[side], outputs['diffusers']):.2e} / " if "diffusers" in outputs and
-                      side == "qistudio" else "- / ") + f"{rel_err(outputs[side], expected):.2e}"
-            m = memory[side]
-            rows.append([qtype, side, f"{m['weights'] / GiB:.2f}", f"{m['forward'] / GiB:.2f}",
-                         f"{m['host_anon'] / GiB:.2f} / {m['host_total'] / GiB:.2f}",
-                         f"{path.stat().st_size / GiB:.2f}", timings[side].text("ms", 1),
-                         f"{timings[side].median / bf16.median:.2f}x", speedup, errors])
-        if "diffusers" not in sides:
-            rows.append([qtype, "diffusers", "(needs a GPU: bitsandbytes' 4-bit loading)", *["-"] * 7])
-        del models, runs, outputs
+    last = 0.0
+    for index, (qtype, path) in enumerate(files.items()):
+        if clock() + last > args.budget:
+            rows.append([qtype, "skipped", f"the {args.budget:.0f} s budget would be exceeded (the last type took "
+                         f"{last:.0f} s)", *["-"] * 7])
+            clock.say(f"{qtype}: skipped (budget)")
+        else:
+            began = clock()
+            rows += bench_type(qtype, path, args, call, bf16, expected)
+            last = clock() - began
+            clock.say(f"{qtype}: done in {last:.0f} s")
         gc.collect()
         if scale.device == "cuda":
             torch.cuda.empty_cache()
-        text = caption(f"Qwen-Image DiT forward from quantised files, {scale.name} size, {scale.height}x"
-                       f"{scale.width}, batch {args.batch}, {scale.text_len} text tokens, {scale.dtype}"
-                       f"{', regional compile' if args.compile else ', eager'}.",
-                       f"median (min-max) of {args.runs} interleaved runs per side, CUDA events",
-                       load.text() if load else None)
-        write_report("quantized.md", text + "\n\n" + markdown_table(header, rows), echo=qtype == list(files)[-1])
+        report(args, rows, echo=index == len(files) - 1)
 
 
 if __name__ == "__main__":

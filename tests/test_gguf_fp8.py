@@ -24,8 +24,8 @@ def _q8_0_layer(out_features=48, in_features=256, seed=0) -> QuantizedLinear:
     """A Q8_0 layer from the gguf package's quantiser, its blocks' scales spread over 3 decades (outlier blocks)."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator)
-    weight *= 10 ** torch.empty(out_features, in_features // 32, 1).uniform_(-2, 1, generator=generator).repeat_interleave(
-        32, 1).reshape(out_features, in_features)
+    decades = torch.empty(out_features, in_features // 32, 1).uniform_(-2, 1, generator=generator)
+    weight *= (10**decades).expand(-1, -1, 32).reshape(out_features, in_features)
     raw = torch.from_numpy(encode(weight, "Q8_0")[0])
     layer = QuantizedLinear(in_features, out_features, "Q8_0", {"weight": raw}, bias=True,
                             compute_dtype=torch.float32)

@@ -36,8 +36,8 @@ VISION_PROJECTOR = "qwen2.5vl_merger"  # Qwen2.5-VL's tower (Qwen2-VL's "qwen2vl
 LAYOUT_NAME = "Qwen2.5-VL (llama.cpp GGUF)"
 MMPROJ_HINT = ("add its vision tower, llama.cpp's mmproj GGUF for Qwen2.5-VL-7B (e.g. "
                "Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf), to the text encoder's files: "
-               "ModelConfig(path=[TEXT_ENCODER.gguf, MMPROJ.gguf]) or qistudio generate --text-encoder TEXT_ENCODER.gguf "
-               "--text-encoder MMPROJ.gguf")
+               "ModelConfig(path=[TEXT_ENCODER.gguf, MMPROJ.gguf]) or qistudio generate --text-encoder "
+               "TEXT_ENCODER.gguf --text-encoder MMPROJ.gguf")
 
 _LM, _VISUAL = "model.language_model.", "model.visual."
 _BLOCK_NAMES = {
@@ -135,7 +135,8 @@ def _number(metadata: dict, key: str, default, kind=int):
     value = metadata.get(key, default)
     if value is None:
         raise CheckpointError(f"the GGUF metadata lacks {key!r}, which sizes the text encoder")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value <= 0 or (kind is int and value != int(value)):
         raise CheckpointError(f"the GGUF metadata's {key} = {value!r}; expected a positive {kind.__name__}")
     return kind(value)
 

@@ -128,7 +128,8 @@ class QuantizedSource(TensorSource):
             return self._gguf_value(path, name)
         if name not in self.quantized:
             return super().get(name)
-        return decode_stored(self.stored(name), self.quant_type(name), self.shapes[name], self.quantized[name], torch.float32)
+        info = self.quantized[name]
+        return decode_stored(self.stored(name), self.quant_type(name), self.shapes[name], info, torch.float32)
 
     def _gguf_value(self, path: Path, name: str) -> torch.Tensor:
         """A GGUF tensor as stored (plain types) or decoded to float32 (quantised types)."""
