@@ -309,6 +309,74 @@ def test_eligen_entities_with_masks_as_base64(client, reference):
     assert json.loads(image.text["qistudio"])["entities"] == ["a red ball"]
 
 
+
+@pytest.fixture(scope="module")
+def family_reference(demo_cache):
+    """The demo pipeline with its tiny canny ControlNet, and the demo Layered pipeline, as the workers load them."""
+    from qistudio import ModelConfig
+    from qistudio.cli.generate import _folder_configs
+    from qistudio.demo_family import write_demo_controlnet, write_demo_layered
+    from qistudio.pipeline import QwenImagePipeline
+
+    demo = demo_cache / "qistudio" / "demo"
+    configs, tokenizer, processor = _folder_configs(demo)
+    control = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer, processor_config=processor,
+        model_configs=[*configs, ModelConfig(path=str(write_demo_controlnet(demo)))])
+    layered = write_demo_layered(demo)
+    layers = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=tokenizer, processor_config=processor,
+        model_configs=[ModelConfig(path=str(layered / "transformer")), configs[1],
+                       ModelConfig(path=str(layered / "vae"))])
+    return control, layers
+
+
+def test_blockwise_controlnet_through_extra_body(client, url, family_reference):
+    from qistudio import ControlNetInput
+
+    edges = Image.fromarray((np.indices((64, 64)).sum(0) % 16 < 3).astype(np.uint8) * 255).convert("RGB")
+    (served,) = httpx.get(f"{url}/v1/models").json()["data"]
+    assert served["controlnets"] == ["canny"] and served["layers"] is True and served["family"] == "qwen-image"
+    control = {"image": base64.b64encode(png_bytes(edges)).decode(), "controlnet": "canny", "scale": 0.8,
+               "start": 0.9, "end": 0.0}
+    body = {"num_inference_steps": 2, "seed": 6, "controlnets": [control]}
+    image = decoded(client.images.generate(prompt="a house", size="64x64", extra_body=body).data[0])
+    expected = alone(family_reference[0], "a house", seed=6, blockwise_controlnet_inputs=[
+        ControlNetInput(image=edges, scale=0.8, start=0.9, end=0.0, controlnet_id=0)])[0]
+    assert_same_image(image, expected)
+    assert not np.array_equal(pixels(image), pixels(alone(family_reference[0], "a house", seed=6)[0]))
+    assert json.loads(image.text["qistudio"])["controls"] == ["canny:(upload 1):0.8"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a house", size="64x64", extra_body={
+            "controlnets": [{**control, "controlnet": "depth"}]})
+    assert caught.value.body["param"] == "controlnets" and "one of canny" in caught.value.body["message"]
+
+
+def test_layers_through_edits_extra_body(client, family_reference):
+    """An edit with `layers`: the picture split by the Layered model served beside the demo, n x layers RGBA PNGs."""
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 4), dtype=np.uint8), "RGBA")
+    result = client.images.edit(image=("cat.png", png_bytes(picture), "image/png"), prompt="a cat",
+                                extra_body={"layers": 2, "num_inference_steps": 2, "seed": 5, "cfg_scale": 1.0})
+    assert len(result.data) == 2 and result.background == "transparent"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = family_reference[1]("a cat", image=picture, layers=2, num_inference_steps=2, seed=5, cfg_scale=1.0,
+                                        progress_bar_cmd=lambda s: s)
+    finally:
+        torch.set_num_threads(threads)
+    for index, (item, want) in enumerate(zip(result.data, expected)):
+        layer = decoded(item)
+        assert layer.mode == "RGBA" and layer.size == want.size
+        diff = np.abs(np.asarray(layer).astype(np.int16) - np.asarray(want).astype(np.int16))
+        assert diff.max() <= 1, diff.max()
+        stored = json.loads(layer.text["qistudio"])
+        assert (stored["layers"], stored["layer"], stored["input_image"]) == (2, index + 1, "(upload)")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=("cat.png", png_bytes(picture), "image/png"), prompt="", extra_body={"layers": 0})
+    assert caught.value.body["param"] == "layers"
+
+
 BAD_REQUESTS = [  # (keyword arguments of images.generate, exception, status, param, words in the message)
     (dict(size="65x64"), openai.BadRequestError, 400, "size", "multiples of 16"),
     (dict(size="4096x4096"), openai.BadRequestError, 400, "size", "at most"),

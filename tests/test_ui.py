@@ -147,6 +147,16 @@ def test_feature_forms_build_their_requests():
     context = forms.in_context("a house", SMALL, picture)
     assert context.arguments["context_image"].size == (60, 40)
 
+    served = ModelSpec("demo", (), controlnets=(("depth", {}), ("canny", {})), layered=ModelSpec("layered", ()))
+    control = forms.blockwise("a house", SMALL, picture, "canny", 0.7, 0.9, 0.1)
+    validate(control, (), served)
+    (item,) = control.arguments["blockwise_controlnet_inputs"]
+    assert (item["controlnet_id"], item["scale"], item["start"], item["end"]) == (1, 0.7, 0.9, 0.1)
+    split = forms.layers("", forms.Settings(steps=2, seed=3), picture, 3, 1024, english=True)
+    assert split.arguments["image"].mode == "RGBA" and "width" not in split.arguments
+    assert (split.arguments["layers"], split.arguments["resolution"], split.arguments["use_en_prompt"]) == (3, 1024, True)
+    validate(split, (), served)
+
 
 @pytest.mark.parametrize("build, words", [
     (lambda: forms.generation("  ", SMALL), "prompt"),
@@ -157,6 +167,8 @@ def test_feature_forms_build_their_requests():
      "red region has no prompt"),
     (lambda: forms.eligen("x", SMALL, editor(), {}), "paint at least one region"),
     (lambda: forms.in_context("x", SMALL, None), "control map"),
+    (lambda: forms.blockwise("x", SMALL, None, "canny", 1.0, 1.0, 0.0), "control map"),
+    (lambda: forms.layers("x", SMALL, None, 4, 640), "upload the picture"),
     (lambda: forms.generation("x", SMALL, [["style", "loud"]]), "scale must be a number"),
 ])
 def test_form_mistakes_are_one_message_naming_them(build, words):
@@ -307,7 +319,12 @@ def test_ui_refuses_an_open_address_a_public_link_or_a_taken_port_without_loadin
         cases = [(["--host", "0.0.0.0"], "give --password"), (["--share"], "--share makes the UI public"),
                  (["--demo", "--model", "x"], "not both"), (["--lora-dir", str(tmp_path / "no")], "no such folder"),
                  (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
-                 (["--output-dir", str(tmp_path / "f.txt")], "is a file")]
+                 (["--output-dir", str(tmp_path / "f.txt")], "is a file"),
+                 (["--controlnet", "canny"], "--demo serves its own tiny canny ControlNet"),
+                 (["--model", "Qwen/Qwen-Image", "--controlnet", "pose"], "KIND or KIND=SOURCE with KIND one of"),
+                 (["--model", "Qwen/Qwen-Image", "--controlnet", "canny", "--controlnet", "canny=x"], "each kind once"),
+                 (["--model", "Qwen/Qwen-Image-2.1", "--controlnet", "canny"], "beside a Qwen-Image model"),
+                 (["--model", "Qwen/Qwen-Image", "--layered-model", "Qwen/Qwen-Image"], "not a Qwen-Image-Layered")]
         (tmp_path / "f.txt").write_text("")
         for arguments, words in cases:
             with pytest.raises(SystemExit) as stop:
@@ -389,3 +406,19 @@ def test_a_failed_swap_keeps_a_working_engine(demo_engine):
     assert holder.spec.name == "qistudio-demo"
     job = holder.engine.submit(forms.generation("a cat", SMALL))
     assert job.wait(120) and job.state is JobState.SUCCEEDED
+
+
+def test_the_served_family_is_told_from_the_model(tmp_path):
+    """serve and ui pick the engine's family as generate does: 2.1 and Layered by hub id or folder config."""
+    from qistudio.cli.serve_models import family_of
+
+    layered = tmp_path / "layered"
+    (layered / "transformer").mkdir(parents=True)
+    (layered / "transformer" / "config.json").write_text('{"use_layer3d_rope": true}')
+    plain = tmp_path / "plain"
+    (plain / "transformer").mkdir(parents=True)
+    (plain / "transformer" / "config.json").write_text('{"num_layers": 60}')
+    cases = {"Qwen/Qwen-Image": "qwen-image", "Qwen/Qwen-Image-2512": "qwen-image", "Qwen/Qwen-Image-Edit-2511":
+             "qwen-image", "Qwen/Qwen-Image-2.1": "qwen-image-2.1", "Qwen/Qwen-Image-Layered": "qwen-image-layered",
+             str(layered): "qwen-image-layered", str(plain): "qwen-image"}
+    assert {model: family_of(model) for model in cases} == cases

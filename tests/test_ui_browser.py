@@ -373,6 +373,7 @@ def test_in_context_control_from_canny_edges(page, ui):
     expect(page.locator("#control-source img")).to_be_visible()
     page.click("#control-canny")
     expect(page.locator("#control-map img")).to_be_visible()
+    choose(page, "control-method", "In-Context control (LoRA)")
     page.fill("#control-prompt textarea", "a house")
     small(page, "control")
     started = time.time()
@@ -381,6 +382,78 @@ def test_in_context_control_from_canny_edges(page, ui):
     assert stored["prompt"] == "a house"  # the pipeline adds the In-Context trigger words itself
     assert (pixels(Image.open(stored["context_image"])) == pixels(canny(Image.open(picture)))).all()
 
+
+
+def test_blockwise_controlnet_from_canny_edges(page, ui, shots, tmp_path):
+    """The Control tab with the demo's tiny canny ControlNet: Canny edges of a picture, scale and window; the image
+    equals pipe(...) with the same ControlNetInput."""
+    from qistudio import ControlNetInput, ModelConfig, QwenImagePipeline
+    from qistudio.annotators import canny
+    from qistudio.demo_family import write_demo_controlnet
+
+    output, demo = ui[1], ui[3]
+    picture = Image.new("RGB", (64, 64), "white")
+    picture.paste((200, 30, 30), (16, 16, 48, 48))
+    picture.save(tmp_path / "square.png")
+    tab(page, "Control")
+    page.locator("#control-source input[type=file]").set_input_files(str(tmp_path / "square.png"))
+    expect(page.locator("#control-source img")).to_be_visible()
+    page.click("#control-canny")
+    expect(page.locator("#control-map img")).to_be_visible()
+    choose(page, "control-method", "Blockwise ControlNet: canny")
+    number(page, "control-scale", 0.8)
+    number(page, "control-start", 0.9)
+    page.fill("#control-prompt textarea", "a red square")
+    small(page, "control", seed=9)
+    started = time.time()
+    run_and_wait(page, "control")
+    snap(page, shots, "control.png")
+    png = newest_png(output / "images", started)
+    stored = read_png_parameters(png)
+    (control,) = stored["controls"]
+    kind, path, scale = control.split(":")
+    edges = canny(picture)
+    assert (kind, scale) == ("canny", "0.8") and (pixels(Image.open(path)) == pixels(edges)).all()
+    pipe = QwenImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", tokenizer_config=ModelConfig(path=str(demo / "tokenizer")),
+        model_configs=[*(ModelConfig(path=str(demo / name)) for name in ("transformer", "text_encoder", "vae")),
+                       ModelConfig(path=str(write_demo_controlnet(demo)))])
+    expected = pipe("a red square", seed=9, num_inference_steps=2, height=64, width=64, blockwise_controlnet_inputs=[
+        ControlNetInput(image=edges, scale=0.8, start=0.9, end=0.0, controlnet_id=0)])
+    assert np.abs(pixels(Image.open(png)) - pixels(expected)).max() <= 1
+
+
+def test_split_a_picture_into_layers(page, ui, shots, tmp_path):
+    """The Layers tab on the demo's tiny Layered model: two RGBA layers, each PNG recording its place."""
+    output = ui[1]
+    picture = Image.new("RGBA", (64, 48), (255, 255, 255, 255))
+    picture.paste((30, 30, 200, 255), (8, 8, 40, 40))
+    picture.save(tmp_path / "blue.png")
+    tab(page, "Layers")
+    page.locator("#layers-picture input[type=file]").set_input_files(str(tmp_path / "blue.png"))
+    expect(page.locator("#layers-picture img")).to_be_visible()
+    number(page, "layers-count", 2)
+    number(page, "layers-steps", 2)
+    page.locator("#layers-seed-mode label").filter(has_text="fixed").click()
+    number(page, "layers-seed", 5)
+    page.fill("#layers-prompt textarea", "a blue square on white")
+    started = time.time()
+    status = page.locator("#layers-status")
+    page.click("#layers-run")
+    try:
+        expect(status).to_contain_text("done", timeout=3 * RUN_TIMEOUT)  # 640-pixel working size, on a CPU
+    except AssertionError:
+        raise AssertionError(f"layers: {status.inner_text()!r}; messages: {toasts(page)}") from None
+    expect(page.locator("#layers-results img").first).to_be_visible()
+    snap(page, shots, "layers.png")
+    pngs = sorted(p for p in (output / "images").glob("*.png") if p.stat().st_mtime >= started)
+    assert len(pngs) == 2
+    for index, png in enumerate(pngs):
+        stored = read_png_parameters(png)
+        assert (stored["layers"], stored["layer"], stored["prompt"]) == (2, index + 1, "a blue square on white")
+        with Image.open(png) as layer:
+            assert layer.mode == "RGBA"
+        assert Image.open(stored["input_image"]).size == (64, 48)
 
 def test_cancel_a_run(page, ui, shots):
     output = ui[1]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .generate import DOWNLOAD_SOURCES, DTYPES, HUB_MODEL, positive_int
+from .serve_models import check_family_flags
 from .speed import vram_gib
 
 API_KEY_ENV = "QISTUDIO_API_KEY"
@@ -78,10 +79,25 @@ def add_engine_arguments(p: argparse.ArgumentParser, speed_title: str) -> None:
                    "./models)")
     p.add_argument("--skip-download", action="store_true", default=None,
                    help="use the files under --model-dir as they are; never contact the hub")
+    p.add_argument("--controlnet", action="append", dest="controlnets", metavar="KIND[=SOURCE]", default=[],
+                   type=controlnet_arg, help="load a Blockwise ControlNet requests may name by KIND (canny, depth, "
+                   "inpaint; repeatable), from SOURCE (a file, folder or hub id; default DiffSynth-Studio's "
+                   "Qwen-Image-Blockwise-ControlNet-KIND); --demo has a tiny canny one")
+    p.add_argument("--layered-model", metavar="ID|FOLDER", help="also serve Qwen-Image-Layered (layer "
+                   "decomposition; loaded by each worker on its first layers job); --demo has a tiny one")
     group = p.add_argument_group(speed_title)
     group.add_argument("--vram-limit", type=vram_gib, metavar="GiB", help="fit the models into this much GPU memory")
     group.add_argument("--fp8", action="store_true", help="FP8 compute for the DiT (Hopper or newer)")
     group.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT's blocks")
+
+
+def controlnet_arg(text: str) -> str:
+    from .generate import CONTROL_KINDS
+
+    if text.split("=", 1)[0] not in CONTROL_KINDS or text.endswith("="):
+        raise argparse.ArgumentTypeError(f"expected KIND or KIND=SOURCE with KIND one of {', '.join(CONTROL_KINDS)}, "
+                                         f"got {text!r}")
+    return text
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -102,6 +118,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             error(f"--lora-dir {folder}: no such folder")
     if args.preview_every < 0:
         error(f"--preview-every must be >= 0, got {args.preview_every}")
+    check_family_flags(args)
 
 
 def devices(args: argparse.Namespace) -> tuple[str, ...]:
@@ -119,34 +136,27 @@ def devices(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def model_spec(args: argparse.Namespace, fetch: bool = True):
-    """The ModelSpec for the workers; hub files are downloaded here, once (with `fetch`; on Ray each node
-    downloads its own)."""
-    from ..engine import ModelSpec
-    from ..weights.hub import resolve_files
-    from .generate import model_configs
+    """The ModelSpec for the workers (serve_models.py); hub files are downloaded here, once (with `fetch`; on Ray
+    each node downloads its own)."""
+    from .serve_models import model_spec as build
 
-    model = None if args.demo else args.model or HUB_MODEL
-    settings = {"demo": args.demo, "model": model, "edit": bool(model and "edit" in model.lower())}
-    configs, tokenizer, processor = model_configs(settings, args)
-    hub = [c for c in (*configs, tokenizer, processor) if c is not None and c.model_id is not None]
-    for config in hub if fetch else ():
-        print(f"fetching {config.model_id} {config.origin_file_pattern}", file=sys.stderr)
-        resolve_files(config)
-        config.skip_download = True  # the workers read what is now on disk
-    name = "qistudio-demo" if args.demo else model
-    return ModelSpec.from_configs(name, configs, tokenizer, processor, dtype=args.dtype, fp8=args.fp8,
-                                  vram_limit=args.vram_limit, compile=args.compile,
-                                  extra={"demo": args.demo, "model": model})
+    return build(args, fetch)
 
 
 def server_settings(args: argparse.Namespace, spec):
     from ..server.settings import Limits, ServerSettings
     from .generate import uses_picture_template
 
+    from .generate21 import QWEN21_SIZE, QWEN21_STEPS
+
     model = spec.extra["model"]
+    qwen21 = spec.family == "qwen-image-2.1"
+    size, steps = (DEMO_SIZE, DEMO_STEPS) if args.demo else (QWEN21_SIZE, QWEN21_STEPS) if qwen21 else (
+        FULL_SIZE, FULL_STEPS)
     return ServerSettings(
-        model_name=spec.name, png_model=model, demo=args.demo,
-        default_size=DEMO_SIZE if args.demo else FULL_SIZE, default_steps=DEMO_STEPS if args.demo else FULL_STEPS,
+        model_name=spec.name, png_model=model, demo=args.demo, family=spec.family, default_size=size,
+        controlnets=spec.controlnet_names,
+        default_steps=steps,
         picture_template=bool(model) and uses_picture_template({"edit": [None], "model": model}),
         api_key=args.api_key,
         limits=Limits(max_body_bytes=args.max_upload_mb * 2**20, max_pixels=args.max_pixels, max_n=args.max_n,

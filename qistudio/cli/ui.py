@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..fileio import unwritable_folder_reason
 from .serve import add_engine_arguments
+from .serve_models import check_family_flags
 
 PASSWORD_ENV = "QISTUDIO_UI_PASSWORD"
 DEFAULT_OUTPUT = "./outputs"
@@ -70,6 +71,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             error(f"--lora-dir {folder}: no such folder")
     if args.preview_every < 0:
         error(f"--preview-every must be >= 0, got {args.preview_every}")
+    check_family_flags(args)
     output = Path(args.output_dir).expanduser()
     if output.exists() and not output.is_dir():
         error(f"--output-dir {args.output_dir}: is a file")

@@ -75,8 +75,14 @@ class _Face:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self):
+        """The served model, with what jobs may name beside it: its family, ControlNets, and whether it splits
+        images into layers (a Layered model, or one served beside it)."""
+        spec = self.engine.config.model
+        layers = spec.family == "qwen-image-layered" or spec.layered is not None
         return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model",
-                                             "created": self.settings.created, "owned_by": "qistudio"}]}
+                                             "created": self.settings.created, "owned_by": "qistudio",
+                                             "family": spec.family, "controlnets": list(spec.controlnet_names),
+                                             "layers": layers}]}
 
     async def loras(self):
         return {"object": "list", "data": [{"id": name, "object": "lora"} for name in self.engine.loras.names()]}
@@ -166,7 +172,8 @@ class _Face:
             raise APIError(429, str(error), code="queue_full", headers={"Retry-After": str(error.retry_after)})
         except (InputError, ValueError) as error:
             word = str(error).split(" ", 1)[0].rstrip(":")
-            raise APIError(400, str(error), param=word if word in FIELDS or word.startswith("eligen") else None,
+            param = "controlnets" if word.startswith("blockwise") else word
+            raise APIError(400, str(error), param=param if param in FIELDS or param.startswith("eligen") else None,
                            code="invalid_value") from None
         except EngineError as error:
             raise APIError(503, str(error), code="unavailable") from None

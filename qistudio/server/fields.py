@@ -6,8 +6,14 @@ output_compression and input_fidelity are accepted and have no effect. Edits add
 and edit_image_auto_resize (false: the edit images' latents at their own size, not about 1024x1024).
 Extra fields (the openai client's `extra_body`): negative_prompt (null: no guidance), seed, num_inference_steps,
 cfg_scale (or true_cfg_scale), cfg_norm_rescale, scheduler, exponential_shift_mu, loras ([{"name", "scale"}] or
-{name: scale}), entity_prompts with entity_masks (EliGen). Anything else is refused, as OpenAI refuses an unknown
-parameter. Form values arrive as text and are read by the same rules; images come as uploads or base64 strings.
+{name: scale}), entity_prompts with entity_masks (EliGen), controlnets (Blockwise ControlNet: [{"image": map,
+"controlnet": a name the server loads (GET /v1/models lists them; default the first), "scale": 1.0, "start": 1.0,
+"end": 0.0, "inpaint_mask": mask for the inpaint one}]; the map is used as given, e.g. Canny edges), context_image
+(In-Context control: the map read by the In-Context-Control-Union LoRA, named in loras). Edits also take layers
+(Qwen-Image-Layered: the image split into that many RGBA layers, returned bottom first, n x layers PNGs; an empty
+prompt is replaced by a caption of the image), resolution (640 or 1024) and use_en_prompt. Anything else is
+refused, as OpenAI refuses an unknown parameter. Form values arrive as text and are read by the same rules; images
+come as uploads or base64 strings.
 """
 
 from __future__ import annotations
@@ -32,8 +38,12 @@ IGNORED = frozenset({"quality", "style", "user", "moderation", "safety_identifie
 FIELDS = frozenset({"prompt", "model", "n", "size", "response_format", "output_format", "background", "stream",
                     "partial_images", "negative_prompt", "seed", "num_inference_steps", "cfg_scale",
                     "true_cfg_scale", "cfg_norm_rescale", "scheduler", "exponential_shift_mu", "loras",
-                    "entity_prompts", "entity_masks"}) | IGNORED
+                    "entity_prompts", "entity_masks", "controlnets", "context_image"}) | IGNORED
 EDIT_FIELDS = frozenset({"image", "mask", "edit_image_auto_resize"})
+LAYERS_FIELDS = frozenset({"layers", "resolution", "use_en_prompt"})  # an edit that splits the image into layers
+CONTROL_NUMBERS = ("scale", "start", "end")
+LAYERED = "qwen-image-layered"  # ServerSettings.family of a Qwen-Image-Layered model
+DEFAULT_LAYERS = 4  # qistudio layers' default
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -197,23 +207,28 @@ def _check_openai_fields(body: dict, settings: ServerSettings) -> None:
 
 async def job_spec(body: dict, settings: ServerSettings, edit: bool) -> JobSpec:
     """The JobSpec for a generation (edit=False) or an edit (edit=True: `image` required, `mask` optional)."""
-    allowed = FIELDS | EDIT_FIELDS if edit else FIELDS
+    allowed = FIELDS | EDIT_FIELDS | LAYERS_FIELDS if edit else FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
-        where = "" if edit else " (edit images go to POST /v1/images/edits)" if set(unknown) & EDIT_FIELDS else ""
+        where = "" if edit else (" (edit images and layers go to POST /v1/images/edits)"
+                                 if set(unknown) & (EDIT_FIELDS | LAYERS_FIELDS) else "")
         raise APIError(400, f"unknown parameter {unknown[0]!r}{where}", param=unknown[0], code="unknown_parameter")
-    if "prompt" not in body:
+    layers = edit and ("layers" in body or settings.family == LAYERED)
+    if "prompt" not in body and not layers:
         raise APIError(400, "prompt is required", param="prompt", code="missing_required_parameter")
     _check_openai_fields(body, settings)
     limits = settings.limits
-    prompt = string("prompt", body["prompt"], limits.max_prompt_chars)
-    if not prompt.strip():
+    prompt = string("prompt", body.get("prompt", ""), limits.max_prompt_chars)
+    if not prompt.strip() and not layers:  # Layered captions the image instead
         raise bad("prompt", "must not be empty")
     arguments = {"prompt": prompt, "num_images": integer("n", body.get("n", 1), 1, limits.max_n),
                  "num_inference_steps": integer("num_inference_steps",
                                                 body.get("num_inference_steps", settings.default_steps), 1,
                                                 limits.max_steps)}
-    dims = size("size", body.get("size"), settings, edit)
+    dims = None if layers else size("size", body.get("size"), settings, edit)
+    if layers and body.get("size") not in (None, "auto"):
+        raise bad("size", "a layers edit makes the image's aspect ratio at resolution^2 pixels; give resolution "
+                  "(640 or 1024), not size")
     if dims is not None:
         arguments["width"], arguments["height"] = dims
     if "negative_prompt" in body:
@@ -231,7 +246,10 @@ async def job_spec(body: dict, settings: ServerSettings, edit: bool) -> JobSpec:
     if "exponential_shift_mu" in body:
         arguments["exponential_shift_mu"] = number("exponential_shift_mu", body["exponential_shift_mu"])
     await _entities(body, arguments, settings)
-    if edit:
+    await _controls(body, arguments, settings)
+    if layers:
+        await _layers(body, arguments, settings)
+    elif edit:
         await _edit_images(body, arguments, settings)
     scheduler = string("scheduler", body.get("scheduler", DEFAULT_SCHEDULER))
     chosen = loras(body["loras"], limits.max_loras) if "loras" in body else ()
@@ -261,3 +279,56 @@ async def _edit_images(body: dict, arguments: dict, settings: ServerSettings) ->
             raise bad("mask", f"is {mask.width}x{mask.height} but the (first) image is "
                       f"{pictures[0].width}x{pictures[0].height}; they must match")
         arguments["input_image"], arguments["inpaint_mask"] = pictures[0], repaint_mask(mask)
+
+
+async def _controls(body: dict, arguments: dict, settings: ServerSettings) -> None:
+    """controlnets -> blockwise_controlnet_inputs (images decoded, numbers read; the engine checks the rest),
+    context_image -> context_image."""
+    if body.get("context_image") is not None:
+        arguments["context_image"] = await image("context_image", body["context_image"], settings)
+    value = body.get("controlnets")
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise bad("controlnets", 'expected a list of {"image", "controlnet", "scale", "start", "end"} '
+                      "objects") from None
+    value = value if isinstance(value, list) else [value]
+    if len(value) > settings.limits.max_images_in:
+        raise bad("controlnets", f"{len(value)} control maps; at most {settings.limits.max_images_in}")
+    inputs = []
+    for k, item in enumerate(value):
+        name = f"controlnets[{k}]"
+        if not isinstance(item, dict) or "image" not in item:
+            raise bad(name, f'expected {{"image": ..., "controlnet": ..., "scale": ...}}, got {item!r:.80}')
+        item = dict(item)
+        for key in ("image", "inpaint_mask"):
+            if item.get(key) is not None:
+                item[key] = await image(f"{name}.{key}", item[key], settings)
+        for key in CONTROL_NUMBERS:
+            if key in item:
+                item[key] = number(f"{name}.{key}", item[key])
+        chosen = item.get("controlnet")
+        if isinstance(chosen, str) and re.fullmatch(r"\s*\d+\s*", chosen):
+            item["controlnet"] = int(chosen)  # a form's index
+        inputs.append(item)
+    arguments["blockwise_controlnet_inputs"] = inputs
+
+
+async def _layers(body: dict, arguments: dict, settings: ServerSettings) -> None:
+    """An edit that splits its one image into `layers` RGBA layers (Qwen-Image-Layered)."""
+    if "image" not in body:
+        raise APIError(400, "image is required for an edit", param="image", code="missing_required_parameter")
+    if body.get("mask") is not None:
+        raise bad("mask", "a layers edit takes no mask")
+    pictures = await images_of("image", body["image"], settings)
+    if len(pictures) > 1:
+        raise bad("image", f"a layers edit splits one image, got {len(pictures)}")
+    arguments["image"] = pictures[0]
+    arguments["layers"] = integer("layers", body.get("layers", DEFAULT_LAYERS), 1, settings.limits.max_layers)
+    if "resolution" in body:
+        arguments["resolution"] = integer("resolution", body["resolution"])
+    if "use_en_prompt" in body:
+        arguments["use_en_prompt"] = boolean("use_en_prompt", body["use_en_prompt"])

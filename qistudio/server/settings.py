@@ -18,6 +18,7 @@ class Limits:
     max_steps: int = 100
     max_prompt_chars: int = 10_000
     max_loras: int = 8  # per request
+    max_layers: int = 16  # layers of one layers edit (Qwen-Image-Layered)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ServerSettings:
     model_name: str  # the id /v1/models lists and requests may name
     png_model: str | None = None  # what PNGs record as "model" (the CLI's --model value; None for the demo)
     demo: bool = False
+    family: str = "qwen-image"  # the engine's ModelSpec.family: "qwen-image", "qwen-image-layered", "qwen-image-2.1"
+    controlnets: tuple[str, ...] = ()  # the served ControlNets' names, by index (what PNGs record)
     default_size: tuple[int, int] = (1328, 1328)  # (width, height) for size "auto" without edit images
     default_steps: int = 30
     picture_template: bool = False  # the model reads even one edit image as "Picture 1:" (Edit-2509/2511)

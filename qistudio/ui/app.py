@@ -10,11 +10,12 @@ import gradio as gr
 
 from .context import UIContext
 from .runs import Runs
-from .tabs import common, control, edit, eligen, gallery, generate, inpaint, loras, models, train
+from .tabs import common, control, edit, eligen, gallery, generate, inpaint, layers, loras, models, train
 from .training import TrainingRun
 
 TITLE = "qistudio"
-CSS = "#gen-status, #edit-status, #inpaint-status, #eligen-status, #control-status, #train-status {min-height: 1.5em}"
+CSS = ("#gen-status, #edit-status, #inpaint-status, #eligen-status, #control-status, #layers-status, "
+       "#train-status {min-height: 1.5em}")
 
 
 def build_blocks(ctx: UIContext) -> gr.Blocks:
@@ -29,6 +30,7 @@ def build_blocks(ctx: UIContext) -> gr.Blocks:
             inpaint_tab = inpaint.build(ctx, shared)
             eligen.build(ctx, shared)
             control.build(ctx, shared)
+            layers.build(ctx, shared)
             loras.build(ctx, shared)
             models.build(ctx)
             gallery.build(ctx, tabs, shared, generate_tab, edit_tab, inpaint_tab)

@@ -143,3 +143,32 @@ def in_context(prompt, settings: Settings, control_map: Image.Image | None, lora
     arguments = _arguments(prompt, settings)
     arguments["context_image"] = control_map.convert("RGB")
     return _spec(arguments, settings, loras)
+
+
+def blockwise(prompt, settings: Settings, control_map: Image.Image | None, controlnet: str, scale: float,
+              start: float, end: float, loras=()) -> JobSpec:
+    """Blockwise ControlNet: the map (e.g. Canny edges) steers the DiT through the named ControlNet, by `scale`,
+    while the denoising progress (1 at the first step, 0 at the last) lies between `end` and `start`."""
+    if control_map is None:
+        raise InputError("control: upload a control map, or an image and compute its Canny edges")
+    arguments = _arguments(prompt, settings)
+    arguments["blockwise_controlnet_inputs"] = [{"image": control_map.convert("RGB"), "controlnet": controlnet,
+                                                 "scale": float(scale), "start": float(start), "end": float(end)}]
+    return _spec(arguments, settings, loras)
+
+
+def layers(prompt, settings: Settings, picture: Image.Image | None, count: int, resolution: int,
+           english: bool = False, loras=()) -> JobSpec:
+    """Qwen-Image-Layered: the picture split into `count` RGBA layers at `resolution` (its aspect ratio at
+    resolution^2 pixels; the settings' size is not used). An empty prompt: the text encoder writes a caption."""
+    if picture is None:
+        raise InputError("layers: upload the picture to split into layers")
+    arguments = {"prompt": prompt or "", "image": picture if picture.mode == "RGBA" else picture.convert("RGBA"),
+                 "layers": int(count), "resolution": int(resolution), "negative_prompt": settings.negative_prompt or "",
+                 "cfg_scale": float(settings.cfg_scale), "num_inference_steps": int(settings.steps),
+                 "num_images": int(settings.num_images)}
+    if english:
+        arguments["use_en_prompt"] = True
+    if settings.seed is not None:
+        arguments["seed"] = int(settings.seed)
+    return _spec(arguments, settings, loras)

@@ -21,7 +21,7 @@ from ..validation import InputError
 
 # Extra keys the UI records beside the CLI's (STORED): settings the CLI has no flag for, read back by the UI.
 LISTED = 200  # results the Gallery shows
-EXTRA_KEYS = ("edit_image_auto_resize", "edit_rope_interpolation", "eligen_enable_on_negative")
+EXTRA_KEYS = ("edit_image_auto_resize", "edit_rope_interpolation", "eligen_enable_on_negative", "use_en_prompt")
 
 
 def _write_png(image: Image.Image, path: Path) -> str:
@@ -31,16 +31,22 @@ def _write_png(image: Image.Image, path: Path) -> str:
     return str(path.resolve())
 
 
-def save_inputs(arguments: dict, folder: Path) -> dict:
-    """The job's input images written to `folder`; the CLI's record keys -> their paths."""
+def save_inputs(arguments: dict, folder: Path, controlnets: tuple[str, ...] = ()) -> dict:
+    """The job's input images written to `folder`; the CLI's record keys -> their paths. `controlnets`: the served
+    ControlNets' names, which the jobs' controlnet_ids index."""
     out = {}
     edit = arguments.get("edit_image")
     if edit is not None:
         pictures = edit if isinstance(edit, list) else [edit]
         out["edit_images"] = [_write_png(p, folder / f"edit-{k + 1}.png") for k, p in enumerate(pictures)]
-    for key, name in (("input_image", "input"), ("inpaint_mask", "mask"), ("context_image", "context")):
+    for key, name in (("input_image", "input"), ("inpaint_mask", "mask"), ("context_image", "context"),
+                      ("image", "layered")):
         if arguments.get(key) is not None:
-            out[key] = _write_png(arguments[key], folder / f"{name}.png")
+            out["input_image" if key == "image" else key] = _write_png(arguments[key], folder / f"{name}.png")
+    controls = arguments.get("blockwise_controlnet_inputs") or []
+    if controls:  # as the CLI's --control KIND:PATH:SCALE
+        out["controls"] = [f"{controlnets[c['controlnet_id']]}:{_write_png(c['image'], folder / f'control-{k + 1}.png')}:"
+                           f"{c.get('scale', 1.0):g}" for k, c in enumerate(controls)]
     if arguments.get("eligen_entity_masks"):
         out["entity_masks"] = [_write_png(m, folder / f"entity-{k + 1}.png")
                                for k, m in enumerate(arguments["eligen_entity_masks"])]
@@ -52,7 +58,7 @@ def stored_settings(job, context, inputs: dict) -> dict:
     arguments = job.spec.arguments
     loras = [f"{context.engine.loras.path(name)}:{scale:g}" for name, scale in job.spec.loras]
     return {
-        "prompt": arguments["prompt"], "negative": arguments.get("negative_prompt", ""), "seed": arguments["seed"],
+        "prompt": arguments.get("prompt", ""), "negative": arguments.get("negative_prompt", ""), "seed": arguments["seed"],
         "steps": arguments["num_inference_steps"], "cfg": arguments.get("cfg_scale", 4.0),
         "model": context.png_model, "demo": context.demo, "strength": arguments.get("denoising_strength", 1.0),
         "tiled": arguments.get("tiled", False), "dtype": job.result.dtype, "device": job.result.device,
@@ -66,7 +72,7 @@ def save_results(job, context) -> list[Path]:
     from ..cli.generate import png_parameters
     from ..imageio import save_png
 
-    inputs = save_inputs(job.spec.arguments, context.inputs_dir / job.id)
+    inputs = save_inputs(job.spec.arguments, context.inputs_dir / job.id, context.holder.spec.controlnet_names)
     settings = stored_settings(job, context, inputs)
     extras = {key: job.spec.arguments[key] for key in EXTRA_KEYS if key in job.spec.arguments}
     images = job.result.images
@@ -75,6 +81,10 @@ def save_results(job, context) -> list[Path]:
     paths = []
     for index, image in enumerate(images):
         parameters = {**png_parameters(settings, image), **extras, "job": job.id}
+        if job.spec.arguments.get("layers"):  # a layers job's images: each row's layers, bottom first
+            layers = job.spec.arguments["layers"]
+            parameters.update(layers=layers, layer=index % layers + 1,
+                              resolution=job.spec.arguments.get("resolution", 640))
         if len(images) > 1:
             parameters.update(num_images=len(images), image_index=index)
         path = context.images_dir / f"{stamp}-{job.id.removeprefix('job-')[:8]}-{index}.png"
