@@ -1,18 +1,23 @@
 """DeepSpeed ZeRO-3 through `accelerate launch` with the seed's shipped config, on 2 CPU processes (DeepSpeed's CPU
 accelerator, gloo): each process allocates and reads only its partition of the DiT's blocks (no process holds the
-whole DiT), the full fine-tune equals one process accumulating 2 micro-batches, and its checkpoint (each
-process's slice of every parameter's optimizer state, in qistudio's pickle-free files) resumes exactly under another
-number of processes: 2 -> 1, then that run's checkpoint 1 -> 2. DeepSpeed builds its shared-memory communication op
-with the C++ compiler the first time (a minute or so, cached in ~/.cache/torch_extensions)."""
+whole DiT); a SIGKILLed process stops the run with a message; its checkpoint (each process's slice of every
+parameter's optimizer state, in qistudio's pickle-free files) resumes under another number of processes: 2 -> 1,
+then that run's checkpoint 1 -> 2, each equal to one process accumulating 2 micro-batches without DeepSpeed.
+DeepSpeed builds its shared-memory communication op with the C++ compiler the first time (a minute or so, cached in
+~/.cache/torch_extensions)."""
 
 import json
+import os
 import re
+import signal
+import time
 
 import pytest
 from safetensors.torch import load_file
 
 from qistudio.cli.main import main
-from test_training_distributed import EXAMPLES, assert_same_weights, cli_args, cpu_config, launch
+from test_training_distributed import (EXAMPLES, LAUNCH_TIMEOUT_S, assert_same_weights, cli_args, cpu_config, launch,
+                                       worker_pids)
 from test_training_data import write_dataset
 
 pytest.importorskip("deepspeed")
@@ -31,22 +36,35 @@ def zero3_config(folder, processes: int):
     return config
 
 
-def test_zero3_loads_partitioned_equals_one_process_and_resumes_under_other_process_counts(tiny_repo, tmp_path):
+def test_zero3_loads_partitioned_stops_on_a_killed_process_and_resumes_under_other_process_counts(tiny_repo, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, sizes=((32, 32),) * 4)
-    common = ["--trainable_models", "dit", "--learning_rate", "1e-4", "--max_steps", "4", "--keep_checkpoints", "2"]
-    status, output = launch(cli_args(tiny_repo, data, tmp_path / "zero3", *common, "--save_steps", "2"),
-                            accelerate_config=zero3_config(tmp_path, 2))
-    assert status == 0, output[-3000:]
+    base = ["--trainable_models", "dit", "--learning_rate", "1e-4"]
+    common = base + ["--max_steps", "4", "--keep_checkpoints", "2"]
+    killed = tmp_path / "killed"
+
+    def kill_rank_1_after_the_first_checkpoint(launcher):
+        deadline = time.time() + LAUNCH_TIMEOUT_S
+        while not (killed / "checkpoints" / "latest").exists():
+            assert launcher.poll() is None, "the run ended before a checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(worker_pids(launcher)[1], signal.SIGKILL)
+
+    # 2 processes, one SIGKILLed after the first checkpoint (the run is set for far more steps than it gets to, and
+    # keeps every checkpoint): the other stops with a message naming the last complete checkpoint, no hang.
+    status, output = launch(cli_args(tiny_repo, data, killed, *base, "--max_steps", "400", "--save_steps", "2",
+                                     "--keep_checkpoints", "1000"), accelerate_config=zero3_config(tmp_path, 2),
+                            on_start=kill_rank_1_after_the_first_checkpoint)
+    assert status != 0 and "--resume continues from it" in output, output[-3000:]
     assert "on 2 process(es)" in output
     assert_partitioned_on_load(output, processes=2)
-    state = tmp_path / "zero3" / "checkpoints" / "step-00000002"
+    state = killed / "checkpoints" / "step-00000002"
     assert {p.name for p in state.glob("optimizer-rank*")} == {"optimizer-rank0.safetensors",
                                                                "optimizer-rank1.safetensors"}  # partitioned
     assert main(cli_args(tiny_repo, data, tmp_path / "one", *common, "--save_steps", "2",
                          "--gradient_accumulation_steps", "2")) == 0
     reference = load_file(tmp_path / "one" / "step-4.safetensors")
-    assert_same_weights(load_file(tmp_path / "zero3" / "step-4.safetensors"), reference, atol=2e-6)
 
     # 2 -> 1 (accumulating 2: the same samples per step). The seed's --initialize_model_on_cpu is accepted and
     # changes nothing: the DiT is still loaded partitioned.
