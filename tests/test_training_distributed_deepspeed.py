@@ -95,3 +95,15 @@ def assert_partitioned_on_load(output: str, processes: int) -> None:
         print(f"allocated {allocated}, read {read} of {total}")
         assert total / processes <= allocated <= total / processes + 200  # padding: < 1 element per tensor
         assert allocated - 200 <= read <= (0.6 if processes == 2 else 1) * total
+
+
+def test_the_partitioning_reads_a_deepspeed_config_without_its_auto_settings():
+    """accelerate fills "auto" settings in at prepare, after the DiT is partitioned: DeepSpeed's parser is shown
+    the config without them (at any depth), the rest as it was."""
+    from qistudio.training.zero import _without_auto
+
+    config = {"train_batch_size": "auto", "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "offload_param": {"device": "cpu"}}}
+    assert _without_auto(config) == {"bf16": {"enabled": True},
+                                     "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert config["zero_optimization"]["reduce_bucket_size"] == "auto"  # a copy

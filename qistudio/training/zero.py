@@ -219,15 +219,22 @@ def _zero_init(accelerator):
     initialize then converts the DiT's other parameters with."""
     import deepspeed
 
-    config = dict(deepspeed_plugin(accelerator).deepspeed_config)
+    # Settings left "auto" are filled in by accelerate's prepare (from the model, later); DeepSpeed's config parser
+    # wants numbers, and the partitioning needs none of them (its defaults stand in), but the batch sizes.
+    config = _without_auto(deepspeed_plugin(accelerator).deepspeed_config)
     processes = accelerator.num_processes
-    # The batch sizes are "auto" until accelerate's prepare fills them in; DeepSpeed's config parser wants numbers.
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=processes)
     init = deepspeed.zero.Init(config_dict_or_path=config, dtype=parameter_dtype(accelerator))
     if str(init.remote_device) == "nvme":
         raise ValueError("the DeepSpeed config offloads parameters to NVMe; this trainer partitions the DiT into "
                          "device or host memory: use offload_param_device cpu or none")
     return init
+
+
+def _without_auto(config: dict) -> dict:
+    """A copy of a DeepSpeed config without its "auto" settings (at any depth)."""
+    return {key: _without_auto(value) if isinstance(value, dict) else value
+            for key, value in config.items() if value != "auto"}
 
 
 def _partitioned_parameter(init, meta: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
