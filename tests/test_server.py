@@ -78,9 +78,14 @@ def lora_dir(demo_cache, reference):
 
 def start_server(cache: Path, *arguments: str, extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`qistudio serve --demo ARGUMENTS` on a free loopback port, once /health answers 200."""
-    port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    command = [sys.executable, "-m", "qistudio.cli.main", "serve", "--demo", "--port", str(port), *arguments]
+    return start_server_command(["serve", "--demo", *arguments], env)
+
+
+def start_server_command(arguments: list[str], env: dict) -> tuple[subprocess.Popen, str]:
+    """`qistudio ARGUMENTS --port PORT` (a serve command) on a free loopback port, once /health answers 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "qistudio.cli.main", *arguments, "--port", str(port)]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT

@@ -10,6 +10,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qistudio.engine import Engine, EngineConfig, EngineError, JobSpec, ModelSpec
@@ -422,3 +423,56 @@ def test_the_served_family_is_told_from_the_model(tmp_path):
              "qwen-image", "Qwen/Qwen-Image-2.1": "qwen-image-2.1", "Qwen/Qwen-Image-Layered": "qwen-image-layered",
              str(layered): "qwen-image-layered", str(plain): "qwen-image"}
     assert {model: family_of(model) for model in cases} == cases
+
+
+def test_generate_and_edit_forms_are_qwen21_jobs(tmp_path):
+    """With Qwen-Image 2.1 served, the Generate and Edit tabs' JobSpecs are checked against 2.1's pipe(...), whose
+    defaults (40 steps, no guidance, 1024x1024) the forms start from."""
+    served = ModelSpec("2.1", (), family="qwen-image-2.1")
+    ctx = UIContext(EngineHolder(Engine(EngineConfig(model=served))), tmp_path)
+    assert (ctx.default_steps, ctx.default_cfg, ctx.default_size) == (40, 1.0, (1024, 1024))
+    settings = forms.Settings(size=(64, 64), steps=2, cfg_scale=ctx.default_cfg, seed=1)
+    request = validate(forms.generation("a fox", settings), (), served)
+    assert (request.height, request.width, request.cfg_scale) == (64, 64, 1.0)
+    pictures = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+    assert len(validate(forms.edit("merge", settings, pictures), (), served).edit_images) == 2
+    with pytest.raises(InputError, match="unknown argument 'edit_image_auto_resize'; a Qwen-Image 2.1 job takes"):
+        validate(forms.edit("x", settings, pictures, lowres_fix=True), (), served)
+
+
+def test_the_generate_tab_runs_qwen21_through_the_engine(tmp_path_factory):
+    """The Generate form's job on a served Qwen-Image 2.1 (its own worker): an RGBA result equal to pipe(...),
+    saved with 2.1's parameters."""
+    from tiny_qwen21 import model_configs21, tiny_repository21
+
+    from qistudio import QwenImagePipeline
+    from qistudio.imageio import read_png_parameters
+    from qistudio.ui.runs import Runs
+    from qistudio.weights.model_config import ModelConfig
+
+    repo = tiny_repository21(tmp_path_factory)
+    processor = ModelConfig(path=str(repo / "processor"))
+    served = ModelSpec.from_configs(str(repo), model_configs21(repo), None, processor, family="qwen-image-2.1",
+                                    extra={"model": str(repo)})
+    holder = EngineHolder(Engine(EngineConfig(model=served, threads_per_worker=1)).start(timeout=300))
+    try:
+        ctx = UIContext(holder, tmp_path_factory.mktemp("out"))
+        spec = forms.generation("a fox", forms.Settings(size=(96, 64), steps=2, cfg_scale=ctx.default_cfg, seed=2))
+        (last,) = [u for u in Runs(holder).follow(spec, ("session", "generate")) if u.finished]
+        assert last.job.state is JobState.SUCCEEDED, last.job.error
+        (path,) = records.save_results(last.job, ctx)
+    finally:
+        holder.shutdown()
+    stored = read_png_parameters(path)
+    assert (stored["cfg"], stored["size"], stored["model"]) == (1.0, "96x64", str(repo))
+    pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=model_configs21(repo),
+                                             tokenizer_config=None, processor_config=processor)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = pipe("a fox", height=64, width=96, num_inference_steps=2, seed=2, progress_bar_cmd=lambda s: s)
+    finally:
+        torch.set_num_threads(threads)
+    with Image.open(path) as image:
+        assert image.mode == "RGBA"
+        assert np.abs(np.asarray(image).astype(np.int16) - np.asarray(expected).astype(np.int16)).max() <= 1

@@ -70,16 +70,29 @@ class UIContext:
         return self.holder.spec.extra.get("model")
 
     @property
+    def qwen21(self) -> bool:
+        """Qwen-Image 2.1 is served: 40 steps without guidance at 1024x1024 by default (cli/generate21.py)."""
+        return self.holder.spec.family == "qwen-image-2.1"
+
+    @property
     def default_size(self) -> tuple[int, int]:
         from ..cli.generate import DEMO_SIZE, FULL_SIZE
+        from ..cli.generate21 import QWEN21_SIZE
 
-        return DEMO_SIZE if self.demo else FULL_SIZE
+        return DEMO_SIZE if self.demo else QWEN21_SIZE if self.qwen21 else FULL_SIZE
 
     @property
     def default_steps(self) -> int:
         from ..cli.generate import DEMO_STEPS, FULL_STEPS
+        from ..cli.generate21 import QWEN21_STEPS
 
-        return DEMO_STEPS if self.demo else FULL_STEPS
+        return DEMO_STEPS if self.demo else QWEN21_STEPS if self.qwen21 else FULL_STEPS
+
+    @property
+    def default_cfg(self) -> float:
+        from ..cli.generate21 import QWEN21_CFG
+
+        return QWEN21_CFG if self.qwen21 else 4.0
 
     @property
     def picture_template(self) -> bool:

@@ -59,7 +59,7 @@ def stored_settings(job, context, inputs: dict) -> dict:
     loras = [f"{context.engine.loras.path(name)}:{scale:g}" for name, scale in job.spec.loras]
     return {
         "prompt": arguments.get("prompt", ""), "negative": arguments.get("negative_prompt", ""), "seed": arguments["seed"],
-        "steps": arguments["num_inference_steps"], "cfg": arguments.get("cfg_scale", 4.0),
+        "steps": arguments["num_inference_steps"], "cfg": arguments.get("cfg_scale", context.default_cfg),
         "model": context.png_model, "demo": context.demo, "strength": arguments.get("denoising_strength", 1.0),
         "tiled": arguments.get("tiled", False), "dtype": job.result.dtype, "device": job.result.device,
         "scheduler": job.spec.scheduler if job.spec.scheduler != DEFAULT_SCHEDULER else None,

@@ -75,7 +75,8 @@ def settings_panel(ctx, prefix: str, follow_input: bool = False, open_: bool = T
                                    elem_id=f"{prefix}-height")
         with gr.Row():
             steps = gr.Slider(1, MAX_STEPS, ctx.default_steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
-            cfg = gr.Slider(1.0, 10.0, 4.0, step=0.1, label="Guidance (1 = off)", elem_id=f"{prefix}-cfg")
+            cfg = gr.Slider(1.0, 10.0, ctx.default_cfg, step=0.1, label="Guidance (1 = off)",
+                            elem_id=f"{prefix}-cfg")
         with gr.Row():
             seed_mode = gr.Radio(["random", "fixed"], value="random", label="Seed", elem_id=f"{prefix}-seed-mode")
             seed = gr.Number(0, label="Seed value", precision=0, minimum=0, elem_id=f"{prefix}-seed")

@@ -29,7 +29,7 @@ def build(ctx, shared: Shared) -> EditTab:
                                sources=["upload", "clipboard"], height=220, elem_id=f"edit-image-{k + 1}")
                       for k in range(3)]
         prompt = gr.Textbox(label="Instruction", lines=2, placeholder="what to change", elem_id="edit-prompt")
-        lowres = gr.Checkbox(False, label=LOWRES_FIX, elem_id="edit-lowres")
+        lowres = gr.Checkbox(False, label=LOWRES_FIX, elem_id="edit-lowres", visible=not ctx.qwen21)  # 20B only
         settings = settings_panel(ctx, "edit", follow_input=True)
         panel = run_panel("edit", shared, "Edit")
     wire_preset(ctx, settings, shared)
