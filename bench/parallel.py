@@ -20,6 +20,8 @@ one GPU under the parallel code path (degrees of 1) runs as fast as the DiT call
 
     python bench/parallel.py --gpus 4 [--sizes 1328 2048] [--steps 40] [--fp8] [--runs 5] [--compile]
     python bench/parallel.py --gpus 1                               # degrees of 1 against the plain DiT
+        (one GPU, both sizes, 5 runs: rows "ours 1 GPU", "diffusers 1 GPU" and "ours (degrees 1) 1 GPU" per size;
+        the last row's "vs our 1 GPU" is the parallel code path's cost, 1.00x when it costs nothing)
     python bench/parallel.py --scale tiny --gpus 2 --runs 1         # plumbing check on the CPU (gloo; ours only)
 """
 
@@ -42,6 +44,7 @@ from qistudio.sampling.guidance import guide  # noqa: E402
 
 CFG_SCALE = 4.0
 ONE_GPU_PATH = "ours (degrees 1)"
+ONE_ALL_TO_ALL = "ours, one all-to-all"  # Ulysses without the q/k/v overlap (SequenceParallelAttention.overlap)
 TEXT_LENGTHS = (128, 96)  # positive and negative prompt tokens (after the template's prefix)
 
 
@@ -49,7 +52,7 @@ TEXT_LENGTHS = (128, 96)  # positive and negative prompt tokens (after the templ
 class Case:
     """One row: who runs, with which split, at which size, with or without guidance."""
 
-    side: str  # "ours", "ours (degrees 1)" (the parallel code path on one GPU) or "diffusers"
+    side: str  # "ours", "ours (degrees 1)" (the parallel code path on one GPU), ONE_ALL_TO_ALL or "diffusers"
     degrees: Degrees  # Degrees() = one GPU
     size: int
     guidance: bool
@@ -80,6 +83,7 @@ def plan(gpus: int, sizes: list[int], heads: int = 24) -> list[Case]:
             ours.append(Degrees(ulysses=2, ring=gpus // 2))
         theirs = [Degrees(ulysses=ulysses, ring=gpus // ulysses), Degrees(ring=gpus)]
         cases += [Case("ours", d, size, guidance) for d in dict.fromkeys(ours)]
+        cases += [Case(ONE_ALL_TO_ALL, d, size, guidance) for d in dict.fromkeys(ours) if d.ulysses > 1]
         cases += [Case("diffusers", d, size, guidance) for d in dict.fromkeys(theirs)]
     return cases
 
@@ -120,7 +124,10 @@ def our_step(rank: Rank, case: Case, runtime) -> callable:
     rotary = qwen_rotary([ImageGrid(0, h, w)], call.text.shape[1], device=call.tokens.device,
                          axes_dim=rank.dit.config.axes_dim)
 
+    from qistudio.parallel.attention import SequenceParallelAttention
+
     def step() -> torch.Tensor:
+        SequenceParallelAttention.overlap = case.side != ONE_ALL_TO_ALL
         with torch.no_grad():
             out = model(call.tokens, call.text, call.sigma, rotary, call.text_lengths)
         if not case.guidance:
@@ -255,7 +262,7 @@ def _section(rank: Rank, cases: list[Case], options: dict, device, label: str) -
             fn = (our_step(rank, case, None) if case.side == "ours" else diffusers_step(rank, case)) if main else None
             steps[case] = fn or (lambda: None)
             continue
-        if case.side == "ours":
+        if case.side in ("ours", ONE_ALL_TO_ALL):
             steps[case] = our_step(rank, case, enable_parallelism(device, rank.dit.config.num_heads,
                                                                    case.degrees))
         else:
@@ -280,7 +287,7 @@ def _section(rank: Rank, cases: list[Case], options: dict, device, label: str) -
         return []
     rows = []
     for case in steps:
-        side = "ours" if case.side == ONE_GPU_PATH else case.side
+        side = "ours" if case.side in (ONE_GPU_PATH, ONE_ALL_TO_ALL) else case.side
         baseline = next(c for c in steps if c.side == side and c.size == case.size and c.degrees.world_size == 1)
         ours_one = next(c for c in steps if c.side == "ours" and c.size == case.size and c.degrees.world_size == 1)
         timing, info = timings[case], profiles.get(case, {})

@@ -61,9 +61,10 @@ CACHES = dict(first_block=FirstBlockCache(0.56),
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
 
 # name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
-# ("hooks" or "fused"); "vram" turns VRAM management on for the call (its arguments); "compile" compiles the ranks' DiT blocks first (torch.compile with the aot_eager backend:
+# ("hooks" or "fused"); "vram" turns VRAM management on for the call (its arguments); "compile" compiles the ranks'
+# DiT blocks first (torch.compile with the aot_eager backend:
 # traced whole, fullgraph, collectives included, without code generation), for this and every later case, while
-# the one-process reference stays eager.
+# the one-process reference stays eager: cases after the first compiled one pay for recompiles, so few come after.
 CASES = {
     "cfg2": (dict(cfg=2), {}),
     "cfg2_uneven": (dict(cfg=2), UNEVEN),
@@ -85,16 +86,17 @@ CASES = {
     "lora_hooks_ulysses2": (dict(ulysses=2), dict(lora="hooks")),
     "lora_fused_ring2": (dict(ring=2), dict(lora="fused")),
     "vram_streaming_ulysses2": (dict(ulysses=2), dict(vram=dict(vram_limit=0))),  # every block streamed, per rank
+    # step caches: every rank makes the one-process decisions (the same steps skipped, per guidance branch)
+    "first_block_ulysses2_uneven": (dict(ulysses=2), dict(cache=CACHES["first_block"], **CACHED, **UNEVEN)),
+    "dbcache_taylor_cfg2": (dict(cfg=2), dict(cache=CACHES["dbcache"], **CACHED)),
+    "first_block_data2_three_images": (dict(data=2), dict(num_images=3, cfg_scale=1.0, cache=CACHES["first_block"],
+                                                          **CACHED)),
+    "taylorseer_ring2": (dict(ring=2), dict(cache=CACHES["taylorseer"], **CACHED)),
     # "auto": cfg=2 for calls with guidance, every rank on the tokens (ulysses=2 here) for calls without
     "auto_guidance": ("auto", {}),
     "auto_no_guidance": ("auto", dict(cfg_scale=1.0)),
     "compiled_ulysses2": (dict(ulysses=2), dict(compile=True)),
     "compiled_ring2_uneven": (dict(ring=2), dict(compile=True, **UNEVEN)),
-    # step caches: every rank makes the one-process decisions (the same steps skipped, per guidance branch)
-    "first_block_ulysses2_uneven": (dict(ulysses=2), dict(cache=CACHES["first_block"], **CACHED, **UNEVEN)),
-    "dbcache_taylor_cfg2": (dict(cfg=2), dict(cache=CACHES["dbcache"], **CACHED)),
-    "first_block_data2_three_images": (dict(data=2), dict(num_images=3, cfg_scale=1.0, cache=CACHES["first_block"], **CACHED)),
-    "taylorseer_ring2": (dict(ring=2), dict(cache=CACHES["taylorseer"], **CACHED)),
     # refused with one error on every rank ("expect": its type), before the DiT runs
     "compiled_eligen_ulysses2": (dict(ulysses=2), dict(compile=True, expect="ParallelConfigError", **ENTITIES)),
     # the images: rank 0's, the VAE's 9 tiles split across the ranks; None on rank 1
@@ -106,7 +108,8 @@ CASES = {
     "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
     "data2_cfg2": (dict(data=2, cfg=2), dict(prompt=TWO_PROMPTS)),
     "instantx_cfg2_ulysses2_uneven": (dict(cfg=2, ulysses=2), {**INSTANTX, **UNEVEN}),
-    "first_block_cfg2_ulysses2_uneven": (dict(cfg=2, ulysses=2), dict(cache=CACHES["first_block"], **CACHED, **UNEVEN)),
+    "first_block_cfg2_ulysses2_uneven": (dict(cfg=2, ulysses=2),
+                                         dict(cache=CACHES["first_block"], **CACHED, **UNEVEN)),
 }
 TWO_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 2]
 FOUR_RANKS = [name for name, (degrees, _) in CASES.items() if _product(degrees) == 4]

@@ -46,11 +46,18 @@ class SequenceParallelAttention:
     attention_input): each one's all-to-all starts at once and runs while the next projection computes; all three
     are waited for right before the attention."""
 
-    overlap = True  # the q/k/v all-to-alls issued as each projection finishes (False: one after all three)
+    # The q/k/v all-to-alls issued as each projection finishes (False: one all-to-all after all three). On CUDA the
+    # streamed form gives up the fused q/k/v norm + RoPE pass for one pass per tensor (ops/qk_norm_rope.py):
+    # bench/parallel.py times both ("ours, one all-to-all" rows).
+    overlap = True
 
     def __init__(self, mesh: ParallelMesh, layout: TokenLayout):
         self.mesh, self.layout = mesh, layout
-        self.streams = layout.ulysses > 1 and self.overlap  # read by ops/attention's attention_streams
+
+    @property
+    def streams(self) -> bool:
+        """Whether the DiT hands q, k, v over one at a time (read by ops/attention's attention_streams)."""
+        return self.layout.ulysses > 1 and self.overlap
 
     def prepare(self, index: int, joint: torch.Tensor) -> Prepared:
         """q (0), k (1) or v (2) of [this rank's image chunk | all text] (B, n + L, H, D): the image part's
