@@ -27,12 +27,12 @@ AdamW, prompts encoded at every step as both trainers do by default), each case 
              ships as accelerate_config_zero3.yaml) and its own arguments, --initialize_model_on_cpu as it needs
   plain      qistudio train in one process, no launcher and no sharding (`single`: the baseline FSDP2 must match)
 Per case: seconds per step (median over the steps after --warmup, min-max beside it; ours from the loss.csv
-timestamps, DiffSynth's from its progress bar's elapsed time), images per second (GPUs / step time), and the peak
+timestamps, DiffSynth's from its progress bar's elapsed time), images per second (GPUs / step time), the peak
 memory of each GPU as nvidia-smi sees it (sampled every 0.5 s: everything the process holds, CUDA context and the
-allocator's reserve included, so both trainers are counted alike), and that peak per DiT parameter (weights,
-gradients, AdamW's two moments and activations together; `single` trains from a sample cache, so the encoders
-are not on the GPU while the DiT trains). A case that fails (out of memory) says so in its row. The table goes to
-stdout and $OUT/train_scale.md.
+allocator's reserve included, so both trainers are counted alike; for ours also what PyTorch allocated at most, from
+its progress bar), and that peak per DiT parameter (PyTorch's where known: weights, gradients, optimizer state and
+activations together; `single` trains from a sample cache, so the encoders are not on the GPU while the DiT
+trains). A case that fails (out of memory) says so in its row. The table goes to stdout and $OUT/train_scale.md.
 """
 
 from __future__ import annotations
@@ -299,11 +299,21 @@ def run_case(case: str, repo: Path, args, work: Path) -> list[str]:
         return [case, "no step times found", "", "", "", "", f"{wall:.0f}"]
     median = statistics.median(steps)
     spread = f"{min(steps):.2f}-{max(steps):.2f}" if len(steps) > 1 else "(one mean)"
-    peaks = [memory.peak[g] for g in sorted(memory.peak)]
-    shown = ", ".join(f"{peak / 1024:.1f}" for peak in peaks) or "n/a (no nvidia-smi)"
-    # Every GPU holds 1/N of the sharded state: the peak of all of them over the parameters each one's share.
-    per_parameter = f"{max(peaks) * 2**20 * processes / args.parameters:.1f}" if peaks else "n/a"
+    peaks = [memory.peak[g] * 2**20 for g in sorted(memory.peak)]
+    shown = ", ".join(f"{peak / 2**30:.1f}" for peak in peaks) or "n/a (no nvidia-smi)"
+    allocated = torch_peak(output)  # ours: what PyTorch allocated at most on the main process's GPU
+    if allocated is not None:
+        shown += f" (allocated {allocated / 2**30:.1f})"
+    # Every GPU holds 1/N of the sharded state: the peak over the parameters of one GPU's share.
+    peak = allocated if allocated is not None else max(peaks, default=None)
+    per_parameter = f"{peak * processes / args.parameters:.1f}" if peak else "n/a"
     return [case, f"{median:.3f}", spread, f"{processes / median:.3f}", shown, per_parameter, f"{wall:.0f}"]
+
+
+def torch_peak(output: str) -> float | None:
+    """The last peak our trainer's progress bar showed (torch.cuda.max_memory_allocated, GiB), in bytes."""
+    shown = re.findall(r"peak=([\d.]+)GiB", output)
+    return float(shown[-1]) * 2**30 if shown else None
 
 
 def engaged(case: str, out: Path, output: str) -> bool:
@@ -320,7 +330,7 @@ def run(repo: Path, args) -> list[list[str]]:
     args.parameters = dit_parameters(repo)
     with tempfile.TemporaryDirectory(prefix="train_scale.", dir=args.work) as work:
         rows = [run_case(case, repo, args, Path(work)) for case in args.cases]
-    header = ["case", "s/step (median)", "min-max", "images/s", "peak GiB per GPU (nvidia-smi)",
+    header = ["case", "s/step (median)", "min-max", "images/s", "peak GiB per GPU (nvidia-smi; torch's allocated)",
               "peak bytes per DiT parameter (x processes)", "wall s"]
     model = (f"the tiny demo DiT on the CPU (smoke run: the code paths, no numbers worth reading)" if args.cpu else
              f"the DiT at full width, {args.parameters / 1e9:.2f}B parameters (random weights)")

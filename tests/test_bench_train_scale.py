@@ -30,6 +30,12 @@ def test_shrunken_model_keeps_the_full_width():
     assert config.text_config.hidden_size == 3584  # what the DiT's txt_in takes
 
 
+def test_our_peak_is_the_last_one_our_progress_bar_showed():
+    bar = "training:  50%| 1/2 [loss=0.71, peak=12.5GiB]\rtraining: 100%| 2/2 [loss=0.70, peak=13.0GiB]"
+    assert train_scale.torch_peak(bar) == 13.0 * 2**30
+    assert train_scale.torch_peak("training: 100%| 2/2 [loss=0.70, s/step=0.1]") is None  # the CPU shows none
+
+
 def test_a_run_with_diffsynth_needs_its_trainer_before_anything_is_written(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_scale.main(["all", str(tmp_path / "scale")])
