@@ -36,7 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="serve the model over HTTP (OpenAI's images API)",
         description="Serve the model over HTTP: OpenAI's /v1/images/generations and /v1/images/edits, a jobs API "
         "with progress events, /v1/models, /health and /metrics. Requests are queued, batched where they share "
-        "a DiT call, and run by one worker process per GPU.",
+        "a DiT call, and run by one worker process per GPU. Qwen-Image, Qwen-Image-Layered and Qwen-Image 2.1 "
+        "models are told apart from the model given; Blockwise ControlNets (--controlnet) and a Layered model "
+        "(--layered-model) may be served beside a Qwen-Image one.",
     )  # fmt: skip
     p.add_argument("--model", help=f"hub id or local folder (default: {HUB_MODEL})")
     p.add_argument("--demo", action="store_true", help="serve the tiny random demo model (offline, CPU-friendly)")
