@@ -2,9 +2,9 @@
 accelerator, gloo): each process allocates and reads only its partition of the DiT's blocks (no process holds the
 whole DiT); a SIGKILLed process stops the run with a message; its checkpoint (each process's slice of every
 parameter's optimizer state, in qistudio's pickle-free files) resumes under another number of processes: 2 -> 1,
-then that run's checkpoint 1 -> 2, each equal to one process accumulating 2 micro-batches without DeepSpeed.
-DeepSpeed builds its shared-memory communication op with the C++ compiler the first time (a minute or so, cached in
-~/.cache/torch_extensions)."""
+then that run's checkpoint 1 -> 2 in the CPU-offload form, each equal to one process accumulating 2 micro-batches
+without DeepSpeed. DeepSpeed builds its shared-memory communication op with the C++ compiler the first time (a
+minute or so, cached in ~/.cache/torch_extensions)."""
 
 import json
 import os
@@ -24,14 +24,17 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def zero3_config(folder, processes: int):
-    """The shipped ZeRO-3 config on the CPU, float32 (to compare with the plain run; the shipped one says bf16)."""
+def zero3_config(folder, processes: int, offload: bool = False):
+    """The shipped ZeRO-3 config on the CPU, float32 (to compare with the plain run; the shipped one says bf16);
+    with `offload`, its CPU-offload form (parameters and optimizer state in host memory)."""
     import yaml
 
     config = cpu_config(EXAMPLES / "accelerate_config_zero3.yaml", folder)
     settings = yaml.safe_load(config.read_text())
     settings.update(mixed_precision="no", num_processes=processes)
-    config = config.with_name(f"zero3-{processes}.yaml")
+    if offload:
+        settings["deepspeed_config"].update(offload_optimizer_device="cpu", offload_param_device="cpu")
+    config = config.with_name(f"zero3-{processes}{'-offload' if offload else ''}.yaml")
     config.write_text(yaml.safe_dump(settings))
     return config
 
@@ -76,11 +79,11 @@ def test_zero3_loads_partitioned_stops_on_a_killed_process_and_resumes_under_oth
     assert_partitioned_on_load(output, processes=1)
     assert_same_weights(load_file(tmp_path / "single" / "step-4.safetensors"), reference, atol=2e-6)
 
-    # 1 -> 2, from that run's checkpoint at step 3
+    # 1 -> 2, from that run's checkpoint at step 3, in ZeRO-3's CPU-offload form
     middle = tmp_path / "single" / "checkpoints" / "step-00000003"
     assert json.loads((middle / "state.json").read_text())["world_size"] == 1
     status, output = launch(cli_args(tiny_repo, data, tmp_path / "double", *common, "--save_steps", "1", "--resume",
-                                     str(middle)), accelerate_config=zero3_config(tmp_path, 2))
+                                     str(middle)), accelerate_config=zero3_config(tmp_path, 2, offload=True))
     assert status == 0, output[-3000:]
     assert_same_weights(load_file(tmp_path / "double" / "step-4.safetensors"), reference, atol=2e-6)
 
