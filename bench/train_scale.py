@@ -278,7 +278,9 @@ def run_case(case: str, repo: Path, args, work: Path) -> list[str]:
     config = accelerate_config(CONFIG_OF[case], processes, args.cpu, work) if case in CONFIG_OF else None
     out = work / case
     command = case_command(case, repo, out, args, config)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # ROOT first, then whatever the caller had (the device's wheels live on PYTHONPATH).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     start = time.perf_counter()
@@ -289,8 +291,7 @@ def run_case(case: str, repo: Path, args, work: Path) -> list[str]:
     (work / f"{case}.log").write_text(output)
     if done.returncode != 0:
         reason = "out of memory" if "out of memory" in output.lower() else f"failed (status {done.returncode})"
-        if args.cpu:  # the smoke run: a failure is a bug, show it
-            print(output[-4000:], file=sys.stderr)
+        print(f"{case} failed; the end of its output:\n{output[-4000:]}", file=sys.stderr)
         return [case, reason, "", "", "", "", f"{wall:.0f}"]
     if not engaged(case, out, output):
         return [case, "ran without its engine (see the log)", "", "", "", "", f"{wall:.0f}"]
