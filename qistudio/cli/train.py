@@ -189,7 +189,8 @@ def _add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
                        help="how long a process waits for the others before the run stops with a message "
                        "(default 1800)")
     speed.add_argument("--initialize_model_on_cpu", action="store_true",
-                       help="load the models into host memory first (DeepSpeed ZeRO-3 partitions the DiT from there)")
+                       help="load the models into host memory first, for DeepSpeed ZeRO-3 to partition a LoRA's or "
+                       "ControlNet's base from there (a full DiT fine-tune needs none: each process reads its part)")
     watch = p.add_argument_group("validation images and logs")
     watch.add_argument("--validation_prompts", nargs="+", metavar="PROMPT",
                        help="prompts to render during training, or one .txt file with a prompt per line")
