@@ -240,4 +240,5 @@ def test_fsdp_in_bfloat16_reduces_in_float32_and_equals_the_plain_bfloat16_run(t
     # weight near zero the other way: at most 2 x lr x steps apart.
     assert_same_weights(sharded, plain, atol=2 * 1e-4 * 2)
     same = sum(int((sharded[k] == plain[k]).sum()) for k in plain) / sum(t.numel() for t in plain.values())
-    assert same > 0.99, same
+    # 99.98% measured; 99.75% when FSDP cast the blocks' float inputs (the float32 RoPE table) to bf16.
+    assert same > 0.999, same

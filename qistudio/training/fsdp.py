@@ -105,7 +105,11 @@ def shard_dit(dit: nn.Module, disk: DiskSource, device: torch.device, fsdp: FSDP
     options = dict(mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
                    offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     if dtype != torch.float32:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # Inputs pass as they come (cast_forward_inputs=False), as in the one-process run: FSDP's default would cast
+        # every float input of a block to bf16, the float32 RoPE table included, which loses precision and, on a
+        # GPU, made the checkpointed recompute (float32 table) disagree with the forward (bf16) it replays.
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                    cast_forward_inputs=False)
     blocks = dit.transformer_blocks
     for block in blocks:
         fully_shard(block, **options)
