@@ -103,7 +103,7 @@ def assert_partitioned_on_load(output: str, processes: int) -> None:
 def test_the_partitioning_reads_a_deepspeed_config_without_its_auto_settings():
     """accelerate fills "auto" settings in at prepare, after the DiT is partitioned: DeepSpeed's parser is shown
     the config without them (at any depth), the rest as it was."""
-    from qistudio.training.zero import _without_auto
+    from qistudio.training.zero_load import _without_auto
 
     config = {"train_batch_size": "auto", "bf16": {"enabled": True},
               "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "offload_param": {"device": "cpu"}}}
