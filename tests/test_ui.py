@@ -153,6 +153,11 @@ def test_feature_forms_build_their_requests():
     validate(control, (), served)
     (item,) = control.arguments["blockwise_controlnet_inputs"]
     assert (item["controlnet_id"], item["scale"], item["start"], item["end"]) == (1, 0.7, 0.9, 0.1)
+    with pytest.raises(InputError, match=r"\[0\]: the inpaint ControlNet needs an inpaint_mask"):
+        validate(forms.blockwise("x", SMALL, picture, "inpaint", 1.0, 1.0, 0.0), (), served.replace(
+            controlnets=(("inpaint", {}),)))
+    repaint = forms.blockwise("x", SMALL, picture, "inpaint", 1.0, 1.0, 0.0, inpaint_mask=Image.new("L", (60, 40)))
+    assert validate(repaint, (), served.replace(controlnets=(("inpaint", {}),))).controlnet_inputs[0].inpaint_mask
     split = forms.layers("", forms.Settings(steps=2, seed=3), picture, 3, 1024, english=True)
     assert split.arguments["image"].mode == "RGBA" and "width" not in split.arguments
     assert (split.arguments["layers"], split.arguments["resolution"], split.arguments["use_en_prompt"]) == (3, 1024, True)

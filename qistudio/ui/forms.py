@@ -146,14 +146,18 @@ def in_context(prompt, settings: Settings, control_map: Image.Image | None, lora
 
 
 def blockwise(prompt, settings: Settings, control_map: Image.Image | None, controlnet: str, scale: float,
-              start: float, end: float, loras=()) -> JobSpec:
+              start: float, end: float, loras=(), inpaint_mask: Image.Image | None = None) -> JobSpec:
     """Blockwise ControlNet: the map (e.g. Canny edges) steers the DiT through the named ControlNet, by `scale`,
-    while the denoising progress (1 at the first step, 0 at the last) lies between `end` and `start`."""
+    while the denoising progress (1 at the first step, 0 at the last) lies between `end` and `start`. The inpaint
+    ControlNet reads the picture to repaint as its map and `inpaint_mask` (white = repaint)."""
     if control_map is None:
         raise InputError("control: upload a control map, or an image and compute its Canny edges")
     arguments = _arguments(prompt, settings)
-    arguments["blockwise_controlnet_inputs"] = [{"image": control_map.convert("RGB"), "controlnet": controlnet,
-                                                 "scale": float(scale), "start": float(start), "end": float(end)}]
+    control = {"image": control_map.convert("RGB"), "controlnet": controlnet, "scale": float(scale),
+               "start": float(start), "end": float(end)}
+    if inpaint_mask is not None:
+        control["inpaint_mask"] = inpaint_mask.convert("RGB")
+    arguments["blockwise_controlnet_inputs"] = [control]
     return _spec(arguments, settings, loras)
 
 

@@ -18,13 +18,15 @@ IN_CONTEXT_NOTE = (
 BLOCKWISE_NOTE = (
     "**Blockwise ControlNet** adds the map's residual after each DiT block, by *scale*, while the denoising "
     "progress (1 at the first step, 0 at the last) lies between *end* and *start*. The ControlNets offered are those "
-    "the UI was started with (`--controlnet canny`, `--controlnet depth=PATH`, ...; `--demo` has a tiny canny one).")
+    "the UI was started with (`--controlnet canny`, `--controlnet depth=PATH`, ...; `--demo` has a tiny canny one); "
+    "the inpaint one repaints the white part of the repaint mask in the picture given as its map.")
 
 
 @dataclass
 class ControlTab:
     source: gr.Image
     control_map: gr.Image
+    mask: gr.Image
     prompt: gr.Textbox
     method: gr.Dropdown
     scale: gr.Slider
@@ -56,7 +58,7 @@ def job(data: dict, tab: ControlTab, loras):
     if data[tab.method] == IN_CONTEXT:
         return forms.in_context(data[tab.prompt], settings, data[tab.control_map], data[loras])
     return forms.blockwise(data[tab.prompt], settings, data[tab.control_map], data[tab.method], data[tab.scale],
-                           data[tab.start], data[tab.end], data[loras])
+                           data[tab.start], data[tab.end], data[loras], data[tab.mask])
 
 
 def build(ctx, shared: Shared) -> ControlTab:
@@ -67,6 +69,8 @@ def build(ctx, shared: Shared) -> ControlTab:
                               height=240, elem_id="control-source")
             control_map = gr.Image(label="Control map", type="pil", format="png", sources=["upload", "clipboard"], height=240,
                                    elem_id="control-map")
+            mask = gr.Image(label="Repaint mask (inpaint ControlNet: white = repaint)", type="pil", format="png",
+                            sources=["upload", "clipboard"], height=240, elem_id="control-mask")
         with gr.Row():
             low = gr.Slider(0, 255, 100, step=1, label="Canny low threshold", elem_id="control-low")
             high = gr.Slider(0, 255, 200, step=1, label="Canny high threshold", elem_id="control-high")
@@ -82,7 +86,7 @@ def build(ctx, shared: Shared) -> ControlTab:
         gr.Markdown(BLOCKWISE_NOTE)
         gr.Markdown(IN_CONTEXT_NOTE)
     compute.click(canny_map, inputs=[source, low, high], outputs=control_map)
-    tab = ControlTab(source, control_map, prompt, method, scale, start, end, settings, panel)
-    wire_run(ctx, "control", panel, {control_map, prompt, method, scale, start, end, shared.loras,
+    tab = ControlTab(source, control_map, mask, prompt, method, scale, start, end, settings, panel)
+    wire_run(ctx, "control", panel, {control_map, mask, prompt, method, scale, start, end, shared.loras,
                                      *settings.components()}, lambda data: job(data, tab, shared.loras))
     return tab
