@@ -14,7 +14,7 @@ ControlNets), adapters (LoRA injection, trained tensors out), lowmem (FP8 base, 
 (user-facing files), tree (nested state as safetensors, no pickle), checkpoint (atomic resume state), lock (one run
 per output folder), samples (validation images), logs (TensorBoard, CSV), distributed (the process group, failures
 of other processes), fsdp (FSDP2: the DiT sharded from the files), sharded_checkpoint (FSDP2 state on disk), zero
-(DeepSpeed), zero_load (ZeRO-3: the DiT partitioned from the files), zero_state (ZeRO-3 optimizer state by
+(DeepSpeed), zero_load (ZeRO-3: the DiT partitioned from the files), zero_state (ZeRO-1/2/3 optimizer state by
 parameter), models (loading), demo_data (the mini dataset of `train --demo`), errors, loop (the Trainer).
 
 Trainer and StepRecord are imported on first use, so the settings (config) and errors load without torch.

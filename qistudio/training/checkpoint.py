@@ -4,8 +4,9 @@ Design note. A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   weights.safetensors             the trainable tensors, exactly as trained (LoRA factors in float32, or the DiT)
   optimizer.safetensors           optimizer and LR-scheduler state
   optimizer-rank{R}.safetensors   the optimizer part instead, when the optimizer is partitioned across processes
-                                  (DeepSpeed ZeRO): each process's own shard, resumable only with as many processes;
-                                  under ZeRO-3 its slice of every parameter's state (zero.py), resumable with any
+                                  (DeepSpeed): each process's own shard, resumable only with as many processes;
+                                  under ZeRO-1/2/3 its slice of every parameter's state (zero_state.py), resumable
+                                  with any number of processes and under any of those stages
   rng-rank{R}.safetensors         each process's random states: torch, CUDA and Python
   sharded/                        instead of weights.safetensors and the optimizer's tensors, under FSDP2: every
                                   process's shards of the DiT and its optimizer state (sharded_checkpoint.py),

@@ -62,8 +62,9 @@ from .samples import render_samples
 from .sharded_checkpoint import load_sharded, save_sharded, write_consolidated
 from .timesteps import draw_sigma
 from .tree import map_tensors
-from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state, optimizer_state,
-                   partition_dit, partitioned_optimizer, partitions_on_load, prepare_deepspeed, set_boundary)
+from .zero import (check_resumable, deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state,
+                   optimizer_state, partition_dit, partitioned_optimizer, partitions_on_load, prepare_deepspeed,
+                   set_boundary)
 from .zero import loading as zero_loading
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class Trainer:
         self.history: list[StepRecord] = []
         self.writer = CheckpointWriter(Path(config.output_path) / CHECKPOINTS, config.keep_checkpoints,
                                        acc.process_index, acc.is_main_process, acc.wait_for_everyone,
-                                       partitioned_optimizer=partitioned_optimizer(acc),
+                                       partitioned_optimizer=partitioned_optimizer(acc, self.optimizer),
                                        world_size=acc.num_processes)
         self.progress_bar = self.progress_bar and acc.is_main_process
         self._last_good = None  # the last readable sample, which stands in for a skipped one under DDP
@@ -260,6 +261,7 @@ class Trainer:
             raise ValueError(f"cannot resume from {path}: it was saved {'with' if state.get('sharded') else 'without'}"
                              f" FSDP; resume {'with' if state.get('sharded') else 'without'} --fsdp (any number of "
                              "processes)")
+        check_resumable(self.accelerator, state, path)  # the optimizer state across engines (zero.py)
         saved = state["config"]
         ours = json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
         defaults = json.loads(TrainConfig(self.config.data).to_json())  # a setting older checkpoints did not record

@@ -14,8 +14,9 @@ main process gets them in 16 bit, layer by layer into host memory, as the refere
 tensors in the placeholders' place while they write, and the placeholders back afterwards. Without ZeRO-3
 `get_state_dict` is the module's own state dict and nothing needs swapping.
 
-Under ZeRO-3 a full DiT fine-tune loads its DiT partitioned (zero_load.py), and the checkpoints hold the
-optimizer state by parameter, resumable with any number of processes (zero_state.py).
+Under ZeRO-3 a full DiT fine-tune loads its DiT partitioned (zero_load.py). Under ZeRO-1, 2 and 3 the checkpoints
+hold the optimizer state by parameter, resumable with any number of processes and under any of those stages
+(zero_state.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from .checkpoint import BY_PARAMETER, BY_PARAMETER_FILES
 from .zero_load import partition_dit  # noqa: F401  (the loop's entry point)
-from .zero_state import load_state_by_parameter, state_by_parameter
+from .zero_state import by_parameter, load_state_by_parameter, state_by_parameter
 
 
 def deepspeed_plugin(accelerator):
@@ -143,14 +144,32 @@ def partitions_on_load(accelerator, trainable_models: str) -> bool:
     return is_zero3(accelerator) and trainable_models == "dit"
 
 
-def partitioned_optimizer(accelerator) -> bool | str:
-    """How the checkpoints hold the optimizer state (CheckpointWriter.partitioned_optimizer): by parameter under
-    ZeRO-3 (resumable with any number of processes), each process's own DeepSpeed shard under ZeRO-1/2, else whole."""
-    return BY_PARAMETER if is_zero3(accelerator) else deepspeed_plugin(accelerator) is not None
+def partitioned_optimizer(accelerator, optimizer) -> bool | str:
+    """How the checkpoints hold the prepared `optimizer`'s state (CheckpointWriter.partitioned_optimizer): by
+    parameter under ZeRO-1, 2 and 3 (resumable with any number of processes), each process's own DeepSpeed shard
+    under DeepSpeed's other optimizers (its bf16 one: as many processes), else whole."""
+    if deepspeed_plugin(accelerator) is None:
+        return False
+    return BY_PARAMETER if by_parameter(optimizer) else True
 
 
 def optimizer_state(accelerator, optimizer, parameters: dict[str, nn.Parameter]) -> dict:
-    """What the checkpoint keeps of the optimizer (every process calls it): by parameter under ZeRO-3."""
-    if is_zero3(accelerator):
+    """What the checkpoint keeps of the optimizer (every process calls it): by parameter under ZeRO-1, 2 and 3."""
+    if partitioned_optimizer(accelerator, optimizer) == BY_PARAMETER:
         return state_by_parameter(optimizer, parameters)
     return optimizer.state_dict()
+
+
+def check_resumable(accelerator, state: dict, path) -> None:
+    """Before any model loads: refuse the engine changes a checkpoint's optimizer state cannot cross (its
+    state.json's `state`). State saved by parameter (ZeRO-1, 2 or 3) resumes under any of them with any number of
+    processes; the whole state of a run without DeepSpeed only without it, and DeepSpeed's own shards only as
+    written (checkpoint.read_state checks their process count)."""
+    saved, plugin = state.get("partitioned_optimizer"), deepspeed_plugin(accelerator)
+    zero = plugin is not None and plugin.zero_stage in (1, 2, 3)
+    if saved == BY_PARAMETER and not zero:
+        raise ValueError(f"cannot resume from {path}: its optimizer state was saved under DeepSpeed ZeRO (by "
+                         "parameter); resume it under DeepSpeed ZeRO-1, 2 or 3, with any number of processes")
+    if not saved and plugin is not None:
+        raise ValueError(f"cannot resume from {path}: it was saved without DeepSpeed (the optimizer state whole), "
+                         "and DeepSpeed cannot read that; resume it without DeepSpeed (one process or torchrun)")
