@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qistudio.weights.gguf_text_encoder_write import released_name as _released_name  # noqa: F401 (tests use it)
+
 RANDOM_BLOCK_TYPES = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
 # Byte offset of each float16 scale in a random block, and the scale it gets (values stay near 0.05-0.2).
 _RANDOM_SCALES = {"Q2_K": ((80, 0.004), (82, 0.004)), "Q3_K": ((108, 0.002),), "IQ4_NL": ((0, 0.0005),),
@@ -140,112 +142,46 @@ def write_bnb_int8(path: Path, state: dict[str, torch.Tensor], quantize=lambda n
 
 
 # --- llama.cpp's Qwen2.5-VL files (what convert_hf_to_gguf.py + llama-quantize write) ---------------------------------
+# The writers are the package's (qistudio/weights/gguf_text_encoder_write.py, which the pipeline benchmark uses too);
+# here each tensor is encoded by the reference tools (encode above) and the gguf package's decoding of it is kept.
 
 
-def _released_name(key: str) -> str:
-    """transformers 5's Qwen2.5-VL names -> the released checkpoint's (transformers 4), which the converter reads."""
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    return "visual." + key[len("model.visual."):] if key.startswith("model.visual.") else key
+def _recording_add(dequantized: dict):
+    """An `add` for the package writers that encodes with `encode` and keeps the gguf package's float32 decoding."""
 
+    def add(writer, name: str, tensor: torch.Tensor, qtype: str, index: int) -> None:
+        import gguf
 
-def _add(writer, name: str, tensor: torch.Tensor, qtype: str, dequantized: dict, index: int) -> None:
-    """Write `tensor` as `qtype` and keep what the gguf package decodes it to (its own float32 dequantisation)."""
-    import gguf
+        data, raw = encode(tensor.detach().float(), qtype, seed=index)
+        writer.add_tensor(name, data, raw_dtype=raw)
+        if raw is None:
+            dequantized[name] = torch.from_numpy(np.asarray(data, dtype=np.float32)).reshape(tensor.shape)
+        else:
+            values = gguf.quants.dequantize(np.asarray(data), raw)
+            dequantized[name] = torch.from_numpy(values.astype(np.float32)).reshape(tensor.shape)
 
-    data, raw = encode(tensor.detach().float(), qtype, seed=index)
-    writer.add_tensor(name, data, raw_dtype=raw)
-    if raw is None:
-        dequantized[name] = torch.from_numpy(np.asarray(data, dtype=np.float32)).reshape(tensor.shape)
-    else:
-        values = gguf.quants.dequantize(np.asarray(data), raw)
-        dequantized[name] = torch.from_numpy(values.astype(np.float32)).reshape(tensor.shape)
-
-
-def _finish(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    return add
 
 
 def write_llama_cpp_text_model(path: Path, model, type_of, architecture: str = "qwen2vl") -> dict[str, torch.Tensor]:
-    """transformers' Qwen2_5_VLForConditionalGeneration -> the language model's GGUF as llama.cpp writes it: names
-    from the gguf package's own map for `architecture`, the metadata its Qwen2VLModel writes, 1-D tensors in F32 and
-    the rest in type_of(gguf name, tensor). No q/k permutation: convert_hf_to_gguf.py permutes only in LlamaModel
-    (architecture "llama", done here too, for the refusal test). Returns {released name: the gguf package's
-    dequantisation of what was written}."""
-    import gguf
+    """transformers' Qwen2_5_VLForConditionalGeneration -> the language model's GGUF as llama.cpp writes it.
+    Returns {released name: the gguf package's dequantisation of what was written}."""
+    from qistudio.weights.gguf_text_encoder_write import write_llama_cpp_text_model as write
 
-    config = model.config.text_config
-    writer = gguf.GGUFWriter(str(path), arch=architecture)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_sections([*config.rope_parameters["mrope_section"], 0])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], config.num_hidden_layers)
-    dequantized, by_gguf_name = {}, {}
-    for index, (key, tensor) in enumerate(model.state_dict().items()):
-        released = _released_name(key)
-        if released.startswith("visual."):
-            continue  # the text model's file skips the vision tower (Qwen2VLModel.modify_tensors)
-        name = names.get_name(released, try_suffixes=(".weight", ".bias"))
-        if architecture == "llama" and released.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in released else config.num_key_value_heads
-            tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
-        qtype = "F32" if tensor.dim() == 1 else type_of(name, tensor)
-        _add(writer, name, tensor, qtype, by_gguf_name, index)
-        dequantized[released] = by_gguf_name[name]
-    _finish(writer)
-    return dequantized
+    by_gguf_name = {}
+    names = write(path, model.state_dict().items(), model.config, type_of, architecture, _recording_add(by_gguf_name))
+    return {released: by_gguf_name[name] for released, name in names.items()}
 
 
 def write_llama_cpp_mmproj(path: Path, model, type_of) -> dict[str, torch.Tensor]:
-    """The vision tower's mmproj GGUF as convert_hf_to_gguf.py's Qwen2VLVisionModel writes it (attn.qkv split into
-    attn_q/k/v, the Conv3d patch embedding into its two temporal halves, F16 by default). Returns {released name:
-    the gguf package's dequantisation, joined back}."""
-    import gguf
+    """The vision tower's mmproj GGUF as convert_hf_to_gguf.py's Qwen2VLVisionModel writes it. Returns {released
+    name: the gguf package's dequantisation, joined back}."""
+    from qistudio.weights.gguf_text_encoder_write import write_llama_cpp_mmproj as write
 
-    config = model.config.vision_config
-    writer = gguf.GGUFWriter(str(path), arch="clip")
-    writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type("qwen2.5vl_merger")
-    writer.add_vision_projection_dim(model.config.text_config.hidden_size)
-    writer.add_vision_image_size(560)
-    writer.add_vision_patch_size(config.patch_size)
-    writer.add_vision_embedding_length(config.hidden_size)
-    writer.add_vision_feed_forward_length(config.intermediate_size)
-    writer.add_vision_block_count(config.depth)
-    writer.add_vision_head_count(config.num_heads)
-    writer.add_vision_use_silu(True)
-    writer.add_vision_n_wa_pattern(config.fullatt_block_indexes[0] + 1)
-    writer.add_vision_attention_layernorm_eps(1e-6)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(config.depth, 3))  # mm.2 needs 3 "blocks"
-    dequantized, by_gguf_name = {}, {}
-    for index, (key, tensor) in enumerate(model.state_dict().items()):
-        released = _released_name(key)
-        if not released.startswith("visual."):
-            continue
-        if ".qkv." in released:
-            rows = tensor.shape[0] // 3
-            parts = [(released.replace("qkv", p), tensor[i * rows : (i + 1) * rows]) for i, p in enumerate("qkv")]
-        elif "patch_embed.proj.weight" in released:
-            parts = [("v.patch_embd.weight", tensor[:, :, 0]), ("v.patch_embd.weight.1", tensor[:, :, 1])]
-        else:
-            parts = [(released, tensor)]
-        written = []
-        for part_name, part in parts:
-            name = part_name if part_name.startswith("v.") else names.get_name(part_name, (".weight", ".bias"))
-            qtype = "F32" if part.dim() == 1 else ("F16" if part.dim() > 2 else type_of(name, part))
-            _add(writer, name, part.contiguous(), qtype, by_gguf_name, index)
-            written.append(by_gguf_name[name])
-        joined = torch.stack(written, 2) if "patch_embed" in released else torch.cat(written, 0)
-        dequantized[released] = joined
-    _finish(writer)
-    return dequantized
+    by_gguf_name = {}
+    names = write(path, model.state_dict().items(), model.config, type_of, _recording_add(by_gguf_name))
+    joined = {}
+    for released, parts in names.items():
+        decoded = [by_gguf_name[name] for name in parts]
+        joined[released] = torch.stack(decoded, 2) if "patch_embed" in released else torch.cat(decoded, 0)
+    return joined

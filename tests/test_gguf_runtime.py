@@ -130,3 +130,46 @@ def test_dtype_moves_keep_the_stored_bytes(gguf_path):
     x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(x, layer.dequantized_weight(torch.bfloat16), layer.bias)
     assert torch.equal(layer(x), expected)
+
+
+def test_the_plan_counts_a_q4_k_m_dits_stored_bytes_block_by_block(tmp_path):
+    """Q4_K_M stores some blocks' value and down projections in Q6_K, so blocks differ in size: the planner's byte
+    counts are the file's quantised bytes (not bf16's), the largest block sizes the slots, their sum the rest."""
+    from gguf_files import reference_wide_dit
+
+    from qistudio.memory.manager import DIT_ACTIVATION, model_size
+    from qistudio.memory.plan import NUM_SLOTS, plan_memory
+    from qistudio.weights.gguf_io import read_gguf_layout
+    from qistudio.weights.gguf_write import plan_types
+    from qistudio.weights.gguf_write import write_gguf as write_q4
+
+    state = {name: t.detach() for name, t in reference_wide_dit(num_layers=8).state_dict().items()}
+    path = tmp_path / "dit-Q4_K_M.gguf"
+    write_q4(path, {n: tuple(t.shape) for n, t in state.items()},
+             plan_types({n: tuple(t.shape) for n, t in state.items()}, {n: t.dtype for n, t in state.items()},
+                        "Q4_K_M"), state.__getitem__, "Q4_K_M")
+    dit = load_model([path], dtype=torch.bfloat16)[1]
+    # Expected bytes from the file: a quantised tensor as stored, a float one in the compute dtype (bf16).
+    per_block = [0] * 8
+    for name, tensor in read_gguf_layout(path)[0].items():
+        if name.startswith("transformer_blocks."):
+            quantised = tensor.type_name not in ("F32", "F16", "BF16")
+            per_block[int(name.split(".")[1])] += tensor.nbytes if quantised else 2 * _count(tensor.shape)
+    outside = sum(t.numel() * t.element_size() for name, t in (*dit.named_parameters(), *dit.named_buffers())
+                  if not name.startswith("transformer_blocks."))
+    size = model_size("dit", dit)
+    assert min(per_block) < max(per_block)  # Q6_K in some blocks
+    assert (size.block_bytes, size.main_blocks_bytes, size.non_block_bytes) == (max(per_block), sum(per_block),
+                                                                                outside)
+    bf16 = 2 * sum(_count(t.shape) for t in state.values())
+    assert size.total_bytes < 0.45 * bf16
+    budget = outside + NUM_SLOTS * max(per_block) + DIT_ACTIVATION + 3 * max(per_block) + 1
+    plan = plan_memory(budget, {"dit": size})
+    assert (plan.models["dit"].mode, plan.models["dit"].resident_blocks) == ("stream", 3)
+
+
+def _count(shape) -> int:
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    return count

@@ -48,6 +48,7 @@ def model_size(name: str, model: nn.Module) -> ModelSize:
         model_bytes(model), max(model_bytes(b) for b in main), len(main), activation,
         other_block_bytes=sum(model_bytes(b) for blocks in others for b in blocks),
         other_slot_bytes=sum(NUM_SLOTS * max(model_bytes(b) for b in blocks) for blocks in others),
+        main_blocks_bytes=sum(model_bytes(b) for b in main),
     )  # fmt: skip
 
 

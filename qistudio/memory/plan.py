@@ -29,10 +29,14 @@ class ModelSize:
     activation_bytes: int = 0  # peak working memory of its phase
     other_block_bytes: int = 0  # blocks of further lists, always streamed in stream mode (the vision tower)
     other_slot_bytes: int = 0  # the device slots those need
+    # All blocks of the main list; 0: block_bytes * num_blocks. Blocks of one list differ where a quantised file
+    # stores some linears in more bits (Q4_K_M): block_bytes is the largest (what a slot holds), this their sum.
+    main_blocks_bytes: int = 0
 
     @property
     def non_block_bytes(self) -> int:
-        return self.total_bytes - self.block_bytes * self.num_blocks - self.other_block_bytes
+        blocks = self.main_blocks_bytes or self.block_bytes * self.num_blocks
+        return self.total_bytes - blocks - self.other_block_bytes
 
 
 @dataclass
