@@ -14,8 +14,9 @@ calls per step (positive, then negative; diffusers has no CFG-parallel), each sp
 
 Every rank builds the same weights (seeded) on its GPU; diffusers' model and ours share them by assignment. Runs
 are timed round-robin across cases (bench/timing.py), with a barrier before each run so the ranks start together;
-rank 0's times are reported. --fp8 adds our FP8 compute (W8A8 linears; attention stays bf16 under sequence
-parallelism) against diffusers with torchao's FP8, after the bf16 section. With --gpus 1 it checks instead that
+rank 0's times are reported. --fp8 adds our FP8 compute (W8A8 linears; FP8 attention where cuDNN's FP8 kernel
+runs, its Ulysses all-to-alls in float8; ring layouts attend in bf16) against diffusers with torchao's FP8, after
+the bf16 section. With --gpus 1 it checks instead that
 one GPU under the parallel code path (degrees of 1) runs as fast as the DiT called directly.
 
     python bench/parallel.py --gpus 4 [--sizes 1328 2048] [--steps 40] [--fp8] [--runs 5] [--compile]
@@ -233,9 +234,11 @@ def run_rank(options: dict) -> None:
     if options["fp8"] and device.type == "cuda":
         from bench.peers import torchao_fp8
         from qistudio.memory.fp8_linear import dit_fp8_predicate, quantize_linears, set_fp8_compute
+        from qistudio.ops.attention import set_fp8_attention
 
         quantize_linears(rank.dit, dit_fp8_predicate)
         set_fp8_compute(rank.dit, True, True)
+        set_fp8_attention(rank.dit, True)
         fp8_note = torchao_fp8(rank.reference)
         rank.diffusers_split.clear()
         lines += _section(rank, cases, options, device, f"FP8 (ours W8A8; diffusers: {fp8_note})")

@@ -95,6 +95,9 @@ CASES = {
     # "auto": cfg=2 for calls with guidance, every rank on the tokens (ulysses=2 here) for calls without
     "auto_guidance": ("auto", {}),
     "auto_no_guidance": ("auto", dict(cfg_scale=1.0)),
+    # FP8 compute (W8A8 linears, FP8 attention in its CPU reference form): Ulysses' all-to-alls in float8, v's
+    # scale agreed by every rank (another pipeline, FP8 for good, loaded for these cases)
+    "fp8_ulysses2_uneven": (dict(ulysses=2), dict(fp8=True, **UNEVEN)),
     "compiled_ulysses2": (dict(ulysses=2), dict(compile=True)),
     "compiled_ring2_uneven": (dict(ring=2), dict(compile=True, **UNEVEN)),
     # refused with one error on every rank ("expect": its type), before the DiT runs
@@ -103,6 +106,7 @@ CASES = {
     "tiled_decode_ulysses2": (dict(ulysses=2), dict(output_type="pil", tiled=True, tile_size=4, tile_stride=2)),
     # four ranks
     "cfg2_ulysses2": (dict(cfg=2, ulysses=2), {}),
+    "fp8_cfg2_ulysses2": (dict(cfg=2, ulysses=2), dict(fp8=True)),
     "ulysses2_ring2_uneven": (dict(ulysses=2, ring=2), UNEVEN),
     "ring4_eligen": (dict(ring=4), ENTITIES),
     "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
@@ -121,7 +125,7 @@ def call_arguments(name: str) -> dict:
     from qistudio import ControlNetInput
 
     extra = {key: value for key, value in CASES[name][1].items()
-             if key not in ("lora", "compile", "expect", "vram")}
+             if key not in ("lora", "compile", "expect", "vram", "fp8")}
     size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
     images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
                   control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)],
@@ -146,10 +150,21 @@ def load_pipeline(repo: str, controlnets: list[str]):
     )
 
 
+def fp8_pipeline(repo: str, controlnets: list[str]):
+    """The demo pipeline under FP8 compute (for the cases marked fp8)."""
+    pipe = load_pipeline(repo, controlnets)
+    pipe.enable_fp8_computation()
+    return pipe
+
+
 def generate(pipe, name: str, **overrides) -> torch.Tensor:
     """Case `name`'s latents from `pipe` (parallel or not), with its LoRA loaded and VRAM management on for the
-    call where it says so."""
+    call where it says so; an fp8 case's `pipe` is fp8_pipeline's, its FP8 attention in the CPU reference form."""
+    from contextlib import nullcontext
+
     from lora_files import peft_layout, random_pairs
+
+    from qistudio.ops.fp8_attention import fp8_attention_reference
 
     lora, vram = CASES[name][1].get("lora"), CASES[name][1].get("vram")
     if lora:
@@ -157,7 +172,8 @@ def generate(pipe, name: str, **overrides) -> torch.Tensor:
     if vram is not None:
         pipe.enable_vram_management(**vram)
     try:
-        return pipe(**{**call_arguments(name), **overrides})
+        with fp8_attention_reference() if CASES[name][1].get("fp8") else nullcontext():
+            return pipe(**{**call_arguments(name), **overrides})
     finally:
         if lora:
             pipe.unload_lora()
@@ -194,9 +210,13 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    pipe = load_pipeline(repo, controlnets)
+    plain_pipe, fp8_pipe = load_pipeline(repo, controlnets), None
     rank = int(os.environ["RANK"])
     for name in names:
+        pipe = plain_pipe
+        if CASES[name][1].get("fp8"):
+            fp8_pipe = fp8_pipe or fp8_pipeline(repo, controlnets)
+            pipe = fp8_pipe
         if CASES[name][1].get("compile") and getattr(pipe.dit.transformer_blocks[0], "_compiled_call_impl",
                                                      None) is None:
             from qistudio.compile import compile_repeated_blocks
@@ -218,6 +238,7 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
                              "cache": json.dumps(pipe.last_cache_report)})
     if not kill:
         return
+    pipe = plain_pipe
     pipe.enable_parallelism(ulysses=2, timeout=20)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -1,6 +1,7 @@
 """Parallel generation on the CPU (gloo, 2 and 4 spawned ranks, the tiny demo model in float32) against the same
 call in one process: every layout (cfg, Ulysses, ring, both, data), token counts no rank count divides, edit
-images, EliGen entities, a Blockwise ControlNet, inpainting, LoRAs (hooks and fused); a rank that dies; the CLI.
+images, EliGen entities, a Blockwise ControlNet, inpainting, LoRAs (hooks and fused), FP8 compute with FP8
+attention under Ulysses; a rank that dies; the CLI.
 
 The ranks are started once per rank count (module fixtures) through the library's own launcher and run every
 case in a row, re-meshing between cases; each rank saves its final latents, which must equal the one-process
@@ -45,6 +46,12 @@ def single(files):
 
 
 @pytest.fixture(scope="module")
+def single_fp8(files):
+    """The one-process pipeline under FP8 compute (the fp8 cases)."""
+    return cases.fp8_pipeline(*files)
+
+
+@pytest.fixture(scope="module")
 def two_ranks(files, tmp_path_factory):
     """Every two-rank case, then the killed rank: the launcher reports rank 1's death as the run's failure."""
     out = tmp_path_factory.mktemp("ranks2")
@@ -60,7 +67,10 @@ def four_ranks(files, tmp_path_factory):
     return out
 
 
-def _check(single, out, name, nprocs):
+def _check(single, out, name, nprocs, request=None):
+    if cases.CASES[name][1].get("fp8"):  # FP8 attention really runs (the reference form changes the result)
+        single = request.getfixturevalue("single_fp8")
+        assert rel_err(cases.generate(single, name), single(**cases.call_arguments(name))) > 1e-4
     reference = cases.as_tensors(cases.generate(single, name))
     ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors")) for rank in range(nprocs)]
     for rank in range(nprocs):  # a step cache: the same steps computed, per branch, on every rank
@@ -89,13 +99,13 @@ def _metadata(out, name, rank) -> dict:
 
 
 @pytest.mark.parametrize("name", [name for name in cases.TWO_RANKS if name not in cases.REFUSED])
-def test_two_ranks_equal_one_process(name, single, two_ranks):
-    _check(single, two_ranks, name, 2)
+def test_two_ranks_equal_one_process(name, single, two_ranks, request):
+    _check(single, two_ranks, name, 2, request)
 
 
 @pytest.mark.parametrize("name", cases.FOUR_RANKS)
-def test_four_ranks_equal_one_process(name, single, four_ranks):
-    _check(single, four_ranks, name, 4)
+def test_four_ranks_equal_one_process(name, single, four_ranks, request):
+    _check(single, four_ranks, name, 4, request)
 
 
 def test_auto_lays_out_calls_with_and_without_guidance(two_ranks):

@@ -236,3 +236,70 @@ def test_ulysses_sends_each_of_q_k_v_as_it_is_made(fake_two_ranks):
     events = _recorded_forward(Degrees(ulysses=2))
     assert events == ["to_q", "all-to-all", "to_k", "all-to-all", "to_v", "all-to-all", "wait", "wait", "wait",
                       "attention", "all-to-all", "all-gather", "wait", "wait"]
+
+
+def _collective_bytes(dit, degrees: Degrees = Degrees(ulysses=2)) -> list[tuple[str, int]]:
+    """(collective, bytes sent) of every all-to-all, all-gather and ring pass of one ShardedDiT forward of `dit`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qistudio.demo import DEMO_DIT
+    from qistudio.ops.rope import ImageGrid, qwen_rotary
+    from qistudio.parallel.mesh import build_mesh
+    from qistudio.parallel.shard import ShardedDiT
+
+    sent: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for name in ("all_to_all_single", "all_gather_into_tensor", "permute_tensor", "_c10d_functional.send"):
+                if name in str(func):
+                    sent.append((name, args[0].numel() * args[0].element_size()))
+            return func(*args, **(kwargs or {}))
+
+    text_length, (h, w) = 5, (4, 6)
+    rotary = qwen_rotary([ImageGrid(0, h, w)], text_length, axes_dim=DEMO_DIT.axes_dim)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, h * w, DEMO_DIT.in_channels, generator=generator)
+    text = torch.randn(2, text_length, DEMO_DIT.text_dim, generator=generator)
+    with torch.no_grad(), Record():
+        ShardedDiT(dit, build_mesh(degrees, torch.device("cpu")))(image, text, torch.tensor([0.5, 0.5]), rotary,
+                                                                  [text_length, 3])
+    return sent
+
+
+def test_ulysses_fp8_attention_sends_half_the_bytes(fake_two_ranks):
+    """Under FP8 attention each of Ulysses' all-to-alls (q, k, v and the output back) and the text heads' gather
+    moves float8 bytes: half of what the same forward in bf16 moves, collective for collective."""
+    from qistudio.demo import DEMO_DIT
+    from qistudio.models.dit import QwenImageDiT
+    from qistudio.ops.attention import set_fp8_attention
+    from qistudio.ops.fp8_attention import fp8_attention_reference
+
+    torch.manual_seed(0)
+    dit = QwenImageDiT(DEMO_DIT).eval().to(torch.bfloat16)
+    plain = _collective_bytes(dit)
+    set_fp8_attention(dit, True)
+    with fp8_attention_reference():
+        fp8 = _collective_bytes(dit)
+    per_block = ["all_to_all_single"] * 4 + ["all_gather_into_tensor"]  # q, k, v, output; text heads
+    assert [name for name, _ in plain] == per_block * DEMO_DIT.num_layers + ["all_gather_into_tensor"]
+    assert [name for name, _ in fp8] == [name for name, _ in plain]
+    blocks = len(per_block) * DEMO_DIT.num_layers  # the last gather (the DiT's output) stays in the compute dtype
+    assert all(2 * fp8_bytes == plain_bytes for (_, fp8_bytes), (_, plain_bytes) in zip(fp8[:blocks], plain))
+
+
+def test_ring_layouts_keep_compute_dtype_attention_under_fp8(fake_two_ranks):
+    """Ring attention has no FP8 form: under FP8 attention a ring layout moves what it moves without it (bf16),
+    and the DiT's modules keep asking for FP8 attention (a later Ulysses layout still gets it)."""
+    from qistudio.demo import DEMO_DIT
+    from qistudio.models.dit import QwenImageDiT
+    from qistudio.ops.attention import set_fp8_attention
+    from qistudio.ops.fp8_attention import fp8_attention_reference
+
+    torch.manual_seed(0)
+    dit = QwenImageDiT(DEMO_DIT).eval().to(torch.bfloat16)
+    plain = _collective_bytes(dit, Degrees(ring=2))
+    set_fp8_attention(dit, True)
+    with fp8_attention_reference():
+        assert _collective_bytes(dit, Degrees(ring=2)) == plain and len(plain) > 1
+    assert all(block.attn.fp8_attention for block in dit.transformer_blocks)

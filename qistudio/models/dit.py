@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.ada_norm import gated_residual_norm, modulated_norm
-from ..ops.attention import attention, attention_fp8, attention_input, attention_streams, fp8_attention_enabled
+from ..ops.attention import (attention, attention_fp8, attention_fp8_value, attention_input, attention_streams,
+                             fp8_attention_enabled)
 from ..ops.flex_mask import flex_mask
-from ..ops.fp8_attention import quantize_joined
 from ..ops.qk_norm_rope import joint_qk_norm_rope_fp8, joint_qk_norm_rope_reference, joint_qkv_norm_rope
 from ..ops.rope import Rotary
 from .layers import FeedForward, RMSNorm, TimeTextEmbed
@@ -130,9 +130,12 @@ class JointAttention(nn.Module):
         it is joined, and the output reaches the projections in FP8 (W8A8 linears take it without a round trip)."""
         q8, q_descale = joint_qk_norm_rope_fp8(self.to_q(img), self.add_q_proj(txt), self.norm_q.weight,
                                                self.norm_added_q.weight, self.norm_q.eps, rotation, self.head_dim)
+        q8 = attention_input(0, q8)  # under Ulysses each leaves for the other ranks at once, in FP8
         k8, k_descale = joint_qk_norm_rope_fp8(self.to_k(img), self.add_k_proj(txt), self.norm_k.weight,
                                                self.norm_added_k.weight, self.norm_k.eps, rotation, self.head_dim)
-        v8, v_descale = quantize_joined([self.to_v(img), self.add_v_proj(txt)], self.head_dim)
+        k8 = attention_input(1, k8)
+        v8, v_descale = attention_fp8_value([self.to_v(img), self.add_v_proj(txt)], self.head_dim)
+        v8 = attention_input(2, v8)
         out8 = attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths).flatten(2)  # (B, N + L, D)
         num_img = img.shape[1]
         txt_out = _linear_from_fp8(self.to_add_out, out8[:, num_img:], v_descale, img.dtype)

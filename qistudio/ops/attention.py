@@ -117,11 +117,12 @@ def fp8_attention_enabled(query: torch.Tensor, requested: bool = False) -> bool:
     """Whether this attention runs in FP8: asked for by its module (`set_fp8_attention`) or forced for all
     ("cudnn_fp8"), on a GPU where the kernel runs, without gradients. Callers then hand FP8 inputs directly to
     `attention_fp8`, skipping the bf16 round trip."""
-    from .fp8_attention import cudnn_fp8_available
+    from .fp8_attention import fp8_attention_runs
 
     wanted = requested or _forced_backend == "cudnn_fp8"
-    return (wanted and query.is_cuda and not torch.is_grad_enabled()
-            and cudnn_fp8_available(query.device))
+    # A sequence-parallel attention in force says whether it has an FP8 form (ring attention has none).
+    return (wanted and not torch.is_grad_enabled() and getattr(_override, "takes_fp8", True)
+            and fp8_attention_runs(query.device))
 
 
 def attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths: list[int] | None = None):
@@ -129,11 +130,35 @@ def attention_fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths: list
     descale is v's. Padding: each sample's valid key count goes to the kernel's padding mask (one launch)."""
     from . import fp8_attention  # noqa: F401  (registers the op)
 
+    if _override is not None:  # Ulysses: its FP8 form (qistudio/parallel/attention.py)
+        return _override.fp8(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths)
     seq_k = k8.shape[1]
     sdpa = torch.ops.qistudio.cudnn_fp8_sdpa
     if key_lengths is None or all(n == seq_k for n in key_lengths):
         return sdpa(q8, k8, v8, q_descale, k_descale, v_descale)
     return sdpa(q8, k8, v8, q_descale, k_descale, v_descale, list(key_lengths))  # cuDNN's padding mask
+
+
+def attention_fp8_value(parts: list[torch.Tensor], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """v for `attention_fp8`: (B, S_i, D) parts joined along the sequence as float8 (B, sum S_i, H, head_dim) with
+    one descale. Under sequence parallelism the override quantises it, with the scale of the whole sequence."""
+    if _override is not None:
+        return _override.quantize_value(parts, head_dim)
+    from .fp8_attention import quantize_joined
+
+    return quantize_joined(parts, head_dim)
+
+
+def prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
+                     prefix_value: torch.Tensor) -> torch.Tensor:
+    """Queries (B, T, H, D) over [prefix; their own keys]: prefix_key / prefix_value (B|1, P, H, D) before key /
+    value (B, T, H, D) (Qwen-Image 2.1's target pass over its cached prefix). Under sequence parallelism the
+    override takes the parts apart (each rank's prefix holding its heads only)."""
+    if _override is not None:
+        return _override.prefix_attention(query, key, value, prefix_key, prefix_value)
+    batch = query.shape[0]
+    return attention(query, torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=1),
+                     torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=1))
 
 
 _KERNELS = {"sdpa": _sdpa, "cudnn_fp8": _cudnn_fp8, "sage": _sage, "flash3": _flash3, "flash4": _flash4}

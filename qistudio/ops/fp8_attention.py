@@ -14,15 +14,19 @@ combination of the rows of V, so |O| <= max |V|) is written in FP8 with v's scal
 only): the DiT hands it to its W8A8 projections as it is; `cudnn_fp8_attention` scales it back to bf16.
 
 One cuDNN graph is built per (q shape, k shape, device) and kept (about a second to build); the call is a custom
-op, so torch.compile keeps it as one opaque node.
+op, so torch.compile keeps it as one opaque node. Off CUDA the op has a reference form (the operands dequantised,
+attention in float32, the output quantised with v's scale), used only inside `fp8_attention_reference()`: tests of
+the code around the kernel (sequence parallelism over gloo) run FP8 attention on the CPU with it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from .fp8 import FP8_DTYPE, FP8_MAX, quantize_per_tensor
 from .fused import key_lengths_tensor
@@ -38,6 +42,27 @@ def cudnn_fp8_available(device: torch.device | None = None) -> bool:
         return False
     index = None if device is None else torch.device(device).index
     return _capability(torch.cuda.current_device() if index is None else index) >= 9
+
+
+_reference = False
+
+
+@contextmanager
+def fp8_attention_reference():
+    """Inside: FP8 attention runs where cuDNN's kernel cannot (the CPU), in the op's reference form. Outside, the
+    CPU computes exactly as without FP8 attention."""
+    global _reference
+    previous, _reference = _reference, True
+    try:
+        yield
+    finally:
+        _reference = previous
+
+
+def fp8_attention_runs(device: torch.device) -> bool:
+    """Whether FP8 attention can run on `device`: cuDNN's kernel, or the reference form where it is asked for."""
+    device = torch.device(device)
+    return cudnn_fp8_available(device) if device.type == "cuda" else _reference
 
 
 @functools.cache
@@ -112,6 +137,8 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_desca
     """Contiguous float8 (B, S_q, H, D) q and (B, S_kv, H, D) k, v with (1, 1, 1, 1) descales -> float8 output
     (B, S_q, H, D) whose descale is v's. key_lengths[i]: the valid leading keys of sample i (cuDNN's padding
     mask), so a padded batch is one launch."""
+    if not q8.is_cuda:
+        return _reference_sdpa(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths)
     padded = key_lengths is not None
     cache_key = (tuple(q8.shape), tuple(k8.shape), q8.device, padded)
     graph = _graphs.get(cache_key)
@@ -119,6 +146,17 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_desca
         graph = _graphs[cache_key] = _Graph(tuple(q8.shape), tuple(k8.shape), q8.device, padded)
     kv_lengths = key_lengths_tensor(tuple(key_lengths), q8.device).reshape(-1, 1, 1, 1) if padded else None
     return graph(q8, k8, v8, q_descale, k_descale, v_descale, kv_lengths)
+
+
+def _reference_sdpa(q8, k8, v8, q_descale, k_descale, v_descale, key_lengths=None) -> torch.Tensor:
+    """The op's arithmetic without cuDNN: dequantised operands, float32 attention over each sample's valid keys,
+    the output quantised with v's scale (|O| <= max |V|, so it fits e4m3 as the kernel's does)."""
+    query, key, value = ((x.float() * descale.reshape(())).transpose(1, 2)
+                         for x, descale in ((q8, q_descale), (k8, k_descale), (v8, v_descale)))
+    lengths = key_lengths or [key.shape[2]] * key.shape[0]
+    out = torch.cat([F.scaled_dot_product_attention(query[i : i + 1], key[i : i + 1, :, :n], value[i : i + 1, :, :n])
+                     for i, n in enumerate(lengths)]).transpose(1, 2)
+    return (out / v_descale.reshape(())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 @cudnn_fp8_sdpa.register_fake

@@ -11,6 +11,10 @@ applied from the sliced tables. Here they become attention over the whole sequen
   the image padding is dropped and the one-process attention runs (same kernel, key lengths and mask: EliGen's
   split attention included). Outputs go back by the inverse all-to-all; the text output's heads by an all-gather
   issued beside it.
+- FP8 attention (FP8 compute, Ulysses without ring): the same path in float8 (`fp8`): q, k and v cross as bytes,
+  half of bf16's, and so does the output. q's and k's scales are bounds from the norm weights (the same on every
+  rank); v's is the maximum over every rank's valid tokens (`quantize_value`, one all-reduce of one number), so
+  every scale is the one-process scale and the result the one-process result.
 - Ring: K/V of the (Ulysses-gathered) image chunks travel around the ring (ring.py), the mask read per block.
 Both together are USP: Ulysses inside the ring positions, ring across them.
 """
@@ -21,9 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.attention import attention, attention_override
+from ..ops.attention import attention, attention_fp8, attention_override
 from ..ops.flex_mask import FlexMask
-from .collectives import Pending, start_all_gather, start_heads_to_sequence, start_sequence_to_heads
+from ..ops.fp8 import FP8_DTYPE, FP8_MAX
+from .collectives import (Pending, all_reduce_max, start_all_gather, start_heads_to_sequence,
+                          start_sequence_to_heads)
 from .degrees import ParallelConfigError
 from .layout import TokenLayout
 from .masks import JointMask
@@ -55,6 +61,11 @@ class SequenceParallelAttention:
         self.mesh, self.layout = mesh, layout
 
     @property
+    def takes_fp8(self) -> bool:
+        """Whether FP8 attention runs here (`fp8`): under Ulysses alone; ring attention runs the compute dtype."""
+        return self.layout.ring == 1
+
+    @property
     def streams(self) -> bool:
         """Whether the DiT hands q, k, v over one at a time (read by ops/attention's attention_streams)."""
         return self.layout.ulysses > 1 and self.overlap
@@ -75,25 +86,59 @@ class SequenceParallelAttention:
     def __call__(self, query, key, value, key_lengths=None, mask=None):
         if isinstance(mask, FlexMask):  # ShardedDiT refuses this first; a mask over the local tokens is no use
             raise ParallelConfigError("a FlexAttention mask cannot be split across sequence ranks")
-        n, ulysses = self.layout.chunk, self.layout.ulysses
-        # key_lengths counted this rank's n image tokens; the text part of each is what matters.
-        text_lengths = None if key_lengths is None else [count - n for count in key_lengths]
-        if isinstance(query, Prepared):  # streamed: the three all-to-alls are in flight; wait for them here
-            image = tuple(part.image.result() for part in (query, key, value))  # each (B, u n, H / u, D)
-            text = (query.text, key.text, value.text)
-        elif ulysses > 1:
-            stacked = torch.stack([query[:, :n], key[:, :n], value[:, :n]])  # (3, B, n, H, D): one all-to-all
-            image = tuple(start_sequence_to_heads(stacked, self.mesh.group("ulysses"), ulysses).result())
-            text = tuple(self._text_heads(t[:, n:]) for t in (query, key, value))
-        else:
-            image = (query[:, :n], key[:, :n], value[:, :n])
-            text = (query[:, n:], key[:, n:], value[:, n:])
+        image, text = self._heads(query, key, value)
+        text_lengths = self._text_lengths(key_lengths)
         if self.layout.ring == 1:
             image_out, text_out = self._whole_sequence(image, text, text_lengths, mask)
         else:
             joint_mask = JointMask(mask, self.layout.num_image, text_lengths, image[0].device)
             image_out, text_out = ring_attention(torch.stack(image), text, self.layout, joint_mask,
                                                  self.mesh.group("ring"), self.mesh.coordinate["ring"])
+        return self._back(image_out, text_out)
+
+    def fp8(self, q8, k8, v8, q_descale, k_descale, v_descale, key_lengths=None):
+        """ops/attention's attention_fp8 over the whole sequence: float8 q/k/v cross as bytes (half of bf16's),
+        the one-process FP8 attention runs on this rank's heads, its float8 output goes back the same way. q's and
+        k's scales come from the norm weights, v's from `quantize_value`: the same on every rank."""
+        if not self.takes_fp8:  # ops/attention's fp8_attention_enabled asks first
+            raise ParallelConfigError("FP8 attention does not run under ring attention")
+        image, text = self._heads(q8, k8, v8)
+        joint, key_lengths = self._joint(image, text, self._text_lengths(key_lengths))
+        with attention_override(None):  # this call is the plain one
+            out8 = attention_fp8(*joint, q_descale, k_descale, v_descale, key_lengths)
+        return self._back(self._image_part(out8, image[0].shape[1]), out8[:, self.layout.num_image:])
+
+    def quantize_value(self, parts: list[torch.Tensor], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[image chunk (B, n, D), text (B, L, D)] of v as float8 (B, n + L, H, head_dim) and its descale, scaled
+        by the absolute maximum over every rank's valid tokens and rows: the one-process scale, exactly (a
+        maximum, in any order; padding tokens left out, repeated padding rows change nothing)."""
+        image, text = parts
+        valid = [part.abs().amax() for part in (image[:, : self.layout.valid_local], text) if part.numel()]
+        amax = all_reduce_max(torch.stack(valid).amax().float().reshape(1), "FP8 attention value scale")
+        scale = FP8_MAX / amax.clamp(min=1e-12)
+        joined = torch.cat(parts, dim=1).unflatten(-1, (-1, head_dim))
+        return (joined.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), (1.0 / scale).reshape(1, 1, 1, 1)
+
+    def _text_lengths(self, key_lengths):
+        # key_lengths counted this rank's n image tokens; the text part of each is what matters.
+        return None if key_lengths is None else [count - self.layout.chunk for count in key_lengths]
+
+    def _heads(self, query, key, value):
+        """(image, text): q, k, v of every image token (B, u n, H / u, D) and of the text (B, L, H / u, D), in the
+        heads of this rank."""
+        n, ulysses = self.layout.chunk, self.layout.ulysses
+        if isinstance(query, Prepared):  # streamed: the three all-to-alls are in flight; wait for them here
+            image = tuple(part.image.result() for part in (query, key, value))  # each (B, u n, H / u, D)
+            return image, (query.text, key.text, value.text)
+        if ulysses > 1:
+            stacked = torch.stack([query[:, :n], key[:, :n], value[:, :n]])  # (3, B, n, H, D): one all-to-all
+            image = tuple(start_sequence_to_heads(stacked, self.mesh.group("ulysses"), ulysses).result())
+            return image, tuple(self._text_heads(t[:, n:]) for t in (query, key, value))
+        return (query[:, :n], key[:, :n], value[:, :n]), (query[:, n:], key[:, n:], value[:, n:])
+
+    def _back(self, image_out: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
+        """[this rank's image chunk | all text] (B, n + L, H, D) of the outputs of this rank's heads."""
+        ulysses = self.layout.ulysses
         if ulysses > 1:
             group = self.mesh.group("ulysses")
             # Both issued before either is waited for: the text heads' gather runs beside the image all-to-all.
@@ -102,12 +147,22 @@ class SequenceParallelAttention:
             image_out, text_out = image_back.result(), text_back.result().movedim(0, 2).flatten(2, 3)
         return torch.cat([image_out, text_out], dim=1)
 
-    def _whole_sequence(self, image, text, text_lengths, mask):
-        """Attention over every image token (padding dropped) and the text: the one-process call."""
+    def _joint(self, image, text, text_lengths):
+        """[every image token (padding dropped) | text] of q, k, v, and their key lengths."""
         num_image = self.layout.num_image
         joint = [torch.cat([part[:, :num_image], text_part], dim=1) for part, text_part in zip(image, text)]
-        key_lengths = None if text_lengths is None else [num_image + count for count in text_lengths]
+        return joint, None if text_lengths is None else [num_image + count for count in text_lengths]
+
+    def _image_part(self, out: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The image rows of a whole-sequence output, padded back to the `tokens` this rank's heads cover."""
+        image = out[:, : self.layout.num_image]
+        if image.dtype == FP8_DTYPE:  # padded as bytes: zeros either way
+            return self.layout.pad(image.view(torch.uint8), dim=1)[:, :tokens].view(FP8_DTYPE)
+        return self.layout.pad(image, dim=1)[:, :tokens]
+
+    def _whole_sequence(self, image, text, text_lengths, mask):
+        """Attention over every image token (padding dropped) and the text: the one-process call."""
+        joint, key_lengths = self._joint(image, text, text_lengths)
         with attention_override(None):  # this call is the plain one
             out = attention(*joint, key_lengths=key_lengths, mask=mask)
-        image_out = self.layout.pad(out[:, :num_image], dim=1)[:, : image[0].shape[1]]
-        return image_out, out[:, num_image:]
+        return self._image_part(out, image[0].shape[1]), out[:, self.layout.num_image:]

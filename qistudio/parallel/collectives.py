@@ -73,13 +73,23 @@ class Pending:
         return received if self.layout is None else self.layout(received)
 
 
+def _as_bytes(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
+    """float8 tensors travel as their bytes (uint8 views: every backend moves those; one byte an element either
+    way), with the dtype to view the result back as; other tensors as they are."""
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return x.view(torch.uint8), x.dtype
+    return x, None
+
+
 def start_all_to_all(x: torch.Tensor, group: dist.ProcessGroup, what: str, then=None) -> Pending:
     """Chunk i of dim 0 goes to group rank i; the result holds the chunks received, in group rank order (same
     shape), laid out by `then` if given."""
     shape = x.shape
+    flat, dtype = _as_bytes(x.contiguous().flatten())
     # all_to_all_single splits the flat buffer by dim 0 of what it is given; flat avoids a stride check.
-    out = _issue(funcol.all_to_all_single, what, x.contiguous().flatten(), None, None, group)
-    return Pending(out, what, lambda received: (then or (lambda r: r))(received.reshape(shape)))
+    out = _issue(funcol.all_to_all_single, what, flat, None, None, group)
+    return Pending(out, what, lambda received: (then or (lambda r: r))(
+        (received if dtype is None else received.view(dtype)).reshape(shape)))
 
 
 def start_sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int,
@@ -108,8 +118,10 @@ def start_all_gather(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> Pe
     size = dist.get_world_size(group)
     if size == 1:
         return Pending(x[None], what)
-    out = _issue(funcol.all_gather_single, what, x.contiguous(), 0, group)
-    return Pending(out, what, lambda received: received.reshape(size, *x.shape))
+    data, dtype = _as_bytes(x.contiguous())
+    out = _issue(funcol.all_gather_single, what, data, 0, group)
+    return Pending(out, what, lambda received: (received if dtype is None else received.view(dtype)).reshape(
+        size, *x.shape))
 
 
 def all_gather(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
@@ -131,6 +143,13 @@ def all_reduce_sum(x: torch.Tensor, what: str) -> torch.Tensor:
     if dist.get_world_size() == 1:
         return x
     return wait(_issue(funcol.all_reduce, what, x.contiguous(), "sum", dist.group.WORLD), what)
+
+
+def all_reduce_max(x: torch.Tensor, what: str) -> torch.Tensor:
+    """The element-wise maximum of every rank's x, on every rank."""
+    if dist.get_world_size() == 1:
+        return x
+    return wait(_issue(funcol.all_reduce, what, x.contiguous(), "max", dist.group.WORLD), what)
 
 
 def broadcast(x: torch.Tensor, what: str, src: int = 0) -> torch.Tensor:

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from ..models.text_encoder import TextStates
-from ..ops.attention import set_fp8_attention
 from .collectives import all_reduce_sum, broadcast, broadcast_json
 from .degrees import Degrees, ParallelConfigError, auto_degrees, resolve_degrees
 from .mesh import DEFAULT_TIMEOUT_S, ParallelMesh, build_mesh, environment_world, init_distributed, local_device
@@ -80,10 +79,9 @@ class ParallelRuntime:
 
     def dit(self, dit) -> ShardedDiT:
         """The DiT as the velocity function calls it, split across the mesh."""
-        if self.degrees.sequence > 1 and any(getattr(m, "fp8_attention", False) for m in dit.modules()):
-            set_fp8_attention(dit, False)
-            _warn_once("FP8 attention is off under sequence parallelism (the FP8 linears stay on): the Ulysses and "
-                       "ring paths run the compute-dtype attention")
+        if self.degrees.ring > 1 and any(getattr(m, "fp8_attention", False) for m in dit.modules()):
+            _warn_once("FP8 attention does not run under ring attention (the FP8 linears do): the ring layouts run "
+                       "the compute-dtype attention; Ulysses alone keeps FP8 attention")
         sharded = self._sharded.setdefault((dit, self.degrees), ShardedDiT(dit, self.mesh))
         sharded.branch_rows = self.branch_rows
         return sharded
