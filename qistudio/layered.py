@@ -5,13 +5,15 @@ Layered does differently: an empty prompt is replaced by a caption the text enco
 (conditioning/caption.py); the latents are layers + 1 frames denoised as one sequence after which the input
 image's tokens follow (conditioning/layered.py); the schedule is Layered's own (sampling/layered_schedule.py); the
 first frame (the composite) is dropped and every layer decoded to RGBA. Guidance is plain CFG unless
-cfg_norm_rescale (diffusers' cfg_normalize, off by default for Layered).
+cfg_norm_rescale (diffusers' cfg_normalize, off by default for Layered). Step caching (cache=) gates the DiT's blocks
+as for Qwen-Image, per guidance branch, over the whole sequence (frames and the input image's tokens).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .caching import start_cache
 from .components import Components
 from .conditioning.caption import caption_image
 from .conditioning.layered import layered_rotary, pack_frames, rgba_tensor, unpack_frames
@@ -75,27 +77,35 @@ def _noise(request, dtype, device) -> torch.Tensor:
 
 
 def layered_velocity(components: Components, request, positive: TextStates, negative: TextStates | None,
-                     condition: torch.Tensor):
-    """velocity(x, sigma, step) over latents (B, F, 16, h, w); the input image's tokens (1, N, 64) follow."""
+                     condition: torch.Tensor, cache=None):
+    """velocity(x, sigma, step) over latents (B, F, 16, h, w); the input image's tokens (1, N, 64) follow. `cache`
+    (caching.start_cache) may skip DiT work, deciding per guidance branch."""
     dit = components.dit
     frames, (h, w) = request.layered.frames, request.latent_size
     batched = negative is not None and request.cfg_batch
     text = concat_text_states([positive, negative]) if batched else positive
 
-    def run(states: TextStates, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def call(states: TextStates, tokens: torch.Tensor, timestep: torch.Tensor, gate=None) -> torch.Tensor:
         rotary = layered_rotary(frames, (h, w), states.states.shape[1], dit.config.axes_dim, tokens.device)
         joined = torch.cat([tokens, condition.to(tokens.dtype).expand(tokens.shape[0], -1, -1)], dim=1)
-        return dit(joined, states.states, timestep, rotary, states.lengths, num_target_tokens=tokens.shape[1])
+        return dit(joined, states.states, timestep, rotary, states.lengths, num_target_tokens=tokens.shape[1],
+                   block_gate=gate)
+
+    def run(step: int, branches: tuple[str, ...], states: TextStates, tokens, timestep) -> torch.Tensor:
+        if cache is None:
+            return call(states, tokens, timestep)
+        return cache.forward(step, branches, lambda gate: call(states, tokens, timestep, gate))
 
     def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         tokens = pack_frames(x)  # (B, F N, 64)
         timestep = torch.full((tokens.shape[0],), sigma, device=x.device, dtype=torch.float32)
         with torch.no_grad():
             if batched:
-                cond, uncond = run(text, torch.cat([tokens, tokens]), timestep.repeat(2)).chunk(2)
+                cond, uncond = run(step, ("cond", "uncond"), text, torch.cat([tokens, tokens]),
+                                   timestep.repeat(2)).chunk(2)
             else:
-                cond = run(positive, tokens, timestep)
-                uncond = None if negative is None else run(negative, tokens, timestep)
+                cond = run(step, ("cond",), positive, tokens, timestep)
+                uncond = None if negative is None else run(step, ("uncond",), negative, tokens, timestep)
         if uncond is not None:
             cond = guide(cond, uncond, request.cfg_scale, request.cfg_norm_rescale)
         return unpack_frames(cond, frames, h, w)
@@ -106,6 +116,8 @@ def layered_velocity(components: Components, request, positive: TextStates, nega
 def generate_layer_latents(components: Components, request, device, dtype) -> torch.Tensor:
     """The denoised latents (B, layers + 1, 16, h, w); frame 0 is the composite."""
     require_layered_models(components)
+    cache = start_cache(request.cache, components.dit.config.num_layers)
+    request.extras["step_cache"] = None if cache is None else cache.log  # for last_cache_report: no tensors kept
     h, w = request.latent_size
     if request.sigmas is not None:
         sigmas = custom_sigmas(request.sigmas)
@@ -126,7 +138,7 @@ def generate_layer_latents(components: Components, request, device, dtype) -> to
         image = rgba_tensor(request.layered.image, device, dtype)
         condition = patchify(components.vae.encode(image, *_tiling(components, request)).to(dtype))
     with components.phase("denoising", "dit"):
-        velocity = layered_velocity(components, request, positive, negative, condition)
+        velocity = layered_velocity(components, request, positive, negative, condition, cache)
         return sample_euler(velocity, noise, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
 
 
