@@ -2,10 +2,11 @@
 (DeepSpeed's CPU accelerator, gloo): a SIGKILLed process stops the run with a message; the checkpoints (each
 process's slice of every parameter's optimizer state, in qistudio's pickle-free files) resume under another number
 of processes and across the stages, one run's checkpoint feeding the next: ZeRO-2 2 -> 1 -> 2 (the shipped
-CPU-offload form with 2), then ZeRO-2 -> ZeRO-3 2 -> 1 and ZeRO-3 1 -> 2 (in its CPU-offload form), each run equal to
-one process accumulating 2 micro-batches without DeepSpeed; under ZeRO-3 each process allocates and reads only its
-partition of the DiT's blocks (no process holds the whole DiT). DeepSpeed builds its shared-memory communication op
-and its CPU Adam with the C++ compiler the first time (a minute or so, cached in ~/.cache/torch_extensions)."""
+CPU-offload form with 2), ZeRO-2 -> ZeRO-3 2 -> 1, ZeRO-3 1 -> 2 (in its CPU-offload form), ZeRO-3 -> ZeRO-2 2 -> 1,
+each run equal to one process accumulating 2 micro-batches without DeepSpeed; under ZeRO-3 each process allocates
+and reads only its partition of the DiT's blocks (no process holds the whole DiT). DeepSpeed builds its shared-memory
+communication op and its CPU Adam with the C++ compiler the first time (a minute or so, cached in
+~/.cache/torch_extensions)."""
 
 import json
 import os
@@ -27,7 +28,7 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHIPPED = {2: "accelerate_config_zero2offload.yaml", 3: "accelerate_config_zero3.yaml"}
-STEPS = 5  # each resumed run starts one step later than the one before it
+STEPS = 6  # each resumed run starts one step later than the one before it
 
 
 def zero_config(folder, stage: int, processes: int, offload: bool = False):
@@ -99,7 +100,8 @@ def test_zero_checkpoints_resume_under_other_process_counts_and_stages(tiny_repo
     assert_partitioned_on_load(output, processes=1)
     output = resume("zero3-double", saved("zero3-single", 4), 3, 2, offload=True)  # ZeRO-3: 1 -> 2, offloaded
     assert_partitioned_on_load(output, processes=2)
-    assert_split_by_parameter(saved("zero3-double", STEPS), processes=2, partitioned_weights=False)
+    assert_split_by_parameter(saved("zero3-double", 5), processes=2, partitioned_weights=False)
+    resume("back-to-zero2", saved("zero3-double", 5), 2, 1)  # ZeRO-3 -> ZeRO-2, 2 -> 1
 
 
 def assert_split_by_parameter(checkpoint, processes: int, partitioned_weights: bool) -> None:
