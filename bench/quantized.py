@@ -64,23 +64,27 @@ TOP_LEVEL = ["img_in", "txt_in", "txt_norm", "time_text_embed", "norm_out", "pro
 
 
 class HostPeak:
-    """Peak RssAnon and VmRSS (bytes) of this process while the block runs, above where they started."""
+    """Peak RssAnon and VmRSS (bytes) of a process (default this one) while the block runs, above where they started
+    (relative=False: as they are, for a child process watched from its start)."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.02, pid: int | str = "self", relative: bool = True):
         self.interval, self.anon, self.total = interval, 0, 0
+        self.pid, self.relative = pid, relative
 
-    @staticmethod
-    def _read() -> tuple[int, int]:
+    def _read(self) -> tuple[int, int]:
         values = {}
-        with open("/proc/self/status") as status:
-            for line in status:
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "VmRSS"):
-                    values[key] = int(rest.split()[0]) * 1024
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    key, _, rest = line.partition(":")
+                    if key in ("RssAnon", "VmRSS"):
+                        values[key] = int(rest.split()[0]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the watched process has ended
         return values.get("RssAnon", 0), values.get("VmRSS", 0)
 
     def __enter__(self):
-        self.start = self._read()
+        self.start = self._read() if self.relative else (0, 0)
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()

@@ -37,9 +37,11 @@ def released_name(key: str) -> str:
 
 def llama_cpp_preset(preset: str, layers: int) -> Callable[[str, torch.Tensor], str]:
     """type_of for llama-quantize's presets "Q4_K_M" and "Q8_0" (weights whose rows are not whole K-quant blocks
-    fall back to Q8_0, then F16); any other name is taken as one type for every weight."""
+    fall back to Q8_0, then F16), and for the converter's float outputs "BF16" / "F16"."""
 
     def type_of(name: str, tensor: torch.Tensor) -> str:
+        if preset in ("BF16", "F16"):
+            return preset
         wanted = preset
         if preset == "Q4_K_M":
             layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
@@ -59,6 +61,8 @@ def encode_tensor(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, object]
 
     if qtype in ("F32", "F16"):
         return tensor.float().cpu().numpy().astype(np.float32 if qtype == "F32" else np.float16), None
+    if qtype == "BF16":  # numpy has no bfloat16: the bytes, rows of 2 x columns
+        return tensor.to(torch.bfloat16).cpu().view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
     return quantize_gguf(tensor, qtype).cpu().numpy(), gguf.GGMLQuantizationType[qtype]
 
 
