@@ -243,8 +243,9 @@ def test_settings_the_model_cannot_take_stop_before_loading(tiny_repo, layered_r
     wrong_model = make_config(tiny_repo, data, tmp_path / "b", model_paths=qwen_image_paths(tiny_repo))
     with pytest.raises(ValueError, match="Qwen-Image-Layered's inputs, but the DiT is Qwen-Image's"):
         Trainer(wrong_model, progress_bar=False)
-    with pytest.raises(ValueError, match="--fp8_base is not supported for Qwen-Image-Layered"):
-        Trainer(make_config(layered_repo, data, tmp_path / "c", fp8_base=True), progress_bar=False)
+    with pytest.raises(ValueError, match="validation_size=512x512: Qwen-Image-Layered"):
+        Trainer(make_config(layered_repo, data, tmp_path / "c", validation_prompts=("a poster",),
+                            validation_size=(512, 512)), progress_bar=False)
 
 
 def test_the_seeds_command_line_trains_layered(layered_repo, data, tmp_path, capsys):

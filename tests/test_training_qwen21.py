@@ -216,7 +216,6 @@ def test_rows_and_settings_21_cannot_take(repo, data, tmp_path):
         (dict(trainable_models="blockwise_controlnet", extra_inputs=("blockwise_controlnet_image",),
               remove_prefix_in_ckpt="pipe.blockwise_controlnet.models.0.",
               data=dict(data_file_keys=("image", "blockwise_controlnet_image"))), "Qwen-Image 2.1 trains a LoRA"),
-        (dict(vram_limit=0.0, use_gradient_checkpointing=True), "--vram_limit is not supported for Qwen-Image 2.1"),
     ]:
         with pytest.raises(ValueError, match=message):
             Trainer(make_config(repo, data, tmp_path / "out", **overrides), progress_bar=False)

@@ -27,6 +27,7 @@ Shapes: B batch, P prefix tokens, T target tokens, D = heads * head_dim, H heads
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -355,9 +356,12 @@ class QwenImage21DiT(nn.Module):
         segments = layout.segments()
         keys, values = [], []
         last = len(self.transformer_blocks) - 1
+        run = _call_eagerly
+        if self.gradient_checkpointing and torch.is_grad_enabled():  # training: the prefix recomputes in the backward
+            run = functools.partial(torch.utils.checkpoint.checkpoint, _call_eagerly, use_reentrant=False)
         for index, block in enumerate(self.transformer_blocks):
             # The last block's prefix output is never read: only its keys and values are.
-            x, key, value = _call_eagerly(block, x, mod, rotation, segments=segments, finish=index < last)
+            x, key, value = run(block, x, mod, rotation, segments=segments, finish=index < last)
             keys.append(key)
             values.append(value)
         return PrefixCache(keys, values, layout, independent, target_rotation)

@@ -8,12 +8,18 @@ loads, so that a dataset or a setting the model cannot take stops the run with o
   qwen21      Qwen-Image 2.1 (the single-stream DiT): training/qwen21.py
 Each family says how a row is checked and loaded (which columns are RGBA, which may list files) and encoded; the
 loop and the loss treat every sample alike (its `pack` and, for the new members, its `velocity`).
+
+The run's other settings need nothing per family: the low-memory mode (--fp8_base, --vram_limit), --compile and
+--fsdp act on `dit.transformer_blocks`, which every family's DiT has (2.1's blocks run twice a step, the prefix's
+pass then the target's, both checkpointed under --use_gradient_checkpointing: models/dit21.py). Validation images
+(`validation_inputs`) are the family's own: Layered splits an input image, 2.1 renders with its pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 from ..weights.formats import DIT, IGNORED, detect_layout
@@ -26,9 +32,8 @@ QWEN_IMAGE, LAYERED, QWEN21 = "qwen_image", "layered", "qwen21"
 NAMES = {QWEN_IMAGE: "Qwen-Image", LAYERED: "Qwen-Image-Layered", QWEN21: "Qwen-Image 2.1"}
 LAYERED_INPUTS = ("layer_input_image", "layer_num")
 EDIT_INPUT = "edit_image"
-# What the new members' trainers do not take yet (tested for Qwen-Image only): setting -> what it is.
-UNTESTED = {"fsdp": "--fsdp", "fp8_base": "--fp8_base", "vram_limit": "--vram_limit", "compile": "--compile",
-            "validation_prompts": "--validation_prompts"}
+# Qwen-Image-Layered renders at one of its trained buckets: validation_size (side, side) -> resolution=side.
+LAYERED_VALIDATION_SIDES = (640, 1024)
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,10 @@ def check_family(config: TrainConfig, family: str) -> None:
                          f"DiT is {name}'s; load Qwen/Qwen-Image-Layered's transformer to train on layers")
     if family == QWEN_IMAGE:
         return
-    used = [flag for key, flag in UNTESTED.items() if _set(getattr(config, key))]
-    if used:
-        raise ValueError(f"{used[0]} is not supported for {name} training yet (Qwen-Image only)")
+    width, height = config.validation_size
+    if family == LAYERED and config.validation_prompts and (width != height or width not in LAYERED_VALIDATION_SIDES):
+        raise ValueError(f"validation_size={width}x{height}: Qwen-Image-Layered splits the validation image at one of "
+                         "its trained resolutions, 640x640 or 1024x1024 (the area; the input image's aspect is kept)")
     if config.trainable_models not in (None, "dit"):
         raise ValueError(f"trainable_models={config.trainable_models!r}: {name} trains a LoRA on the DiT or the whole "
                          "DiT (--trainable_models dit)")
@@ -98,10 +104,6 @@ def check_family(config: TrainConfig, family: str) -> None:
                          "layers (bottom first) in the image column as a json list, the input image in "
                          "layer_input_image, and pass --data_file_keys image,layer_input_image "
                          "--extra_inputs layer_num,layer_input_image (as DiffSynth-Studio's Qwen-Image-Layered.sh)")
-
-
-def _set(value) -> bool:
-    return value is not None and value is not False and value != ()  # vram_limit 0 is set (stream every block)
 
 
 def data_rules(family: str) -> DataRules:
@@ -142,6 +144,27 @@ def encode_for(family: str, components, sample: dict, config: TrainConfig, devic
     from .encode import encode_sample
 
     return encode_sample(components, sample, config.extra_inputs, config.zero_cond_t, device, dtype)
+
+
+def validation_inputs(family: str, sample: dict, config: TrainConfig) -> dict:
+    """The pipeline's keyword arguments for the validation images, from a loaded sample: Layered splits its input
+    image into as many layers as the sample has, at the validation resolution; 2.1 edits with its edit images (when
+    the run reads them), each sized at the validation image's area as training sizes them at the target's;
+    Qwen-Image takes the extra inputs (edit, context, ControlNet, EliGen)."""
+    if family == LAYERED:
+        return dict(image=sample[LAYERED_INPUTS[0]], layers=len(sample["image"]) - 1,
+                    resolution=config.validation_size[0])
+    if family == QWEN21:
+        from .qwen21 import edit_images
+
+        from ..conditioning.qwen21 import MULTIPLE
+
+        edits = edit_images(sample) if EDIT_INPUT in config.extra_inputs else []
+        side = max(MULTIPLE, math.isqrt(config.validation_size[0] * config.validation_size[1]) // MULTIPLE * MULTIPLE)
+        return dict(edit_image=edits or None, output_resolution=side)
+    from .encode import sample_conditions
+
+    return sample_conditions(sample, config.extra_inputs)
 
 
 def detect_family(config: TrainConfig, components=None, accelerator=None) -> str:

@@ -48,8 +48,8 @@ from .buckets import bucketed_order, buckets_on, item_sizes
 from .cache import build_cache, encoding_fingerprint, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
-from .encode import EncodedSample, sample_conditions
-from .family import data_rules, detect_family, encode_for, row_check
+from .encode import EncodedSample
+from .family import data_rules, detect_family, encode_for, row_check, validation_inputs
 from .errors import NonFiniteError
 from .lock import acquire as acquire_lock
 from .logs import TrainingLog, summary_writer_class
@@ -585,7 +585,7 @@ class Trainer:
         for index in range(len(self.dataset)):
             item = self.dataset[index]
             if not isinstance(item, Skipped):
-                return sample_conditions(item, self.config.extra_inputs), f"sample {index} ({item['prompt']!r})"
+                return validation_inputs(self.family, item, self.config), f"sample {index} ({item['prompt']!r})"
         return {}, None
 
     def _render_samples(self) -> None:

@@ -3,7 +3,9 @@
 The pipeline (QwenImagePipeline around the trainer's own components) runs the DiT being trained, its LoRA layers
 included, with the run's validation settings and a fixed seed, so the images of successive steps differ only by
 what was learned. A run with extra inputs (edit, context, ControlNet, EliGen) renders every prompt with the
-conditions of its first readable sample. The models are put in eval mode for it and every module gets its mode back afterwards; a text
+conditions of its first readable sample (Qwen-Image-Layered: that sample's input image split into as many layers as
+it has, each layer saved as NN-layer-K.png; Qwen-Image 2.1: its edit images, through 2.1's pipeline, RGBA). The
+models are put in eval mode for it and every module gets its mode back afterwards; a text
 encoder and VAE that the sample cache moved to host memory come onto the device for the rendering only. Images go
 to output_path/samples/step-N/NN.png with their parameters in the PNG (as `qistudio validate` writes them).
 """
@@ -19,6 +21,7 @@ from PIL import Image
 from ..components import Components
 from ..imageio import save_png
 from ..pipeline import QwenImagePipeline
+from ..pipeline21 import pipeline_class
 from .config import TrainConfig
 
 SAMPLES = "samples"
@@ -58,18 +61,24 @@ def render_samples(components: Components, model: torch.nn.Module, config: Train
     width, height = config.validation_size
     folder = Path(config.output_path) / SAMPLES / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = QwenImagePipeline(components, device, dtype)
+    pipe = pipeline_class(QwenImagePipeline, components)(components, device, dtype)  # 2.1's for a 2.1 DiT
+    size = {} if "layers" in conditions else dict(height=height, width=width)  # Layered: the size follows resolution
     written = []
     with eval_mode(model), on_device(components, device), torch.no_grad():
         for index, prompt in enumerate(config.validation_prompts):
-            image = pipe(prompt, cfg_scale=config.validation_cfg_scale, height=height, width=width,
-                         seed=config.validation_seed, num_inference_steps=config.validation_num_inference_steps,
-                         progress_bar_cmd=lambda steps: steps, **conditions)
+            result = pipe(prompt, cfg_scale=config.validation_cfg_scale, seed=config.validation_seed,
+                          num_inference_steps=config.validation_num_inference_steps,
+                          progress_bar_cmd=lambda steps: steps, **size, **conditions)
+            images = result if isinstance(result, list) else [result]  # Layered: the layers, bottom first
             parameters = {"prompt": prompt, "seed": config.validation_seed,
                           "steps": config.validation_num_inference_steps, "cfg": config.validation_cfg_scale,
-                          "size": f"{width}x{height}", "training_step": step, "output_path": config.output_path,
+                          "size": f"{images[0].width}x{images[0].height}", "training_step": step,
+                          "output_path": config.output_path,
                           "trained": "lora" if config.is_lora else config.trainable_models}
             if conditions:
                 parameters["conditions"] = f"{', '.join(sorted(conditions))} of {conditions_from}"
-            written.append((save_png(image, folder / f"{index:02d}.png", parameters), image))
+            for layer, image in enumerate(images, 1):
+                name = f"{index:02d}.png" if len(images) == 1 and "layers" not in conditions else \
+                    f"{index:02d}-layer-{layer}.png"
+                written.append((save_png(image, folder / name, parameters), image))
     return written
