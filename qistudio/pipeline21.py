@@ -25,6 +25,7 @@ from .conditioning.qwen21 import PromptPrefix, encode_prompt, rgba_tensor
 from .imageio import tensor_to_images
 from .models.dit21 import PrefixCache, QwenImage21DiT
 from .models.layout21 import ImageBlock, JointLayout
+from .parallel.qwen21 import Call, check_qwen21_degrees, encode_once21
 from .pipeline import QwenImagePipeline
 from .request21 import DEFAULT_RESOLUTION, Request21, build_request21
 from .sampling.guidance import guide
@@ -94,23 +95,32 @@ class Prefixes:
         return cache
 
 
-def make_velocity21(dit: QwenImage21DiT, request: Request21, groups: list[PromptRows], prefixes: Prefixes):
-    """velocity(x, sigma, step) over latents (B, C, h, w): each prompt's rows against its prefix, guided."""
+def make_velocity21(dit: QwenImage21DiT, request: Request21, groups: list[PromptRows], prefixes: Prefixes,
+                    split=None):
+    """velocity(x, sigma, step) over latents (B, C, h, w): each prompt's rows against its prefix, guided. The
+    step's DiT calls (each prompt's positive, then each one's negative) run here, or through `split`, a parallel
+    run's qistudio.parallel.qwen21.CallSplit (each rank its share; every call's output on every rank)."""
 
-    def run(prefix: PromptPrefix, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return dit(tokens, timestep, prefixes.cache(prefix, timestep))
+    def run(prefix: PromptPrefix):
+        return lambda tokens, timestep: dit(tokens, timestep, prefixes.cache(prefix, timestep))
+
+    calls = [Call(0, group.rows, run(group.positive)) for group in groups]
+    calls += [Call(1, group.rows, run(group.negative)) for group in groups if group.negative is not None]
 
     def velocity(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major: the target block's order
         timestep = torch.full((tokens.shape[0],), sigma, device=x.device, dtype=torch.float32)
-        out = []
         with torch.no_grad():
-            for group in groups:
-                rows, t = tokens[group.rows], timestep[group.rows]
-                cond = run(group.positive, rows, t)
-                if group.negative is not None:
-                    cond = guide(cond, run(group.negative, rows, t), request.cfg_scale, False)
-                out.append(cond)
+            if split is None:
+                outputs = [call.fn(tokens[call.rows], timestep[call.rows]) for call in calls]
+            else:
+                outputs = split(calls, tokens, timestep)
+        out = []
+        for index, group in enumerate(groups):
+            cond = outputs[index]
+            if group.negative is not None:
+                cond = guide(cond, outputs[len(groups) + index], request.cfg_scale, False)
+            out.append(cond)
         return torch.cat(out).transpose(1, 2).reshape(x.shape)
 
     return velocity
@@ -138,31 +148,42 @@ def _condition_tokens(components: Components, request: Request21, device, dtype)
 
 
 def generate_latents21(components: Components, request: Request21, device, dtype,
-                       scheduler: FlowMatchScheduler | None = None) -> torch.Tensor:
-    """The denoised latents (B, C, height/16, width/16) of a request."""
+                       scheduler: FlowMatchScheduler | None = None, parallel=None) -> torch.Tensor:
+    """The denoised latents (B, C, height/16, width/16) of a request; with `parallel` (a
+    parallel.runtime.ParallelRuntime), this rank's part of a parallel run: the text encoded on rank 0 and broadcast,
+    the DiT calls split (parallel/qwen21.py), the same latents on every rank."""
     components.require("dit", "text_encoder", *(("vae",) if request.edit_images else ()))
     processor = processor21(components)
-    dit = components.dit
+    dit, split = components.dit, None
+    if parallel is not None:
+        dit, split = parallel.qwen21(dit, request.use_cfg)
+        request.seed = parallel.broadcast_seed(request.seed)  # one noise for every rank
+        if not parallel.is_main:
+            request.progress_bar_cmd = lambda steps: steps
     h, w = request.latent_size
     if request.sigmas is not None:
         sigmas = custom_sigmas(request.sigmas)
     else:
         sigmas = (scheduler or FlowMatchScheduler()).sigmas(request.num_inference_steps, h * w)
     noise = _noise(request, dit.config.in_channels, dtype, device)
-    with components.phase("text encoding", "text_encoder"):
+    def encode():
         positives = encode_prompt(components.text_encoder, processor, request.prompts, request.edit_images, device,
                                   dtype)
         negative = None
         if request.use_cfg:
             negative = encode_prompt(components.text_encoder, processor, [request.negative_prompt],
                                      request.edit_images, device, dtype)[0]
+        return positives, negative
+
+    with components.phase("text encoding", "text_encoder"):
+        positives, negative = encode() if parallel is None else encode_once21(parallel, encode, PromptPrefix)
     with components.phase("image encoding", "vae"):
         condition = _condition_tokens(components, request, device, dtype)
     groups = [PromptRows(slice(k * request.num_images, (k + 1) * request.num_images), positive, negative)
               for k, positive in enumerate(positives)]
     with components.phase("denoising", "dit"):
         prefixes = Prefixes(dit, condition, ImageBlock(h, w), request.use_kv_cache)
-        velocity = make_velocity21(dit, request, groups, prefixes)
+        velocity = make_velocity21(dit, request, groups, prefixes, split)
         return sample_euler(velocity, noise, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
 
 
@@ -223,11 +244,32 @@ class QwenImage21Pipeline(QwenImagePipeline):
         if self._plan_on_first_call:
             self.enable_vram_management()
         try:
-            latents = generate_latents21(self.components, request, self.device, self.torch_dtype, self.scheduler)
+            latents = generate_latents21(self.components, request, self.device, self.torch_dtype, self.scheduler,
+                                         self.parallel)
             if output_type == "latent":
                 return latents
+            if self.parallel is not None and not self.parallel.is_main:
+                return None  # rank 0 decodes and returns the images
             images = decode21(self.components, request, latents)
         finally:
             if self.components.memory is not None:
                 self.components.memory.release()
         return images[0] if len(images) == 1 else images
+
+    def enable_parallelism(self, degrees: str | dict | None = "auto", *, data: int | None = None,
+                           cfg: int | None = None, ulysses: int | None = None, ring: int | None = None,
+                           timeout: float = 300.0):
+        """As QwenImagePipeline.enable_parallelism, for 2.1: `cfg` (with guidance, the positive and negative calls
+        on different ranks), `data` (the batch's images) and `ulysses` (the target's tokens; it must divide the
+        model's 32 heads; each rank keeps the prefix K/V cache of its heads only). Ring is not offered yet: a
+        ParallelConfigError before any process group is joined. "auto" gives calls without guidance (2.1's
+        default) Ulysses over every rank. Afterwards pipe(...) returns the images on rank 0 and None on every
+        other rank (output_type="latent": the same latents on every rank)."""
+        from .parallel.runtime import enable_parallelism
+
+        self.components.require("dit")
+        given = {name: value for name, value in dict(data=data, cfg=cfg, ulysses=ulysses, ring=ring).items()
+                 if value is not None}
+        self.parallel = enable_parallelism(self.device, self.components.dit.config.num_heads, given or degrees,
+                                           timeout, check=check_qwen21_degrees)
+        return self.parallel.degrees

@@ -98,6 +98,13 @@ CASES = {
     # FP8 compute (W8A8 linears, FP8 attention in its CPU reference form): Ulysses' all-to-alls in float8, v's
     # scale agreed by every rank (another pipeline, FP8 for good, loaded for these cases)
     "fp8_ulysses2_uneven": (dict(ulysses=2), dict(fp8=True, **UNEVEN)),
+    # Qwen-Image 2.1 (the tiny 2.1 model, pipeline21.py): guidance branches over cfg, images over data, the target
+    # tokens over Ulysses with each rank's heads of the prefix K/V cache; edit images in the prefix
+    "q21_cfg2_edit": (dict(cfg=2), dict(qwen21=True, edit_image=["edit"], output_resolution=64)),
+    "q21_data2": (dict(data=2), dict(qwen21=True, prompt=TWO_PROMPTS, cfg_scale=1.0)),
+    "q21_ulysses2_edit": (dict(ulysses=2), dict(qwen21=True, edit_image=["edit", "edit"], output_resolution=64,
+                                                  cfg_scale=1.0)),
+    "q21_ulysses2_no_kv_cache": (dict(ulysses=2), dict(qwen21=True, use_kv_cache=False)),
     "compiled_ulysses2": (dict(ulysses=2), dict(compile=True)),
     "compiled_ring2_uneven": (dict(ring=2), dict(compile=True, **UNEVEN)),
     # refused with one error on every rank ("expect": its type), before the DiT runs
@@ -107,6 +114,9 @@ CASES = {
     # four ranks
     "cfg2_ulysses2": (dict(cfg=2, ulysses=2), {}),
     "fp8_cfg2_ulysses2": (dict(cfg=2, ulysses=2), dict(fp8=True)),
+    "q21_cfg2_ulysses2_edit": (dict(cfg=2, ulysses=2), dict(qwen21=True, edit_image=["edit"], output_resolution=64)),
+    "q21_data2_ulysses2_three_images": (dict(data=2, ulysses=2), dict(qwen21=True, num_images=3, cfg_scale=1.0,
+                                                                      height=96)),
     "ulysses2_ring2_uneven": (dict(ulysses=2, ring=2), UNEVEN),
     "ring4_eligen": (dict(ring=4), ENTITIES),
     "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
@@ -125,8 +135,10 @@ def call_arguments(name: str) -> dict:
     from qistudio import ControlNetInput
 
     extra = {key: value for key, value in CASES[name][1].items()
-             if key not in ("lora", "compile", "expect", "vram", "fp8")}
+             if key not in ("lora", "compile", "expect", "vram", "fp8", "qwen21")}
     size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
+    if "edit_image" in extra and isinstance(extra["edit_image"], list):  # 2.1's list of edit images
+        extra["edit_image"] = [_edit_image() for _ in extra["edit_image"]]
     images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
                   control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)],
                   instantx=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.8, controlnet_id=1)])
@@ -148,6 +160,16 @@ def load_pipeline(repo: str, controlnets: list[str]):
         tokenizer_config=ModelConfig(path=str(folder / "tokenizer")),
         processor_config=ModelConfig(path=str(folder / "processor")),
     )
+
+
+def load_pipeline21(repo21: str):
+    """The tiny Qwen-Image 2.1 pipeline (tests/tiny_qwen21.py's repository)."""
+    from qistudio import ModelConfig, QwenImagePipeline
+    from tiny_qwen21 import model_configs21
+
+    return QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=model_configs21(Path(repo21)), tokenizer_config=None,
+                                             processor_config=ModelConfig(path=str(Path(repo21) / "processor")))
 
 
 def fp8_pipeline(repo: str, controlnets: list[str]):
@@ -197,7 +219,8 @@ def _save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     path.with_suffix(".tmp").rename(path)  # whole or absent
 
 
-def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str], kill: bool = False) -> None:
+def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str], kill: bool = False,
+              repo21: str | None = None) -> None:
     """One rank: each case's latents under its degrees, saved by every rank (the ranks must agree). With `kill`,
     a last call in which rank 1 is killed at step 1 (SIGKILL): rank 0 records the error it got and how long it
     took. The launcher would stop rank 0 at once when rank 1 dies; rank 0 ignores that (SIGTERM) here to show what
@@ -210,13 +233,16 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    plain_pipe, fp8_pipe = load_pipeline(repo, controlnets), None
+    plain_pipe, fp8_pipe, pipe21 = load_pipeline(repo, controlnets), None, None
     rank = int(os.environ["RANK"])
     for name in names:
         pipe = plain_pipe
         if CASES[name][1].get("fp8"):
             fp8_pipe = fp8_pipe or fp8_pipeline(repo, controlnets)
             pipe = fp8_pipe
+        if CASES[name][1].get("qwen21"):
+            pipe21 = pipe21 or load_pipeline21(repo21)
+            pipe = pipe21
         if CASES[name][1].get("compile") and getattr(pipe.dit.transformer_blocks[0], "_compiled_call_impl",
                                                      None) is None:
             from qistudio.compile import compile_repeated_blocks

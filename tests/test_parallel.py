@@ -1,7 +1,8 @@
 """Parallel generation on the CPU (gloo, 2 and 4 spawned ranks, the tiny demo model in float32) against the same
 call in one process: every layout (cfg, Ulysses, ring, both, data), token counts no rank count divides, edit
 images, EliGen entities, a Blockwise ControlNet, inpainting, LoRAs (hooks and fused), FP8 compute with FP8
-attention under Ulysses; a rank that dies; the CLI.
+attention under Ulysses, Qwen-Image 2.1 (cfg, data, Ulysses over its target with the prefix K/V cache split by
+heads); a rank that dies; the CLI (Qwen-Image and 2.1).
 
 The ranks are started once per rank count (module fixtures) through the library's own launcher and run every
 case in a row, re-meshing between cases; each rank saves its final latents, which must equal the one-process
@@ -26,6 +27,7 @@ from qistudio.parallel import ParallelError
 from qistudio.parallel.launch import launch
 from test_control import write_controlnet
 from test_instantx_controlnet import reference_controlnet
+from tiny_qwen21 import tiny_repository21
 
 TOLERANCE = 1e-5
 
@@ -46,28 +48,41 @@ def single(files):
 
 
 @pytest.fixture(scope="module")
+def repo21(tmp_path_factory):
+    """The tiny Qwen-Image 2.1 repository (the q21 cases)."""
+    return str(tiny_repository21(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def single21(repo21):
+    return cases.load_pipeline21(repo21)
+
+
+@pytest.fixture(scope="module")
 def single_fp8(files):
     """The one-process pipeline under FP8 compute (the fp8 cases)."""
     return cases.fp8_pipeline(*files)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(files, tmp_path_factory):
+def two_ranks(files, repo21, tmp_path_factory):
     """Every two-rank case, then the killed rank: the launcher reports rank 1's death as the run's failure."""
     out = tmp_path_factory.mktemp("ranks2")
     with pytest.raises(ParallelError, match=r"rank 1 failed: Signal 9 \(SIGKILL\)"):
-        launch(cases.run_cases, (*files, str(out), cases.TWO_RANKS, True), 2, threads_per_rank=1)
+        launch(cases.run_cases, (*files, str(out), cases.TWO_RANKS, True, repo21), 2, threads_per_rank=1)
     return out
 
 
 @pytest.fixture(scope="module")
-def four_ranks(files, tmp_path_factory):
+def four_ranks(files, repo21, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks4")
-    launch(cases.run_cases, (*files, str(out), cases.FOUR_RANKS), 4, threads_per_rank=1)
+    launch(cases.run_cases, (*files, str(out), cases.FOUR_RANKS, False, repo21), 4, threads_per_rank=1)
     return out
 
 
 def _check(single, out, name, nprocs, request=None):
+    if cases.CASES[name][1].get("qwen21"):
+        single = request.getfixturevalue("single21")
     if cases.CASES[name][1].get("fp8"):  # FP8 attention really runs (the reference form changes the result)
         single = request.getfixturevalue("single_fp8")
         assert rel_err(cases.generate(single, name), single(**cases.call_arguments(name))) > 1e-4
@@ -158,4 +173,20 @@ def test_cli_parallel_png_equals_one_process(files, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         main([*common, "-o", str(tmp_path / "bad.png"), "--parallel", "ulysses=4"])
     assert "ulysses=4 does not divide the model's 2 attention heads" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_parallel_qwen21_png_equals_one_process(repo21, tmp_path, capsys):
+    """`qistudio generate --model <2.1 folder> --parallel ulysses=2 --device cpu`: rank 0's RGBA PNG has the
+    one-process PNG's pixels; ring, which 2.1 does not run yet, is one error before anything loads."""
+    common = ["generate", "a red fox", "--model", repo21, "--size", "64x96", "--steps", "2", "--seed", "5",
+              "--device", "cpu"]
+    assert main([*common, "-o", str(tmp_path / "one.png")]) == 0
+    assert main([*common, "-o", str(tmp_path / "two.png"), "--parallel", "ulysses=2"]) == 0
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
+        assert one.mode == two.mode == "RGBA" and np.array_equal(np.asarray(one), np.asarray(two))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*common, "-o", str(tmp_path / "bad.png"), "--parallel", "ring=2"])
+    assert "ring=2: Qwen-Image 2.1 runs cfg, data and ulysses parallelism" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

@@ -303,3 +303,19 @@ def test_ring_layouts_keep_compute_dtype_attention_under_fp8(fake_two_ranks):
     with fp8_attention_reference():
         assert _collective_bytes(dit, Degrees(ring=2)) == plain and len(plain) > 1
     assert all(block.attn.fp8_attention for block in dit.transformer_blocks)
+
+
+def test_qwen21_degrees_without_ring_are_refused_before_any_process_group(monkeypatch):
+    """Qwen-Image 2.1's check (QwenImage21Pipeline.enable_parallelism passes it): ring, asked for or chosen by "auto"
+    where Ulysses does not divide the heads, is one ParallelConfigError before joining a process group."""
+    from qistudio.parallel.degrees import check_qwen21_degrees
+    from qistudio.parallel.runtime import enable_parallelism
+
+    for world, degrees in ((2, {"ring": 2}), (4, {"cfg": 2, "ring": 2}), (3, "auto")):
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        with pytest.raises(ParallelConfigError, match=f"ring={2 if world != 3 else 3}: Qwen-Image 2.1 runs cfg, "
+                                                      "data and ulysses parallelism"):
+            enable_parallelism("cpu", 32, degrees, check=check_qwen21_degrees)
+        assert not dist.is_initialized()
+    check_qwen21_degrees(resolve_degrees({"data": 2, "cfg": 2, "ulysses": 2}, 8, 32))  # the rest runs

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import attention, attention_fp8, fp8_attention_enabled
+from ..ops.attention import attention, attention_fp8, fp8_attention_enabled, prefix_attention
 from ..ops.fp8 import FP8_DTYPE
 from ..ops.fp8_attention import quantize_joined
 from ..ops.rope import rope_tables
@@ -247,9 +247,7 @@ class QwenImage21Block(nn.Module):
         if segments is not None:
             attended = block_causal_attention(query, key, value, segments)
         else:
-            batch = x.shape[0]
-            attended = attention(query, torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=1),
-                                 torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=1))
+            attended = prefix_attention(query, key, value, prefix_key, prefix_value)
         return self.finish(x, attended, mod), key, value
 
 
@@ -369,14 +367,14 @@ class QwenImage21DiT(nn.Module):
     def forward(self, target_tokens: torch.Tensor, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
         """Velocity of the target: target_tokens (B, T, C) latent tokens row-major, timestep (B,) sigma in [0, 1],
         cache: `prefill`'s (batch B or 1). Returns (B, T, out_channels)."""
-        if target_tokens.shape[1] != cache.layout.target.num_tokens:
+        rotation = cache.target_rotation  # under sequence parallelism: this rank's target tokens' rows
+        if rotation is None:
+            _, rotation = self.rotations(cache.layout, target_tokens.device)
+        if target_tokens.shape[1] != rotation.shape[-3]:
             raise ValueError(f"{target_tokens.shape[1]} target tokens for a {cache.layout.target} target block")
         x = self.img_in(target_tokens.to(self.compute_dtype))  # (B, T, D)
         temb = self._temb(timestep)  # (B, D)
         mod = self._modulation(temb)
-        rotation = cache.target_rotation
-        if rotation is None:
-            _, rotation = self.rotations(cache.layout, x.device)
         if _compiled(self.transformer_blocks[0]):
             torch._dynamo.mark_static(x, 0)  # as the 20B DiT: a new batch size compiles a graph of its own
         for index, block in enumerate(self.transformer_blocks):

@@ -114,3 +114,11 @@ def resolve_degrees(spec, world_size: int, num_heads: int = QWEN_IMAGE_HEADS) ->
             f"process(es) run; make the product {world_size}, or pass 'auto'")
     return degrees
 
+
+def check_qwen21_degrees(degrees: Degrees) -> None:
+    """Raise ParallelConfigError for degrees Qwen-Image 2.1 cannot run yet (ring: its attention over the cached
+    prefix would have to be merged across the ring)."""
+    if degrees.ring > 1:
+        raise ParallelConfigError(
+            f"ring={degrees.ring}: Qwen-Image 2.1 runs cfg, data and ulysses parallelism, not ring attention yet; "
+            "use ulysses (it must divide the model's heads: 32 for Qwen-Image 2.1) or data for those ranks")

@@ -58,24 +58,29 @@ class ParallelRuntime:
         """`encode()` -> (positive, negative) run on rank 0 only, its states broadcast to every rank."""
         if self.mesh.world_size == 1:
             return encode()
-        states = encode() if self.is_main else None
-        header = None
-        if self.is_main:
-            header = [None if s is None else {"shape": list(s.states.shape), "dtype": str(s.states.dtype),
-                                              "lengths": list(s.lengths), "segments": s.segments} for s in states]
-        header = broadcast_json(header, "text states broadcast", self.device)
+        received = self.broadcast_once(lambda: list(encode()), lambda s: (
+            s.states, {"lengths": list(s.lengths), "segments": s.segments}), "text states broadcast")
+        return tuple(None if item is None else TextStates(item[0], item[1]["lengths"], item[1]["segments"])
+                     for item in received)
+
+    def broadcast_once(self, produce, pack, what: str) -> list:
+        """`produce()` -> a list of objects (or None) run on rank 0 only; `pack(object)` -> (tensor, JSON-able
+        facts). Every rank gets the list as (tensor, facts) pairs (None where rank 0's was None)."""
+        packed = [None if item is None else pack(item) for item in produce()] if self.is_main else None
+        header = None if packed is None else [None if item is None else {
+            "shape": list(item[0].shape), "dtype": str(item[0].dtype).removeprefix("torch."), "facts": item[1]}
+            for item in packed]
         received = []
-        for index, info in enumerate(header):
+        for index, info in enumerate(broadcast_json(header, what, self.device)):
             if info is None:
                 received.append(None)
                 continue
             if self.is_main:
-                tensor = states[index].states.contiguous()
+                tensor = packed[index][0].contiguous()
             else:
-                dtype = getattr(torch, info["dtype"].removeprefix("torch."))
-                tensor = torch.empty(info["shape"], dtype=dtype, device=self.device)
-            received.append(TextStates(broadcast(tensor, "text states broadcast"), info["lengths"], info["segments"]))
-        return tuple(received)
+                tensor = torch.empty(info["shape"], dtype=getattr(torch, info["dtype"]), device=self.device)
+            received.append((broadcast(tensor, what), info["facts"]))
+        return received
 
     def dit(self, dit) -> ShardedDiT:
         """The DiT as the velocity function calls it, split across the mesh."""
@@ -85,6 +90,15 @@ class ParallelRuntime:
         sharded = self._sharded.setdefault((dit, self.degrees), ShardedDiT(dit, self.mesh))
         sharded.branch_rows = self.branch_rows
         return sharded
+
+    def qwen21(self, dit, use_cfg: bool):
+        """A Qwen-Image 2.1 call laid out on the mesh (its guidance branches over the cfg ranks): the DiT split over
+        the Ulysses ranks (parallel/qwen21.py ShardedDiT21) and the step's calls split over the rest (CallSplit)."""
+        from .qwen21 import CallSplit, ShardedDiT21
+
+        self.mesh = self.meshes[bool(use_cfg)]
+        sharded = self._sharded.setdefault((dit, self.degrees), ShardedDiT21(dit, self.mesh))
+        return sharded, CallSplit(self.mesh, sharded)
 
     def decode(self, decode, latents: torch.Tensor, tiled: bool):
         """`decode(latents, share)`: rank 0's images, None on every other rank. Tiled, every rank decodes its share
@@ -125,9 +139,11 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelRuntime:
+def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       check=None) -> ParallelRuntime:
     """Join the process group (torchrun's environment) and build the mesh of `degrees` for a DiT of `num_heads`
-    heads. Every rank calls this, with the same degrees. Raises ParallelConfigError for degrees that cannot run."""
+    heads. Every rank calls this, with the same degrees. Raises ParallelConfigError for degrees that cannot run,
+    or that `check(Degrees)` (the model's own limits) refuses, before joining any process group."""
     device = torch.device(device)
     rank, world, local_rank = environment_world()
     if device.type == "cuda":
@@ -137,11 +153,9 @@ def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = 
                                       "each rank's pipeline on its own GPU: device=qistudio.parallel.local_device()")
         device = torch.device("cuda", index)
     if not dist.is_initialized():
-        resolve_degrees(degrees, world, num_heads)  # bad degrees: one error before any process group exists
+        _layouts(degrees, world, num_heads, check)  # bad degrees: one error before any process group exists
     init_distributed(device, timeout_s)
-    world = dist.get_world_size()
-    layouts = {True: resolve_degrees(degrees, world, num_heads)}
-    layouts[False] = auto_degrees(world, num_heads, guidance=False) if degrees in (None, "auto") else layouts[True]
+    layouts = _layouts(degrees, dist.get_world_size(), num_heads, check)
     meshes = {}
     for guidance, resolved in layouts.items():
         key = (dist.group.WORLD, resolved, device, timeout_s)
@@ -149,6 +163,16 @@ def enable_parallelism(device, num_heads: int, degrees=None, timeout_s: float = 
             _meshes[key] = build_mesh(resolved, device, timeout_s)
         meshes[guidance] = _meshes[key]
     return ParallelRuntime(meshes, device)
+
+
+def _layouts(degrees, world: int, num_heads: int, check) -> dict[bool, Degrees]:
+    """The degrees for calls with guidance (True) and without (False), each checked."""
+    layouts = {True: resolve_degrees(degrees, world, num_heads)}
+    layouts[False] = auto_degrees(world, num_heads, guidance=False) if degrees in (None, "auto") else layouts[True]
+    for resolved in layouts.values():
+        if check is not None:
+            check(resolved)
+    return layouts
 
 
 _meshes: dict[tuple, ParallelMesh] = {}
