@@ -159,3 +159,83 @@ def test_the_quantize_parsers_types_are_the_librarys():
     from qistudio.weights.quantize_dit import QUANT_TYPES
 
     assert quantize.TYPES == QUANT_TYPES
+
+
+# --- --text-encoder with either family, recorded in the PNG --------------------------------------------------------
+
+
+def _safetensors(folder) -> list[str]:
+    return sorted(str(p) for p in folder.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def repo21(tmp_path_factory):
+    from tiny_qwen21 import tiny_repository21
+
+    return tiny_repository21(tmp_path_factory)
+
+
+def test_qwen21_takes_a_qwen3_vl_text_encoder_file_and_records_it(repo21, tmp_path):
+    """Qwen-Image 2.1's second ModelConfig is its text encoder too: --text-encoder replaces it, and --from-png
+    remakes the image from the recorded files."""
+    from PIL import Image
+
+    from qistudio.imageio import read_png_parameters
+
+    copied = shutil.copytree(repo21 / "text_encoder", tmp_path / "elsewhere")
+    files = _safetensors(copied)
+    model = shutil.copytree(repo21, tmp_path / "model", ignore=shutil.ignore_patterns("*.safetensors"),
+                            dirs_exist_ok=False)
+    for part in ("transformer", "vae"):
+        for path in _safetensors(repo21 / part):
+            shutil.copy(path, model / part)
+    out, again = tmp_path / "fox.png", tmp_path / "again.png"
+    assert cli("generate", "a red fox", "--model", model, *[f for path in files for f in ("--text-encoder", path)],
+               "--steps", 1, "--size", "64x64", "--seed", 5, "--device", "cpu", "-o", out) == 0
+    assert read_png_parameters(out)["text_encoder"] == files  # the model's own text_encoder/ has no weights
+    assert cli("generate", "--from-png", out, "--device", "cpu", "-o", again) == 0
+    with Image.open(out) as first, Image.open(again) as second:
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_a_text_encoder_of_the_other_family_is_refused_before_loading(repo21, tiny_repo, tmp_path, capsys):
+    qwen25, qwen3 = _safetensors(tiny_repo / "text_encoder"), _safetensors(repo21 / "text_encoder")
+    out = tmp_path / "out.png"
+    assert cli("generate", "a cat", "--model", repo21, "--text-encoder", qwen25[0], "-o", out) == 2
+    err = capsys.readouterr().err
+    assert f"--text-encoder {qwen25[0]}: a " in err and "Qwen-Image 2.1 reads prompts with Qwen3-VL" in err
+    assert "loading" not in err
+    assert cli("generate", "a cat", "--model", tiny_repo, "--text-encoder", qwen3[0], "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "Qwen3-VL, Qwen-Image 2.1's text encoder; this model reads prompts with Qwen2.5-VL" in err
+    vae = tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"
+    assert cli("generate", "a cat", "--model", tiny_repo, "--text-encoder", vae, "-o", out) == 2
+    assert "not a text encoder" in capsys.readouterr().err
+
+
+def test_a_recorded_text_encoder_that_is_gone_is_named(tiny_repo, tmp_path, capsys):
+    from PIL import Image
+
+    from qistudio.imageio import save_png
+
+    gone = tmp_path / "gone.gguf"
+    png = save_png(Image.new("RGB", (8, 8)), tmp_path / "old.png",
+                   {"prompt": "a cat", "model": str(tiny_repo), "text_encoder": [str(gone)]})
+    assert cli("generate", "--from-png", png, "-o", tmp_path / "new.png") == 2
+    assert f"--from-png {png}: {gone}: no such file" in capsys.readouterr().err
+
+
+def test_vram_limit_loads_every_model_into_host_memory_and_text_encoder_replaces_the_second(tiny_repo, tmp_path):
+    """Under --vram-limit the models rest in host memory until the plan moves them: a 12 GiB card could not
+    hold a Q4_K_M DiT and text encoder together while they load."""
+    import argparse
+
+    from qistudio.cli.generate import base_model_configs
+
+    text = _safetensors(tiny_repo / "text_encoder")
+    settings = {"model": str(tiny_repo), "demo": False, "text_encoder": text}
+    args = argparse.Namespace(vram_limit=12.0)
+    configs, _, _ = base_model_configs(settings, args)
+    assert [c.offload_device for c in configs] == ["cpu"] * 3 and configs[1].path == text
+    plain, _, _ = base_model_configs(settings, argparse.Namespace(vram_limit=None))
+    assert [c.offload_device for c in plain] == [None] * 3

@@ -168,6 +168,7 @@ def test_generate_with_gguf_dit_and_gguf_text_encoder_equals_the_pipeline(llama_
     from PIL import Image
 
     from qistudio import ModelConfig, QwenImagePipeline
+    from qistudio.imageio import read_png_parameters
     from test_gguf_cli import cli
 
     _, text, mmproj, _ = llama_cpp
@@ -191,4 +192,11 @@ def test_generate_with_gguf_dit_and_gguf_text_encoder_equals_the_pipeline(llama_
     assert pipe.components.text_encoder.has_vision
     expected = pipe("a small boat", seed=3, num_inference_steps=2, height=32, width=48)
     with Image.open(out) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+    # The PNG records the text encoder's files: --from-png remakes the image from them.
+    assert read_png_parameters(out)["text_encoder"] == [str(text.resolve()), str(mmproj.resolve())]
+    again = tmp_path / "again.png"
+    assert cli("generate", "--from-png", out, "--model-dir", tmp_path / "models", "--skip-download", "--device",
+               "cpu", "-o", again) == 0
+    with Image.open(again) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))

@@ -11,6 +11,7 @@ argument errors answer at once (the choices below are the library's, kept equal 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import re
@@ -27,6 +28,7 @@ from ..caching.config import PRESETS, parse_setting, setting_text
 from .generate21 import is_qwen21_model, pipe_call, qwen21_model_configs, qwen21_settings
 from .parallel_launch import add_parallel_argument, start_parallel
 from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
+from .text_encoder_files import check_text_encoder
 
 if TYPE_CHECKING:
     from ..pipeline import QwenImagePipeline
@@ -158,7 +160,7 @@ STORED = {
     "scheduler": str, "entities": lambda items: [str(e) for e in items],
     "entity_masks": lambda paths: [str(p) for p in paths], "controls": lambda specs: [control_spec(c) for c in specs],
     "inpaint_mask": str, "context_image": str, "controlnets": lambda specs: [str(c) for c in specs],
-    "cache": cache_spec,
+    "cache": cache_spec, "text_encoder": lambda paths: [existing_file(p) for p in paths],
 }  # fmt: skip
 CONTROL_KINDS = {"canny": "Canny", "depth": "Depth", "inpaint": "Inpaint"}  # -> DiffSynth-Studio repository suffix
 SCHEDULERS = ("Qwen-Image", "Qwen-Image-Lightning")  # FlowMatchScheduler.TEMPLATES
@@ -251,8 +253,12 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         stored.pop("demo", None)  # an explicit model replaces a stored demo
     if "demo" in explicit:
         stored.pop("model", None)
+    if "model" in explicit or "demo" in explicit:
+        stored.pop("text_encoder", None)  # a stored text encoder goes with the stored model
     settings = {**DEFAULTS, **stored, **explicit}
     qwen21_settings(settings, {*stored, *explicit}, error)  # Qwen-Image 2.1's defaults and refusals
+    if settings.get("text_encoder"):  # the files' family against the model's (headers only)
+        check_text_encoder(settings, error)
     if not settings.get("prompt"):
         error("a prompt is needed: qistudio generate \"a cat on a sofa\" (or --from-png old.png)")
     if settings.get("input_image"):
@@ -493,9 +499,7 @@ def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline
     what = "the demo model" if settings["demo"] else f"the model {settings['model']!r}"
     print(f"loading {what} on {settings['device']} ({settings['dtype']})", file=sys.stderr)
     try:
-        configs, tokenizer_config, processor_config = model_configs(settings, args)
-        if getattr(args, "text_encoder", None):  # in place of the model's text encoder (configs[1], HUB_PATTERNS)
-            configs[1] = type(configs[1])(path=args.text_encoder)
+        configs, tokenizer_config, processor_config = base_model_configs(settings, args)
         configs = configs + controlnet_configs(settings, args)[0]
         return QwenImagePipeline.from_pretrained(
             torch_dtype=getattr(torch, settings["dtype"]), device=settings["device"],
@@ -508,6 +512,18 @@ def load_pipeline(settings: dict, args: argparse.Namespace) -> QwenImagePipeline
             hint = f"\nDelete {default_demo_dir()} to rebuild it." if is_complete_demo(default_demo_dir()) else ""
         print(f"qistudio generate: could not load {what}: {reason}{hint}", file=sys.stderr)
         return None
+
+
+def base_model_configs(settings: dict, args: argparse.Namespace):
+    """model_configs with --text-encoder's files in place of the model's text encoder (configs[1] in both families,
+    checked by check_text_encoder), resting in host memory under --vram-limit (the plan moves them in: loaded
+    onto the GPU first, they would need all of its memory once)."""
+    configs, tokenizer_config, processor_config = model_configs(settings, args)
+    if settings.get("text_encoder"):
+        configs[1] = type(configs[1])(path=settings["text_encoder"])
+    if getattr(args, "vram_limit", None) is not None:
+        configs = [dataclasses.replace(config, offload_device=config.offload_device or "cpu") for config in configs]
+    return configs, tokenizer_config, processor_config
 
 
 def png_parameters(settings: dict, image) -> dict:
