@@ -209,3 +209,17 @@ def test_validation_images_are_the_pipelines(family, tmp_path):
             assert written.mode == "RGBA" and np.array_equal(np.asarray(written), np.asarray(image))
         assert read_png_parameters(path)["conditions"].startswith(conditions)
 
+
+
+def test_the_low_memory_plan_counts_every_image_a_sample_puts_through_the_dit(family):
+    """Layered: 2 layers + the composite + the input image; 2.1: the target and up to two edit images; the
+    activation estimate (lowmem.sample_tokens) scales with them."""
+    from qistudio.training.data import read_metadata
+    from qistudio.training.family import images_per_sample
+    from qistudio.training.lowmem import sample_tokens
+
+    config = family.config(family.repo, family.data, family.data / "out", data=dict(height=32, width=32))
+    rows = read_metadata(config.data.metadata_path)
+    images = images_per_sample(family.name, config, rows)
+    assert images == (4 if family.name == "layered" else 3)
+    assert sample_tokens(config, images) == images * 4 and sample_tokens(config) < sample_tokens(config, images)

@@ -146,6 +146,23 @@ def encode_for(family: str, components, sample: dict, config: TrainConfig, devic
     return encode_sample(components, sample, config.extra_inputs, config.zero_cond_t, device, dtype)
 
 
+def images_per_sample(family: str, config: TrainConfig, rows: list[dict]) -> int | None:
+    """The most images one of the metadata's rows puts through the DiT at the target's size, for the low-memory
+    plan's activation estimate: Layered's frames (composite and layers) and its input image, 2.1's target and edit
+    images; None for Qwen-Image (lowmem.sample_tokens counts its extra inputs)."""
+    if family == LAYERED:
+        return 1 + max((_files(r.get("image")) for r in rows), default=1)
+    if family == QWEN21:
+        edits = max((_files(r.get(EDIT_INPUT)) for r in rows), default=0) if EDIT_INPUT in config.extra_inputs else 0
+        return 1 + edits
+    return None
+
+
+def _files(cell) -> int:
+    """How many files a metadata cell names (a list, one path, or none)."""
+    return len(cell) if isinstance(cell, list) else int(bool(cell))
+
+
 def validation_inputs(family: str, sample: dict, config: TrainConfig) -> dict:
     """The pipeline's keyword arguments for the validation images, from a loaded sample: Layered splits its input
     image into as many layers as the sample has, at the validation resolution; 2.1 edits with its edit images (when

@@ -49,7 +49,7 @@ from .cache import build_cache, encoding_fingerprint, release_encoders
 from .config import RESUME_KEYS, TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
 from .encode import EncodedSample
-from .family import data_rules, detect_family, encode_for, row_check, validation_inputs
+from .family import data_rules, detect_family, encode_for, images_per_sample, row_check, validation_inputs
 from .errors import NonFiniteError
 from .lock import acquire as acquire_lock
 from .logs import TrainingLog, summary_writer_class
@@ -140,7 +140,8 @@ class Trainer:
         self.trained_module, self.trained = make_trainable(components, config)
         components.dit.gradient_checkpointing = config.use_gradient_checkpointing
         components.dit.checkpointed_blocks = config.checkpointed_blocks
-        self.low_memory = setup_low_memory(components, config, self.device)  # FP8 base, streamed blocks (or None)
+        self.low_memory = setup_low_memory(components, config, self.device,  # FP8 base, streamed blocks (or None)
+                                           images_per_sample(self.family, config, self.dataset.rows))
         if self.fsdp is not None:
             components.dit.gradient_checkpointing |= self.fsdp.activation_checkpointing
             distributed.ensure_process_group(self.device, config.process_group_timeout)

@@ -66,12 +66,14 @@ def load_device(config: TrainConfig, device: torch.device) -> torch.device:
     return torch.device("cpu") if wants_low_memory(config) else device
 
 
-def sample_tokens(config: TrainConfig) -> int:
-    """Image tokens of the largest sample the data settings allow: the target plus any edit or context image,
-    each taken at the target's size."""
+def sample_tokens(config: TrainConfig, images: int | None = None) -> int:
+    """Image tokens of the largest sample the data settings allow: the target plus any edit or context image (or
+    `images` in all, the family's count: Layered's frames and input image, 2.1's edit images), each taken at the
+    target's size."""
     data = config.data
     pixels = data.height * data.width if data.height is not None else data.max_pixels
-    images = 1 + sum(key in ("edit_image", "context_image") for key in config.extra_inputs)
+    if images is None:
+        images = 1 + sum(key in ("edit_image", "context_image") for key in config.extra_inputs)
     return images * pixels // 256  # one token per 16x16 pixels
 
 
@@ -195,12 +197,12 @@ def place_dit(dit: nn.Module, device, fp8: bool, streamed: list[int]) -> tuple[i
     return fp8_layers, streamer
 
 
-def setup_low_memory(components, config: TrainConfig, device) -> LowMemory | None:
+def setup_low_memory(components, config: TrainConfig, device, images: int | None = None) -> LowMemory | None:
     """The Trainer's hook: the DiT made to fit (FP8, streaming), the other models moved to `device` (the models
-    were loaded into host memory, see load_device). None when neither option is on."""
+    were loaded into host memory, see load_device). None when neither option is on. `images`: sample_tokens'."""
     if not wants_low_memory(config):
         return None
-    low_memory = prepare_dit(components.dit, device, config.fp8_base, config.vram_limit, sample_tokens(config))
+    low_memory = prepare_dit(components.dit, device, config.fp8_base, config.vram_limit, sample_tokens(config, images))
     for model in (components.vae, components.text_encoder, *components.controlnets):
         model.to(device)
     logger.info("low-memory training: %s", low_memory.describe())
