@@ -73,6 +73,8 @@ CASES = {
     "ring2": (dict(ring=2), {}),
     "ring2_uneven": (dict(ring=2), UNEVEN),
     "data2": (dict(data=2), dict(prompt=TWO_PROMPTS)),
+    # no seed given: each process would draw its own; rank 0's is used by all (the test remakes it from rank 0's)
+    "random_seed_ulysses2": (dict(ulysses=2), dict(seed=None)),
     "data2_three_images": (dict(data=2), dict(num_images=3, cfg_scale=1.0)),
     "edit_ulysses2": (dict(ulysses=2), EDIT),
     "edit_ring2_uneven": (dict(ring=2), {**EDIT, **UNEVEN}),
@@ -261,7 +263,8 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
             continue
         result = as_tensors(generate(pipe, name))
         _save(path, result, {"degrees": pipe.parallel.degrees.text(),  # its layout, and its step cache's decisions
-                             "cache": json.dumps(pipe.last_cache_report)})
+                             "cache": json.dumps(pipe.last_cache_report),
+                             "seed": json.dumps(getattr(pipe, "last_seed", None))})
     if not kill:
         return
     pipe = plain_pipe

@@ -86,7 +86,12 @@ def _check(single, out, name, nprocs, request=None):
     if cases.CASES[name][1].get("fp8"):  # FP8 attention really runs (the reference form changes the result)
         single = request.getfixturevalue("single_fp8")
         assert rel_err(cases.generate(single, name), single(**cases.call_arguments(name))) > 1e-4
-    reference = cases.as_tensors(cases.generate(single, name))
+    overrides = {}
+    if "seed" in cases.CASES[name][1]:  # seed=None: every rank used rank 0's seed; the reference draws with it
+        seeds = {json.loads(_metadata(out, name, rank)["seed"]) for rank in range(nprocs)}
+        assert len(seeds) == 1 and None not in seeds, seeds
+        overrides["seed"] = seeds.pop()
+    reference = cases.as_tensors(cases.generate(single, name, **overrides))
     ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors")) for rank in range(nprocs)]
     for rank in range(nprocs):  # a step cache: the same steps computed, per branch, on every rank
         assert json.loads(_metadata(out, name, rank)["cache"]) == single.last_cache_report, name

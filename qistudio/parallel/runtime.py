@@ -51,6 +51,7 @@ class ParallelRuntime:
                        "(or compute the same one twice); enable_parallelism('auto') lays such calls out over "
                        "ulysses and ring instead")
         self.branch_rows = request.batch_size
+        request.seed = self.broadcast_seed(request.seed)  # seed=None draws one per process: rank 0's noise for all
         if not self.is_main:
             request.progress_bar_cmd = lambda steps: steps
 
