@@ -166,10 +166,13 @@ def in_process_group():
         torch.distributed.destroy_process_group()
 
 
-def test_fsdp_trains_the_whole_dit_as_the_plain_run(family, tmp_path, in_process_group):
-    """--fsdp in a process group of one: each block its own FSDP2 unit, filled from the files (2.1's blocks run twice
-    a step), gradient checkpointing; the saved DiT is the plain run's within Qwen-Image's FSDP tolerance (two AdamW
-    steps of lr apart at most), in fact nearly equal."""
+def test_fsdp_trains_the_whole_layered_dit_as_the_plain_run(layered, tmp_path, in_process_group):
+    """--fsdp in a process group of one: each block its own FSDP2 unit, filled from the files, gradient
+    checkpointing; the saved DiT is the plain run's within Qwen-Image's FSDP tolerance (two AdamW steps of lr apart
+    at most), in fact nearly equal."""
+    family = layered
+    family.data = tmp_path / "data"
+    family.write(family.data)
     settings = dict(trainable_models="dit", max_steps=2, learning_rate=1e-4, use_gradient_checkpointing=True)
     sharded = train(family, tmp_path / "fsdp", components=False, fsdp=True, **settings)
     assert sharded.fsdp is not None
@@ -180,6 +183,15 @@ def test_fsdp_trains_the_whole_dit_as_the_plain_run(family, tmp_path, in_process
     assert worst <= 2 * 1e-4 * 2 and worst < 1e-6, worst
     assert sharded.history[0].loss == pytest.approx(plain.history[0].loss, rel=1e-6)
     assert any(not torch.equal(ours[k], t) for k, t in fresh(family.base).dit.state_dict().items() if k in ours)
+
+
+def test_fsdp_is_refused_for_21_with_its_reason(qwen21, tmp_path, in_process_group):
+    qwen21.write(tmp_path / "data")
+    config = qwen21.config(qwen21.repo, tmp_path / "data", tmp_path / "out", trainable_models="dit", fsdp=True,
+                           use_gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="FSDP2 .* not supported for Qwen-Image 2.1 training: each DiT block runs "
+                                         "twice a step"):
+        Trainer(config, progress_bar=False)
 
 
 # -- validation images ------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ loop and the loss treat every sample alike (its `pack` and, for the new members,
 The run's other settings need nothing per family: the low-memory mode (--fp8_base, --vram_limit), --compile and
 --fsdp act on `dit.transformer_blocks`, which every family's DiT has (2.1's blocks run twice a step, the prefix's
 pass then the target's, both checkpointed under --use_gradient_checkpointing: models/dit21.py). Validation images
-(`validation_inputs`) are the family's own: Layered splits an input image, 2.1 renders with its pipeline.
+(`validation_inputs`) are the family's own: Layered splits an input image, 2.1 renders with its pipeline. FSDP2 is
+refused for 2.1 (FSDP_21): on 2 CPU processes, one with a sample that has edit images and one without, the
+processes' gradient reduce-scatters came in different orders (a collective mismatch; equal layouts trained).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ QWEN_IMAGE, LAYERED, QWEN21 = "qwen_image", "layered", "qwen21"
 NAMES = {QWEN_IMAGE: "Qwen-Image", LAYERED: "Qwen-Image-Layered", QWEN21: "Qwen-Image 2.1"}
 LAYERED_INPUTS = ("layer_input_image", "layer_num")
 EDIT_INPUT = "edit_image"
+FSDP_21 = ("FSDP2 (--fsdp or an accelerate FSDP config) is not supported for Qwen-Image 2.1 training: each DiT block "
+           "runs twice a step (the text and edit images' prefix, then the target), and processes whose samples differ "
+           "in edit images reduce their sharded gradients in different orders, which stops the run; train 2.1 on "
+           "several GPUs without FSDP (DDP: a LoRA, or the whole DiT where it fits on each GPU)")
 # Qwen-Image-Layered renders at one of its trained buckets: validation_size (side, side) -> resolution=side.
 LAYERED_VALIDATION_SIDES = (640, 1024)
 
@@ -184,9 +190,9 @@ def validation_inputs(family: str, sample: dict, config: TrainConfig) -> dict:
     return sample_conditions(sample, config.extra_inputs)
 
 
-def detect_family(config: TrainConfig, components=None, accelerator=None) -> str:
+def detect_family(config: TrainConfig, components=None, accelerator=None, sharded: bool = False) -> str:
     """The run's family, from the given components or the DiT's files (the main process downloading first), checked
-    against the settings."""
+    against the settings; `sharded`: the run shards the DiT with FSDP2."""
     if components is not None:
         family = family_of_components(components)
     else:
@@ -195,4 +201,6 @@ def detect_family(config: TrainConfig, components=None, accelerator=None) -> str
         with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
             family = family_of_files(weight_configs(config))
     check_family(config, family)
+    if family == QWEN21 and sharded:
+        raise ValueError(FSDP_21)
     return family
