@@ -15,7 +15,10 @@ per phase), the plan and each phase's peak.
 
 Budgets: GPU: torch's reserved peak and nvidia-smi's peak <= --vram-limit GiB; host: the anonymous peak <=
 --host-limit GB (16, decimal, as RAM is sold). File pages are reported beside it and not counted: the kernel drops
-them under pressure and reads them again from the file.
+them under pressure and reads them again from the file. (The quantised linears rest as views of their files and
+are streamed from there, memory/mapped.py: pinned copies of an 11.5 GiB DiT and a 5.5 GiB text encoder would not fit
+16 GB. On a machine that really has 16 GB, the page cache cannot hold every file, so streamed blocks are read from
+disk again each step: this run, on a large host, times the page-cache case.)
 
 The command for one H100 (80 GB, 64 GiB disk), about 8 minutes (writing the ~18 GiB of files takes most of it;
 they are reused by a later run):

@@ -173,3 +173,45 @@ def _count(shape) -> int:
     for dimension in shape:
         count *= dimension
     return count
+
+
+def _mapped_file(pointer: int) -> str | None:
+    """The file whose memory map holds address `pointer` in this process (/proc/self/maps), or None."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            if start <= pointer < end:
+                return fields[5].strip() if len(fields) == 6 else None
+    return None
+
+
+def test_offloading_a_quantized_model_keeps_its_weights_in_the_files_map(gguf_path):
+    """Loaded into host memory, the quantised weights are views of the GGUF file's map, and the memory manager
+    streams and visits them from there: no pinned copy (a Q4_K_M DiT and text encoder would not fit 16 GB twice),
+    the same result, and afterwards the weights still in the file."""
+    from qistudio.memory.manager import MemoryManager
+    from qistudio.memory.mapped import MappedWeights, rests_in_place
+    from qistudio.memory.offload import FlatWeights
+    from qistudio.memory.plan import MemoryPlan, ModelPlan
+
+    dit = quantized_dit(gguf_path)
+    layers = quantized_linears(dit)
+    assert {_mapped_file(layer.weight.data_ptr()) for layer in layers} == {str(gguf_path)}
+    pointers = [layer.weight.data_ptr() for layer in layers]
+    inputs = Inputs()
+    expected = inputs.ours(dit)
+    manager = MemoryManager({"dit": dit}, "cpu", MemoryPlan(0, {"dit": ModelPlan("stream", 1, 2)}))
+    weights = [manager.offloads["dit"].weights, *manager.streamers["dit"][0].weights.values()]
+    assert all(type(w) is MappedWeights and w.host is None for w in weights)
+    with manager.phase("denoise", "dit"):
+        assert torch.equal(inputs.ours(dit), expected)
+    manager.release()
+    assert [layer.weight.data_ptr() for layer in layers] == pointers  # back to the file's pages
+    manager.teardown()
+    assert torch.equal(inputs.ours(dit), expected)
+    # A float model (nothing in a file map) rests in a pinned copy as before.
+    dense = dense_twin(dit)
+    assert rests_in_place(dit) and not rests_in_place(dense)
+    float_manager = MemoryManager({"dit": dense}, "cpu", MemoryPlan(0, {"dit": ModelPlan("offload")}))
+    assert type(float_manager.offloads["dit"].weights) is FlatWeights

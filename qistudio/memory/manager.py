@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..models.packed_linears import release_packed
 from .disk import DiskBlockWeights, DiskSource
+from .mapped import MappedWeights, rests_in_place
 from .offload import BlockStreamer, ModelOffload, spread
 from .plan import NUM_SLOTS, GiB, MemoryPlan, ModelSize
 
@@ -72,6 +73,7 @@ class MemoryManager:
                 model.to(self.device)
                 continue
             exclude: list[nn.Module] = []
+            in_place = rests_in_place(model)  # quantised: the weights stay views of their file, no pinned copy
             if model_plan.mode == "stream":
                 self.streamers[name] = []
                 disk = (disk_sources or {}).get(name)
@@ -82,8 +84,11 @@ class MemoryManager:
                     streamed = spread(len(blocks), count)
                     exclude += [blocks[i] for i in streamed]
                     weights = None if disk is None else _disk_weights(model, blocks, streamed, disk)
+                    if weights is None and in_place:
+                        weights = {i: MappedWeights(blocks[i]) for i in streamed}
                     self.streamers[name].append(BlockStreamer(blocks, self.device, streamed, weights=weights).attach())
-            self.offloads[name] = ModelOffload(model, self.device, exclude=tuple(exclude))
+            self.offloads[name] = ModelOffload(model, self.device, exclude=tuple(exclude),
+                                               weights=MappedWeights(model, tuple(exclude)) if in_place else None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -40,6 +40,14 @@ class FlatWeights:
     """The parameters and buffers of one module laid out in a flat byte buffer; re-pointable between copies."""
 
     def __init__(self, module: nn.Module, pin: bool, exclude: tuple[nn.Module, ...] = ()):
+        self._lay_out(module, exclude)
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        for entry in self.entries:
+            self._view(self.host, entry).copy_(getattr(entry.owner, entry.attr)[entry.name.rpartition(".")[2]])
+        self.point_to(self.host)
+
+    def _lay_out(self, module: nn.Module, exclude: tuple[nn.Module, ...]) -> None:
+        """`entries` and `nbytes`: where each parameter and buffer of `module` (less `exclude`) sits in the layout."""
         self.entries: list[_Slot] = []
         offset = 0
         skipped = {id(m) for ex in exclude for m in ex.modules()}
@@ -53,10 +61,6 @@ class FlatWeights:
                     self.entries.append(_Slot(f"{owner_name}.{name}", owner, attr, offset, tensor.dtype, tensor.shape))
                     offset += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
         self.nbytes = offset
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-        for entry in self.entries:
-            self._view(self.host, entry).copy_(getattr(entry.owner, entry.attr)[entry.name.rpartition(".")[2]])
-        self.point_to(self.host)
 
     @property
     def signature(self) -> tuple:
@@ -88,11 +92,13 @@ def _device_buffer(nbytes: int, device) -> torch.Tensor:
 
 
 class ModelOffload:
-    """A model (less any `exclude`d submodules) resting in pinned host memory, copied to the device for its phase."""
+    """A model (less any `exclude`d submodules) resting in pinned host memory, copied to the device for its phase
+    (`weights`: another host side of the same layout, memory/mapped.py's)."""
 
-    def __init__(self, model: nn.Module, device, exclude: tuple[nn.Module, ...] = ()):
+    def __init__(self, model: nn.Module, device, exclude: tuple[nn.Module, ...] = (), weights=None):
         self.device = torch.device(device)
-        self.weights = FlatWeights(model, pin=self.device.type == "cuda", exclude=exclude)
+        self.weights = weights if weights is not None else FlatWeights(model, pin=self.device.type == "cuda",
+                                                                       exclude=exclude)
         self.device_buffer: torch.Tensor | None = None
 
     @property

@@ -206,7 +206,10 @@ def place_quantized(model: nn.Module, source: TensorSource, sources: dict[str, s
         if param_name != "weight" or type(module) is not nn.Linear or not source.kept_quantized(key):
             continue
         qtype = source.quant_type(key)
-        tensors = {part: t.to(device, copy=True) for part, t in source.stored(key).items()}
+        # In host memory the weight stays a view of the file's private map (pages the kernel can drop and read
+        # again; the memory manager offloads such a model without a pinned copy: memory/mapped.py).
+        tensors = {part: t.to(device) if part == "weight" else t.to(device, copy=True)
+                   for part, t in source.stored(key).items()}
         info = source.quantized[key]
         layer = QuantizedLinear(module.in_features, module.out_features, qtype, tensors, module.bias is not None,
                                 dtype, getattr(info, "blocksize", 0), getattr(info, "offset", 0.0))
