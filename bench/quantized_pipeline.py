@@ -309,12 +309,14 @@ def verdict(ok: bool) -> str:
 def row(case: str, args, figures: dict) -> list[str]:
     if "failed" in figures:
         return [CASES[case], figures["failed"], *["-"] * 8]
-    limit, host_limit = args.vram_limit * GiB, args.host_limit * 1e9
-    gpu = [figures["reserved"]] + ([figures["gpu_used"]] if figures.get("gpu_used") is not None else [])
-    smi = size_text(figures["gpu_used"]) if figures.get("gpu_used") is not None else "-"
+    limit, host_limit, used = args.vram_limit * GiB, args.host_limit * 1e9, figures.get("gpu_used")
+    smi = size_text(used) if used is not None else "-"
     phases = ", ".join(f"{name} {size_text(value)}" for name, value in figures["phases"].items())
     on_gpu = torch.cuda.is_available() and not args.smoke
-    gpu_ok = verdict(max(gpu) <= limit) if on_gpu else "- (CPU)"
+    gpu_ok = "- (CPU)"
+    if on_gpu:  # what the planner budgets (torch's memory), and what a card of that size would see
+        gpu_ok = f"torch reserved {verdict(figures['reserved'] <= limit)}" + (
+            "" if used is None else f"; nvidia-smi (CUDA context included) {verdict(used <= limit)}")
     gpu_peaks = f"{size_text(figures['reserved'])} / {size_text(figures['allocated'])} / {smi}" if on_gpu else "-"
     return [CASES[case], figures["plan"] + (f"; phase peaks (allocated): {phases}" if phases else ""),
             f"{figures['load_s']:.1f} s", f"{figures['image_s']:.2f} s",
