@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import filecmp
+import functools
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -113,10 +116,13 @@ def _check_json_files(folder, everything: bool) -> None:
             read_json(path)
 
 
-def _load_folder(config: ModelConfig, what: str, loader):
-    """`loader(folder)` for the folder `config` resolves to; any failure of a bad folder is one CheckpointError."""
+def _folder(config: ModelConfig) -> Path:
     folder = resolve_files(config)[0]
-    folder = folder if folder.is_dir() else folder.parent
+    return folder if folder.is_dir() else folder.parent
+
+
+def _load_folder(folder: Path, what: str, loader):
+    """`loader(folder)`; any failure of a bad folder is one CheckpointError."""
     _check_json_files(folder, everything=False)
     try:
         return loader(str(folder))
@@ -131,13 +137,36 @@ def _load_folder(config: ModelConfig, what: str, loader):
 def load_tokenizer(config: ModelConfig):
     from transformers import AutoTokenizer
 
-    return _load_folder(config, "tokenizer", AutoTokenizer.from_pretrained)
+    return _load_folder(_folder(config), "tokenizer", AutoTokenizer.from_pretrained)
 
 
-def load_processor(config: ModelConfig):
+# The files transformers reads a tokenizer from. A processor folder holding the same bytes under the same names as
+# the tokenizer folder holds the same tokenizer, so the processor takes the loaded one instead of parsing the 11 MB
+# vocabulary a second time (~0.7 s a load); any difference, even in a setting, and it loads its own.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def same_tokenizer_files(folder: Path, other: Path) -> bool:
+    for name in _TOKENIZER_FILES:
+        path, other_path = folder / name, other / name
+        if path.is_file() != other_path.is_file():
+            return False
+        if path.is_file() and not filecmp.cmp(path, other_path, shallow=False):
+            return False
+    return True
+
+
+def load_processor(config: ModelConfig, tokenizer=None, tokenizer_config: ModelConfig | None = None):
+    """The processor in `config`'s folder; `tokenizer` (loaded from `tokenizer_config`) is its tokenizer when the two
+    folders hold the same tokenizer files."""
     from transformers import AutoProcessor
 
-    return _load_folder(config, "processor", AutoProcessor.from_pretrained)
+    folder = _folder(config)
+    loader = AutoProcessor.from_pretrained
+    if tokenizer is not None and same_tokenizer_files(_folder(tokenizer_config), folder):
+        loader = functools.partial(AutoProcessor.from_pretrained, tokenizer=tokenizer)
+    return _load_folder(folder, "processor", loader)
 
 
 # Parameter-name prefixes of the blocks that stream from disk (the memory manager's streamable lists).
@@ -203,5 +232,5 @@ def load_components(
     if tokenizer_config is not None:
         components.tokenizer = load_tokenizer(tokenizer_config)
     if processor_config is not None:
-        components.processor = load_processor(processor_config)
+        components.processor = load_processor(processor_config, components.tokenizer, tokenizer_config)
     return components
