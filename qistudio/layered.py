@@ -7,6 +7,11 @@ image's tokens follow (conditioning/layered.py); the schedule is Layered's own (
 first frame (the composite) is dropped and every layer decoded to RGBA. Guidance is plain CFG unless
 cfg_norm_rescale (diffusers' cfg_normalize, off by default for Layered). Step caching (cache=) gates the DiT's blocks
 as for Qwen-Image, per guidance branch, over the whole sequence (frames and the input image's tokens).
+
+Under parallelism (`parallel`, a parallel.runtime.ParallelRuntime) a call runs as Qwen-Image's does
+(pipeline.generate_latents): the caption and the text encoding once, on rank 0, broadcast; the DiT split by
+ShardedDiT (rows over data x cfg; the image tokens, all frames then the input image's, over ulysses x ring with
+their layer-3D RoPE rows; the extra timestep condition is per row); rank 0 decodes, the other ranks get None.
 """
 
 from __future__ import annotations
@@ -77,10 +82,12 @@ def _noise(request, dtype, device) -> torch.Tensor:
 
 
 def layered_velocity(components: Components, request, positive: TextStates, negative: TextStates | None,
-                     condition: torch.Tensor, cache=None):
+                     condition: torch.Tensor, cache=None, parallel=None):
     """velocity(x, sigma, step) over latents (B, F, 16, h, w); the input image's tokens (1, N, 64) follow. `cache`
-    (caching.start_cache) may skip DiT work, deciding per guidance branch."""
+    (caching.start_cache) may skip DiT work, deciding per guidance branch; `parallel` splits each DiT call across
+    ranks (every rank gets the whole call's velocity)."""
     dit = components.dit
+    model = dit if parallel is None else parallel.dit(dit)
     frames, (h, w) = request.layered.frames, request.latent_size
     batched = negative is not None and request.cfg_batch
     text = concat_text_states([positive, negative]) if batched else positive
@@ -88,8 +95,8 @@ def layered_velocity(components: Components, request, positive: TextStates, nega
     def call(states: TextStates, tokens: torch.Tensor, timestep: torch.Tensor, gate=None) -> torch.Tensor:
         rotary = layered_rotary(frames, (h, w), states.states.shape[1], dit.config.axes_dim, tokens.device)
         joined = torch.cat([tokens, condition.to(tokens.dtype).expand(tokens.shape[0], -1, -1)], dim=1)
-        return dit(joined, states.states, timestep, rotary, states.lengths, num_target_tokens=tokens.shape[1],
-                   block_gate=gate)
+        return model(joined, states.states, timestep, rotary, states.lengths, num_target_tokens=tokens.shape[1],
+                     block_gate=gate)
 
     def run(step: int, branches: tuple[str, ...], states: TextStates, tokens, timestep) -> torch.Tensor:
         if cache is None:
@@ -113,9 +120,37 @@ def layered_velocity(components: Components, request, positive: TextStates, nega
     return velocity
 
 
-def generate_layer_latents(components: Components, request, device, dtype) -> torch.Tensor:
-    """The denoised latents (B, layers + 1, 16, h, w); frame 0 is the composite."""
+def encode_layered_text(components: Components, request, device, dtype) -> tuple[TextStates, TextStates | None]:
+    """Positive states for every row, negative ones when guidance is on (an empty prompt captioned first)."""
+    tokenizer = components.prompt_tokenizer()
+    prompts = layered_prompts(components, request, device, dtype)
+    positive = _repeat(encode_prompts(components.text_encoder, tokenizer, prompts, device, dtype,
+                                      max_length=MAX_TEXT_TOKENS), request.num_images)
+    negative = None
+    if request.use_cfg:
+        negative = _repeat(encode_prompts(components.text_encoder, tokenizer, [request.negative_prompt] *
+                                          len(prompts), device, dtype, max_length=MAX_TEXT_TOKENS),
+                           request.num_images)
+    return positive, negative
+
+
+def _encode_text(components: Components, request, device, dtype, parallel):
+    if parallel is None:
+        return encode_layered_text(components, request, device, dtype)
+    # Once, on rank 0 (the caption too: generating it is most of this phase), states and caption broadcast.
+    states = parallel.encode_once(lambda: encode_layered_text(components, request, device, dtype))
+    caption = parallel.broadcast_value(request.extras.get("caption"), "caption broadcast")
+    if caption is not None:
+        request.extras["caption"] = caption
+    return states
+
+
+def generate_layer_latents(components: Components, request, device, dtype, parallel=None) -> torch.Tensor:
+    """The denoised latents (B, layers + 1, 16, h, w); frame 0 is the composite. With `parallel`, this rank's part
+    of a parallel run (every rank ends with the same latents)."""
     require_layered_models(components)
+    if parallel is not None:
+        parallel.prepare(request)
     cache = start_cache(request.cache, components.dit.config.num_layers)
     request.extras["step_cache"] = None if cache is None else cache.log  # for last_cache_report: no tensors kept
     h, w = request.latent_size
@@ -124,38 +159,40 @@ def generate_layer_latents(components: Components, request, device, dtype) -> to
     else:
         sigmas = layered_sigmas(request.num_inference_steps, (h // 2) * (w // 2), request.exponential_shift_mu)
     noise = _noise(request, dtype, device)
-    tokenizer = components.prompt_tokenizer()
     with components.phase("text encoding", "text_encoder"):
-        prompts = layered_prompts(components, request, device, dtype)
-        positive = _repeat(encode_prompts(components.text_encoder, tokenizer, prompts, device, dtype,
-                                          max_length=MAX_TEXT_TOKENS), request.num_images)
-        negative = None
-        if request.use_cfg:
-            negative = _repeat(encode_prompts(components.text_encoder, tokenizer, [request.negative_prompt] *
-                                              len(prompts), device, dtype, max_length=MAX_TEXT_TOKENS),
-                               request.num_images)
+        positive, negative = _encode_text(components, request, device, dtype, parallel)
     with components.phase("image encoding", "vae"), torch.no_grad():
         image = rgba_tensor(request.layered.image, device, dtype)
         condition = patchify(components.vae.encode(image, *_tiling(components, request)).to(dtype))
     with components.phase("denoising", "dit"):
-        velocity = layered_velocity(components, request, positive, negative, condition, cache)
+        velocity = layered_velocity(components, request, positive, negative, condition, cache, parallel)
         return sample_euler(velocity, noise, sigmas, callback=request.callback, progress=request.progress_bar_cmd)
 
 
-def decode_layers(components: Components, request, latents: torch.Tensor) -> list[list]:
-    """Per batch row, its layers as RGBA images (the composite frame 0 dropped), bottom layer first."""
+def decode_layers(components: Components, request, latents: torch.Tensor, share=None) -> list[list] | None:
+    """Per batch row, its layers as RGBA images (the composite frame 0 dropped), bottom layer first. `share`
+    splits the VAE's tiles across ranks (None where a rank keeps nothing)."""
     batch, frames = latents.shape[:2]
     with components.phase("decoding", "vae"), torch.no_grad():
-        images = components.vae.decode(latents[:, 1:].flatten(0, 1), *_tiling(components, request))
+        images = components.vae.decode(latents[:, 1:].flatten(0, 1), *_tiling(components, request), share=share)
+    if images is None:
+        return None
     pictures = tensor_to_images(images)
     return [pictures[row * (frames - 1): (row + 1) * (frames - 1)] for row in range(batch)]
 
 
-def generate_layers(components: Components, request, device, dtype, output_type: str = "pil"):
+def generate_layers(components: Components, request, device, dtype, output_type: str = "pil", parallel=None):
     """Layers of the request's image: a list of RGBA images (a list of such lists for several rows), or the
-    latents (B, layers + 1, 16, h, w) with output_type="latent"."""
-    latents = generate_layer_latents(components, request, device, dtype)
+    latents (B, layers + 1, 16, h, w) with output_type="latent". With `parallel`, rank 0 returns the layers and
+    every other rank None (the latents on every rank)."""
+    latents = generate_layer_latents(components, request, device, dtype, parallel)
     if output_type == "latent":
         return latents
-    rows = decode_layers(components, request, latents)
+    if parallel is None:
+        rows = decode_layers(components, request, latents)
+    else:  # tiled: the tiles split across ranks; untiled: rank 0 decodes alone
+        rows = parallel.decode(lambda x, share: decode_layers(components, request, x, share), latents,
+                               _tiling(components, request)[0])
+    if rows is None:
+        return None
     return rows[0] if len(rows) == 1 else rows

@@ -388,7 +388,7 @@ class QwenImagePipeline:
 
         Afterwards `pipe(...)` returns the images on rank 0 and None on every other rank (with
         output_type="latent", every rank returns the same latents). Step caching (cache=) skips the same steps as
-        in one process, on every rank; Qwen-Image-Layered runs whole on every rank.
+        in one process, on every rank. Qwen-Image-Layered calls split alike (rank 0 returns the layers).
         """
         from .parallel.runtime import enable_parallelism
 
@@ -559,7 +559,8 @@ class QwenImagePipeline:
             if request.layered is not None:  # Qwen-Image-Layered: RGBA layers of the image (qistudio/layered.py)
                 from .layered import generate_layers
 
-                return generate_layers(self.components, request, self.device, self.torch_dtype, output_type)
+                return generate_layers(self.components, request, self.device, self.torch_dtype, output_type,
+                                       self.parallel)
             latents = generate_latents(self.components, request, self.device, self.torch_dtype, self.scheduler,
                                        self.parallel)
             if output_type == "latent":

@@ -42,6 +42,11 @@ def _inpaint_mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
+def _rgba_image() -> Image.Image:
+    """A 64 x 32 RGBA image, partly transparent: Layered's working size at the shrunk area (LAYERED_AREA) as it is."""
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, (32, 64, 4), dtype=np.uint8), "RGBA")
+
+
 def _product(degrees: dict | str) -> int:
     return 2 if degrees == "auto" else int(np.prod(list(degrees.values())))
 
@@ -59,6 +64,14 @@ CACHES = dict(first_block=FirstBlockCache(0.56),
               # float32 factors: bfloat16 ones round the ranks' last-bit differences (ring's merge order) to 1e-4
               taylorseer=TaylorSeer(warmup_steps=2, cache_interval=2, factors_dtype="float32"))
 INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.8)
+# Qwen-Image-Layered (tests/tiny_layered.py's model): its working area shrunk from 640^2 to 40^2 pixels (as
+# tests/test_layered_*.py shrink it, no code path changed), so the 64 x 32 image gives 4 x 2 patches per frame:
+# (layers + 1 frames + the input image) x 8 image tokens. Layered's sides are multiples of 32, so every frame
+# has a multiple of 4 tokens and 2 or 4 ranks always divide the count; three layers (40 tokens) put the
+# sequence ranks' boundary inside a frame instead. Two steps; the caption (an empty prompt) 4 tokens long.
+LAYERED_AREA = 640 * 640 // 256
+LAYERED_CAPTION_TOKENS = 4
+LAYERED = dict(layered=True, image="rgba", layers=2, resolution=640, num_inference_steps=2)
 
 # name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
 # ("hooks" or "fused"); "vram" turns VRAM management on for the call (its arguments); "compile" compiles the ranks'
@@ -113,8 +126,17 @@ CASES = {
     "compiled_eligen_ulysses2": (dict(ulysses=2), dict(compile=True, expect="ParallelConfigError", **ENTITIES)),
     # the images: rank 0's, the VAE's 9 tiles split across the ranks; None on rank 1
     "tiled_decode_ulysses2": (dict(ulysses=2), dict(output_type="pil", tiled=True, tile_size=4, tile_stride=2)),
+    # Qwen-Image-Layered: the frames and the input image's tokens sharded with their layer-3D RoPE rows, the
+    # extra timestep condition per row; an empty prompt captioned on rank 0 and broadcast
+    "layered_caption_cfg2": (dict(cfg=2), dict(LAYERED, prompt="")),
+    "layered_ulysses2_three_layers": (dict(ulysses=2), dict(LAYERED, layers=3)),
+    "layered_ring2": (dict(ring=2), LAYERED),
+    "layered_data2": (dict(data=2), dict(LAYERED, prompt=TWO_PROMPTS)),
+    # the layers as RGBA images: rank 0's (it decodes alone), None on rank 1
+    "layered_images_ulysses2": (dict(ulysses=2), dict(LAYERED, output_type="pil")),
     # four ranks
     "cfg2_ulysses2": (dict(cfg=2, ulysses=2), {}),
+    "layered_cfg2_ulysses2": (dict(cfg=2, ulysses=2), LAYERED),
     "fp8_cfg2_ulysses2": (dict(cfg=2, ulysses=2), dict(fp8=True)),
     "q21_cfg2_ulysses2_edit": (dict(cfg=2, ulysses=2), dict(qwen21=True, edit_image=["edit"], output_resolution=64)),
     "q21_data2_ulysses2_three_images": (dict(data=2, ulysses=2), dict(qwen21=True, num_images=3, cfg_scale=1.0,
@@ -137,17 +159,20 @@ def call_arguments(name: str) -> dict:
     from qistudio import ControlNetInput
 
     extra = {key: value for key, value in CASES[name][1].items()
-             if key not in ("lora", "compile", "expect", "vram", "fp8", "qwen21")}
+             if key not in ("lora", "compile", "expect", "vram", "fp8", "qwen21", "layered")}
+    base = BASE
+    if CASES[name][1].get("layered"):  # the size follows the image (resolution=)
+        base = {key: value for key, value in BASE.items() if key not in ("height", "width")}
     size = (extra.get("width", BASE["width"]), extra.get("height", BASE["height"]))
     if "edit_image" in extra and isinstance(extra["edit_image"], list):  # 2.1's list of edit images
         extra["edit_image"] = [_edit_image() for _ in extra["edit_image"]]
-    images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask,
+    images = dict(edit=_edit_image, masks=_entity_masks, inpaint=_inpaint_mask, rgba=_rgba_image,
                   control=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.7)],
                   instantx=lambda: [ControlNetInput(image=_edit_image().resize(size), scale=0.8, controlnet_id=1)])
     for key, value in extra.items():
         if isinstance(value, str) and value in images and key != "prompt":
             extra[key] = images[value]()
-    return {**BASE, "output_type": "latent", **extra, "progress_bar_cmd": lambda steps: steps}
+    return {**base, "output_type": "latent", **extra, "progress_bar_cmd": lambda steps: steps}
 
 
 def load_pipeline(repo: str, controlnets: list[str]):
@@ -174,6 +199,27 @@ def load_pipeline21(repo21: str):
                                              processor_config=ModelConfig(path=str(Path(repo21) / "processor")))
 
 
+def load_layered(repo_layered: str):
+    """The tiny Qwen-Image-Layered pipeline (tests/tiny_layered.py's repository)."""
+    from tiny_layered import load_layered_pipe
+
+    return load_layered_pipe(Path(repo_layered))
+
+
+def _layered_scale():
+    """Layered's working area and caption length shrunk for the call (the same on every rank and in one process)."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import qistudio.conditioning.caption as caption
+    import qistudio.conditioning.layered as layered
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.dict(layered.RESOLUTION_AREAS, {640: LAYERED_AREA}))
+    stack.enter_context(mock.patch.object(caption, "MAX_NEW_TOKENS", LAYERED_CAPTION_TOKENS))
+    return stack
+
+
 def fp8_pipeline(repo: str, controlnets: list[str]):
     """The demo pipeline under FP8 compute (for the cases marked fp8)."""
     pipe = load_pipeline(repo, controlnets)
@@ -190,13 +236,14 @@ def generate(pipe, name: str, **overrides) -> torch.Tensor:
 
     from qistudio.ops.fp8_attention import fp8_attention_reference
 
-    lora, vram = CASES[name][1].get("lora"), CASES[name][1].get("vram")
+    lora, vram, scale = CASES[name][1].get("lora"), CASES[name][1].get("vram"), CASES[name][1].get("layered")
     if lora:
         pipe.load_lora(pipe.dit, state_dict=peft_layout(random_pairs(pipe.dit, seed=5)), fuse=lora == "fused")
     if vram is not None:
         pipe.enable_vram_management(**vram)
     try:
-        with fp8_attention_reference() if CASES[name][1].get("fp8") else nullcontext():
+        with fp8_attention_reference() if CASES[name][1].get("fp8") else nullcontext(), \
+                _layered_scale() if scale else nullcontext():
             return pipe(**{**call_arguments(name), **overrides})
     finally:
         if lora:
@@ -206,11 +253,13 @@ def generate(pipe, name: str, **overrides) -> torch.Tensor:
 
 
 def as_tensors(result) -> dict[str, torch.Tensor]:
-    """A call's result as tensors to save: latents, an image's pixels, or a mark for None."""
+    """A call's result as tensors to save: latents, an image's pixels (layers': stacked), or a mark for None."""
     if result is None:
         return {"none": torch.zeros(1)}
     if isinstance(result, Image.Image):
         return {"pixels": torch.from_numpy(np.asarray(result).copy())}
+    if isinstance(result, list):  # Layered's RGBA layers
+        return {"pixels": torch.from_numpy(np.stack([np.asarray(layer) for layer in result]))}
     return {"latents": result.contiguous()}
 
 
@@ -222,7 +271,7 @@ def _save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
 
 
 def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str], kill: bool = False,
-              repo21: str | None = None) -> None:
+              repo21: str | None = None, repo_layered: str | None = None) -> None:
     """One rank: each case's latents under its degrees, saved by every rank (the ranks must agree). With `kill`,
     a last call in which rank 1 is killed at step 1 (SIGKILL): rank 0 records the error it got and how long it
     took. The launcher would stop rank 0 at once when rank 1 dies; rank 0 ignores that (SIGTERM) here to show what
@@ -235,7 +284,7 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    plain_pipe, fp8_pipe, pipe21 = load_pipeline(repo, controlnets), None, None
+    plain_pipe, fp8_pipe, pipe21, layered_pipe = load_pipeline(repo, controlnets), None, None, None
     rank = int(os.environ["RANK"])
     for name in names:
         pipe = plain_pipe
@@ -245,6 +294,9 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
         if CASES[name][1].get("qwen21"):
             pipe21 = pipe21 or load_pipeline21(repo21)
             pipe = pipe21
+        if CASES[name][1].get("layered"):
+            layered_pipe = layered_pipe or load_layered(repo_layered)
+            pipe = layered_pipe
         if CASES[name][1].get("compile") and getattr(pipe.dit.transformer_blocks[0], "_compiled_call_impl",
                                                      None) is None:
             from qistudio.compile import compile_repeated_blocks
@@ -264,7 +316,8 @@ def run_cases(repo: str, controlnets: list[str], out_dir: str, names: list[str],
         result = as_tensors(generate(pipe, name))
         _save(path, result, {"degrees": pipe.parallel.degrees.text(),  # its layout, and its step cache's decisions
                              "cache": json.dumps(pipe.last_cache_report),
-                             "seed": json.dumps(getattr(pipe, "last_seed", None))})
+                             "seed": json.dumps(getattr(pipe, "last_seed", None)),
+                             "caption": json.dumps(pipe.last_request.extras.get("caption"))})
     if not kill:
         return
     pipe = plain_pipe

@@ -2,7 +2,8 @@
 call in one process: every layout (cfg, Ulysses, ring, both, data), token counts no rank count divides, edit
 images, EliGen entities, a Blockwise ControlNet, inpainting, LoRAs (hooks and fused), FP8 compute with FP8
 attention under Ulysses, Qwen-Image 2.1 (cfg, data, Ulysses over its target with the prefix K/V cache split by
-heads); a rank that dies; the CLI (Qwen-Image and 2.1).
+heads), Qwen-Image-Layered (cfg with its caption, Ulysses, ring, data, cfg x Ulysses; its layers); a rank that dies;
+the CLI (Qwen-Image, 2.1 and `qistudio layers`).
 
 The ranks are started once per rank count (module fixtures) through the library's own launcher and run every
 case in a row, re-meshing between cases; each rank saves its final latents, which must equal the one-process
@@ -59,30 +60,47 @@ def single21(repo21):
 
 
 @pytest.fixture(scope="module")
+def repo_layered(tiny_repo, tmp_path_factory):
+    """The tiny Qwen-Image-Layered repository (the layered cases)."""
+    from tiny_layered import write_tiny_layered
+
+    return str(write_tiny_layered(tmp_path_factory.mktemp("Qwen-Image-Layered"), tiny_repo))
+
+
+@pytest.fixture(scope="module")
+def single_layered(repo_layered):
+    return cases.load_layered(repo_layered)
+
+
+@pytest.fixture(scope="module")
 def single_fp8(files):
     """The one-process pipeline under FP8 compute (the fp8 cases)."""
     return cases.fp8_pipeline(*files)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(files, repo21, tmp_path_factory):
+def two_ranks(files, repo21, repo_layered, tmp_path_factory):
     """Every two-rank case, then the killed rank: the launcher reports rank 1's death as the run's failure."""
     out = tmp_path_factory.mktemp("ranks2")
     with pytest.raises(ParallelError, match=r"rank 1 failed: Signal 9 \(SIGKILL\)"):
-        launch(cases.run_cases, (*files, str(out), cases.TWO_RANKS, True, repo21), 2, threads_per_rank=1)
+        launch(cases.run_cases, (*files, str(out), cases.TWO_RANKS, True, repo21, repo_layered), 2,
+               threads_per_rank=1)
     return out
 
 
 @pytest.fixture(scope="module")
-def four_ranks(files, repo21, tmp_path_factory):
+def four_ranks(files, repo21, repo_layered, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks4")
-    launch(cases.run_cases, (*files, str(out), cases.FOUR_RANKS, False, repo21), 4, threads_per_rank=1)
+    launch(cases.run_cases, (*files, str(out), cases.FOUR_RANKS, False, repo21, repo_layered), 4,
+           threads_per_rank=1)
     return out
 
 
 def _check(single, out, name, nprocs, request=None):
     if cases.CASES[name][1].get("qwen21"):
         single = request.getfixturevalue("single21")
+    if cases.CASES[name][1].get("layered"):
+        single = request.getfixturevalue("single_layered")
     if cases.CASES[name][1].get("fp8"):  # FP8 attention really runs (the reference form changes the result)
         single = request.getfixturevalue("single_fp8")
         assert rel_err(cases.generate(single, name), single(**cases.call_arguments(name))) > 1e-4
@@ -95,9 +113,13 @@ def _check(single, out, name, nprocs, request=None):
     ranks = [load_file(str(out / f"{name}.rank{rank}.safetensors")) for rank in range(nprocs)]
     for rank in range(nprocs):  # a step cache: the same steps computed, per branch, on every rank
         assert json.loads(_metadata(out, name, rank)["cache"]) == single.last_cache_report, name
+        # Layered's caption of an empty prompt: written on rank 0, every rank holds the one-process caption
+        assert json.loads(_metadata(out, name, rank)["caption"]) == single.last_request.extras.get("caption")
     if "cache" in cases.CASES[name][1]:  # the case's threshold really skips steps, branches apart on some
         assert any(len(steps) < cases.CACHED["num_inference_steps"] for steps in
                    single.last_cache_report["computed_steps"].values()), name
+    if cases.CASES[name][1].get("prompt") == "":  # the caption step really ran
+        assert single.last_request.extras["caption"], name
     if "pixels" in reference:  # rank 0 returns the image (its tiles summed in another order), the others None
         difference = (ranks[0]["pixels"].int() - reference["pixels"].int()).abs()
         assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3, name

@@ -83,6 +83,10 @@ class ParallelRuntime:
             received.append((broadcast(tensor, what), info["facts"]))
         return received
 
+    def broadcast_value(self, value, what: str):
+        """Rank 0's JSON-able `value` (a caption, a seed) on every rank."""
+        return value if self.mesh.world_size == 1 else broadcast_json(value, what, self.device)
+
     def dit(self, dit) -> ShardedDiT:
         """The DiT as the velocity function calls it, split across the mesh."""
         if self.degrees.ring > 1 and any(getattr(m, "fp8_attention", False) for m in dit.modules()):
