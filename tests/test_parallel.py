@@ -217,3 +217,24 @@ def test_cli_parallel_qwen21_png_equals_one_process(repo21, tmp_path, capsys):
         main([*common, "-o", str(tmp_path / "bad.png"), "--parallel", "ring=2"])
     assert "ring=2: Qwen-Image 2.1 runs cfg, data and ulysses parallelism" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_parallel_layers_pngs_equal_one_process(repo_layered, tmp_path, capsys):
+    """`qistudio layers IMAGE --parallel ulysses=2 --device cpu` starts two gloo ranks through generate's launcher;
+    rank 0 writes layer PNGs and a composite with the one-process pixels (RGBA). The ranks cannot see a test's
+    shrunk working area, so this runs at 640 (896 x 448 here), one layer, one step. A bad degree is one error
+    before anything loads."""
+    image = tmp_path / "in.png"
+    cases._rgba_image().save(image)
+    common = ["layers", str(image), "--model", repo_layered, "--layers", "1", "--steps", "1", "--seed", "5",
+              "--prompt", "a kite", "--device", "cpu"]
+    assert main([*common, "-o", str(tmp_path / "one")]) == 0
+    assert main([*common, "-o", str(tmp_path / "two"), "--parallel", "ulysses=2"]) == 0
+    for name in ("layer-1.png", "composite.png"):
+        with Image.open(tmp_path / "one" / name) as one, Image.open(tmp_path / "two" / name) as two:
+            assert one.mode == two.mode == "RGBA" and np.array_equal(np.asarray(one), np.asarray(two)), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*common, "-o", str(tmp_path / "bad"), "--parallel", "ulysses=4"])
+    assert "ulysses=4 does not divide the model's 2 attention heads" in capsys.readouterr().err
+    assert not list((tmp_path / "bad").glob("*.png"))

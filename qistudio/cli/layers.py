@@ -4,7 +4,8 @@ The layers are written bottom first (layer-1.png is the background); composite.p
 command prints how far that composite is from the input (mean difference in 8-bit levels): the check that the
 layers rebuild the picture. Without --prompt the text encoder writes a caption of the image first (Chinese, or
 English with --en), as the reference pipeline does. Every input is checked before any model loads; torch and the
-models are imported only inside `run`.
+models are imported only inside `run`. `--parallel` splits the work over several GPUs (or gloo processes with
+--device cpu) as `qistudio generate --parallel` does (parallel_launch.py); rank 0 writes the PNGs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .generate import DOWNLOAD_SOURCES, DTYPES, finite_float, lora_spec, positive_int, resolve_device, seed_int
+from .parallel_launch import add_parallel_argument, start_parallel
 from .speed import add_speed_arguments, apply_after_loras, apply_before_loras, check_speed_arguments
 
 HUB_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
@@ -49,6 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model-dir", metavar="DIR", help="where downloads go (default: $QISTUDIO_MODEL_BASE_PATH or ./models)")
     p.add_argument("--skip-download", action="store_true", default=None)
     add_speed_arguments(p)
+    add_parallel_argument(p)
     p.set_defaults(run=run, parser=p)
     return p
 
@@ -95,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
             {"demo": False, "model": args.model, "edit": True}, args)
     except FileNotFoundError as e:
         args.parser.error(str(e))
-    seed = random.randrange(2**31) if args.seed is None else args.seed
+    settings.update(model=args.model, seed=random.randrange(2**31) if args.seed is None else args.seed)
+    ranks = start_parallel(args, settings)  # --parallel: starts the ranks here and waits; under torchrun: joins
+    if ranks.exit_code is not None:
+        return ranks.exit_code
+    seed = settings["seed"]  # rank 0's under parallelism
     print(f"seed: {seed}")
 
     import torch
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = QwenImagePipeline.from_pretrained(torch_dtype=getattr(torch, settings["dtype"]), device=settings["device"],
                                              model_configs=configs, tokenizer_config=tokenizer_config,
                                              processor_config=processor_config)
+    ranks.enable(pipe)
     apply_before_loras(pipe, args)
     for path, scale in loras:
         pipe.load_lora(pipe.dit, path, alpha=scale)
@@ -117,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
                   use_en_prompt=args.en, negative_prompt=args.negative, cfg_scale=args.cfg,
                   num_inference_steps=args.steps, seed=seed, tiled=args.tiled,
                   progress_bar_cmd=lambda steps: tqdm(steps, desc="denoising", unit="step"))
+    if layers is None:  # a parallel run's other ranks: rank 0 writes the PNGs
+        return 0
     prompt = args.prompt or pipe.last_request.extras.get("caption", "")
     parameters = {"image": str(Path(args.image).expanduser().resolve()), "layers": args.layers, "prompt": prompt,
                   "negative": args.negative, "resolution": args.resolution, "steps": args.steps, "cfg": args.cfg,

@@ -1,9 +1,10 @@
-"""`qistudio generate --parallel cfg=2,ulysses=2`: degrees checked, the ranks started, each rank set up.
+"""`qistudio generate|layers --parallel cfg=2,ulysses=2`: degrees checked, the ranks started, each rank set up.
 
 Two ways in, one code path per rank:
 - `qistudio generate ... --parallel DEGREES` (no launcher around it): after the flags are checked, this process
   starts one rank per visible GPU (with --device cpu: as many gloo processes as the degrees make, 2 for auto)
-  through torch.distributed's elastic launcher, each running the same command, and waits; rank 0 writes the PNG.
+  through torch.distributed's elastic launcher, each running the same command (the module of the subcommand's
+  `run`: generate, layers), and waits; rank 0 writes the PNGs.
 - `torchrun --nproc_per_node N -m qistudio generate ... [--parallel DEGREES]`: this process is one rank already
   (RANK and WORLD_SIZE set); without --parallel the degrees are "auto".
 Every rank takes rank 0's seed, loads the pipeline on its own device and calls enable_parallelism.
@@ -148,33 +149,38 @@ class RankFailed(RuntimeError):
 
 
 def _launch(args: argparse.Namespace, count: int) -> int:
-    """Run this generate command on `count` local ranks; rank 0 writes the PNG. Returns the exit status."""
+    """Run this command on `count` local ranks; rank 0 writes the PNGs. Returns the exit status."""
     from ..parallel import ParallelError
     from ..parallel.launch import launch
 
     values = {key: value for key, value in vars(args).items() if key not in ("parser", "run")}
     try:
-        launch(_rank_main, (values,), count)
+        launch(_rank_main, (values, args.run.__module__), count)
     except ParallelError as e:  # the launcher stopped every rank at the first failure
         print(f"{args.parser.prog}: {str(e).replace(f'{RankFailed.__name__}: ', '')}", file=sys.stderr)
         return 1
     return 0
 
 
-def _rank_main(values: dict) -> int:
-    """One spawned rank: the generate command from its parsed flags. A failure raises, so that the launcher stops
-    the other ranks at once (a rank that returned would keep its connections open, leaving them waiting)."""
-    from . import generate
+def _rank_main(values: dict, command: str = "qistudio.cli.generate") -> int:
+    """One spawned rank: the command (its module: qistudio.cli.generate or .layers) from its parsed flags. A failure
+    raises, so that the launcher stops the other ranks at once (a rank that returned would keep its connections
+    open, leaving them waiting)."""
+    import importlib
+
     from .main import is_user_error, one_line
 
+    if command not in ("qistudio.cli.generate", "qistudio.cli.layers"):
+        raise ValueError(f"no parallel command {command!r}")
+    module = importlib.import_module(command)
     root = argparse.ArgumentParser(prog="qistudio")
-    parser = generate.add_parser(root.add_subparsers())
-    args = argparse.Namespace(**values, parser=parser, run=generate.run)
+    parser = module.add_parser(root.add_subparsers())
+    args = argparse.Namespace(**values, parser=parser, run=module.run)
     quiet = int(os.environ.get("RANK", "0")) != 0  # rank 0 speaks for all
     with open(os.devnull, "w") as sink, redirect_stdout(sink if quiet else sys.stdout), \
             redirect_stderr(sink if quiet else sys.stderr):
         try:
-            code = generate.run(args)
+            code = module.run(args)
         except SystemExit as e:  # parser.error: the launching process checked the same flags first
             code = e.code
         except Exception as e:  # noqa: BLE001 - one line for the launching process to print
