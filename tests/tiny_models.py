@@ -79,6 +79,19 @@ def write_tiny_qwen_image(folder: Path) -> Path:
     return folder
 
 
+_READ_ONLY_PARTS: dict[tuple[str, str], object] = {}
+
+
+def read_only_part(folder: Path, name: str, load):
+    """`load(folder / name)`, loaded once per test session: the reference pipelines' tokenizers, processors and text
+    encoders, which the pipelines and tests only read (parsing the 11 MB tokenizer.json alone takes ~0.8 s). Each
+    pipeline still gets its own scheduler, VAE and transformer, the parts tests hook, step or change."""
+    key = (str(Path(folder).resolve()), name)
+    if key not in _READ_ONLY_PARTS:
+        _READ_ONLY_PARTS[key] = load(Path(folder) / name)
+    return _READ_ONLY_PARTS[key]
+
+
 def reference_pipeline(folder: Path, kind: str = "text", transformer=None):
     """diffusers' pipeline over the tiny repository's components.
 
@@ -89,12 +102,14 @@ def reference_pipeline(folder: Path, kind: str = "text", transformer=None):
 
     cls = {"text": diffusers.QwenImagePipeline, "img2img": diffusers.QwenImageImg2ImgPipeline,
            "edit": diffusers.QwenImageEditPipeline, "edit_plus": diffusers.QwenImageEditPlusPipeline}[kind]
-    extra = {"processor": AutoProcessor.from_pretrained(folder / "processor")} if kind.startswith("edit") else {}
+    extra = ({"processor": read_only_part(folder, "processor", AutoProcessor.from_pretrained)}
+             if kind.startswith("edit") else {})
     return cls(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
         vae=diffusers.AutoencoderKLQwenImage.from_pretrained(folder / "vae").eval(),
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder").eval(),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder=read_only_part(folder, "text_encoder",
+                                    lambda path: Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()),
+        tokenizer=read_only_part(folder, "tokenizer", AutoTokenizer.from_pretrained),
         transformer=transformer or diffusers.QwenImageTransformer2DModel.from_pretrained(folder / "transformer").eval(),
         **extra,
     )

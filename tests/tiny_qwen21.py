@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qistudio.models.layout21 import ImageBlock, JointLayout
-from tiny_models import QWEN_IMAGE_SCHEDULER, _perturb, save
+from tiny_models import QWEN_IMAGE_SCHEDULER, _perturb, read_only_part, save
 
 TEXT_DIM = 64  # the tiny Qwen3-VL's hidden size = the DiT's context_in_dim
 LATENT_CHANNELS = 16  # the tiny VAE's z_dim = the DiT's in_channels (64 in the released model)
@@ -92,8 +92,9 @@ def reference_pipeline21(folder: Path):
     return diffusers.QwenImage21Pipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
         vae=diffusers.AutoencoderKLQwenImage21.from_pretrained(folder / "vae").eval(),
-        text_encoder=Qwen3VLForConditionalGeneration.from_pretrained(folder / "text_encoder").eval(),
-        processor=AutoProcessor.from_pretrained(folder / "processor"),
+        text_encoder=read_only_part(folder, "text_encoder",
+                                    lambda path: Qwen3VLForConditionalGeneration.from_pretrained(path).eval()),
+        processor=read_only_part(folder, "processor", AutoProcessor.from_pretrained),
         transformer=diffusers.QwenImage21Transformer2DModel.from_pretrained(folder / "transformer").eval(),
     )
 
