@@ -216,7 +216,12 @@ def test_edit_matches_the_pipeline(tiny_repo, tmp_path, monkeypatch):
     assert np.array_equal(pixels(two), np.asarray(expected))
 
 
-def test_demo_edit_and_bad_edit_image(demo_env, tmp_path, capsys):
+def test_demo_edit_and_bad_edit_image(demo_env, tmp_path, capsys, monkeypatch):
+    import qistudio.conditioning.edit as edit
+
+    # The demo's output size comes from its own 256x256 area; the edit image's working copies need no 1024x1024
+    # (at that size the tiny vision tower and VAE took ~10 s of CPU).
+    monkeypatch.setattr(edit, "EDIT_LATENT_AREA", 128 * 128)
     source = _random_png(tmp_path / "wide.png", 128, 64)
     out = tmp_path / "demo-edit.png"
     assert cli("generate", "add snow", "--demo", "--edit-image", source, "--steps", 1, "-o", out) == 0
