@@ -132,8 +132,10 @@ CASES = {
     "layered_ulysses2_three_layers": (dict(ulysses=2), dict(LAYERED, layers=3)),
     "layered_ring2": (dict(ring=2), LAYERED),
     "layered_data2": (dict(data=2), dict(LAYERED, prompt=TWO_PROMPTS)),
-    # the layers as RGBA images: rank 0's (it decodes alone), None on rank 1
-    "layered_images_ulysses2": (dict(ulysses=2), dict(LAYERED, output_type="pil")),
+    # the layers as RGBA images: rank 0's, the VAE's 3 tiles per layer split across the ranks; None on rank 1 (the
+    # untiled decode, rank 0 alone, is the CLI test's)
+    "layered_tiled_images_ulysses2": (dict(ulysses=2), dict(LAYERED, output_type="pil", tiled=True, tile_size=4,
+                                                            tile_stride=2)),
     # four ranks
     "cfg2_ulysses2": (dict(cfg=2, ulysses=2), {}),
     "layered_cfg2_ulysses2": (dict(cfg=2, ulysses=2), LAYERED),
