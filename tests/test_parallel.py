@@ -219,7 +219,7 @@ def test_cli_parallel_qwen21_png_equals_one_process(repo21, tmp_path, capsys):
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_cli_parallel_layers_pngs_equal_one_process(repo_layered, tmp_path, capsys):
+def test_cli_parallel_layered_pngs_equal_one_process(repo_layered, tmp_path, capsys):
     """`qistudio layers IMAGE --parallel ulysses=2 --device cpu` starts two gloo ranks through generate's launcher;
     rank 0 writes layer PNGs and a composite with the one-process pixels (RGBA). The ranks cannot see a test's
     shrunk working area, so this runs at 640 (896 x 448 here), one layer, one step. A bad degree is one error
