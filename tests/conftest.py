@@ -37,6 +37,15 @@ def tiny_repo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """qistudio's demo model (tiny random weights, the real Qwen2.5 tokenizer), written once per test session by
+    write_demo_model (~3.6 s of CPU a write); tests only read it."""
+    from qistudio.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_repo):
     """Our pipeline loaded from the tiny repository in float32 on the CPU, as the seed's quick start loads it."""
     from qistudio import ModelConfig, QwenImagePipeline

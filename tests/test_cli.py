@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,10 +27,11 @@ def cli(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def cache_home(tmp_path_factory):
-    """An XDG cache folder whose qistudio/demo is built once for the module."""
+def cache_home(tmp_path_factory, demo_model):
+    """An XDG cache folder whose qistudio/demo is the session's demo model as write_demo_model left it (hard links
+    to the same files)."""
     home = tmp_path_factory.mktemp("cache")
-    write_demo_model(home / "qistudio" / "demo")
+    shutil.copytree(demo_model, home / "qistudio" / "demo", copy_function=os.link)
     return home
 
 
@@ -44,7 +46,7 @@ def pixels(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_demo_is_cached_and_loads_under_real_names(cache_home, monkeypatch):
+def test_demo_is_cached_and_loads_under_real_names(cache_home, demo_model, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     folder = default_demo_dir()
     marker = (folder / MARKER).stat().st_mtime_ns
@@ -52,7 +54,7 @@ def test_demo_is_cached_and_loads_under_real_names(cache_home, monkeypatch):
     index = json.loads((folder / "text_encoder" / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.embed_tokens.weight" in index and any(k.startswith("visual.") for k in index)
     assert json.loads((folder / "transformer" / "config.json").read_text())["axes_dims_rope"] == [8, 12, 12]
-    assert not list(folder.parent.glob(".demo.*.tmp"))  # the staging folder is gone
+    assert not list(demo_model.parent.glob(".demo.*.tmp"))  # the write's staging folder is gone
 
 
 def test_demo_writes_png_with_parameters(demo_env, tmp_path, capsys):

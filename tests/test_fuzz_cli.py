@@ -18,7 +18,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from qistudio.cli.main import main
-from qistudio.demo import write_demo_model
 
 # A real argv never holds NUL or lone surrogates (the shell passes bytes; Python decodes them with
 # surrogateescape, and our messages print with repr where a value may be binary).
@@ -234,11 +233,6 @@ def test_convert_lora_output_attacks(out, expected, files, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ failures after loading
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> Path:
-    return write_demo_model(tmp_path_factory.mktemp("demo") / "demo")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from qistudio import ControlNetInput, ModelConfig, QwenImagePipeline
-from qistudio.demo import write_demo_model
 from qistudio.imageio import load_image, load_mask, read_image
 from qistudio.request import MAX_SIZE, build_request
 from qistudio.sampling.schedule import flow_sigmas
@@ -28,9 +27,9 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    """The demo model (tiny, random weights) written and loaded once for this module."""
-    folder = write_demo_model(tmp_path_factory.mktemp("fuzz") / "demo")
+def pipe(demo_model):
+    """The demo model (tiny, random weights; the session's) loaded once for this module."""
+    folder = demo_model
     return QwenImagePipeline.from_pretrained(
         torch_dtype=torch.float32, device="cpu",
         model_configs=[ModelConfig(path=str(folder / name)) for name in ("transformer", "text_encoder", "vae")],

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from qistudio import ModelConfig, QwenImagePipeline
 from qistudio.cli.validate import checkpoint_kind
-from qistudio.demo import DEMO_DIT, write_demo_model
+from qistudio.demo import DEMO_DIT
 from qistudio.lora import LoRAError
 from qistudio.memory.disk import DiskBlockWeights
 from qistudio.models.dit import QwenImageDiT
@@ -83,8 +83,8 @@ def pipe(dit_file):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return write_demo_model(tmp_path_factory.mktemp("demo") / "demo")
+def demo(demo_model) -> Path:
+    return demo_model
 
 
 # --- crafted safetensors headers ----------------------------------------------------------------------------------
