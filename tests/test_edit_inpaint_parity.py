@@ -14,6 +14,7 @@ from conftest import rel_err
 from qistudio.ops.packing import unpatchify
 from qistudio.validation import InputError
 from test_edit_parity import SCALE, load_edit_pipe, random_image
+from tiny_models import read_only_part
 
 QUIET = dict(progress_bar_cmd=lambda x: x, output_type="latent")
 
@@ -45,9 +46,10 @@ def reference(folder):
     return diffusers.QwenImageEditInpaintPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
         vae=vae,
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder").eval(),
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        processor=AutoProcessor.from_pretrained(folder / "processor"),
+        text_encoder=read_only_part(folder, "text_encoder",
+                                    lambda path: Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()),
+        tokenizer=read_only_part(folder, "tokenizer", AutoTokenizer.from_pretrained),
+        processor=read_only_part(folder, "processor", AutoProcessor.from_pretrained),
         transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(folder / "transformer").eval(),
     )
 
