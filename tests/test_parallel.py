@@ -232,7 +232,11 @@ def test_cli_parallel_layered_pngs_equal_one_process(repo_layered, tmp_path, cap
     assert main([*common, "-o", str(tmp_path / "two"), "--parallel", "ulysses=2"]) == 0
     for name in ("layer-1.png", "composite.png"):
         with Image.open(tmp_path / "one" / name) as one, Image.open(tmp_path / "two" / name) as two:
-            assert one.mode == two.mode == "RGBA" and np.array_equal(np.asarray(one), np.asarray(two)), name
+            assert one.mode == two.mode == "RGBA", name
+            # At this size the one-process GEMMs (the test process's threads) and the ranks' (one thread each) may
+            # sum in another order: a level at most, on a few pixels (seen once in a whole-suite run).
+            difference = np.abs(np.asarray(one).astype(int) - np.asarray(two).astype(int))
+            assert difference.max() <= 1 and (difference > 0).mean() < 1e-2, (name, difference.max())
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main([*common, "-o", str(tmp_path / "bad"), "--parallel", "ulysses=4"])

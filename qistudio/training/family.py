@@ -70,11 +70,15 @@ def family_of_components(components) -> str:
 
 def family_of_files(configs: list[ModelConfig]) -> str:
     """The family of the DiT among the model configs (downloading it when it is a hub id); Qwen-Image when there is
-    no DiT (loading reports that)."""
+    no DiT or its files are missing (loading reports that, after the checks that need no model)."""
     from ..weights.quantized_source import open_source  # torch
 
     for config in configs:
-        source = open_source(resolve_files(config))
+        try:
+            files = resolve_files(config)
+        except FileNotFoundError:
+            continue
+        source = open_source(files)
         try:
             keys = set(source.keys())
             where = ", ".join(map(str, source.files))
