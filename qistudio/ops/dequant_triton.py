@@ -64,6 +64,14 @@ def _operands(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return weight, weight, weight  # GGUF blocks carry their own scales
 
 
+def _as_halves(weight: torch.Tensor) -> torch.Tensor | None:
+    """Q8_0 rows of bytes viewed as int16 for `_q8_0_tile`; None where the bytes do not start on an even address
+    (a view at an odd offset: the general kernel reads those)."""
+    if weight.data_ptr() % 2 or weight.shape[-1] % 2:
+        return None
+    return weight.view(torch.int16)
+
+
 def quantized_linear_cuda(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """layer(x) through the kernels (see the design note for which)."""
     out_features, in_features = layer.weight_shape
@@ -161,6 +169,33 @@ if triton is not None:
         return value
 
     @triton.jit
+    def _q8_0_tile(w16_ptr, row_start, block_start, n_total, k_blocks, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+        """Q8_0 weight[row_start:+BLOCK_N, 32 block_start:+32 BLOCKS] as float32 (BLOCK_N, 32 BLOCKS), read through
+        an int16 view of the bytes: a 34-byte block is 17 halves (d, then 16 pairs of int8), so each pair is one
+        load and d one per block, where `_decode` loads three bytes per value (the rows of 34-byte blocks allow no
+        wider aligned load). Values as `_decode`'s."""
+        rows = (row_start + tl.arange(0, BLOCK_N))[:, None, None]
+        blocks = (block_start + tl.arange(0, BLOCKS))[None, :, None]
+        mask = (rows < n_total) & (blocks < k_blocks)
+        base = w16_ptr + rows.to(tl.int64) * (k_blocks * 17) + blocks * 17
+        d = tl.load(base, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)  # (BN, BLOCKS, 1)
+        pairs = tl.load(base + 1 + tl.arange(0, 16)[None, None, :], mask=mask, other=0).to(tl.int32)
+        low, high = (pairs << 24) >> 24, pairs >> 8  # little-endian: value 2i in the low byte; both sign-extended
+        q = tl.join(low, high).to(tl.float32)  # (BN, BLOCKS, 16, 2): value 2i + j at [..., i, j]
+        value = _round16(tl.expand_dims(d, 3) * q)
+        return tl.reshape(value, (BLOCK_N, BLOCKS * 32))
+
+    @triton.jit
+    def _dequantize_q8_0_kernel(w16_ptr, out_ptr, n_total, k_total,
+                                BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+        value = _q8_0_tile(w16_ptr, tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCKS, n_total, k_total // 32,
+                           BLOCK_N, BLOCKS)
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+        cols = (tl.program_id(1) * BLOCKS * 32 + tl.arange(0, BLOCKS * 32))[None, :]
+        tl.store(out_ptr + rows.to(tl.int64) * k_total + cols, value.to(out_ptr.dtype.element_ty),
+                 mask=(rows < n_total) & (cols < k_total))
+
+    @triton.jit
     def _dequantize_kernel(w_ptr, aux_ptr, code_ptr, out_ptr, n_total, k_total, blocksize,
                            QCODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
@@ -173,6 +208,12 @@ if triton is not None:
     def _dequantize_weight(weight: torch.Tensor, aux: torch.Tensor, code: torch.Tensor, qcode: int, n: int, k: int,
                            blocksize: int, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(n, k, dtype=dtype, device=weight.device)
+        halves = _as_halves(weight) if qcode == QCODES["Q8_0"] else None
+        if halves is not None:
+            blocks = 8  # 256 values per row tile, as the general kernel's
+            torch.library.wrap_triton(_dequantize_q8_0_kernel)[(triton.cdiv(n, 32), triton.cdiv(k, 32 * blocks))](
+                halves, out, n, k, BLOCK_N=32, BLOCKS=blocks, num_warps=4)
+            return out
         block_n, block_k = 32, 256
         torch.library.wrap_triton(_dequantize_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             weight, aux, code, out, n, k, blocksize, QCODE=qcode, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
@@ -180,8 +221,8 @@ if triton is not None:
 
     @triton.jit
     def _matmul_kernel(x_ptr, w_ptr, aux_ptr, code_ptr, bias_ptr, out_ptr, m_total, n_total, k_total, blocksize,
-                       HAS_BIAS: tl.constexpr, QCODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, QCODE: tl.constexpr, HALVES: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         cols_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ids = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -189,7 +230,12 @@ if triton is not None:
             ks = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row_ids[:, None].to(tl.int64) * k_total + ks[None, :],
                         mask=(row_ids[:, None] < m_total) & (ks[None, :] < k_total), other=0.0)
-            w = _decode(w_ptr, aux_ptr, code_ptr, cols_n[:, None], ks[None, :], n_total, k_total, blocksize, QCODE)
+            if HALVES:  # Q8_0 through the int16 view of its bytes (see _q8_0_tile)
+                w = _q8_0_tile(w_ptr, tl.program_id(0) * BLOCK_N, start // 32, n_total, k_total // 32, BLOCK_N,
+                               BLOCK_K // 32)
+            else:
+                w = _decode(w_ptr, aux_ptr, code_ptr, cols_n[:, None], ks[None, :], n_total, k_total, blocksize,
+                            QCODE)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols_n, mask=cols_n < n_total, other=0.0).to(tl.float32)[None, :]
@@ -204,7 +250,9 @@ if triton is not None:
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
         block_n = 16  # many small programs: reading the weight is the whole cost, spread it over every SM
         has_bias = bias is not None
+        halves = _as_halves(weight) if qcode == QCODES["Q8_0"] else None
         torch.library.wrap_triton(_matmul_kernel)[(triton.cdiv(n, block_n), triton.cdiv(rows, 16))](
-            x, weight, aux, code, bias.to(x.dtype) if has_bias else x, out, rows, n, k, blocksize,
-            HAS_BIAS=has_bias, QCODE=qcode, ROWS=16, BLOCK_N=block_n, BLOCK_K=256, num_warps=4, num_stages=3)
+            x, weight if halves is None else halves, aux, code, bias.to(x.dtype) if has_bias else x, out, rows, n, k,
+            blocksize, HAS_BIAS=has_bias, QCODE=qcode, HALVES=halves is not None, ROWS=16, BLOCK_N=block_n,
+            BLOCK_K=256, num_warps=4, num_stages=3)
         return out
