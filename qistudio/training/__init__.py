@@ -11,11 +11,12 @@ Files, in the order data flows: config (what a run is), data (metadata, image si
 samples on disk, encoders freed), timesteps (sigma sampling and loss weights), loss (the Denoiser: DiT plus
 ControlNets), adapters (LoRA injection, trained tensors out), lowmem (FP8 base, streamed frozen blocks), optim
 (optimizers and LR schedules by name), lean_optim (bfloat16-moment AdamW, the step fused into the backward), outputs
-(user-facing files), tree (nested state as safetensors, no pickle), checkpoint (atomic resume state), lock (one run
-per output folder), samples (validation images), logs (TensorBoard, CSV), distributed (the process group, failures
-of other processes), fsdp (FSDP2: the DiT sharded from the files), sharded_checkpoint (FSDP2 state on disk), zero
-(DeepSpeed), zero_load (ZeRO-3: the DiT partitioned from the files), zero_state (ZeRO-1/2/3 optimizer state by
-parameter), models (loading), demo_data (the mini dataset of `train --demo`), errors, loop (the Trainer).
+(user-facing files), tree (nested state as safetensors, no pickle), checkpoint (atomic resume state), resume (a
+checkpoint checked against the run, then restored), lock (one run per output folder), samples (validation images),
+logs (TensorBoard, CSV), distributed (the process group, failures of other processes), fsdp (FSDP2: the DiT sharded
+from the files), sharded_checkpoint (FSDP2 state on disk), zero (DeepSpeed), zero_load (ZeRO-3: the DiT partitioned
+from the files), zero_state (ZeRO-1/2/3 optimizer state by parameter), models (loading), demo_data (the mini dataset
+of `train --demo`), errors, loop (the Trainer).
 
 Trainer and StepRecord are imported on first use, so the settings (config) and errors load without torch.
 """

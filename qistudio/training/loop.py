@@ -8,8 +8,8 @@ run replays exactly what the killed one would have done next. With several proce
 launch), process r takes items r, r + P, ... of the epoch's order (the tail that does not divide evenly is
 dropped, so all processes run the same number of steps) and DDP or FSDP averages the gradients: N processes train
 exactly what one process accumulating N micro-batches trains (up to float rounding), and a checkpoint resumes
-under another number of processes at the same place of the order. distributed.py joins the processes (and stops
-them all when one fails); fsdp.py shards the DiT.
+under another number of processes at the same place of the order (resume.py checks and restores it).
+distributed.py joins the processes (and stops them all when one fails); fsdp.py shards the DiT.
 
 Gradient accumulation is done by hand (loss / K, DDP's no_sync between boundaries) rather than by accelerate's
 counter, so its state is just the position; the last, partial group of an epoch steps too (under DeepSpeed the
@@ -27,7 +27,6 @@ processes both checks agree across all of them (one tiny all-reduce), so none is
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -42,11 +41,10 @@ from ..compile import compile_repeated_blocks
 from ..components import Components
 from . import distributed, fsdp
 from .adapters import make_trainable, trainable_named_parameters
-from .checkpoint import (CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, load_checkpoint, read_state,
-                         restore_rng, rng_state)
+from .checkpoint import CHECKPOINTS, CheckpointWriter, Progress, find_checkpoint, rng_state
 from .buckets import bucketed_order, buckets_on, item_sizes
 from .cache import build_cache, encoding_fingerprint, release_encoders
-from .config import RESUME_KEYS, TrainConfig
+from .config import TrainConfig
 from .data import ImageDataset, Skipped, epoch_order, skip_report
 from .encode import EncodedSample
 from .family import data_rules, detect_family, encode_for, images_per_sample, row_check, validation_inputs
@@ -58,13 +56,13 @@ from .lowmem import load_device, setup_low_memory
 from .models import compute_dtype, load_training_components, prepare_frozen
 from .optim import make_lr_scheduler, make_optimizer
 from .outputs import exported_name, save_weights, weights_metadata, write_config
+from .resume import check_resumable, restore
 from .samples import render_samples
-from .sharded_checkpoint import load_sharded, save_sharded, write_consolidated
+from .sharded_checkpoint import save_sharded, write_consolidated
 from .timesteps import draw_sigma
 from .tree import map_tensors
-from .zero import (check_resumable, deepspeed_plugin, gathered_state, holding, is_zero3, load_optimizer_state,
-                   optimizer_state, partition_dit, partitioned_optimizer, partitions_on_load, prepare_deepspeed,
-                   set_boundary)
+from .zero import (deepspeed_plugin, gathered_state, holding, is_zero3, optimizer_state, partition_dit,
+                   partitioned_optimizer, partitions_on_load, prepare_deepspeed, set_boundary)
 from .zero import loading as zero_loading
 
 logger = logging.getLogger(__name__)
@@ -123,7 +121,8 @@ class Trainer:
         try:
             self._build(components)
             if resume_path is not None:
-                self._restore(resume_path)
+                self.progress = restore(resume_path, acc, self.trained_module, self.dit, self.optimizer,
+                                        self.lr_scheduler)
         except BaseException:
             self.release_lock()
             raise
@@ -213,7 +212,7 @@ class Trainer:
         self._check_optimizer()
         resume_path = find_checkpoint(config.output_path, resume) if resume else None
         if resume_path is not None:
-            self._check_resumable(resume_path)
+            check_resumable(resume_path, config, self.accelerator, self.fsdp is not None, len(self.dataset))
         return resume_path
 
     def _check_optimizer(self) -> None:
@@ -254,69 +253,6 @@ class Trainer:
         else:
             order = epoch_order(len(self.dataset), self.config.seed, epoch)
         return order[acc.process_index::acc.num_processes][: self._micro_per_epoch()]
-
-    def _check_resumable(self, path: Path) -> None:
-        """The checkpoint's settings, dataset length and process count against this run's (state.json only)."""
-        state = read_state(path, self.accelerator.num_processes, self.accelerator.process_index)
-        if bool(state.get("sharded")) != (self.fsdp is not None):
-            raise ValueError(f"cannot resume from {path}: it was saved {'with' if state.get('sharded') else 'without'}"
-                             f" FSDP; resume {'with' if state.get('sharded') else 'without'} --fsdp (any number of "
-                             "processes)")
-        check_resumable(self.accelerator, state, path)  # the optimizer state across engines (zero.py)
-        saved = state["config"]
-        ours = json.loads(self.config.to_json())  # both as JSON has them (lists, not tuples)
-        defaults = json.loads(TrainConfig(self.config.data).to_json())  # a setting older checkpoints did not record
-        different = [k for k in RESUME_KEYS if saved.get(k, defaults[k]) != ours.get(k)]
-        if different:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} now" for k in different)
-            raise ValueError(f"cannot resume from {path}: it was trained with other settings ({shown})")
-        processes = self.accelerator.num_processes
-        saved_batch = saved["gradient_accumulation_steps"] * state.get("world_size", 1)
-        if saved_batch != self.config.gradient_accumulation_steps * processes:
-            fix = (f"--gradient_accumulation_steps {saved_batch // processes}" if saved_batch % processes == 0 else
-                   f"a number of processes that divides {saved_batch}")
-            raise ValueError(f"cannot resume from {path}: it trained {saved_batch} samples per optimizer step "
-                             f"({state.get('world_size', 1)} process(es) x --gradient_accumulation_steps "
-                             f"{saved['gradient_accumulation_steps']}); with {processes} process(es) use {fix}")
-        if saved.get("dataset_length", len(self.dataset)) != len(self.dataset):
-            raise ValueError(f"cannot resume from {path}: the dataset had {saved['dataset_length']} samples (with "
-                             f"repeat), now {len(self.dataset)}; the data order would not continue")
-
-    def _restore(self, path: Path) -> None:
-        loaded = load_checkpoint(path, self.accelerator.process_index, self.accelerator.num_processes)
-        parameters = trainable_named_parameters(self.trained_module)
-        if loaded.sharded is None and set(loaded.weights) != set(parameters):
-            raise ValueError(f"cannot resume from {path}: its trainable tensors do not match this run's")
-        try:
-            if loaded.sharded is not None:  # FSDP2: every process reads its shards (sharded_checkpoint.py)
-                load_sharded(loaded.sharded, self.dit, self.optimizer, loaded.optimizer_state["param_groups"])
-            elif not is_zero3(self.accelerator):  # ZeRO-3's placeholders are restored by its optimizer state
-                with torch.no_grad():
-                    for name, param in parameters.items():
-                        param.copy_(loaded.weights[name])
-            if loaded.sharded is None:
-                load_optimizer_state(self.accelerator, self.optimizer, loaded.optimizer_state, parameters)
-            self.lr_scheduler.load_state_dict(loaded.scheduler_state)
-            if loaded.rng is not None:
-                restore_rng(loaded.rng)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # well-formed files, wrong contents
-            raise ValueError(f"cannot resume from {path}: its state does not fit this run ({type(e).__name__}: "
-                             f"{e})") from None
-        self.progress = loaded.progress
-        self.progress.position = self._local_position(loaded.progress.position, loaded.world_size)
-        logger.info("resumed from %s at step %d", path, self.progress.step)
-
-    def _local_position(self, position: int, saved_processes: int) -> int:
-        """A checkpoint's position (items each of its processes had taken) as this run's: the same place in the
-        epoch's order under another number of processes (at most P - 1 items are taken twice)."""
-        processes = self.accelerator.num_processes
-        if saved_processes == processes:
-            return position
-        taken = position * saved_processes
-        if taken % processes:
-            logger.warning("resuming %d processes' checkpoint with %d: %d sample(s) of the epoch are trained again",
-                           saved_processes, processes, taken % processes)
-        return taken // processes
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def _micro_batch(self, item, scale: float, sync: bool) -> float | None:
