@@ -2,7 +2,8 @@
 from diffusers 0.42.1's QwenImage21 classes (its pipeline's prompt and VAE encoding, its transformer's joint pass, no
 KV cache) with the same noise and timestep, text-to-image and with two edit images; a LoRA learns and its file loads
 back into our QwenImage21Pipeline and into diffusers' alike; full training saves names diffusers loads; the seed's
-command line trains it, telling the model from its files; what 2.1 cannot take is refused."""
+command line trains it, telling the model from its files; what 2.1 cannot take is refused; --checkpointed_blocks
+checkpoints the first N blocks of both passes, with the gradients of checkpointing all."""
 
 import copy
 import dataclasses
@@ -262,3 +263,59 @@ def test_example_scripts_run_as_written(repo, tmp_path, monkeypatch, kind):
     assert len(namespace["pipe"].list_loras()) == 1
     with Image.open(tmp_path / "image.png") as image:
         assert image.mode == "RGBA" and image.size == (SIDE, SIDE)
+
+
+TORCH_CHECKPOINT = torch.utils.checkpoint.checkpoint  # the unpatched one, however often a test patches it
+
+
+def counting_checkpoints(monkeypatch, dit) -> list[tuple[str, int]]:
+    """Records (pass, block index) of every block the 2.1 DiT runs under torch's checkpoint: the prefill hands it
+    (_call_eagerly, block, ...), the target pass (block, ...)."""
+    calls = []
+    index_of = {id(block): k for k, block in enumerate(dit.transformer_blocks)}
+
+    def checkpoint(function, *args, **kwargs):
+        if isinstance(function, torch.nn.Module):
+            calls.append(("target", index_of[id(function)]))
+        else:
+            calls.append(("prefill", index_of[id(args[0])]))
+        return TORCH_CHECKPOINT(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
+    return calls
+
+
+def test_checkpointed_blocks_checkpoints_the_first_n_blocks_of_both_passes(base, repo, data, tmp_path, monkeypatch):
+    """--checkpointed_blocks N on the 2.1 DiT (once ignored): the first N blocks run under checkpoint in the prefix's
+    pass and in the target's, the others keep their activations; the loss and every parameter's gradient are those
+    of checkpointing every block (and of none). The trainer hands the setting to the 2.1 DiT."""
+    sample = encode_qwen21(base, load_row(make_config(repo, data, tmp_path / "out"), 0), "cpu", torch.float32)
+    assert sample.condition is not None  # a prefix with edit images
+    generator = torch.Generator().manual_seed(3)
+    sigma, weight = draw_sigma(LossConfig(), generator, sample.num_target_tokens)
+    noise = torch.randn(sample.latents.shape, generator=generator)
+    layers = base.dit.config.num_layers
+    assert layers >= 2
+    results = {}
+    for n in (None, 1, 0, "off"):
+        dit = copy.deepcopy(base.dit).train().requires_grad_(True)
+        dit.gradient_checkpointing, dit.checkpointed_blocks = n != "off", None if n == "off" else n
+        calls = counting_checkpoints(monkeypatch, dit)
+        loss = flow_matching_loss(Denoiser(dit), sample, sigma, noise, weight)
+        loss.backward()
+        first = {"off": 0, None: layers}.get(n, n)
+        assert calls == [("prefill", k) for k in range(first)] + [("target", k) for k in range(first)], (n, calls)
+        results[n] = float(loss.detach()), {name: p.grad for name, p in dit.named_parameters()}
+    reference_loss_value, reference_grads = results[None]
+    assert all(g is not None for g in reference_grads.values()) and len(reference_grads) > 20
+    for n in (1, 0, "off"):
+        loss_value, grads = results[n]
+        assert loss_value == reference_loss_value
+        assert all(torch.allclose(grads[name], g, rtol=1e-6, atol=1e-8) for name, g in reference_grads.items()), n
+
+    config = make_config(repo, data, tmp_path / "run", max_steps=1, use_gradient_checkpointing=True,
+                         checkpointed_blocks=1)
+    trainer = Trainer(config, components=fresh(base), progress_bar=False)
+    calls = counting_checkpoints(monkeypatch, trainer.dit)
+    trainer.run()
+    assert trainer.dit.checkpointed_blocks == 1 and calls == [("prefill", 0), ("target", 0)]

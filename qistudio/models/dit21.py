@@ -298,6 +298,7 @@ class QwenImage21DiT(nn.Module):
         self.norm_out.linear = _linear(dim, dim)
         self.proj_out = _linear(dim, cfg.out_channels)
         self.gradient_checkpointing = False
+        self.checkpointed_blocks: int | None = None  # with checkpointing on: only the first N blocks (None: all)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -309,6 +310,11 @@ class QwenImage21DiT(nn.Module):
     def _modulation(self, temb: torch.Tensor) -> Modulation:
         scale1, gate1, scale2, gate2 = self.modulation(temb)[:, None].chunk(4, dim=-1)
         return Modulation(scale1, gate1.tanh(), scale2, gate2.tanh(), torch.zeros_like(scale1))
+
+    def _checkpointed(self, index: int) -> bool:
+        """Whether block `index` recomputes its forward in the backward (prefix and target pass alike)."""
+        limit = len(self.transformer_blocks) if self.checkpointed_blocks is None else self.checkpointed_blocks
+        return self.gradient_checkpointing and torch.is_grad_enabled() and index < limit
 
     def rotations(self, layout: JointLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The (cos, sin) pairs of prefix and target, (P, head_dim/2, 2) and (T, head_dim/2, 2), float32."""
@@ -354,10 +360,9 @@ class QwenImage21DiT(nn.Module):
         segments = layout.segments()
         keys, values = [], []
         last = len(self.transformer_blocks) - 1
-        run = _call_eagerly
-        if self.gradient_checkpointing and torch.is_grad_enabled():  # training: the prefix recomputes in the backward
-            run = functools.partial(torch.utils.checkpoint.checkpoint, _call_eagerly, use_reentrant=False)
+        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, _call_eagerly, use_reentrant=False)
         for index, block in enumerate(self.transformer_blocks):
+            run = checkpointed if self._checkpointed(index) else _call_eagerly  # training: recomputed in the backward
             # The last block's prefix output is never read: only its keys and values are.
             x, key, value = run(block, x, mod, rotation, segments=segments, finish=index < last)
             keys.append(key)
@@ -379,7 +384,7 @@ class QwenImage21DiT(nn.Module):
             torch._dynamo.mark_static(x, 0)  # as the 20B DiT: a new batch size compiles a graph of its own
         for index, block in enumerate(self.transformer_blocks):
             keys, values = cache.keys[index], cache.values[index]
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self._checkpointed(index):
                 x, _, _ = torch.utils.checkpoint.checkpoint(block, x, mod, rotation, keys, values, use_reentrant=False)
             else:
                 x, _, _ = block(x, mod, rotation, keys, values)

@@ -11,10 +11,11 @@ loop and the loss treat every sample alike (its `pack` and, for the new members,
 
 The run's other settings need nothing per family: the low-memory mode (--fp8_base, --vram_limit), --compile and
 --fsdp act on `dit.transformer_blocks`, which every family's DiT has (2.1's blocks run twice a step, the prefix's
-pass then the target's, both checkpointed under --use_gradient_checkpointing: models/dit21.py). Validation images
-(`validation_inputs`) are the family's own: Layered splits an input image, 2.1 renders with its pipeline. FSDP2 is
-refused for 2.1 (FSDP_21): on 2 CPU processes, one with a sample that has edit images and one without, the
-processes' gradient reduce-scatters came in different orders (a collective mismatch; equal layouts trained).
+pass then the target's, both checkpointed under --use_gradient_checkpointing, only the first N blocks of each under
+--checkpointed_blocks N: models/dit21.py). Validation images (`validation_inputs`) are the family's own: Layered
+splits an input image, 2.1 renders with its pipeline. FSDP2 is refused for 2.1 (FSDP_21): on 2 CPU processes, one
+with a sample that has edit images and one without, the processes' gradient reduce-scatters came in different orders
+(a collective mismatch; equal layouts trained).
 """
 
 from __future__ import annotations
