@@ -151,6 +151,21 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return found
 
 
+def kill_rank_1_after_the_first_checkpoint(output: Path):
+    """A `launch` on_start: SIGKILLs rank 1 as soon as a checkpoint of the run writing to `output` is complete
+    (`checkpoints/latest` names it); fails if the run ends first or none comes within LAUNCH_TIMEOUT_S."""
+
+    def kill(launcher: subprocess.Popen) -> None:
+        deadline = time.time() + LAUNCH_TIMEOUT_S
+        while not (output / "checkpoints" / "latest").exists():
+            assert launcher.poll() is None, "the run ended before a checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(worker_pids(launcher)[1], signal.SIGKILL)
+
+    return kill
+
+
 def test_fsdp_killed_process_stops_all_then_resumes_under_one_process_then_two(
         tiny_repo, fsdp_data, one_process_reference, tmp_path, in_process_group, capsys):
     """FSDP2 on 2 processes, one SIGKILLed after the first checkpoint: the run ends (no hang) with a message
@@ -159,16 +174,8 @@ def test_fsdp_killed_process_stops_all_then_resumes_under_one_process_then_two(
     micro-batches without FSDP. The consolidated file is the released layout: diffusers loads it strictly."""
     killed = tmp_path / "killed"
 
-    def kill_rank_1_after_the_first_checkpoint(launcher):
-        deadline = time.time() + LAUNCH_TIMEOUT_S
-        while not (killed / "checkpoints" / "latest").exists():
-            assert launcher.poll() is None, "the run ended before a checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        os.kill(worker_pids(launcher)[1], signal.SIGKILL)
-
     status, output = launch(fsdp_args(tiny_repo, fsdp_data, killed, "--fsdp", "--save_steps", "1"),
-                            on_start=kill_rank_1_after_the_first_checkpoint)
+                            on_start=kill_rank_1_after_the_first_checkpoint(killed))
     assert status != 0 and not (killed / f"step-{FSDP_STEPS}.safetensors").exists(), output[-3000:]
     assert "--resume continues from it" in output, output[-3000:]
     latest = killed / "checkpoints" / (killed / "checkpoints" / "latest").read_text().strip()

@@ -9,10 +9,7 @@ communication op and its CPU Adam with the C++ compiler the first time (a minute
 ~/.cache/torch_extensions)."""
 
 import json
-import os
 import re
-import signal
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -20,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from qistudio.cli.main import main
-from test_training_distributed import (EXAMPLES, LAUNCH_TIMEOUT_S, assert_same_weights, cli_args, cpu_config, launch,
-                                       worker_pids)
+from test_training_distributed import (EXAMPLES, assert_same_weights, cli_args, cpu_config,
+                                       kill_rank_1_after_the_first_checkpoint, launch)
 from test_training_data import write_dataset
 
 pytest.importorskip("deepspeed")
@@ -53,19 +50,11 @@ def test_zero_checkpoints_resume_under_other_process_counts_and_stages(tiny_repo
     common = base + ["--max_steps", str(STEPS)]
     killed = tmp_path / "killed"
 
-    def kill_rank_1_after_the_first_checkpoint(launcher):
-        deadline = time.time() + LAUNCH_TIMEOUT_S
-        while not (killed / "checkpoints" / "latest").exists():
-            assert launcher.poll() is None, "the run ended before a checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        os.kill(worker_pids(launcher)[1], signal.SIGKILL)
-
     # ZeRO-2 (the shipped offload form), 2 processes, one SIGKILLed after the first checkpoint (the run is set for
     # far more steps than it gets to): the other stops with a message naming the last complete checkpoint, no hang.
     status, output = launch(cli_args(tiny_repo, data, killed, *base, "--max_steps", "400"),
                             accelerate_config=zero_config(tmp_path, 2, 2, offload=True),
-                            on_start=kill_rank_1_after_the_first_checkpoint)
+                            on_start=kill_rank_1_after_the_first_checkpoint(killed))
     assert status != 0 and "--resume continues from it" in output, output[-3000:]
     assert "on 2 process(es)" in output
     first = killed / "checkpoints" / "step-00000001"
