@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import rel_err
 from qistudio import ModelConfig, QwenImagePipeline
@@ -164,6 +165,15 @@ def test_lora_learns_and_loads_into_our_pipeline_and_diffusers_alike(base, ref, 
     config = make_config(repo, data, tmp_path / "out", max_steps=40, lr_scheduler="constant", learning_rate=1e-2,
                          lora_rank=8, data=dict(repeat=20))
     trainer, saved = train_lowers_the_loss(config, fresh(base))
+    # Every trained layer is in the file, the SwiGLU MLP's included (2.1-only names, once dropped by the export as
+    # "no LoRA layer of Qwen-Image").
+    written = set(load_file(saved))
+    for block in range(base.dit.config.num_layers):
+        for module in config.lora_target_modules:
+            for part in ("lora_A", "lora_B"):
+                found = [k for k in written if k.startswith(f"transformer.transformer_blocks.{block}.")
+                         and k.endswith(f".{module}.{part}.weight")]
+                assert len(found) == 1, (block, module, part)
 
     pipe = QwenImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=model_configs21(repo),
                                              tokenizer_config=None,

@@ -28,6 +28,7 @@ import torch
 from transformers import Qwen2_5_VLConfig
 
 from ..models.dit import DiTConfig, QwenImageDiT
+from ..models.dit21 import DiT21Config, QwenImage21DiT
 from ..models.text_encoder import QwenImageTextEncoder
 from .errors import LoRAError
 from .files import read_lora, write_safetensors
@@ -45,11 +46,19 @@ def _depth(keys, pattern: str, default: int) -> int:
     return max(found + [default - 1]) + 1
 
 
+# Layers only Qwen-Image 2.1's DiT has (its SwiGLU MLP, its shared modulation, its text projection); the 20B DiT's MLP
+# is `img_mlp.net.0.proj` / `img_mlp.net.2`. A file naming one is a 2.1 LoRA, whose other layers (attention) carry
+# the same names in both models.
+_QWEN21_ONLY = re.compile(r"img_mlp[._](?:proj|gate_layer|out)[._]|(?<![a-z])modulation[._]1[._]"
+                          r"|txt_in[._](?:in|out)_layer")
+
+
 @functools.lru_cache(maxsize=4)
-def _reference_modules(blocks: int, layers: int, vision_blocks: int) -> tuple:
+def _reference_modules(blocks: int, layers: int, vision_blocks: int, qwen21: bool = False) -> tuple:
     # Module names do not depend on widths, so tiny widths on the meta device give the real names for free.
     with torch.device("meta"):
-        dit = QwenImageDiT(DiTConfig(num_layers=blocks, num_heads=1, head_dim=8, text_dim=8, axes_dim=(2, 2, 4)))
+        sizes = dict(num_layers=blocks, num_heads=1, head_dim=8, text_dim=8, axes_dim=(2, 2, 4))
+        dit = QwenImage21DiT(DiT21Config(**sizes)) if qwen21 else QwenImageDiT(DiTConfig(**sizes))
         config = Qwen2_5_VLConfig(
             text_config=dict(vocab_size=151936, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
                              num_key_value_heads=1, intermediate_size=8,
@@ -62,12 +71,15 @@ def _reference_modules(blocks: int, layers: int, vision_blocks: int) -> tuple:
 
 
 def reference_targets(keys) -> list[Target]:
-    """A Qwen-Image DiT and text encoder as deep as `keys` need (at least the real 60 blocks, 28 + 32 layers)."""
+    """A Qwen-Image DiT (2.1's where a key names a layer only it has) and text encoder as deep as `keys` need (at
+    least the real 60 or 32 blocks, 28 + 32 layers)."""
     keys = list(keys)
+    qwen21 = any(_QWEN21_ONLY.search(key) for key in keys)
     dit, text_encoder = _reference_modules(
-        _depth(keys, r"transformer_blocks[._](\d+)[._]", 60),
+        _depth(keys, r"transformer_blocks[._](\d+)[._]", 32 if qwen21 else 60),
         _depth(keys, r"layers[._](\d+)[._]", 28),
         _depth(keys, r"(?<!transformer_)blocks[._](\d+)[._]", 32),
+        qwen21,
     )
     return [make_target(dit, DIT, "DiT"), make_target(text_encoder, TEXT_ENCODER, "text encoder")]
 
