@@ -1,9 +1,18 @@
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# pytest-xdist (pyproject's addopts: `-n auto`): the workers share the machine's cores, so each computes on one
+# thread, and so do the processes the tests start (CLI runs, torchrun ranks, servers): a CLI image compared pixel for
+# pixel with the in-process pipeline must come from GEMMs of the same thread count. Set before torch is imported.
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -11,7 +20,30 @@ sys.path.insert(0, str(ROOT))
 # tests never read outside the repository.
 CHECKPOINTS = ROOT / "tests" / "data" / "checkpoints"
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if XDIST_WORKER else 2)
+
+# The files that take longest, first: pytest-xdist hands out whole files (--dist loadfile) in collection order, so a
+# long file started last would leave one worker running alone at the end.
+SLOW_FILES = ("test_training_distributed_deepspeed.py", "test_training_distributed.py", "test_ui_browser.py",
+              "test_parallel.py", "test_cli.py", "test_examples.py", "test_server.py", "test_compile.py",
+              "test_server_ray.py", "test_bench_train_scale.py", "test_qwen21_runtime.py", "test_step_cache.py",
+              "test_qwen21_fast.py", "test_step_cache_parity.py", "test_qwen21_pipeline.py", "test_engine.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 and one per 6 GB of memory (a worker with its models and the
+    processes some tests start peaks at a few GB)."""
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError):
+        memory_gb = 12.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4, int(memory_gb // 6)))
 
 
 def checkpoint_listing(name: str) -> dict[str, tuple[int, ...]]:
