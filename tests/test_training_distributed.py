@@ -1,7 +1,8 @@
 """`qistudio train` under torchrun with 2 gloo processes on the CPU, through the real command line: it completes
-(once it hung); N processes train what one process accumulating N micro-batches trains (DDP, FSDP2); FSDP2's
-sharded checkpoints resume under another number of processes (2 -> 1, 1 -> 2); a killed process stops the run
-with a message and --resume continues; the consolidated weights load in diffusers."""
+(once it hung); N processes train what one process accumulating N micro-batches trains (DDP, FSDP2, FSDP2 of
+Qwen-Image 2.1 with a prefix that differs between the processes); FSDP2's sharded checkpoints resume under another
+number of processes (2 -> 1, 1 -> 2); a killed process stops the run with a message and --resume continues; the
+consolidated weights load in diffusers."""
 
 import json
 import os
@@ -19,6 +20,9 @@ from conftest import ROOT
 from qistudio.cli.main import main
 from test_training import model_paths
 from test_training_data import write_dataset
+from test_training_qwen21 import model_paths as model_paths21
+from test_training_qwen21 import write_dataset as write_dataset21
+from tiny_qwen21 import tiny_repository21
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,6 +212,33 @@ def test_fsdp_killed_process_stops_all_then_resumes_under_one_process_then_two(
     model = QwenImageTransformer2DModel.from_pretrained(released, low_cpu_mem_usage=False)
     state = model.state_dict()
     assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)
+
+
+def test_fsdp_of_21_where_one_process_edits_and_the_other_does_not_equals_one_process(tmp_path_factory, tmp_path):
+    """Qwen-Image 2.1 under FSDP2 on 2 processes (once refused): the dataset's two rows, one with two edit images and
+    one text-to-image, give each process one row a step, always different, so the processes' prefixes differ in
+    shape at every step (what made their per-block gradient reduce-scatters come in different orders when each block
+    ran twice a step); block 0 checkpointed, block 1 not. It completes, and its DiT equals one process accumulating
+    the 2 rows without FSDP."""
+    repo, data = tiny_repository21(tmp_path_factory), write_dataset21(tmp_path / "data")
+
+    def args(output, *extra):
+        paths = [list(p) if isinstance(p, tuple) else p for p in model_paths21(repo)]
+        return ["train", "--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.json"),
+                "--data_file_keys", "image,edit_image", "--extra_inputs", "edit_image", "--model_paths",
+                json.dumps(paths), "--processor_path", str(repo / "processor"), "--trainable_models", "dit",
+                "--learning_rate", "1e-4", "--max_steps", "3", "--save_steps", "3", "--use_gradient_checkpointing",
+                "--checkpointed_blocks", "1", "--seed", "7", "--output_path", str(output), *extra]
+
+    status, output = launch(args(tmp_path / "two", "--fsdp"))
+    assert status == 0, output[-3000:]
+    assert "on 2 process(es)" in output and "trained 3 steps" in output
+    assert (tmp_path / "two" / "checkpoints" / "step-00000003" / "sharded").is_dir()  # FSDP2 sharded the DiT
+    assert main(args(tmp_path / "one", "--gradient_accumulation_steps", "2")) == 0
+    two, one = (load_file(tmp_path / run / "step-3.safetensors") for run in ("two", "one"))
+    assert_same_weights(two, one, atol=2e-6)
+    start = load_file(sorted((repo / "transformer").glob("*.safetensors"))[0])
+    assert start.keys() <= two.keys() and any(not torch.equal(two[k], start[k]) for k in start)  # it trained
 
 
 # -- LoRA under DDP ---------------------------------------------------------------------------------------------------

@@ -185,15 +185,6 @@ def test_fsdp_trains_the_whole_layered_dit_as_the_plain_run(layered, tmp_path, i
     assert any(not torch.equal(ours[k], t) for k, t in fresh(family.base).dit.state_dict().items() if k in ours)
 
 
-def test_fsdp_is_refused_for_21_with_its_reason(qwen21, tmp_path, in_process_group):
-    qwen21.write(tmp_path / "data")
-    config = qwen21.config(qwen21.repo, tmp_path / "data", tmp_path / "out", trainable_models="dit", fsdp=True,
-                           use_gradient_checkpointing=True)
-    with pytest.raises(ValueError, match="FSDP2 .* not supported for Qwen-Image 2.1 training: each DiT block runs "
-                                         "twice a step"):
-        Trainer(config, progress_bar=False)
-
-
 # -- validation images ------------------------------------------------------------------------------------------------
 def test_validation_images_are_the_pipelines(family, tmp_path):
     """Rendered at the last step with the trained DiT; equal to the pipeline's own call with the same inputs:

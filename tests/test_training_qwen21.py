@@ -2,8 +2,9 @@
 from diffusers 0.42.1's QwenImage21 classes (its pipeline's prompt and VAE encoding, its transformer's joint pass, no
 KV cache) with the same noise and timestep, text-to-image and with two edit images; a LoRA learns and its file loads
 back into our QwenImage21Pipeline and into diffusers' alike; full training saves names diffusers loads; the seed's
-command line trains it, telling the model from its files; what 2.1 cannot take is refused; --checkpointed_blocks
-checkpoints the first N blocks of both passes, with the gradients of checkpointing all."""
+command line trains it, telling the model from its files; what 2.1 cannot take is refused; training's joint pass
+(each block once over prefix and target) equals prefill then forward bit for bit; --checkpointed_blocks checkpoints
+the first N blocks' joint calls, with the gradients of checkpointing all."""
 
 import copy
 import dataclasses
@@ -20,6 +21,8 @@ from conftest import rel_err
 from qistudio import ModelConfig, QwenImagePipeline
 from qistudio.cli.main import main as cli_main
 from qistudio.components import load_components
+from qistudio.models.dit21 import DiT21Config, QwenImage21DiT
+from qistudio.models.layout21 import ImageBlock, JointLayout
 from qistudio.training import DataConfig, LossConfig, TrainConfig, Trainer
 from qistudio.training.data import ImageDataset, Skipped
 from qistudio.training.family import QWEN21, data_rules, row_check
@@ -28,7 +31,8 @@ from qistudio.training.qwen21 import encode_qwen21
 from qistudio.training.timesteps import draw_sigma
 from qistudio.weights.build import load_model
 from test_training_layered import run_training_example, train_lowers_the_loss
-from tiny_qwen21 import LATENT_CHANNELS, model_configs21, reference_pipeline21, tiny_repository21
+from tiny_qwen21 import (LATENT_CHANNELS, TEXT_DIM, model_configs21, random_inputs, reference_pipeline21,
+                         tiny_repository21)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIDE = 64  # training images 64x64: 4x4 latent tokens; edit images at the same area (diffusers' output_resolution 64)
@@ -279,26 +283,70 @@ TORCH_CHECKPOINT = torch.utils.checkpoint.checkpoint  # the unpatched one, howev
 
 
 def counting_checkpoints(monkeypatch, dit) -> list[tuple[str, int]]:
-    """Records (pass, block index) of every block the 2.1 DiT runs under torch's checkpoint: the prefill hands it
-    (_call_eagerly, block, ...), the target pass (block, ...)."""
+    """Records (pass, block index) of every block the 2.1 DiT runs under torch's checkpoint: "joint" (training's
+    pass: block, prefix..., target=...), "prefill" (_call_eagerly, block, ...) or "target" (block, ...)."""
     calls = []
     index_of = {id(block): k for k, block in enumerate(dit.transformer_blocks)}
 
     def checkpoint(function, *args, **kwargs):
-        if isinstance(function, torch.nn.Module):
-            calls.append(("target", index_of[id(function)]))
-        else:
+        if not isinstance(function, torch.nn.Module):
             calls.append(("prefill", index_of[id(args[0])]))
+        else:
+            calls.append(("joint" if kwargs.get("target") is not None else "target", index_of[id(function)]))
         return TORCH_CHECKPOINT(function, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
     return calls
 
 
-def test_checkpointed_blocks_checkpoints_the_first_n_blocks_of_both_passes(base, repo, data, tmp_path, monkeypatch):
-    """--checkpointed_blocks N on the 2.1 DiT (once ignored): the first N blocks run under checkpoint in the prefix's
-    pass and in the target's, the others keep their activations; the loss and every parameter's gradient are those
-    of checkpointing every block (and of none). The trainer hands the setting to the 2.1 DiT."""
+TEXT_TO_IMAGE = JointLayout((11,), ImageBlock(4, 6))
+EDIT = JointLayout((5, ImageBlock(4, 6), 3, ImageBlock(2, 6), 7), ImageBlock(6, 4))  # two edit images
+
+
+@pytest.mark.parametrize("causal_condition", [True, False], ids=["causal-condition", "step-modulated-prefix"])
+@pytest.mark.parametrize("layout", [TEXT_TO_IMAGE, EDIT], ids=["text-to-image", "two-edit-images"])
+def test_the_joint_training_pass_equals_prefill_then_forward(layout, causal_condition, monkeypatch):
+    """QwenImage21DiT.joint (training's pass: each block once over the prefix and the target, so FSDP2's per-block
+    hooks fire once a step, in block order) against the inference passes (prefill, then forward over the cache):
+    the velocity and every parameter's gradient are bit-equal, without checkpointing, with every block
+    checkpointed and with the first of three (--checkpointed_blocks 1), each checkpointed block one joint call."""
+    torch.manual_seed(0)
+    config = DiT21Config(num_layers=3, num_heads=2, head_dim=32, in_channels=LATENT_CHANNELS,
+                         out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, axes_dim=(8, 12, 12),
+                         causal_condition=causal_condition)
+    dit = QwenImage21DiT(config)
+    with torch.no_grad():
+        for parameter in dit.parameters():  # the zero-centred and RMS norms away from their identity start
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    text, condition, target = random_inputs(layout, batch=1)
+    timestep = torch.tensor([0.6])
+
+    def step(pass_, checkpointed):
+        model = copy.deepcopy(dit)
+        model.gradient_checkpointing = checkpointed != "off"
+        model.checkpointed_blocks = None if checkpointed == "off" else checkpointed
+        calls = counting_checkpoints(monkeypatch, model)
+        if pass_ == "joint":
+            velocity = model.joint(text, condition, layout, target, timestep)
+        else:
+            step_timestep = None if causal_condition else timestep
+            velocity = model(target, timestep, model.prefill(text, condition, layout, step_timestep))
+        velocity.square().mean().backward()
+        return velocity.detach(), {name: p.grad for name, p in model.named_parameters()}, calls
+
+    expected, expected_grads, _ = step("two passes", "off")
+    assert all(g is not None and bool(g.any()) for g in expected_grads.values()) and len(expected_grads) > 20
+    for checkpointed, blocks in (("off", []), (None, [0, 1, 2]), (1, [0])):
+        velocity, grads, calls = step("joint", checkpointed)
+        assert calls == [("joint", k) for k in blocks], (checkpointed, calls)
+        assert torch.equal(velocity, expected), checkpointed
+        assert all(torch.equal(grads[name], g) for name, g in expected_grads.items()), checkpointed
+
+
+def test_checkpointed_blocks_checkpoints_the_first_n_blocks(base, repo, data, tmp_path, monkeypatch):
+    """--checkpointed_blocks N on the 2.1 DiT (once ignored): the first N blocks' joint calls (prefix and target)
+    run under checkpoint, the others keep their activations; the loss and every parameter's gradient are those of
+    checkpointing every block (and of none). The trainer hands the setting to the 2.1 DiT."""
     sample = encode_qwen21(base, load_row(make_config(repo, data, tmp_path / "out"), 0), "cpu", torch.float32)
     assert sample.condition is not None  # a prefix with edit images
     generator = torch.Generator().manual_seed(3)
@@ -314,7 +362,7 @@ def test_checkpointed_blocks_checkpoints_the_first_n_blocks_of_both_passes(base,
         loss = flow_matching_loss(Denoiser(dit), sample, sigma, noise, weight)
         loss.backward()
         first = {"off": 0, None: layers}.get(n, n)
-        assert calls == [("prefill", k) for k in range(first)] + [("target", k) for k in range(first)], (n, calls)
+        assert calls == [("joint", k) for k in range(first)], (n, calls)
         results[n] = float(loss.detach()), {name: p.grad for name, p in dit.named_parameters()}
     reference_loss_value, reference_grads = results[None]
     assert all(g is not None for g in reference_grads.values()) and len(reference_grads) > 20
@@ -328,4 +376,4 @@ def test_checkpointed_blocks_checkpoints_the_first_n_blocks_of_both_passes(base,
     trainer = Trainer(config, components=fresh(base), progress_bar=False)
     calls = counting_checkpoints(monkeypatch, trainer.dit)
     trainer.run()
-    assert trainer.dit.checkpointed_blocks == 1 and calls == [("prefill", 0), ("target", 0)]
+    assert trainer.dit.checkpointed_blocks == 1 and calls == [("joint", 0)]

@@ -8,7 +8,9 @@ the target, last, sees everything. Two facts follow. The prefix never attends to
 and values can be computed once (`prefill`) and reused at every step, when only the target's tokens run
 (`forward`). Without the cache the prefix is simply prefilled again at each step (`causal_condition=False` needs
 that: its prefix is modulated from the step's timestep). The reference's single joint pass computes exactly these
-numbers: its prefix rows never read target rows, and their outputs are discarded.
+numbers: its prefix rows never read target rows, and their outputs are discarded. Training, which needs no cache,
+runs both in one walk over the blocks (`joint`: each block once, over the prefix then the target), bit-equal to the
+two passes, so that a block's hooks (FSDP2's gradient reduce-scatter) fire once a step.
 
 Blocks hold no modulation of their own: one shared `modulation` projection of the timestep embedding gives
 [scale1, gate1, scale2, gate2] for every block (no shift; gates through tanh). Module names follow the diffusers
@@ -229,15 +231,19 @@ class QwenImage21Block(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, prefix_key=None, prefix_value=None,
-                segments: list[tuple[int, int, bool]] | None = None, finish: bool = True):
-        """One block over the prefix or over the target (every use goes through here, so hooks on blocks, weight
-        streaming's among them, see each).
+                segments: list[tuple[int, int, bool]] | None = None, finish: bool = True, target: tuple | None = None):
+        """One block over the prefix, over the target, or over both (every use goes through here, so hooks on
+        blocks, weight streaming's and FSDP2's among them, see each).
 
         Prefix: x (B, P, D) with its `segments`, attending block-causally within itself. Target: x (B, T, D)
         attending to [prefix_key / prefix_value (B | 1, P, H, hd); its own]. Returns (x after the block, or None
         with finish=False; this block's key and value of x, (B, S, H, hd), or None for a target under FP8
         attention: the target's are never kept).
+        Both (`QwenImage21DiT.joint`): x the prefix with its `segments`, `target` the target's (x, mod, rotation);
+        returns (the prefix after the block, or None with finish=False; the target after the block).
         """
+        if target is not None:
+            return self._joint(x, mod, rotation, segments, finish, *target)
         if segments is None and fp8_attention_enabled(x, self.attn.fp8_attention):
             attended, descale = self.attn.attend_fp8(self.normed(x, mod), rotation, prefix_key, prefix_value)
             return self.finish(x, attended, mod, descale), None, None
@@ -249,6 +255,19 @@ class QwenImage21Block(nn.Module):
         else:
             attended = prefix_attention(query, key, value, prefix_key, prefix_value)
         return self.finish(x, attended, mod), key, value
+
+    def _joint(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, segments: list[tuple[int, int, bool]],
+               finish: bool, img_x: torch.Tensor, img_mod: Modulation, img_rotation: torch.Tensor):
+        """The prefix x (B | 1, P, D) and the target img_x (B, T, D) through this block: the prefill's arithmetic
+        for the one, the target pass's over the prefix's keys and values for the other. The prefix's work comes
+        first, as in the two passes: the backward then adds up each gradient's parts in their order, so the
+        gradients are bit-equal (target first, they differ in the last bits)."""
+        query, key, value = self.project(x, mod, rotation)
+        if finish:
+            x = self.finish(x, block_causal_attention(query, key, value, segments), mod)
+        img_query, img_key, img_value = self.project(img_x, img_mod, img_rotation)
+        img_x = self.finish(img_x, prefix_attention(img_query, img_key, img_value, key, value), img_mod)
+        return (x if finish else None), img_x
 
 
 def _linear_from_fp8(layer: nn.Module, x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype):
@@ -350,12 +369,7 @@ class QwenImage21DiT(nn.Module):
         prefix is modulated from t = 0 and the cache serves every step.
         """
         x = self.embed_prefix(text_states, condition_tokens, layout)  # (B, P, D)
-        independent = self.config.causal_condition
-        if independent or timestep is None:
-            if not independent:
-                raise ValueError("this DiT has causal_condition=False: its prefix needs the step's timestep")
-            timestep = torch.zeros(1, device=x.device)
-        mod = self._modulation(self._temb(timestep))
+        mod = self._prefix_modulation(timestep, x.device)
         rotation, target_rotation = self.rotations(layout, x.device)
         segments = layout.segments()
         keys, values = [], []
@@ -367,7 +381,28 @@ class QwenImage21DiT(nn.Module):
             x, key, value = run(block, x, mod, rotation, segments=segments, finish=index < last)
             keys.append(key)
             values.append(value)
-        return PrefixCache(keys, values, layout, independent, target_rotation)
+        return PrefixCache(keys, values, layout, self.config.causal_condition, target_rotation)
+
+    def _prefix_modulation(self, timestep: torch.Tensor | None, device) -> Modulation:
+        """The prefix's modulation: from t = 0 with causal_condition, else from the step's timestep (B,)."""
+        if self.config.causal_condition or timestep is None:
+            if not self.config.causal_condition:
+                raise ValueError("this DiT has causal_condition=False: its prefix needs the step's timestep")
+            timestep = torch.zeros(1, device=device)
+        return self._modulation(self._temb(timestep))
+
+    def _embed_target(self, target_tokens: torch.Tensor, timestep: torch.Tensor, rotation: torch.Tensor,
+                      layout: JointLayout):
+        """The target's input rows (B, T, D), its timestep embedding (B, D) and modulation."""
+        if target_tokens.shape[1] != rotation.shape[-3]:
+            raise ValueError(f"{target_tokens.shape[1]} target tokens for a {layout.target} target block")
+        temb = self._temb(timestep)
+        return self.img_in(target_tokens.to(self.compute_dtype)), temb, self._modulation(temb)
+
+    def _velocity(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The output layer: the target's rows (B, T, D) after the blocks -> velocity (B, T, out_channels)."""
+        scale = self.norm_out.linear(F.silu(temb))[:, None]  # (B, 1, D)
+        return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.config.eps) * (1 + scale))
 
     def forward(self, target_tokens: torch.Tensor, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
         """Velocity of the target: target_tokens (B, T, C) latent tokens row-major, timestep (B,) sigma in [0, 1],
@@ -375,11 +410,7 @@ class QwenImage21DiT(nn.Module):
         rotation = cache.target_rotation  # under sequence parallelism: this rank's target tokens' rows
         if rotation is None:
             _, rotation = self.rotations(cache.layout, target_tokens.device)
-        if target_tokens.shape[1] != rotation.shape[-3]:
-            raise ValueError(f"{target_tokens.shape[1]} target tokens for a {cache.layout.target} target block")
-        x = self.img_in(target_tokens.to(self.compute_dtype))  # (B, T, D)
-        temb = self._temb(timestep)  # (B, D)
-        mod = self._modulation(temb)
+        x, temb, mod = self._embed_target(target_tokens, timestep, rotation, cache.layout)  # x (B, T, D)
         if _compiled(self.transformer_blocks[0]):
             torch._dynamo.mark_static(x, 0)  # as the 20B DiT: a new batch size compiles a graph of its own
         for index, block in enumerate(self.transformer_blocks):
@@ -388,8 +419,41 @@ class QwenImage21DiT(nn.Module):
                 x, _, _ = torch.utils.checkpoint.checkpoint(block, x, mod, rotation, keys, values, use_reentrant=False)
             else:
                 x, _, _ = block(x, mod, rotation, keys, values)
-        scale = self.norm_out.linear(F.silu(temb))[:, None]  # (B, 1, D)
-        return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.config.eps) * (1 + scale))
+        return self._velocity(x, temb)
+
+    def joint(self, text_states: torch.Tensor, condition_tokens: torch.Tensor | None, layout: JointLayout,
+              target_tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Training's pass: `prefill` then `forward`'s velocity (B, T, out_channels), with each block run ONCE over
+        both the prefix and the target (prefill's inputs, then forward's; timestep (B,) also modulates a prefix
+        without causal_condition).
+
+        Why: in the two passes each block runs twice a step, so a hook on a block fires twice, and in the backward
+        the autograd engine interleaves the two chains in an order that depends on the prefix's shape. FSDP2
+        reduce-scatters a block's gradients from such a hook: processes whose samples differ in edit images then
+        reduced in different orders (a collective mismatch). Here block k's backward is one node after block k+1's,
+        whatever the prefix. The arithmetic is the two passes' (tests/test_training_qwen21.py: velocity and
+        gradients equal); checkpointing recomputes the one joint call of each of the first N blocks.
+
+        Compiled blocks (--compile) take the two passes: a graph of the joint call would be traced again for
+        every prefix (its segments are Python ints), the target pass's is traced once (FSDP2 refuses --compile)."""
+        if _compiled(self.transformer_blocks[0]):
+            step = None if self.config.causal_condition else timestep
+            return self(target_tokens, timestep, self.prefill(text_states, condition_tokens, layout, step))
+        prefix = self.embed_prefix(text_states, condition_tokens, layout)  # (B | 1, P, D)
+        prefix_mod = self._prefix_modulation(timestep, prefix.device)
+        prefix_rotation, rotation = self.rotations(layout, prefix.device)
+        segments = layout.segments()
+        x, temb, mod = self._embed_target(target_tokens, timestep, rotation, layout)  # x (B, T, D)
+        last = len(self.transformer_blocks) - 1
+        for index, block in enumerate(self.transformer_blocks):
+            # The last block's prefix output is never read: only its keys and values are.
+            args = (prefix, prefix_mod, prefix_rotation)
+            options = dict(segments=segments, finish=index < last, target=(x, mod, rotation))
+            if self._checkpointed(index):  # recomputed in the backward, both streams
+                prefix, x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **options)
+            else:
+                prefix, x = block(*args, **options)
+        return self._velocity(x, temb)
 
 
 def _compiled(block: nn.Module) -> bool:

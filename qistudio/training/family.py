@@ -10,12 +10,14 @@ Each family says how a row is checked and loaded (which columns are RGBA, which 
 loop and the loss treat every sample alike (its `pack` and, for the new members, its `velocity`).
 
 The run's other settings need nothing per family: the low-memory mode (--fp8_base, --vram_limit), --compile and
---fsdp act on `dit.transformer_blocks`, which every family's DiT has (2.1's blocks run twice a step, the prefix's
-pass then the target's, both checkpointed under --use_gradient_checkpointing, only the first N blocks of each under
---checkpointed_blocks N: models/dit21.py). Validation images (`validation_inputs`) are the family's own: Layered
-splits an input image, 2.1 renders with its pipeline. FSDP2 is refused for 2.1 (FSDP_21): on 2 CPU processes, one
-with a sample that has edit images and one without, the processes' gradient reduce-scatters came in different orders
-(a collective mismatch; equal layouts trained).
+--fsdp act on `dit.transformer_blocks`, which every family's DiT has. 2.1 trains through its DiT's `joint` pass
+(models/dit21.py): each block runs once a step over the prefix and the target together, checkpointed under
+--use_gradient_checkpointing (the first N blocks under --checkpointed_blocks N). It once ran the prefix's pass then
+the target's, each block twice a step, and FSDP2 was refused: on 2 processes, one with a sample that has edit images
+and one without, the autograd engine interleaved the two passes' backward by the prefix's shape, so the processes'
+per-block gradient reduce-scatters came in different orders (a collective mismatch). With one call per block they come
+in block order (tests/test_training_distributed.py trains 2.1 so). Validation images (`validation_inputs`) are the
+family's own: Layered splits an input image, 2.1 renders with its pipeline.
 """
 
 from __future__ import annotations
@@ -35,10 +37,6 @@ QWEN_IMAGE, LAYERED, QWEN21 = "qwen_image", "layered", "qwen21"
 NAMES = {QWEN_IMAGE: "Qwen-Image", LAYERED: "Qwen-Image-Layered", QWEN21: "Qwen-Image 2.1"}
 LAYERED_INPUTS = ("layer_input_image", "layer_num")
 EDIT_INPUT = "edit_image"
-FSDP_21 = ("FSDP2 (--fsdp or an accelerate FSDP config) is not supported for Qwen-Image 2.1 training: each DiT block "
-           "runs twice a step (the text and edit images' prefix, then the target), and processes whose samples differ "
-           "in edit images reduce their sharded gradients in different orders, which stops the run; train 2.1 on "
-           "several GPUs without FSDP (DDP: a LoRA, or the whole DiT where it fits on each GPU)")
 # Qwen-Image-Layered renders at one of its trained buckets: validation_size (side, side) -> resolution=side.
 LAYERED_VALIDATION_SIDES = (640, 1024)
 
@@ -195,9 +193,9 @@ def validation_inputs(family: str, sample: dict, config: TrainConfig) -> dict:
     return sample_conditions(sample, config.extra_inputs)
 
 
-def detect_family(config: TrainConfig, components=None, accelerator=None, sharded: bool = False) -> str:
+def detect_family(config: TrainConfig, components=None, accelerator=None) -> str:
     """The run's family, from the given components or the DiT's files (the main process downloading first), checked
-    against the settings; `sharded`: the run shards the DiT with FSDP2."""
+    against the settings."""
     if components is not None:
         family = family_of_components(components)
     else:
@@ -206,6 +204,4 @@ def detect_family(config: TrainConfig, components=None, accelerator=None, sharde
         with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
             family = family_of_files(weight_configs(config))
     check_family(config, family)
-    if family == QWEN21 and sharded:
-        raise ValueError(FSDP_21)
     return family

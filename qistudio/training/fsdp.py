@@ -114,6 +114,10 @@ def shard_dit(dit: nn.Module, disk: DiskSource, device: torch.device, fsdp: FSDP
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(dit, **options)
+    if hasattr(dit, "joint"):  # Qwen-Image 2.1's training pass is a forward too: the root's weights gathered for it
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(dit, "joint")
     home = torch.device("cpu") if offload else device
     blocks.to_empty(device=home)
     _fill_shards(dit, disk, dist.get_rank(), dist.get_world_size())

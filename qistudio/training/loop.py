@@ -108,7 +108,7 @@ class Trainer:
         # Metadata errors (and strict mode's missing files) before loading; a row the pipeline's request checks
         # refuse (say, two entity prompts and three masks) is skipped like an unreadable image. Which model the DiT's
         # files hold (Qwen-Image, Layered, 2.1: family.py) says how rows are checked, loaded and encoded.
-        self.family = detect_family(config, components, self.accelerator, sharded=self.fsdp is not None)
+        self.family = detect_family(config, components, self.accelerator)
         rules = data_rules(self.family)
         self.dataset = ImageDataset(config.data, row_check(config, self.family), rules.rgba_keys, rules.list_keys)
         if self.dataset.missing:

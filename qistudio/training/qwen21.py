@@ -7,8 +7,10 @@ images are sized as DiffSynth-Studio's 2.1 trainer sizes them, each its own aspe
 of 32; at inference's default (target and edit images both at output_resolution^2) that is the same rule.
 
 No prefix KV cache in training: a step makes one DiT call, so the prefix (text and edit tokens, through the trained
-weights too) is computed in that call with gradients, `prefill` then the target pass: the same numbers as the
-reference's single joint pass (models/dit21.py's note), only the target's rows of which reach the loss.
+weights too) is computed in that call with gradients, in the DiT's `joint` pass: each block runs once over the prefix
+and the target (so FSDP2's per-block gradient reductions come in block order whatever the prefix), with the numbers
+of `prefill` then the target pass, themselves the reference's single joint pass (models/dit21.py's note), only the
+target's rows of which reach the loss.
 """
 
 from __future__ import annotations
@@ -43,11 +45,9 @@ class Qwen21Sample:
         return latents.flatten(2).transpose(1, 2)
 
     def velocity(self, dit, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Prefix then target, both with gradients: tokens (B, h w, C) -> velocity (B, h w, C)."""
+        """Prefix and target through each block at once, with gradients: tokens (B, h w, C) -> velocity (B, h w, C)."""
         layout = JointLayout(tuple(self.runs), ImageBlock(*self.latents.shape[-2:]))
-        step = None if dit.config.causal_condition else timestep[:1]  # a step-dependent prefix needs the step
-        cache = dit.prefill(self.text_states, self.condition, layout, step)
-        return dit(tokens, timestep, cache)
+        return dit.joint(self.text_states, self.condition, layout, tokens, timestep)
 
 
 def edit_images(sample: dict) -> list[Image.Image]:
