@@ -25,7 +25,7 @@ from .conditioning.qwen21 import PromptPrefix, encode_prompt, rgba_tensor
 from .imageio import tensor_to_images
 from .models.dit21 import PrefixCache, QwenImage21DiT
 from .models.layout21 import ImageBlock, JointLayout
-from .parallel.qwen21 import Call, check_qwen21_degrees, encode_once21
+from .parallel.qwen21 import Call, encode_once21
 from .pipeline import QwenImagePipeline
 from .request21 import DEFAULT_RESOLUTION, Request21, build_request21
 from .sampling.guidance import guide
@@ -260,16 +260,16 @@ class QwenImage21Pipeline(QwenImagePipeline):
                            cfg: int | None = None, ulysses: int | None = None, ring: int | None = None,
                            timeout: float = 300.0):
         """As QwenImagePipeline.enable_parallelism, for 2.1: `cfg` (with guidance, the positive and negative calls
-        on different ranks), `data` (the batch's images) and `ulysses` (the target's tokens; it must divide the
-        model's 32 heads; each rank keeps the prefix K/V cache of its heads only). Ring is not offered yet: a
-        ParallelConfigError before any process group is joined. "auto" gives calls without guidance (2.1's
-        default) Ulysses over every rank. Afterwards pipe(...) returns the images on rank 0 and None on every
-        other rank (output_type="latent": the same latents on every rank)."""
+        on different ranks), `data` (the batch's images), `ulysses` (the target's tokens; it must divide the
+        model's 32 heads; each rank keeps the prefix K/V cache of its heads only) and `ring` (the target's tokens,
+        any count; with ulysses, Ulysses within each ring position). "auto" gives calls without guidance (2.1's
+        default) Ulysses over every rank, ring for what the heads do not divide. Afterwards pipe(...) returns the
+        images on rank 0 and None on every other rank (output_type="latent": the same latents on every rank)."""
         from .parallel.runtime import enable_parallelism
 
         self.components.require("dit")
         given = {name: value for name, value in dict(data=data, cfg=cfg, ulysses=ulysses, ring=ring).items()
                  if value is not None}
         self.parallel = enable_parallelism(self.device, self.components.dit.config.num_heads, given or degrees,
-                                           timeout, check=check_qwen21_degrees)
+                                           timeout)
         return self.parallel.degrees

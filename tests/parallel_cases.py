@@ -72,6 +72,10 @@ INPAINT = dict(input_image="edit", inpaint_mask="inpaint", denoising_strength=0.
 LAYERED_AREA = 640 * 640 // 256
 LAYERED_CAPTION_TOKENS = 4
 LAYERED = dict(layered=True, image="rgba", layers=2, resolution=640, num_inference_steps=2)
+# Qwen-Image 2.1 floors sizes to multiples of 32 (2 x 2 latent tokens), so 2 or 4 ranks always divide its target's
+# token count (8 ranks do not at 32 x 96: 12 tokens). `exact_size` lifts the floor for the call, on the ranks and in
+# one process alike (no code path changed): 48 x 80 is 3 x 5 = 15 target tokens, the last ring chunk padded.
+Q21_UNEVEN = dict(height=48, width=80, exact_size=True)
 
 # name -> (degrees or "auto", the call's arguments beyond BASE); "lora" loads a LoRA on the DiT for the call
 # ("hooks" or "fused"); "vram" turns VRAM management on for the call (its arguments); "compile" compiles the ranks'
@@ -120,6 +124,11 @@ CASES = {
     "q21_ulysses2_edit": (dict(ulysses=2), dict(qwen21=True, edit_image=["edit", "edit"], output_resolution=64,
                                                   cfg_scale=1.0)),
     "q21_ulysses2_no_kv_cache": (dict(ulysses=2), dict(qwen21=True, use_kv_cache=False)),
+    # ring: the target's K/V around the ring, the cached prefix one more partial of the merged softmax
+    "q21_ring2_uneven": (dict(ring=2), dict(qwen21=True, **Q21_UNEVEN)),
+    # (two images of one prompt: two rows over the prefix cache's one)
+    "q21_ring2_edit_two_images": (dict(ring=2), dict(qwen21=True, edit_image=["edit"], output_resolution=64,
+                                                     num_images=2, cfg_scale=1.0)),
     "compiled_ulysses2": (dict(ulysses=2), dict(compile=True)),
     "compiled_ring2_uneven": (dict(ring=2), dict(compile=True, **UNEVEN)),
     # refused with one error on every rank ("expect": its type), before the DiT runs
@@ -144,6 +153,8 @@ CASES = {
     "q21_data2_ulysses2_three_images": (dict(data=2, ulysses=2), dict(qwen21=True, num_images=3, cfg_scale=1.0,
                                                                       height=96)),
     "ulysses2_ring2_uneven": (dict(ulysses=2, ring=2), UNEVEN),
+    "q21_ulysses2_ring2_edit_uneven": (dict(ulysses=2, ring=2), dict(qwen21=True, edit_image=["edit"],
+                                                                     output_resolution=64, **Q21_UNEVEN)),
     "ring4_eligen": (dict(ring=4), ENTITIES),
     "cfg2_ring2_edit": (dict(cfg=2, ring=2), EDIT),
     "data2_cfg2": (dict(data=2, cfg=2), dict(prompt=TWO_PROMPTS)),
@@ -161,7 +172,7 @@ def call_arguments(name: str) -> dict:
     from qistudio import ControlNetInput
 
     extra = {key: value for key, value in CASES[name][1].items()
-             if key not in ("lora", "compile", "expect", "vram", "fp8", "qwen21", "layered")}
+             if key not in ("lora", "compile", "expect", "vram", "fp8", "qwen21", "layered", "exact_size")}
     base = BASE
     if CASES[name][1].get("layered"):  # the size follows the image (resolution=)
         base = {key: value for key, value in BASE.items() if key not in ("height", "width")}
@@ -222,6 +233,22 @@ def _layered_scale():
     return stack
 
 
+def _exact_size():
+    """Qwen-Image 2.1's output size taken as given (a multiple of 16) for the call, not floored to 32 (Q21_UNEVEN)."""
+    import warnings
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import qistudio.request21 as request21
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(request21, "output_size", lambda height, width, images, resolution:
+                                          (height, width)))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", "height and width must be multiples of 32")  # not floored here
+    return stack
+
+
 def fp8_pipeline(repo: str, controlnets: list[str]):
     """The demo pipeline under FP8 compute (for the cases marked fp8)."""
     pipe = load_pipeline(repo, controlnets)
@@ -239,13 +266,14 @@ def generate(pipe, name: str, **overrides) -> torch.Tensor:
     from qistudio.ops.fp8_attention import fp8_attention_reference
 
     lora, vram, scale = CASES[name][1].get("lora"), CASES[name][1].get("vram"), CASES[name][1].get("layered")
+    exact = CASES[name][1].get("exact_size")
     if lora:
         pipe.load_lora(pipe.dit, state_dict=peft_layout(random_pairs(pipe.dit, seed=5)), fuse=lora == "fused")
     if vram is not None:
         pipe.enable_vram_management(**vram)
     try:
         with fp8_attention_reference() if CASES[name][1].get("fp8") else nullcontext(), \
-                _layered_scale() if scale else nullcontext():
+                _layered_scale() if scale else nullcontext(), _exact_size() if exact else nullcontext():
             return pipe(**{**call_arguments(name), **overrides})
     finally:
         if lora:

@@ -2,8 +2,9 @@
 call in one process: every layout (cfg, Ulysses, ring, both, data), token counts no rank count divides, edit
 images, EliGen entities, a Blockwise ControlNet, inpainting, LoRAs (hooks and fused), FP8 compute with FP8
 attention under Ulysses, Qwen-Image 2.1 (cfg, data, Ulysses over its target with the prefix K/V cache split by
-heads), Qwen-Image-Layered (cfg with its caption, Ulysses, ring, data, cfg x Ulysses; its layers); a rank that dies;
-the CLI (Qwen-Image, 2.1 and `qistudio layers`).
+heads, ring and ring x Ulysses with the cached prefix one more partial of the merged softmax), Qwen-Image-Layered
+(cfg with its caption, Ulysses, ring, data, cfg x Ulysses; its layers); a rank that dies; the CLI (Qwen-Image,
+2.1 and `qistudio layers`).
 
 The ranks are started once per rank count (module fixtures) through the library's own launcher and run every
 case in a row, re-meshing between cases; each rank saves its final latents, which must equal the one-process
@@ -205,7 +206,8 @@ def test_cli_parallel_png_equals_one_process(files, tmp_path, monkeypatch, capsy
 
 def test_cli_parallel_qwen21_png_equals_one_process(repo21, tmp_path, capsys):
     """`qistudio generate --model <2.1 folder> --parallel ulysses=2 --device cpu`: rank 0's RGBA PNG has the
-    one-process PNG's pixels; ring, which 2.1 does not run yet, is one error before anything loads."""
+    one-process PNG's pixels; degrees it cannot run (ulysses=4 of the tiny model's 2 heads, beside ring=2, which
+    2.1 runs) are one error before anything loads."""
     common = ["generate", "a red fox", "--model", repo21, "--size", "64x96", "--steps", "2", "--seed", "5",
               "--device", "cpu"]
     assert main([*common, "-o", str(tmp_path / "one.png")]) == 0
@@ -214,8 +216,8 @@ def test_cli_parallel_qwen21_png_equals_one_process(repo21, tmp_path, capsys):
         assert one.mode == two.mode == "RGBA" and np.array_equal(np.asarray(one), np.asarray(two))
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        main([*common, "-o", str(tmp_path / "bad.png"), "--parallel", "ring=2"])
-    assert "ring=2: Qwen-Image 2.1 runs cfg, data and ulysses parallelism" in capsys.readouterr().err
+        main([*common, "-o", str(tmp_path / "bad.png"), "--parallel", "ring=2,ulysses=4"])
+    assert "--parallel: ulysses=4 does not divide the model's 2 attention heads" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
 
 

@@ -305,17 +305,45 @@ def test_ring_layouts_keep_compute_dtype_attention_under_fp8(fake_two_ranks):
     assert all(block.attn.fp8_attention for block in dit.transformer_blocks)
 
 
-def test_qwen21_degrees_without_ring_are_refused_before_any_process_group(monkeypatch):
-    """Qwen-Image 2.1's check (QwenImage21Pipeline.enable_parallelism passes it): ring, asked for or chosen by "auto"
-    where Ulysses does not divide the heads, is one ParallelConfigError before joining a process group."""
-    from qistudio.parallel.degrees import check_qwen21_degrees
+def test_qwen21_takes_ring_and_refuses_degrees_that_cannot_run_before_any_process_group(monkeypatch):
+    """Qwen-Image 2.1 (32 heads) runs ring (parallel/qwen21.py): ring alone, with cfg, with Ulysses, and where "auto"
+    picks it (Ulysses does not divide the heads) resolve as for any model, with no check of 2.1's own; degrees that
+    cannot run (ulysses=3 of 32 heads, beside ring) are still one ParallelConfigError before joining a process
+    group, naming the value and what would run."""
+    from qistudio.parallel import degrees
     from qistudio.parallel.runtime import enable_parallelism
 
-    for world, degrees in ((2, {"ring": 2}), (4, {"cfg": 2, "ring": 2}), (3, "auto")):
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("WORLD_SIZE", str(world))
-        with pytest.raises(ParallelConfigError, match=f"ring={2 if world != 3 else 3}: Qwen-Image 2.1 runs cfg, "
-                                                      "data and ulysses parallelism"):
-            enable_parallelism("cpu", 32, degrees, check=check_qwen21_degrees)
-        assert not dist.is_initialized()
-    check_qwen21_degrees(resolve_degrees({"data": 2, "cfg": 2, "ulysses": 2}, 8, 32))  # the rest runs
+    assert not hasattr(degrees, "check_qwen21_degrees")  # the 2.1 pipeline and CLI check what every model checks
+    assert resolve_degrees({"ring": 2}, 2, 32) == Degrees(ring=2)
+    assert resolve_degrees({"cfg": 2, "ring": 2}, 4, 32) == Degrees(cfg=2, ring=2)
+    assert resolve_degrees({"ulysses": 2, "ring": 2}, 4, 32) == Degrees(ulysses=2, ring=2)
+    assert resolve_degrees("auto", 3, 32) == Degrees(ring=3)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ParallelConfigError, match=r"^ulysses=3 does not divide the model's 32 attention heads; use one "
+                                                  r"of 1, 2, 4, 8, 16, 32 and ring for the rest \(ring takes any "
+                                                  r"count\)$"):
+        enable_parallelism("cpu", 32, {"ulysses": 3, "ring": 2})
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("prefix_rows", [1, 2])
+def test_qwen21_ring_attention_on_one_rank_equals_prefix_attention(prefix_rows):
+    """The 2.1 ring's bookkeeping without a peer: a ring chunk whose last token is padding (7 target tokens over two
+    Ulysses ranks: 8 held), the prefix as one more partial (shared by the two rows, or one per row) merged by
+    log-sum-exp, equals the one-process attention over [prefix; target] for every valid token; the padding key
+    (filled with large values) changes nothing."""
+    from qistudio.ops.attention import prefix_attention
+    from qistudio.parallel.qwen21 import ring_prefix_attention
+
+    g = torch.Generator().manual_seed(3)
+    batch, num_target, length, heads, dim = 2, 7, 5, 2, 8
+    layout = TokenLayout(num_target, ulysses=2, ring=1, sequence_rank=0)
+    assert layout.ring_chunk == 8 and layout.valid_in_ring_chunk(0) == 7
+    query, key, value = (torch.randn(batch, layout.ring_chunk, heads, dim, generator=g) for _ in range(3))
+    key[:, num_target:], value[:, num_target:] = 30.0, 30.0  # padding: never a key
+    prefix_key, prefix_value = (torch.randn(prefix_rows, length, heads, dim, generator=g) for _ in range(2))
+    expected = prefix_attention(query[:, :num_target], key[:, :num_target], value[:, :num_target], prefix_key,
+                                prefix_value)
+    got = ring_prefix_attention(query, torch.stack([key, value]), (prefix_key, prefix_value), layout, None, 0)
+    assert got.shape == query.shape and rel_err(got[:, :num_target], expected) < 1e-6

@@ -19,8 +19,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from ..parallel.degrees import (QWEN_IMAGE_HEADS, ParallelConfigError, auto_degrees, check_qwen21_degrees,
-                                parse_degrees, resolve_degrees)
+from ..parallel.degrees import QWEN_IMAGE_HEADS, ParallelConfigError, parse_degrees, resolve_degrees
 
 
 def parallel_spec(text: str):
@@ -108,24 +107,19 @@ def start_parallel(args: argparse.Namespace, settings: dict) -> ParallelRun:
         error("--cache does not run with --parallel yet (each rank would decide its own steps)")
     if not _under_launcher():
         count = _process_count(spec, settings["device"], error)
-        _check(spec, count, heads, settings, error)
+        _check(spec, count, heads, error)
         return ParallelRun(exit_code=_launch(args, count))
     spec = "auto" if spec is None else spec
-    _check(spec, int(os.environ["WORLD_SIZE"]), heads, settings, error)
+    _check(spec, int(os.environ["WORLD_SIZE"]), heads, error)
     _join(settings)
     return ParallelRun(degrees=spec)
 
 
-def _check(spec, world: int, heads: int, settings: dict, error) -> None:
-    """One error for degrees that cannot run on `world` ranks, or that the model cannot run (Qwen-Image 2.1: no
-    ring yet), before anything loads."""
-    from .generate21 import is_qwen21_model
-
+def _check(spec, world: int, heads: int, error) -> None:
+    """One error for degrees that cannot run on `world` ranks with a model of `heads` heads, before anything loads
+    (every model, Qwen-Image 2.1 included, runs every layout that passes)."""
     try:
-        degrees = resolve_degrees(spec, world, heads)
-        if is_qwen21_model(settings.get("model")) and not settings.get("demo"):
-            for layout in (degrees, auto_degrees(world, heads, guidance=False) if spec == "auto" else degrees):
-                check_qwen21_degrees(layout)
+        resolve_degrees(spec, world, heads)
     except ParallelConfigError as e:
         error(f"--parallel: {e}")
 

@@ -8,6 +8,8 @@ Pure Python (no torch): the command line checks `--parallel` with it before spaw
   the model's head count: 24 for Qwen-Image).
 - ring: keys and values passed around a ring of ranks, partial attentions merged by log-sum-exp (any count, and
   the way past the head count).
+Every model runs every layout these checks pass (Qwen-Image 2.1's ring included: parallel/qwen21.py merges its
+cached prefix as one more partial), so no model adds a check of its own.
 """
 
 from __future__ import annotations
@@ -113,12 +115,3 @@ def resolve_degrees(spec, world_size: int, num_heads: int = QWEN_IMAGE_HEADS) ->
             f"{degrees.text()} makes {degrees.world_size} rank(s) (data x cfg x ulysses x ring) but {world_size} "
             f"process(es) run; make the product {world_size}, or pass 'auto'")
     return degrees
-
-
-def check_qwen21_degrees(degrees: Degrees) -> None:
-    """Raise ParallelConfigError for degrees Qwen-Image 2.1 cannot run yet (ring: its attention over the cached
-    prefix would have to be merged across the ring)."""
-    if degrees.ring > 1:
-        raise ParallelConfigError(
-            f"ring={degrees.ring}: Qwen-Image 2.1 runs cfg, data and ulysses parallelism, not ring attention yet; "
-            "use ulysses (it must divide the model's heads: 32 for Qwen-Image 2.1) or data for those ranks")

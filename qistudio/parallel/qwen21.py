@@ -1,4 +1,4 @@
-"""Qwen-Image 2.1 split across the mesh: its DiT calls over cfg and data ranks, its target tokens over Ulysses.
+"""Qwen-Image 2.1 split across the mesh: its DiT calls over cfg and data ranks, its target tokens over ring x Ulysses.
 
 Design note. A 2.1 step is a list of DiT calls, each a prompt's rows against that prompt's (or the negative
 prompt's) prefix K/V cache (pipeline21.py). `CallSplit` hands each rank its share of them and gives every rank
@@ -7,14 +7,21 @@ every call's output:
   only its branch's prefixes. Without guidance the cfg ranks share the rows as data ranks do.
 - data: the rows of the batch (prompts x num_images) are cut into equal shares (the last row repeated to fill);
   a rank runs each call on the rows of its share that the call covers.
-- ulysses (`ShardedDiT21`): the target's T tokens are sharded (padded to a multiple of the ranks), the prefix is
-  not. Every rank prefills the whole prefix (block-causal, step-independent) and keeps its keys and values for its
-  own heads only (1/u of the cache). In the target pass each block's q, k and v of the local target tokens go by
-  one all-to-all to the ranks of their heads, which attend every target query over [their heads' prefix K/V;
-  every target key] (ops/attention's prefix_attention) and send the output back the same way.
-One all-gather over the world per step then lays every rank's (rows, tokens) piece in place. Ring attention is not
-offered: the prefix attention would have to be merged across the ring; FP8 attention runs in the compute dtype
-under Ulysses (the FP8 linears stay on).
+- ring x ulysses (`ShardedDiT21`): the target's T tokens are sharded as TokenLayout lays out the 20B model's image
+  (padded at the end to a multiple of the ranks; ring-major, Ulysses-minor), the prefix is not. Every rank prefills
+  the whole prefix (block-causal, step-independent: once per prompt) and keeps its keys and values for its own
+  Ulysses heads only (1/u of the cache; all heads without Ulysses). In the target pass each block's q, k and v of
+  the local target tokens go by one all-to-all to the Ulysses ranks of their heads (`PrefixAttention21`), which
+  then hold their ring position's chunk of the target. Without ring they attend every target query over [their
+  heads' prefix K/V; every target key] (ops/attention's prefix_attention). With ring the target's keys and values
+  travel around the ring (ring.py's RingShift) and the softmax is split over disjoint key sets, one partial each:
+  the prefix (local, computed while the first chunk travels) and every ring chunk's valid target keys (a chunk's
+  padding is sliced off, as the 20B ring does), merged exactly by their log-sum-exps (ring.py's partial_attention
+  and merge). There are no masks: the 2.1 target sees everything. The merge runs in arrival order, fixed for a
+  given rank; unlike the 20B model's replicated text stream, no token is computed on two ranks, so the ranks never
+  need each other's rounding. The output goes back by the inverse all-to-all.
+One all-gather over the world per step then lays every rank's (rows, tokens) piece in place. FP8 attention runs in
+the compute dtype under sequence parallelism (the FP8 linears stay on).
 """
 
 from __future__ import annotations
@@ -25,15 +32,16 @@ from typing import Callable
 import torch
 
 from ..ops.attention import attention_override, prefix_attention
-from .collectives import all_gather, start_heads_to_sequence, start_sequence_to_heads
-from .degrees import check_qwen21_degrees  # noqa: F401  (the 2.1 pipeline's check, beside the rest of 2.1's)
+from .collectives import RingShift, all_gather, start_heads_to_sequence, start_sequence_to_heads
 from .layout import TokenLayout
 from .mesh import ParallelMesh
+from .ring import Partial, merge, partial_attention
 from .rows import RowShare
 
 
-class PrefixUlysses:
-    """The attention of a sharded 2.1 target pass (ops/attention's override): Ulysses over the target tokens."""
+class PrefixAttention21:
+    """The attention of a sharded 2.1 target pass (ops/attention's override): Ulysses within a ring position, ring
+    across them."""
 
     takes_fp8 = False  # its attention runs in the compute dtype
     streams = False
@@ -49,47 +57,95 @@ class PrefixUlysses:
 
     def prefix_attention(self, query, key, value, prefix_key, prefix_value):
         """query, key, value (B, n, H, D) of this rank's target chunk; prefix (B|1, P, H / u, D) of its heads."""
-        group, ulysses, num_target = self.mesh.group("ulysses"), self.layout.ulysses, self.layout.num_image
-        stacked = torch.stack([query, key, value])  # (3, B, n, H, D): one all-to-all
-        query, key, value = start_sequence_to_heads(stacked, group, ulysses, "ulysses all-to-all of q/k/v").result()
-        with attention_override(None):  # every target token, padding dropped: the one-process call on our heads
-            out = prefix_attention(query[:, :num_target], key[:, :num_target], value[:, :num_target], prefix_key,
-                                   prefix_value)
-        return start_heads_to_sequence(self.layout.pad(out, dim=1), group, ulysses).result()  # (B, n, H, D)
+        layout, ulysses = self.layout, self.layout.ulysses
+        if ulysses > 1:  # (3, B, n, H, D) -> (3, B, u n, H / u, D): this ring position's tokens, our heads
+            stacked = torch.stack([query, key, value])  # one all-to-all
+            query, key, value = start_sequence_to_heads(stacked, self.mesh.group("ulysses"), ulysses,
+                                                        "ulysses all-to-all of q/k/v").result()
+        if layout.ring == 1:
+            num_target = layout.num_image
+            with attention_override(None):  # every target token, padding dropped: the one-process call on our heads
+                out = layout.pad(prefix_attention(query[:, :num_target], key[:, :num_target], value[:, :num_target],
+                                                  prefix_key, prefix_value), dim=1)
+        else:
+            out = ring_prefix_attention(query, torch.stack([key, value]), (prefix_key, prefix_value), layout,
+                                        self.mesh.group("ring"), self.mesh.coordinate["ring"])
+        if ulysses > 1:
+            out = start_heads_to_sequence(out, self.mesh.group("ulysses"), ulysses).result()
+        return out  # (B, n, H, D)
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("a 2.1 target pass attends through prefix_attention only")
 
 
+def ring_prefix_attention(query: torch.Tensor, target: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor],
+                          layout: TokenLayout, group, ring_rank: int) -> torch.Tensor:
+    """query (B, C, h, D) of this rank's ring chunk (C = layout.ring_chunk tokens, padding included), target: its k
+    and v stacked (2, B, C, h, D), prefix: this rank's heads' prefix k and v (B|1, P, h, D). Returns (B, C, h, D):
+    every query attending over [the prefix; every valid target key of every ring chunk]."""
+    dtype, ring_size = query.dtype, layout.ring
+    query = query.transpose(1, 2)  # (B, h, C, D)
+    total: Partial | None = None
+    current, owner = target, ring_rank  # the chunk in hand and whose it is
+    for step in range(ring_size):
+        shift = RingShift(current, group, ring_size, "ring K/V pass of the 2.1 target") if step < ring_size - 1 \
+            else None
+        valid = layout.valid_in_ring_chunk(owner)
+        if valid:
+            key, value = (t[:, :valid].transpose(1, 2) for t in current)
+            total = merge(total, partial_attention(query, key, value, None))
+        if step == 0:  # the prefix is local: its partial computes while the first chunk travels
+            total = merge(total, _prefix_partial(query, *prefix))
+        if shift is not None:
+            current, owner = shift.result(), (owner - 1) % ring_size
+    return total[0].transpose(1, 2).to(dtype)
+
+
+def _prefix_partial(query: torch.Tensor, prefix_key: torch.Tensor, prefix_value: torch.Tensor) -> Partial:
+    """partial_attention of query (B, h, C, D) over the prefix (B|1, P, h, D). A prefix shared by the rows (batch 1)
+    is not copied per row: the rows' queries are one longer sequence over it (attention is per query row)."""
+    batch, heads, chunk, dim = query.shape
+    key, value = (t.transpose(1, 2) for t in (prefix_key, prefix_value))  # (B|1, h, P, D)
+    if key.shape[0] == batch:
+        return partial_attention(query, key, value, None)
+    rows = query.transpose(0, 1).reshape(1, heads, batch * chunk, dim)
+    out, lse = partial_attention(rows, key, value, None)
+    return (out.reshape(heads, batch, chunk, dim).transpose(0, 1),
+            lse.reshape(heads, batch, chunk).transpose(0, 1))
+
+
 class ShardedDiT21:
-    """The 2.1 DiT with its target tokens over the Ulysses ranks: `prefill` keeps this rank's heads, a call returns
-    this rank's target chunk of the velocity (B, n, C); the whole DiT itself where there is no Ulysses."""
+    """The 2.1 DiT with its target tokens over the sequence (ring x Ulysses) ranks: `prefill` keeps this rank's
+    heads, a call returns this rank's target chunk of the velocity (B, n, C); the whole DiT itself where no rank
+    shares the tokens."""
 
     def __init__(self, dit, mesh: ParallelMesh):
         self.dit, self.mesh = dit, mesh
         self.config = dit.config
-        self.ulysses = mesh.degrees.ulysses
-        self._overrides: dict[TokenLayout, PrefixUlysses] = {}
+        self.ulysses, self.ring = mesh.degrees.ulysses, mesh.degrees.ring
+        self.sharded = mesh.degrees.sequence > 1
+        self._overrides: dict[TokenLayout, PrefixAttention21] = {}
 
     def layout(self, num_target: int) -> TokenLayout:
-        return TokenLayout(num_target, self.ulysses, 1, self.mesh.coordinate["ulysses"])
+        return TokenLayout(num_target, self.ulysses, self.ring, self.mesh.sequence_rank)
 
     def prefill(self, text_states, condition_tokens, layout, timestep=None):
         cache = self.dit.prefill(text_states, condition_tokens, layout, timestep)
-        if self.ulysses == 1:
+        if not self.sharded:
             return cache
         tokens = self.layout(layout.target.num_tokens)
-        attention = self._override(tokens)
-        # Our heads only, copied, so the whole tensors are freed.
-        keys = [attention.heads(key).contiguous() for key in cache.keys]
-        values = [attention.heads(value).contiguous() for value in cache.values]
+        keys, values = cache.keys, cache.values
+        if self.ulysses > 1:  # our heads only, copied, so the whole tensors are freed
+            attention = self._override(tokens)
+            keys = [attention.heads(key).contiguous() for key in keys]
+            values = [attention.heads(value).contiguous() for value in values]
         return replace(cache, keys=keys, values=values, target_rotation=tokens.local(cache.target_rotation, 0, 1))
 
-    def _override(self, tokens: TokenLayout) -> PrefixUlysses:
-        return self._overrides.setdefault(tokens, PrefixUlysses(self.mesh, tokens))
+    def _override(self, tokens: TokenLayout) -> PrefixAttention21:
+        return self._overrides.setdefault(tokens, PrefixAttention21(self.mesh, tokens))
 
     def __call__(self, target_tokens: torch.Tensor, timestep: torch.Tensor, cache) -> torch.Tensor:
-        if self.ulysses == 1:
+        if not self.sharded:
             return self.dit(target_tokens, timestep, cache)
         tokens = self.layout(target_tokens.shape[1])
         with attention_override(self._override(tokens)):
@@ -139,13 +195,14 @@ class CallSplit:
         return [whole[call.branch][call.rows, :num_target] for call in calls]
 
     def _lay_out(self, gathered: torch.Tensor, all_branches: list[int], groups: int) -> dict[int, torch.Tensor]:
-        ulysses = self.mesh.degrees.ulysses
-        grid = {branch: [[None] * ulysses for _ in range(groups)] for branch in all_branches}
+        degrees = self.mesh.degrees
+        grid = {branch: [[None] * degrees.sequence for _ in range(groups)] for branch in all_branches}
         for rank in range(self.mesh.world_size):
             coordinate = self.mesh.coordinates_of(rank)
             branches, _, index = self._share(all_branches, coordinate)
+            chunk = coordinate["ring"] * degrees.ulysses + coordinate["ulysses"]  # TokenLayout's sequence rank
             for position, branch in enumerate(branches):
-                grid[branch][index][coordinate["ulysses"]] = gathered[rank, position]
+                grid[branch][index][chunk] = gathered[rank, position]
         return {branch: torch.cat([torch.cat(share, dim=1) for share in shares]) for branch, shares in grid.items()}
 
 

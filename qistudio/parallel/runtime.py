@@ -98,7 +98,7 @@ class ParallelRuntime:
 
     def qwen21(self, dit, use_cfg: bool):
         """A Qwen-Image 2.1 call laid out on the mesh (its guidance branches over the cfg ranks): the DiT split over
-        the Ulysses ranks (parallel/qwen21.py ShardedDiT21) and the step's calls split over the rest (CallSplit)."""
+        the ring x Ulysses ranks (parallel/qwen21.py ShardedDiT21) and the step's calls over the rest (CallSplit)."""
         from .qwen21 import CallSplit, ShardedDiT21
 
         self.mesh = self.meshes[bool(use_cfg)]
