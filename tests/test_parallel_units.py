@@ -60,6 +60,19 @@ def test_cli_refuses_bad_degrees_before_anything_loads(flag, words, tmp_path, mo
     assert not (tmp_path / "qistudio").exists() and not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("model, flag, words", [
+    ("Qwen/Qwen-Image-2.1", "ulysses=3", "ulysses=3 does not divide the model's 32 attention heads"),
+    ("Qwen/Qwen-Image", "ulysses=32", "ulysses=32 does not divide the model's 24 attention heads"),
+])
+def test_cli_checks_a_hub_models_heads_before_its_download(model, flag, words, tmp_path, monkeypatch, capsys):
+    """A hub id not yet downloaded: the released model's head count (2.1: 32; once Qwen-Image's 24 for every id)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a fox", "--model", model, "--device", "cpu", "-o", str(tmp_path / "x.png"),
+              "--parallel", flag])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("num_image", [1, 2, 7, 15, 16])
 @pytest.mark.parametrize("ulysses, ring", [(1, 1), (2, 1), (1, 3), (2, 2), (4, 1)])
 def test_token_layout_covers_every_token_once(num_image, ulysses, ring):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from ..parallel.degrees import QWEN_IMAGE_HEADS, ParallelConfigError, parse_degrees, resolve_degrees
 
+QWEN21_HEADS = 32  # Qwen-Image 2.1's DiT (models/dit21.py DiT21Config), not imported here: the CLI loads no torch
+
 
 def parallel_spec(text: str):
     """--parallel's value: 'cfg=2,ulysses=2' or 'auto'."""
@@ -60,7 +62,8 @@ def _under_launcher() -> bool:
 
 
 def _model_heads(settings: dict) -> int:
-    """The DiT's head count, from the demo's config or a folder's transformer/config.json (else Qwen-Image's)."""
+    """The DiT's head count, from the demo's config or a folder's transformer/config.json (else the released
+    model's: Qwen-Image 2.1's for a 2.1 hub id, Qwen-Image's for any other)."""
     if settings.get("demo"):
         from ..demo import DEMO_DIT
 
@@ -69,7 +72,10 @@ def _model_heads(settings: dict) -> int:
     try:
         return int(json.loads(config.read_text())["num_attention_heads"])
     except (OSError, ValueError, KeyError, TypeError):
-        return QWEN_IMAGE_HEADS
+        from .generate21 import is_qwen21_model
+
+        # A hub id before its download: the released model's heads (2.1: 32 of 128, as DiT21Config).
+        return QWEN21_HEADS if is_qwen21_model(settings.get("model")) else QWEN_IMAGE_HEADS
 
 
 def _process_count(spec, device: str, error) -> int:
