@@ -197,7 +197,9 @@ def _add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
     watch.add_argument("--validation_steps", type=int, help="render every N steps (default: at the last step only)")
     watch.add_argument("--validation_size", type=parse_size, default=(1024, 1024), metavar="WxH",
                        help="size of the validation images (default 1024x1024)")
-    watch.add_argument("--validation_cfg_scale", type=finite_float, default=4.0, help="guidance of the validation images")
+    watch.add_argument("--validation_cfg_scale", type=finite_float, default=None,
+                       help="guidance of the validation images (default: the model's, 4.0 for Qwen-Image; Qwen-Image "
+                            "2.1 samples without guidance)")
     watch.add_argument("--validation_num_inference_steps", type=int, default=30)
     watch.add_argument("--validation_seed", type=int, default=0)
     watch.add_argument("--enable_tensorboard_log", action="store_true",

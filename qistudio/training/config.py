@@ -131,7 +131,7 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = ()  # rendered to output_path/samples/step-N/ during training
     validation_steps: int | None = None  # render every N steps and at the last; None: at the last step only
     validation_size: tuple[int, int] = (1024, 1024)  # (width, height)
-    validation_cfg_scale: float = 4.0
+    validation_cfg_scale: float | None = None  # None: the model's own default (Qwen-Image 4.0; 2.1: no guidance)
     validation_num_inference_steps: int = 30
     validation_seed: int = 0
     enable_tensorboard_log: bool = False  # output_path/tensorboard_log
@@ -238,7 +238,8 @@ class TrainConfig:
         width, height = self.validation_size
         if width < 16 or height < 16 or width % 16 or height % 16:
             raise ValueError(f"validation_size must be multiples of 16 and at least 16, got {width}x{height}")
-        if self.validation_num_inference_steps < 1 or self.validation_cfg_scale <= 0:
+        if self.validation_num_inference_steps < 1 or (self.validation_cfg_scale is not None
+                                                        and self.validation_cfg_scale <= 0):
             raise ValueError(f"need validation_num_inference_steps >= 1 and validation_cfg_scale > 0; got "
                              f"{self.validation_num_inference_steps}, {self.validation_cfg_scale}")
 

@@ -13,6 +13,7 @@ to output_path/samples/step-N/NN.png with their parameters in the PNG (as `qistu
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -63,15 +64,19 @@ def render_samples(components: Components, model: torch.nn.Module, config: Train
     folder.mkdir(parents=True, exist_ok=True)
     pipe = pipeline_class(QwenImagePipeline, components)(components, device, dtype)  # 2.1's for a 2.1 DiT
     size = {} if "layers" in conditions else dict(height=height, width=width)  # Layered: the size follows resolution
+    # Unset: the pipeline's own default guidance (Qwen-Image's 4.0; 2.1 samples without guidance).
+    cfg_scale = config.validation_cfg_scale
+    if cfg_scale is None:
+        cfg_scale = inspect.signature(pipe.__call__).parameters["cfg_scale"].default
     written = []
     with eval_mode(model), on_device(components, device), torch.no_grad():
         for index, prompt in enumerate(config.validation_prompts):
-            result = pipe(prompt, cfg_scale=config.validation_cfg_scale, seed=config.validation_seed,
+            result = pipe(prompt, cfg_scale=cfg_scale, seed=config.validation_seed,
                           num_inference_steps=config.validation_num_inference_steps,
                           progress_bar_cmd=lambda steps: steps, **size, **conditions)
             images = result if isinstance(result, list) else [result]  # Layered: the layers, bottom first
             parameters = {"prompt": prompt, "seed": config.validation_seed,
-                          "steps": config.validation_num_inference_steps, "cfg": config.validation_cfg_scale,
+                          "steps": config.validation_num_inference_steps, "cfg": cfg_scale,
                           "size": f"{images[0].width}x{images[0].height}", "training_step": step,
                           "output_path": config.output_path,
                           "trained": "lora" if config.is_lora else config.trainable_models}
