@@ -5,6 +5,7 @@ The worker processes themselves (spawn, crash, restart, drain) are exercised thr
 tests/test_server.py.
 """
 
+import io
 import multiprocessing
 import threading
 
@@ -417,7 +418,9 @@ def test_a_qwen21_job_is_pipe_on_the_21_model(tmp_path_factory):
     pipe = load_pipeline(model, "cpu")
     parent, child = multiprocessing.Pipe()
     sent = Recorder()
-    runner = BatchRunner(pipe, "cpu", Control(child), sent, LoRASlots(pipe))
+    previewer = LatentPreviewer.fit(pipe)  # 2.1's VAE: 64 channels, 16 pixels per latent pixel, RGBA
+    assert previewer.weights.shape == (pipe.components.dit.config.in_channels, 3)
+    runner = BatchRunner(pipe, "cpu", Control(child), sent, LoRASlots(pipe), previewer)
     reference = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA")
     arguments = {"prompt": "a fox", "edit_image": [reference, reference.rotate(90)], "height": 64, "width": 96,
                  "num_inference_steps": 2, "seed": 4, "use_kv_cache": False}
@@ -427,6 +430,9 @@ def test_a_qwen21_job_is_pipe_on_the_21_model(tmp_path_factory):
     (got,) = run_job(spec, model, runner, sent)
     expected = pipe(**arguments, progress_bar_cmd=lambda s: s)
     assert got.mode == "RGBA" and np.array_equal(np.asarray(got), np.asarray(expected))
+    previews = [m["previews"]["j"] for m in sent.of("progress")]
+    assert len(previews) == 2  # one per step, each a picture of the 6x4 latent grid
+    assert all(Image.open(io.BytesIO(png)).size == (96 // 16, 64 // 16) for png in previews)
     for bad, words in ((dict(input_image=reference), "unknown argument 'input_image'; a Qwen-Image 2.1 job takes"),
                        (dict(edit_image=[reference] * 11), "1 to 10 images")):
         with pytest.raises(InputError, match=words):

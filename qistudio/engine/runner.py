@@ -175,7 +175,7 @@ class _StepReporter:
         if runner.previewer is not None and every and (done % every == 0 or done == self.total):
             for task, row in zip(self.tasks, self.rows):
                 if task in active:
-                    latent = latents[row]  # (16, h, w); a layers job's (frames, 16, h, w): frame 0, the composite
+                    latent = latents[row]  # (C, h, w); a layers job's (frames, C, h, w): frame 0, the composite
                     previews[task.id] = runner.previewer.png(latent[0] if latent.ndim == 4 else latent)
         runner.send({"type": "progress", "jobs": [t.id for t in active], "step": done, "total": self.total,
                      "seconds": seconds, "images": sum(_rows(t.arguments) for t in self.tasks),

@@ -72,13 +72,11 @@ def _start(device: str, spec, options: dict, conn) -> BatchRunner:
 def new_runner(spec, device: str, options: dict, control, send) -> BatchRunner:
     """The model loaded on `device` with its previewer and LoRA slots (a local or a Ray worker's)."""
     from .loras import LoRASlots
-    from .models import QWEN21, load_pipeline, loaded_family
+    from .models import load_pipeline
     from .previews import LatentPreviewer
 
     pipe = load_pipeline(spec, device)
-    # The previewer's fit decodes 16-channel latents 8x smaller than the image; Qwen-Image 2.1's VAE is another kind.
-    previews = options.get("preview_every") and loaded_family(pipe) != QWEN21
-    previewer = LatentPreviewer.fit(pipe) if previews else None
+    previewer = LatentPreviewer.fit(pipe) if options.get("preview_every") else None
     return BatchRunner(pipe, device, control, send, LoRASlots(pipe, options.get("max_loras", 8)), previewer,
                        options.get("preview_every", 0), _other_pipelines(spec, device, options))
 
