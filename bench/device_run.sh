@@ -137,7 +137,7 @@ fi
 for stage in "$@"; do
     case "$stage" in
         attention) run_stage attention 60 180 python3 bench/attention.py ;;
-        suite) run_stage suite 240 420 python3 -m pytest tests/gpu/test_fast_paths.py \
+        suite) run_stage suite 240 420 python3 -m pytest -n 0 tests/gpu/test_fast_paths.py \
                    tests/test_compile.py::test_fused_kernels_agree_on_gpu -q -rA -p no:logging -p no:cacheprovider ;;
         bf16) run_stage bf16 270 480 python3 bench/dit_forward.py --sections compiled --batches 2 \
                   --pairs flash4:flash4 native:sdpa --report dit_forward_bf16_b2.md ;;
@@ -159,7 +159,7 @@ for stage in "$@"; do
         qpipeline) run_stage qpipeline 300 540 python3 bench/quantized_pipeline.py --steps 8 ;;
         qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sizes 1024 --cases edit --runs 5 --steps 40 \
                     ${QWEN21_BLOCKS:+--blocks $QWEN21_BLOCKS} ;;
-        qwen21gpu) run_stage qwen21gpu 120 300 python3 -m pytest -m gpu tests/gpu/test_qwen21_gpu.py -q -rA \
+        qwen21gpu) run_stage qwen21gpu 120 300 python3 -m pytest -n 0 -m gpu tests/gpu/test_qwen21_gpu.py -q -rA \
                        -p no:cacheprovider ;;
         trainsingle) run_stage trainsingle 200 540 python3 bench/train_scale.py single /tmp/qistudio_scale1 ;;
         *) say "unknown stage $stage" ;;

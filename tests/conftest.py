@@ -37,7 +37,14 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4 and one per 6 GB of memory (a worker with its models and the
-    processes some tests start peaks at a few GB)."""
+    processes some tests start peaks at a few GB); none (one process) for the GPU tests, which share one card and
+    hold full-size models, and for a single file, which one worker would run alone anyway."""
+    targets = [str(arg).split("::")[0] for arg in config.args]
+    if "gpu" in (config.option.markexpr or "") or any(Path(t).parts[-2:-1] == ("gpu",) or Path(t).name == "gpu"
+                                                       for t in targets):
+        return 0
+    if len(targets) == 1 and targets[0].endswith(".py"):
+        return 0
     try:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
