@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-# pytest-xdist (pyproject's addopts: `-n auto`): the workers share the machine's cores, so each computes on one
-# thread, and so do the processes the tests start (CLI runs, torchrun ranks, servers): a CLI image compared pixel for
-# pixel with the in-process pipeline must come from GEMMs of the same thread count. Set before torch is imported.
+# pytest-xdist (`-n auto`, for machines of more than two cores: on two, the suite's own subprocesses already fill
+# them and one process is faster): the workers share the machine's cores, so each computes on one thread, and so do
+# the processes the tests start (CLI runs, torchrun ranks, servers): a CLI image compared pixel for pixel with the
+# in-process pipeline must come from GEMMs of the same thread count. Set before torch is imported.
 XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if XDIST_WORKER:
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -22,8 +23,8 @@ CHECKPOINTS = ROOT / "tests" / "data" / "checkpoints"
 
 torch.set_num_threads(1 if XDIST_WORKER else 2)
 
-# The files that take longest, first: pytest-xdist hands out whole files (--dist loadfile) in collection order, so a
-# long file started last would leave one worker running alone at the end.
+# The files that take longest, first, under pytest-xdist: with `--dist loadfile` it hands out whole files in
+# collection order, so a long file started last would leave one worker running alone at the end.
 SLOW_FILES = ("test_training_distributed_deepspeed.py", "test_training_distributed.py", "test_ui_browser.py",
               "test_parallel.py", "test_cli.py", "test_examples.py", "test_server.py", "test_compile.py",
               "test_server_ray.py", "test_bench_train_scale.py", "test_qwen21_runtime.py", "test_step_cache.py",
@@ -31,6 +32,8 @@ SLOW_FILES = ("test_training_distributed_deepspeed.py", "test_training_distribut
 
 
 def pytest_collection_modifyitems(config, items):
+    if not XDIST_WORKER:
+        return  # one process: the files in their usual order
     rank = {name: index for index, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order
 
