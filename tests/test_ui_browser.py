@@ -152,18 +152,36 @@ def small(page, prefix: str, steps: int = 2, side: int = 64, seed: int | None = 
         number(page, f"{prefix}-seed", seed)
 
 
-def run_and_wait(page, prefix: str) -> str:
-    status = page.locator(f"#{prefix}-status")
-    before = status.inner_text()
+# Polled in the page until a run ends: {"done": status} once the status says so, {"error": what} as soon as
+# Gradio's progress over the status shows "Error", a new error toast appears or the job failed, so that a test
+# fails at once with the message instead of waiting out RUN_TIMEOUT while the toast fades. Toasts shown before
+# the click are marked seen.
+RUN_ENDED = """([selector, before]) => {
+    const status = (document.querySelector(selector)?.innerText ?? "").trim();
+    const errors = [...document.querySelectorAll(".toast-body.error")].filter(t => !t.dataset.seen)
+        .map(t => t.innerText.replace(/\\s+/g, " ").trim());
+    if (errors.length || document.querySelector(`${selector} [data-testid=status-tracker] .error`)
+            || /^(failed|cancelled)\\b/m.test(status)) {
+        return {error: `status ${JSON.stringify(status)}; messages: ${JSON.stringify(errors)}`};
+    }
+    // The old "done" line stays under Gradio's progress text until the run's first update replaces it.
+    return status.includes("done") && !(before && status.includes(before)) ? {done: status} : false;
+}"""
+
+
+def run_and_wait(page, prefix: str, timeout: float = RUN_TIMEOUT) -> str:
+    """Click the tab's Run and wait for its status to say "done"; returns that status."""
+    selector = f"#{prefix}-status"
+    before = page.inner_text(selector).strip()
+    page.evaluate("document.querySelectorAll('.toast-body').forEach(t => { t.dataset.seen = '1'; })")
     page.click(f"#{prefix}-run")
     try:
-        if before.strip():
-            expect(status).not_to_have_text(before, timeout=RUN_TIMEOUT)
-        expect(status).to_contain_text("done", timeout=RUN_TIMEOUT)
-    except AssertionError:
-        raise AssertionError(f"{prefix}: {status.inner_text()!r}; messages: {toasts(page)}") from None
+        ended = page.wait_for_function(RUN_ENDED, arg=[selector, before], timeout=timeout, polling=200).json_value()
+    except sync_api.TimeoutError:
+        raise AssertionError(f"{prefix}: still {page.inner_text(selector)!r}; messages: {toasts(page)}") from None
+    assert "error" not in ended, f"{prefix}: {ended['error']}"
     expect(page.locator(f"#{prefix}-results img").first).to_be_visible()
-    return page.inner_text(f"#{prefix}-status")
+    return ended["done"]
 
 
 def snap(page, folder: Path, name: str) -> None:
@@ -189,6 +207,18 @@ def image_rect(page, element: str, size: tuple[int, int]) -> dict:
             "width": width, "height": height}
 
 
+def wait_for_canvas(page, element: str, size: tuple[int, int]) -> None:
+    """Until the editor shows a picture of `size` fitted to its canvas: the new value it was sent has loaded (strokes
+    drawn before that land on the canvas it replaces, and are not sent)."""
+    page.wait_for_function("""([element, width, height]) => {
+        const canvas = document.querySelector(`#${element} .pixi-target canvas`);
+        const zoom = parseFloat(document.querySelector(`#${element} .zoom-number span`)?.innerText ?? "");
+        if (!canvas || !zoom) return false;
+        const box = canvas.getBoundingClientRect();  // fitted: the picture spans more than half the canvas
+        return zoom / 100 * Math.max(width / box.width, height / box.height) > 0.5;
+    }""", arg=[element, *size])
+
+
 def stroke(page, rect: dict, start: tuple[float, float], end: tuple[float, float], steps: int = 4) -> None:
     """Drag the mouse across the picture from `start` to `end` (fractions of its width and height)."""
     (x0, y0), (x1, y1) = ((rect["x"] + rect["width"] * fx, rect["y"] + rect["height"] * fy) for fx, fy in (start, end))
@@ -209,6 +239,17 @@ def select_result(page, index: int = 0) -> dict:
     item.click()
     expect(page.locator("#gallery-params")).to_contain_text('"prompt"')
     return page.locator("#gallery-params").inner_text()
+
+
+def shows_new_image(page, element: str, action) -> None:
+    """Do `action`, then wait until the image component shows a picture it did not show before (the Control tab
+    keeps the previous test's picture and map, so "an image is visible" would pass at once)."""
+    image = page.locator(f"#{element} img").first
+    before = image.get_attribute("src") if image.count() else None
+    action()
+    expect(image).to_be_visible()
+    if before is not None:
+        expect(image).not_to_have_attribute("src", before)
 
 
 def wait_for_step_past(page, step: int, seconds: float) -> None:
@@ -277,6 +318,7 @@ def test_paint_an_inpaint_mask(page, ui, shots):
     page.click("#gallery-to-inpaint")
     expect(page.get_by_role("tab", name="Inpaint & image-to-image", exact=True)).to_have_attribute(
         "aria-selected", "true")
+    wait_for_canvas(page, "inpaint-editor", (64, 64))
     page.locator("#inpaint-editor button[aria-label='Brush']").click()
     stroke(page, image_rect(page, "inpaint-editor", (64, 64)), (0.15, 0.5), (0.85, 0.5))  # across the middle
     page.fill("#inpaint-prompt textarea", "a blue stripe")
@@ -293,19 +335,13 @@ def test_paint_an_inpaint_mask(page, ui, shots):
     assert left <= 16 and right >= 48, (left, right)
 
 
-# Passes alone and after the generate test; after the edit and inpaint tests in this module's order the EliGen run
-# ends in Gradio's "Error" with no message and no traceback in the UI's log (found at the end of a session, cause
-# not yet known): a known bug, kept visible here rather than hidden by reordering the tests.
-@pytest.mark.xfail(reason="EliGen run after the edit/inpaint tests ends in an unexplained Gradio 'Error'",
-                   strict=False)
 def test_draw_two_eligen_regions(page, ui, shots):
     output = ui[1]
     tab(page, "EliGen")
     choose(page, "eligen-size", "free size")
     small(page, "eligen")
     page.click("#eligen-new-canvas")
-    expect(page.locator("#eligen-editor .pixi-target canvas")).to_be_visible()
-    page.wait_for_timeout(500)  # the canvas takes its new size
+    wait_for_canvas(page, "eligen-editor", (64, 64))  # the 256x256 canvas it replaces shows at a quarter of that
     page.locator("#eligen-editor button[aria-label='Brush']").click()
     rect = image_rect(page, "eligen-editor", (64, 64))
     stroke(page, rect, (0.1, 0.2), (0.35, 0.2))  # red, top left
@@ -374,10 +410,9 @@ def test_in_context_control_from_canny_edges(page, ui):
     output = ui[1]
     picture = min((output / "images").glob("*.png"), key=lambda p: p.stat().st_mtime)
     tab(page, "Control")
-    page.locator("#control-source input[type=file]").set_input_files(str(picture))
-    expect(page.locator("#control-source img")).to_be_visible()
-    page.click("#control-canny")
-    expect(page.locator("#control-map img")).to_be_visible()
+    shows_new_image(page, "control-source",
+                    lambda: page.locator("#control-source input[type=file]").set_input_files(str(picture)))
+    shows_new_image(page, "control-map", lambda: page.click("#control-canny"))
     choose(page, "control-method", "In-Context control (LoRA)")
     page.fill("#control-prompt textarea", "a house")
     small(page, "control")
@@ -401,10 +436,9 @@ def test_blockwise_controlnet_from_canny_edges(page, ui, shots, tmp_path):
     picture.paste((200, 30, 30), (16, 16, 48, 48))
     picture.save(tmp_path / "square.png")
     tab(page, "Control")
-    page.locator("#control-source input[type=file]").set_input_files(str(tmp_path / "square.png"))
-    expect(page.locator("#control-source img")).to_be_visible()
-    page.click("#control-canny")
-    expect(page.locator("#control-map img")).to_be_visible()
+    shows_new_image(page, "control-source", lambda: page.locator("#control-source input[type=file]").set_input_files(
+        str(tmp_path / "square.png")))
+    shows_new_image(page, "control-map", lambda: page.click("#control-canny"))  # not the last test's map
     choose(page, "control-method", "Blockwise ControlNet: canny")
     number(page, "control-scale", 0.8)
     number(page, "control-start", 0.9)
@@ -443,13 +477,7 @@ def test_split_a_picture_into_layers(page, ui, shots, tmp_path):
     number(page, "layers-seed", 5)
     page.fill("#layers-prompt textarea", "a blue square on white")
     started = time.time()
-    status = page.locator("#layers-status")
-    page.click("#layers-run")
-    try:
-        expect(status).to_contain_text("done", timeout=3 * RUN_TIMEOUT)  # 640-pixel working size, on a CPU
-    except AssertionError:
-        raise AssertionError(f"layers: {status.inner_text()!r}; messages: {toasts(page)}") from None
-    expect(page.locator("#layers-results img").first).to_be_visible()
+    run_and_wait(page, "layers", timeout=3 * RUN_TIMEOUT)  # 640-pixel working size, on a CPU
     snap(page, shots, "layers.png")
     pngs = sorted(p for p in (output / "images").glob("*.png") if p.stat().st_mtime >= started)
     assert len(pngs) == 2

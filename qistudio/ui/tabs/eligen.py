@@ -47,7 +47,11 @@ def build(ctx, shared: Shared) -> EliGenTab:
         size = sizes.chosen_size(choice, width_value or 0, height_value or 0, settings.table) or ctx.default_size
         return masks.blank_canvas(*size)
 
-    new_canvas.click(blank, inputs=[settings.size, settings.width, settings.height], outputs=editor)
+    # No progress overlay on the canvas: Gradio applies an event's status updates each after awaiting the editor's
+    # get_data (network I/O), so a stale "processing" can land after "complete" and stay over the canvas, where it
+    # swallows the user's strokes. The event is instant; there is nothing to show.
+    new_canvas.click(blank, inputs=[settings.size, settings.width, settings.height], outputs=editor,
+                     show_progress="hidden")
     wire_run(ctx, "eligen", panel, {editor, prompt, on_negative, shared.loras, *entities.values(),
                                     *settings.components()},
              lambda data: forms.eligen(data[prompt], settings.values(data), data[editor],

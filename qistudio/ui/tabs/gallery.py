@@ -78,6 +78,6 @@ def build(ctx, tabs: gr.Tabs, shared: Shared, generate: GenerateTab, edit: EditT
     to_edit.click(lambda path: (picture(path), gr.Tabs(selected="edit")), inputs=chosen,
                   outputs=[edit.images[0], tabs])
     to_inpaint.click(lambda path: (masks.with_background(picture(path)), gr.Tabs(selected="inpaint")),
-                     inputs=chosen, outputs=[inpaint.editor, tabs])
+                     inputs=chosen, outputs=[inpaint.editor, tabs], show_progress="hidden")  # see eligen.py
     load.click(load_fields, inputs=chosen, outputs=fields_out)
     drop.upload(load_fields, inputs=drop, outputs=fields_out)
