@@ -23,7 +23,7 @@
 # eligen (eligen.py eager and compiled), parallel1 (parallel.py --gpus 1: degrees of 1 against the plain DiT),
 # stepcache (step_cache.py at 1024, 20 steps), quantized (quantized.py, Q8_0 and Q4_K_M, NF4 where bitsandbytes
 # imports), dequant (dequant_kernels.py: the decode kernels per linear shape), qpipeline (quantized_pipeline.py: the
-# whole Q4_K_M pipeline in 12 GiB), qwen21 (qwen21.py: the issue's
+# whole Q4_K_M pipeline in 12 GiB), quack21 (quack_gemm21.py: 2.1's GEMMs, cuBLAS against quack), qwen21 (qwen21.py: the issue's
 # three targets at 1024, with one edit image; QWEN21_BLOCKS=N builds N of the 32 blocks), qwen21gpu (its GPU
 # correctness tests), trainsingle (train_scale.py single: plain step against one-process FSDP2).
 set -u -o pipefail
@@ -128,7 +128,7 @@ run_stage() {  # name, minimum seconds, cap seconds, command...
     fi
 }
 
-[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized dequant qpipeline qwen21 qwen21gpu trainsingle)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized dequant qpipeline qwen21 qwen21gpu trainsingle quack21)"; exit 2; }
 say "device_run: $*"
 install
 if [ "$INSTALLED_NOW" = 1 ] || [ ! -f "$STATE/probe.done" ]; then
@@ -155,6 +155,7 @@ for stage in "$@"; do
                        --methods first-block,taylorseer,dbcache ;;
         quantized) run_stage quantized 300 540 python3 bench/quantized.py --types Q8_0 Q4_K_M \
                        $(python3 -c "import bitsandbytes" 2>/dev/null && echo NF4) --runs 5 ;;
+        quack21) run_stage quack21 60 300 python3 bench/quack_gemm21.py --untuned ;;
         dequant) run_stage dequant 60 240 python3 bench/dequant_kernels.py --runs 7 ;;
         qpipeline) run_stage qpipeline 300 540 python3 bench/quantized_pipeline.py --steps 8 ;;
         qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sizes 1024 --cases edit --runs 5 --steps 40 \

@@ -17,12 +17,13 @@ from qistudio.models.packed_linears import set_packed_text_qkv
 from qistudio.ops.ada_norm import set_fused_ada_norm
 from qistudio.ops.attention import set_attention_backend
 from qistudio.ops.linear_gelu import set_fused_linear_gelu, set_quack_linear_gelu
+from qistudio.ops.linear_swiglu import set_fused_swiglu
 from qistudio.ops.qk_norm_rope import set_fused_qk_norm_rope
 
 # Each fused op's switch (on by default in the library).
 FUSED_SWITCHES = {"ada_norm": set_fused_ada_norm, "linear_gelu": set_fused_linear_gelu,
                   "quack_gelu": set_quack_linear_gelu, "qk_norm_rope": set_fused_qk_norm_rope,
-                  "text_qkv": set_packed_text_qkv}
+                  "text_qkv": set_packed_text_qkv, "swiglu": set_fused_swiglu}
 
 
 def reset() -> None:

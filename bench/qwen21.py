@@ -9,7 +9,10 @@ with our modules, so both sides run identical weights with one copy in memory. S
             40 steps cost (diffusers kv_cache_mode="cached"; ours forward over the cache). "first step": the step
             that fills the cache (diffusers "extract": the whole joint sequence; ours prefill + step). Modes
             (--modes): eager; both compiled regionally (diffusers' compile_repeated_blocks, ours pipe.compile()'s
-            compile_repeated_blocks: the target pass compiled, the prefill eager); then ours with FP8 compute as
+            compile_repeated_blocks: the target pass compiled, the prefill eager); ours compiled again on
+            diffusers' kernels, the same-kernel rows that show what is ours: "sdpa" on its attention kernel
+            (PyTorch's SDPA; diffusers' FlashAttention 4 backend downloads its kernel from the Hub, which a machine
+            without network cannot), "same-kernel" on its attention and GEMM kernels; then ours with FP8 compute as
             pipe.enable_fp8_computation() sets it (W8A8 block linears, cuDNN's FP8 attention of the target pass
             where nvidia-cudnn-frontend runs), still compiled, against diffusers' compiled bf16 rows again.
             Errors: relative L2 of the target's velocity against diffusers' eager output.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -130,6 +134,10 @@ def forward_inputs(scale: Scale21, size: int, edit: bool, channels: int, text_di
     return layout, text, condition, target, timestep, reference_args
 
 
+# Rows of ours compiled on diffusers' kernels (Bench.same_kernels), and their labels.
+SAME_KERNEL_LABELS = {"sdpa": "compiled, ours on SDPA", "same-kernel": "compiled, ours on SDPA + cuBLAS"}
+
+
 class Bench:
     def __init__(self, args, scale: Scale21):
         self.args, self.scale = args, scale
@@ -189,15 +197,34 @@ class Bench:
         if "eager" not in modes:
             modes = ["eager", *modes]  # the errors' reference
         for mode in modes:
-            if mode == "compiled":
-                self.compile()
             label = mode
-            if mode == "fp8":  # ours only: the diffusers rows repeat its compiled bf16 run
+            if mode != "eager":
                 self.compile()
+            if mode == "fp8":  # ours only: the diffusers rows repeat its compiled bf16 run
                 label = self.enable_fp8()
-            rows += self.forward_rows(label, expected)
+            with self.same_kernels(mode):
+                rows += self.forward_rows(SAME_KERNEL_LABELS.get(mode, label), expected)
             self.tables["forward"] = markdown_table(header, rows)
             self.write()
+
+    @contextmanager
+    def same_kernels(self, mode: str):
+        """Ours compiled on diffusers' kernels, to show what is ours: "sdpa" its attention (PyTorch's SDPA, where
+        ours would take FlashAttention 4), "same-kernel" that and its GEMMs (cuBLAS, where ours would take quack's
+        gated SwiGLU GEMM). Everything else (the KV-cache layout, the fused norm and RoPE kernels) stays ours."""
+        if mode not in SAME_KERNEL_LABELS:
+            yield
+            return
+        from qistudio.ops.attention import set_attention_backend
+        from qistudio.ops.linear_swiglu import set_fused_swiglu
+
+        set_attention_backend("sdpa")
+        set_fused_swiglu(mode != "same-kernel")
+        try:
+            yield
+        finally:
+            set_attention_backend(None)
+            set_fused_swiglu(True)
 
     def compile(self) -> None:
         """Both sides' regional compile (once)."""
@@ -291,8 +318,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help="square sizes in pixels (default: 1024 2048 full)")
     parser.add_argument("--cases", nargs="+", default=["t2i", "edit"], choices=["t2i", "edit"],
                         help="forward: text-to-image, and/or with one condition image of the same size")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled", "fp8"],
-                        choices=["eager", "compiled", "fp8"], help="forward: the modes, in this order")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled", "sdpa", "same-kernel", "fp8"],
+                        choices=["eager", "compiled", "sdpa", "same-kernel", "fp8"],
+                        help="forward: the modes, in this order (sdpa, same-kernel: ours compiled on diffusers' "
+                             "attention kernel, then on its attention and GEMM kernels)")
     parser.add_argument("--blocks", type=int, help="full scale: build this many of the 32 blocks (caption says so)")
     parser.add_argument("--steps", type=int, default=40, help="end to end: denoising steps")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode for both sides")

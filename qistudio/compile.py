@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .ops.attention import resolve_automatic_backend
 from .ops.linear_gelu import resolve_quack
+from .ops.linear_swiglu import resolve_swiglu
 
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
@@ -47,6 +48,7 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, dynamic: 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     resolve_automatic_backend()  # the attention kernel is chosen before tracing, so the graphs use it
     resolve_quack()  # likewise the MLP's GEMM
+    resolve_swiglu()  # and Qwen-Image 2.1's gated one
     for block in blocks:
         block.compile(fullgraph=fullgraph, mode=None if mode == "default" else mode, dynamic=dynamic, backend=backend)
     return len(blocks)

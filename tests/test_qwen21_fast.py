@@ -193,3 +193,44 @@ def test_fused_kernels_match_the_eager_block_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_packed_swiglu_equals_the_two_linears_and_keeps_memory(repo, monkeypatch):
+    """Where quack's gated GEMM serves (CUDA), each block's MLP gate and up projections run as one GEMM over a
+    packed weight the two linears are views of (ops/linear_swiglu.py), handed into the block from outside its
+    compiled code, in the prefill and the steps alike. Here the packed GEMM's fallback (one linear, then the
+    product) stands in for quack's kernel: same latents, no second copy of a weight, names and shapes unchanged;
+    a device or dtype move forgets the packed form; weights being trained are never packed."""
+    from qistudio.models import dit21
+
+    pipe = _pipe(repo)
+    pipe.dit.requires_grad_(False)
+    plain = pipe("a red kite", edit_image=_edit_image(), **EDIT)
+    monkeypatch.setattr(dit21, "swiglu_fusable", lambda x: True)
+    calls = []
+    monkeypatch.setattr(dit21, "linear_swiglu", lambda x, w: calls.append(w.shape) or linear_swiglu_cpu(x, w))
+    before = sum(p.numel() for p in pipe.dit.parameters())
+    assert rel_err(pipe("a red kite", edit_image=_edit_image(), **EDIT), plain) < 1e-6
+    blocks = pipe.dit.transformer_blocks
+    # 2 prefills (prompt, negative prompt; the last block's prefix rows are never finished), then 2 steps x 2
+    # guidance branches through every block.
+    assert len(calls) == 2 * (len(blocks) - 1) + 4 * len(blocks)
+    mlp = blocks[0].img_mlp
+    packed = mlp.packed_up(torch.zeros(1))
+    hidden = mlp.gate_layer.weight.shape[0]
+    assert packed.shape == (2 * hidden, mlp.gate_layer.weight.shape[1]) and calls[0] == packed.shape
+    assert mlp.gate_layer.weight.data_ptr() == packed.data_ptr()
+    assert mlp.proj.weight.data_ptr() == packed[hidden:].data_ptr()
+    assert sum(p.numel() for p in pipe.dit.parameters()) == before
+    assert pipe.dit.state_dict()["transformer_blocks.0.img_mlp.proj.weight"].shape == (hidden, packed.shape[1])
+    pipe.dit.to(torch.float64)
+    assert getattr(mlp, "_packed_linears") is None  # the float32 packed weight is not held any more
+    pipe.dit.to(torch.float32)
+    mlp.proj.weight.requires_grad_(True)
+    assert mlp.packed_up(torch.zeros(1)) is None
+
+
+def linear_swiglu_cpu(x, packed_weight):
+    from qistudio.ops.linear_swiglu import linear_swiglu
+
+    return linear_swiglu(x, packed_weight)

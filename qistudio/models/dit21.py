@@ -19,10 +19,11 @@ identity. No linear has a bias.
 
 Speed paths, each equal to the eager arithmetic within its rounding (tests/test_qwen21_fast.py): on CUDA the
 block's q/k/v norm + RoPE and its two adaptive norms are the 20B model's fused kernels, used for one stream and no
-shift (ops/single_stream.py); under FP8 compute (`pipe.enable_fp8_computation()`) the block linears are W8A8, the
-SwiGLU product is quantised in one pass (ops/swiglu.py) and the target pass attends in FP8 over the cached prefix
-(`Attention21.attend_fp8`); under regional compile (`pipe.compile()`) the target pass runs compiled, the prefill
-eagerly (`_call_eagerly`).
+shift (ops/single_stream.py); in bf16 / fp16 where quack runs, the MLP's gate and up projections are one gated GEMM
+with SiLU and the product in its epilogue (ops/linear_swiglu.py); under FP8 compute (`pipe.enable_fp8_computation()`)
+the block linears are W8A8, the SwiGLU product is quantised in one pass (ops/swiglu.py) and the target pass attends
+in FP8 over the cached prefix (`Attention21.attend_fp8`); under regional compile (`pipe.compile()`) the target pass
+runs compiled, the prefill eagerly (`_call_eagerly`).
 
 Shapes: B batch, P prefix tokens, T target tokens, D = heads * head_dim, H heads, C latent channels (64).
 """
@@ -40,10 +41,12 @@ import torch.nn.functional as F
 from ..ops.attention import attention, attention_fp8, fp8_attention_enabled, prefix_attention
 from ..ops.fp8 import FP8_DTYPE
 from ..ops.fp8_attention import quantize_joined
+from ..ops.linear_swiglu import linear_swiglu, swiglu_fusable
 from ..ops.rope import rope_tables
 from ..ops.single_stream import gated_residual_scaled_norm, qk_norm_rope_fp8, qkv_norm_rope, scaled_norm
 from .layers import RMSNorm
 from .layout21 import ImageBlock, JointLayout, joint_positions
+from .packed_linears import forget_if_moved, packed_linears
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,22 @@ class SwiGLU(nn.Module):
         self.gate_layer = _linear(dim, hidden)
         self.out = _linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_up(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[gate_layer; proj] as one (2 * hidden, dim) weight where the gated GEMM serves x (ops/linear_swiglu.py),
+        else None. Called outside compiled code (pointer checks), its result passed into the block as an input."""
+        if not swiglu_fusable(x):
+            return None
+        packed = packed_linears(self, [self.gate_layer, self.proj])
+        return None if packed is None else packed[0]
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        forget_if_moved(self, [self.gate_layer, self.proj])  # a move leaves the old packed weight otherwise held
+        return result
+
+    def forward(self, x: torch.Tensor, packed_up: torch.Tensor | None = None) -> torch.Tensor:
+        if packed_up is not None:  # one gated GEMM, the product in its epilogue
+            return self.out(linear_swiglu(x, packed_up))
         gate, proj = self.gate_layer(x), self.proj(x)
         if hasattr(self.out, "forward_after_swiglu"):  # an FP8 linear: under W8A8 one pass quantises the product
             return self.out.forward_after_swiglu(gate, proj)
@@ -215,23 +233,24 @@ class QwenImage21Block(nn.Module):
         """The attention inputs of x (B, S, D): query, key, value (B, S, H, head_dim)."""
         return self.attn.qkv(self.normed(x, mod), rotation)
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: Modulation,
-               descale: torch.Tensor | None = None) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: Modulation, descale: torch.Tensor | None = None,
+               packed_up: torch.Tensor | None = None) -> torch.Tensor:
         """The rest of the block after attention: attended (B, S, H, head_dim) -> x (B, S, D); float8 attended
-        values come with their descale (FP8 attention)."""
+        values come with their descale (FP8 attention); packed_up: the MLP's `packed_up` or None."""
         if descale is None:
             update = self.attn.to_out[0](attended.flatten(2))
         else:
             update = _linear_from_fp8(self.attn.to_out[0], attended.flatten(2), descale, x.dtype)
         x, normed = gated_residual_scaled_norm(x, update, mod.gate1, mod.zero, mod.scale2, self.img_norm2.eps,
                                                self._fused_norms())
-        x = x + mod.gate2 * self.img_mlp(normed)
+        x = x + mod.gate2 * self.img_mlp(normed, packed_up)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
 
     def forward(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, prefix_key=None, prefix_value=None,
-                segments: list[tuple[int, int, bool]] | None = None, finish: bool = True, target: tuple | None = None):
+                segments: list[tuple[int, int, bool]] | None = None, finish: bool = True, target: tuple | None = None,
+                packed_up: torch.Tensor | None = None):
         """One block over the prefix, over the target, or over both (every use goes through here, so hooks on
         blocks, weight streaming's and FSDP2's among them, see each).
 
@@ -241,12 +260,13 @@ class QwenImage21Block(nn.Module):
         attention: the target's are never kept).
         Both (`QwenImage21DiT.joint`): x the prefix with its `segments`, `target` the target's (x, mod, rotation);
         returns (the prefix after the block, or None with finish=False; the target after the block).
+        packed_up: the MLP's gate and up weights packed (`SwiGLU.packed_up`, inference) or None.
         """
         if target is not None:
             return self._joint(x, mod, rotation, segments, finish, *target)
         if segments is None and fp8_attention_enabled(x, self.attn.fp8_attention):
             attended, descale = self.attn.attend_fp8(self.normed(x, mod), rotation, prefix_key, prefix_value)
-            return self.finish(x, attended, mod, descale), None, None
+            return self.finish(x, attended, mod, descale, packed_up), None, None
         query, key, value = self.project(x, mod, rotation)
         if not finish:
             return None, key, value
@@ -254,7 +274,7 @@ class QwenImage21Block(nn.Module):
             attended = block_causal_attention(query, key, value, segments)
         else:
             attended = prefix_attention(query, key, value, prefix_key, prefix_value)
-        return self.finish(x, attended, mod), key, value
+        return self.finish(x, attended, mod, packed_up=packed_up), key, value
 
     def _joint(self, x: torch.Tensor, mod: Modulation, rotation: torch.Tensor, segments: list[tuple[int, int, bool]],
                finish: bool, img_x: torch.Tensor, img_mod: Modulation, img_rotation: torch.Tensor):
@@ -376,9 +396,11 @@ class QwenImage21DiT(nn.Module):
         last = len(self.transformer_blocks) - 1
         checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, _call_eagerly, use_reentrant=False)
         for index, block in enumerate(self.transformer_blocks):
-            run = checkpointed if self._checkpointed(index) else _call_eagerly  # training: recomputed in the backward
-            # The last block's prefix output is never read: only its keys and values are.
-            x, key, value = run(block, x, mod, rotation, segments=segments, finish=index < last)
+            if self._checkpointed(index):  # training: recomputed in the backward
+                x, key, value = checkpointed(block, x, mod, rotation, segments=segments, finish=index < last)
+            else:  # the last block's prefix output is never read: only its keys and values are
+                x, key, value = _call_eagerly(block, x, mod, rotation, segments=segments, finish=index < last,
+                                              packed_up=block.img_mlp.packed_up(x))
             keys.append(key)
             values.append(value)
         return PrefixCache(keys, values, layout, self.config.causal_condition, target_rotation)
@@ -418,7 +440,7 @@ class QwenImage21DiT(nn.Module):
             if self._checkpointed(index):
                 x, _, _ = torch.utils.checkpoint.checkpoint(block, x, mod, rotation, keys, values, use_reentrant=False)
             else:
-                x, _, _ = block(x, mod, rotation, keys, values)
+                x, _, _ = block(x, mod, rotation, keys, values, packed_up=block.img_mlp.packed_up(x))
         return self._velocity(x, temb)
 
     def joint(self, text_states: torch.Tensor, condition_tokens: torch.Tensor | None, layout: JointLayout,

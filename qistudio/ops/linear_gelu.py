@@ -126,6 +126,7 @@ def _dsl_state(value) -> bool:
 @functools.cache
 def _import_quack():
     import contextvars
+    import itertools
     import logging
 
     import quack.gemm_runtime.identity as identity
@@ -143,7 +144,8 @@ def _import_quack():
         try:
             return original(value, *args, **kwargs)
         except TypeError:
-            if isinstance(value, (contextvars.ContextVar, logging.Logger, *_C_LEVEL_CODE)) or _dsl_state(value):
+            if (isinstance(value, (contextvars.ContextVar, logging.Logger, itertools.count, *_C_LEVEL_CODE))
+                    or _dsl_state(value)):
                 return ("dsl-internal", type(value).__qualname__, getattr(value, "__qualname__", None),
                         getattr(value, "name", None))
             raise

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from bench.fast_paths import compiled, fused_off, reset
+from bench.pair import rel_err
 from bench.qwen21 import FULL, TINY, dit_pair, forward_inputs
 from bench.report import caption, markdown_table, write_report
 from suite import COMPILE_BACKEND, RUNS_HERE, SIZE, Report
@@ -111,7 +112,7 @@ def test_eager(fused, models, case, report):
     """Our eager bf16 model, with the reference forms (fused kernels off) and with the fused kernels."""
     inputs, expected = case
     if fused == "off":
-        with fused_off("qk_norm_rope", "ada_norm"):
+        with fused_off("qk_norm_rope", "ada_norm", "swiglu"):
             out = _step(models[1], inputs)
     else:
         out = _step(models[1], inputs)
@@ -160,6 +161,20 @@ def test_fused_kernels_at_full_width(models, case):
         # Triton's exp and PyTorch's may round a SiLU one bf16 step apart, now and then a row's maximum too.
         assert (q8.float() == r8.float()).float().mean() > 0.999
         assert ((q_scale - r_scale).abs() <= 1e-2 * r_scale).all()
+
+        # The MLP's gate and up projections as quack's gated GEMM (where it runs): SiLU and the product on the
+        # float32 accumulators, two roundings fewer than the reference's; a plain GEMM's error, no more.
+        from qistudio.ops.linear_swiglu import linear_swiglu, linear_swiglu_reference, resolve_swiglu
+
+        mlp = ours.transformer_blocks[0].img_mlp
+        rows = torch.randn(tokens, dim, device=dev, dtype=bf, generator=g)
+        if resolve_swiglu():
+            packed = mlp.packed_up(rows)
+            assert packed is not None and packed.data_ptr() == mlp.gate_layer.weight.data_ptr()
+            fused = linear_swiglu(rows, packed).float()
+            expected = linear_swiglu_reference(rows.float(), mlp.gate_layer.weight.float(), mlp.proj.weight.float())
+            rounded = linear_swiglu_reference(rows, mlp.gate_layer.weight, mlp.proj.weight).float()
+            assert rel_err(fused, expected) <= rel_err(rounded, expected) + 1e-3
 
 
 def _graphs() -> int:
