@@ -24,7 +24,8 @@
 # stepcache (step_cache.py at 1024, 20 steps), quantized (quantized.py, Q8_0 and Q4_K_M, NF4 where bitsandbytes
 # imports), dequant (dequant_kernels.py: the decode kernels per linear shape), qpipeline (quantized_pipeline.py: the
 # whole Q4_K_M pipeline in 12 GiB), quack21 (quack_gemm21.py: 2.1's GEMMs, cuBLAS against quack), qwen21 (qwen21.py: the issue's
-# three targets at 1024, with one edit image; QWEN21_BLOCKS=N builds N of the 32 blocks), qwen21gpu (its GPU
+# three targets at 1024, with one edit image; QWEN21_BLOCKS=N builds N of the 32 blocks, QWEN21_SIZES="1024 2048"
+# adds sizes), qwen21gpu (its GPU
 # correctness tests), trainsingle (train_scale.py single: plain step against one-process FSDP2).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -158,7 +159,7 @@ for stage in "$@"; do
         quack21) run_stage quack21 60 300 python3 bench/quack_gemm21.py --untuned ;;
         dequant) run_stage dequant 60 240 python3 bench/dequant_kernels.py --runs 7 ;;
         qpipeline) run_stage qpipeline 300 540 python3 bench/quantized_pipeline.py --steps 8 ;;
-        qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sizes 1024 --cases edit --runs 5 --steps 40 \
+        qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sizes ${QWEN21_SIZES:-1024} --cases edit --runs 5 --steps 40 \
                     ${QWEN21_BLOCKS:+--blocks $QWEN21_BLOCKS} ;;
         qwen21gpu) run_stage qwen21gpu 120 300 python3 -m pytest -n 0 -m gpu tests/gpu/test_qwen21_gpu.py -q -rA \
                        -p no:cacheprovider ;;
