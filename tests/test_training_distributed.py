@@ -280,3 +280,35 @@ def test_fsdp_in_bfloat16_reduces_in_float32_and_equals_the_plain_bfloat16_run(t
     same = sum(int((sharded[k] == plain[k]).sum()) for k in plain) / sum(t.numel() for t in plain.values())
     # 99.98% measured; 99.75% when FSDP cast the blocks' float inputs (the float32 RoPE table) to bf16.
     assert same > 0.999, same
+
+
+def test_a_failed_launched_process_ignores_the_launchers_sigterm_until_it_exits(monkeypatch):
+    """When a peer dies, the survivor raises ProcessGroupError naming the checkpoint, and torchrun then SIGTERMs
+    every process: from the error on, SIGTERM is ignored, so its default action cannot kill the survivor before
+    that message is printed (it once did, in a whole-suite run). A run that ends well gets its handler back."""
+    from qistudio.training import distributed
+    from qistudio.training.errors import ProcessGroupError, RunStopped
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        with distributed.failures_explained(0, 60, lambda: "note"):
+            assert signal.getsignal(signal.SIGTERM) not in (original, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) is original
+        with pytest.raises(ProcessGroupError, match="another process of this run died.*note"):
+            with distributed.failures_explained(0, 60, lambda: "note"):
+                raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, original)
+        with pytest.raises(RunStopped, match="SIGTERM.*note"):
+            with distributed.failures_explained(0, 60, lambda: "note"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises in this thread well before
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, original)
+        with pytest.raises(ValueError):  # not a peer's failure: the handler comes back, the error goes through
+            with distributed.failures_explained(0, 60, lambda: "note"):
+                raise ValueError("a bug")
+        assert signal.getsignal(signal.SIGTERM) is original
+    finally:
+        signal.signal(signal.SIGTERM, original)

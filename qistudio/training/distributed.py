@@ -101,26 +101,37 @@ def is_peer_failure(error: BaseException) -> bool:
 @contextlib.contextmanager
 def failures_explained(rank: int, timeout_s: int, checkpoint_note: Callable[[], str]):
     """Turn a collective's failure into ProcessGroupError and torchrun's SIGTERM into RunStopped, each naming the
-    last complete checkpoint. The SIGTERM handler is this process's while the block runs (main thread only)."""
+    last complete checkpoint. The SIGTERM handler is this process's while the block runs (main thread only).
+
+    Once either error is raised the process is on its way out, and torchrun's SIGTERM (sent to every process when
+    one dies) may still be coming: from then on SIGTERM is ignored, so that its default action cannot end the
+    process before the error naming the checkpoint is printed (a process killed by SIGTERM prints nothing)."""
+    handler_installed = launched() and _main_thread()
     previous = None
-    if launched() and _main_thread():
+    if handler_installed:
         def stop(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise RunStopped(f"process {rank} was stopped (SIGTERM: the launcher stops every process once one "
                              f"fails; see the first error above). {checkpoint_note()}")
 
         previous = signal.signal(signal.SIGTERM, stop)
+    failed = False
     try:
         yield
+    except RunStopped:
+        failed = True
+        raise
     except RuntimeError as e:
         if not launched() or not is_peer_failure(e):
             raise
+        failed = True
         first_line = " ".join(str(e).split())[:300]
         what = (f"did not answer within {timeout_s} s" if "time" in first_line.lower() else "died")
         raise ProcessGroupError(f"process {rank}: another process of this run {what} ({first_line}). "
                                 f"{checkpoint_note()}") from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if handler_installed:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if failed else previous)
 
 
 def _main_thread() -> bool:
