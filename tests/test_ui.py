@@ -443,6 +443,18 @@ def test_generate_and_edit_forms_are_qwen21_jobs(tmp_path):
     assert len(validate(forms.edit("merge", settings, pictures), (), served).edit_images) == 2
     with pytest.raises(InputError, match="unknown argument 'edit_image_auto_resize'; a Qwen-Image 2.1 job takes"):
         validate(forms.edit("x", settings, pictures, lowres_fix=True), (), served)
+    # 2.1 reads RGBA: a transparent picture reaches it as it is (the 20B models get RGB), an opaque one as RGB.
+    glass = Image.new("RGBA", (64, 64), (40, 90, 200, 100))
+    spec = forms.edit("x", settings, [glass, pictures[0]], keep_alpha=True)
+    assert [image.mode for image in spec.arguments["edit_image"]] == ["RGBA", "RGB"]
+    kept = validate(spec, (), served).edit_images
+    assert kept[0].getpixel((3, 3))[3] == 100 and kept[1].convert("RGBA").getpixel((3, 3))[3] == 255
+    assert forms.edit("x", settings, [glass]).arguments["edit_image"].mode == "RGB"
+    from qistudio.ui.app import build_blocks
+
+    modes = [c["props"].get("image_mode") for c in build_blocks(ctx).get_config_file()["components"]
+             if (c.get("props", {}).get("elem_id") or "").startswith("edit-image-")]
+    assert modes == ["RGBA"] * 3
 
 
 def test_the_generate_tab_runs_qwen21_through_the_engine(tmp_path_factory):

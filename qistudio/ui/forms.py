@@ -72,13 +72,14 @@ def generation(prompt, settings: Settings, loras=()) -> JobSpec:
 
 
 def edit(prompt, settings: Settings, images, lowres_fix: bool = False, picture_template: bool = False,
-         loras=(), area: int | None = None) -> JobSpec:
+         loras=(), area: int | None = None, keep_alpha: bool = False) -> JobSpec:
     """Edit one to three images. Several images (or a model trained on it, Edit-2509/2511) use the "Picture k:"
     template; Lowres-Fix keeps the edit images at their own size and samples their RoPE from the output grid
     (for DiffSynth-Studio's Qwen-Image-Edit-Lowres-Fix LoRA). Without a size the output takes the last image's
     aspect ratio: at `area` pixels when given (a small model's default, as `generate --demo` sizes an edit), else
-    at the engine's rule (about 1024x1024)."""
-    pictures = [image.convert("RGB") for image in images if image is not None]
+    at the engine's rule (about 1024x1024). keep_alpha: a model that reads RGBA (Qwen-Image 2.1) gets a picture's
+    transparency as it is; the others read RGB."""
+    pictures = [_edit_picture(image, keep_alpha) for image in images if image is not None]
     if not pictures:
         raise InputError("edit: give at least one image to edit")
     arguments = _arguments(prompt, settings)
@@ -90,6 +91,11 @@ def edit(prompt, settings: Settings, images, lowres_fix: bool = False, picture_t
     if lowres_fix:
         arguments.update(edit_image_auto_resize=False, edit_rope_interpolation=True)
     return _spec(arguments, settings, loras)
+
+
+def _edit_picture(image, keep_alpha: bool):
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    return image.convert("RGBA" if keep_alpha and transparent else "RGB")
 
 
 def inpaint(prompt, settings: Settings, editor_value, strength: float, loras=()) -> JobSpec:

@@ -25,8 +25,10 @@ class EditTab:
 def build(ctx, shared: Shared) -> EditTab:
     with gr.Tab("Edit", id="edit"):
         with gr.Row():
+            # Qwen-Image 2.1 reads RGBA: its pictures keep their transparency (Gradio's default mode is RGB).
             images = [gr.Image(label=f"Image {k + 1}" + ("" if k == 0 else " (optional)"), type="pil", format="png",
-                               sources=["upload", "clipboard"], height=220, elem_id=f"edit-image-{k + 1}")
+                               image_mode="RGBA" if ctx.qwen21 else "RGB", sources=["upload", "clipboard"],
+                               height=220, elem_id=f"edit-image-{k + 1}")
                       for k in range(3)]
         prompt = gr.Textbox(label="Instruction", lines=2, placeholder="what to change", elem_id="edit-prompt")
         lowres = gr.Checkbox(False, label=LOWRES_FIX, elem_id="edit-lowres", visible=not ctx.qwen21)  # 20B only
@@ -36,5 +38,6 @@ def build(ctx, shared: Shared) -> EditTab:
     wire_run(ctx, "edit", panel, {prompt, lowres, shared.loras, *images, *settings.components()},
              lambda data: forms.edit(data[prompt], settings.values(data), [data[i] for i in images], data[lowres],
                                      ctx.picture_template, data[shared.loras],
-                                     ctx.default_size[0] * ctx.default_size[1] if ctx.demo else None))
+                                     ctx.default_size[0] * ctx.default_size[1] if ctx.demo else None,
+                                     keep_alpha=ctx.qwen21))
     return EditTab(images, prompt, settings, panel)
