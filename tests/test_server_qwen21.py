@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from qistudio import ModelConfig, QwenImagePipeline
-from test_server import ROOT, decoded, png_bytes, start_server_command, stop_server
+from server_harness import ROOT, decoded, png_bytes, start_server_command, stop_server
 from tiny_qwen21 import model_configs21, tiny_repository21
 
 

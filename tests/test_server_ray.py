@@ -12,8 +12,9 @@ import pytest
 pytest.importorskip("ray", reason="ray is not installed (pip install 'qistudio[ray]')")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'qistudio[ray]')")
 
-from test_server import (START_TIMEOUT, alone, assert_same_image, decoded, demo_cache,  # noqa: E402,F401
-                         health, post_job, reference, start_server, stop_server, wait_job)
+from server_harness import (START_TIMEOUT, alone, assert_same_image, decoded, health, post_job,  # noqa: E402
+                            start_server, stop_server, wait_job)
+from test_server import demo_cache, reference  # noqa: E402,F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ if CHROMIUM is None:
 
 from lora_files import peft_layout, random_pairs  # noqa: E402
 from qistudio.imageio import read_png_parameters  # noqa: E402
-from test_server import free_port, pixels, stop_server  # noqa: E402
+from server_harness import free_port, pixels, stop_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 300
