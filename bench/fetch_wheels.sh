@@ -34,4 +34,15 @@ if [ ! -f .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz ]; then
     mv .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz.tmp .whl/dsl/nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz
     rm -rf "$scratch"
 fi
-du -sh .whl/dsl .whl/main .whl/bnb
+# .whl/dsl1: .whl/dsl in one call with diffusers (the bf16 rows of `device_run.sh qwen21kernels`): the pure-Python
+# wheels unpacked and repacked as tar.xz (the device extracts them into the DSL folder, as pip --target would).
+if [ ! -f .whl/dsl1/diffusers-0.42.1.tar.xz ]; then
+    mkdir -p .whl/dsl1 && cp .whl/dsl/nvidia_cutlass_dsl*.whl .whl/dsl/nvidia_cutlass_dsl_libs_cu13-*.tar.xz .whl/dsl1/
+    for wheel in .whl/dsl/apache_tvm_ffi-*.whl .whl/dsl/torch_c_dlpack_ext-*.whl .whl/dsl/flash_attn_4-*.whl \
+                 .whl/dsl/quack_kernels-*.whl .whl/main/diffusers-*.whl; do
+        scratch=$(mktemp -d) && (cd "$scratch" && unzip -q "$OLDPWD/$wheel" && tar -cf - . | xz -9e -T2 -c) \
+            > ".whl/dsl1/$(basename "$wheel" .whl).tar.xz" && rm -rf "$scratch"
+    done
+    mv .whl/dsl1/diffusers-*.tar.xz .whl/dsl1/diffusers-0.42.1.tar.xz
+fi
+du -sh .whl/dsl .whl/dsl1 .whl/main .whl/bnb
