@@ -19,7 +19,7 @@ identity. No linear has a bias.
 
 Speed paths, each equal to the eager arithmetic within its rounding (tests/test_qwen21_fast.py): on CUDA the
 block's q/k/v norm + RoPE and its two adaptive norms are the 20B model's fused kernels, used for one stream and no
-shift (ops/single_stream.py); in bf16 / fp16 where quack runs, the MLP's gate and up projections are one gated GEMM
+shift (ops/single_stream.py); in bf16 where quack runs, the MLP's gate and up projections are one gated GEMM
 with SiLU and the product in its epilogue (ops/linear_swiglu.py); under FP8 compute (`pipe.enable_fp8_computation()`)
 the block linears are W8A8, the SwiGLU product is quantised in one pass (ops/swiglu.py) and the target pass attends
 in FP8 over the cached prefix (`Attention21.attend_fp8`); under regional compile (`pipe.compile()`) the target pass

@@ -28,9 +28,10 @@ def linear_swiglu_reference(x: torch.Tensor, gate_weight: torch.Tensor, proj_wei
 
 
 def swiglu_fusable(x: torch.Tensor) -> bool:
-    """Whether the gated GEMM would serve x (..., K): CUDA inference in a 16-bit dtype, quack's gated GEMM running on
-    this GPU. The caller decides before packing the weights (models/dit21.py)."""
-    if not _enabled or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    """Whether the gated GEMM would serve x (..., K): CUDA inference in bf16 (the dtype its trial run and the GPU
+    tests check), quack's gated GEMM running on this GPU. The caller decides before packing the weights
+    (models/dit21.py)."""
+    if not _enabled or not x.is_cuda or x.dtype != torch.bfloat16:
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
