@@ -75,9 +75,14 @@ def linear_swiglu(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
     if swiglu_fusable(x) and x.dtype == packed_weight.dtype:
         out = torch.ops.qistudio.linear_swiglu_quack(rows, packed_weight)  # (T, N)
     else:
-        gate, proj = F.linear(rows, packed_weight).split(hidden, dim=-1)
-        out = F.silu(gate) * proj
+        out = _packed_swiglu(rows, packed_weight)
     return out.view(*x.shape[:-1], hidden)
+
+
+def _packed_swiglu(rows: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    """The packed GEMM (one cuBLAS call), then the product: what serves where quack's kernel does not."""
+    gate, proj = F.linear(rows, packed_weight).split(packed_weight.shape[0] // 2, dim=-1)
+    return F.silu(gate) * proj
 
 
 _enabled = True
@@ -96,8 +101,7 @@ def _linear_swiglu_quack(rows: torch.Tensor, packed_weight: torch.Tensor) -> tor
     GEMM."""
     hidden = packed_weight.shape[0] // 2
     if not (rows.is_cuda and tma_loadable(rows, packed_weight, packed_weight[0]) and hidden % 8 == 0):
-        gate, proj = F.linear(rows, packed_weight).split(hidden, dim=-1)
-        return F.silu(gate) * proj
+        return _packed_swiglu(rows, packed_weight)
     _import_quack()  # applies quack's cache-key fix (ops/linear_gelu.py)
     from quack.gemm_interface import gemm_gated
 
